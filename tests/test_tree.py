@@ -1,0 +1,321 @@
+"""Tests for tree.py: the tree, EPTree with a fake sampler, and the process rewards of Eqs. 2-4."""
+
+import math
+import random
+
+import pytest
+
+from tree import (Node, Sample, chain_advantages, eptree, fork_candidates, generated_tokens,
+                  leaf_counts, leaves, outcome_advantages, path_tokens, process_rewards,
+                  response_tokens, select_forks, to_sequences, trees, values, walk)
+
+EOS = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A hand-computed forest: the paper's overview example
+# --------------------------------------------------------------------------------------------------
+
+
+def paper_forest():
+    """5 leaves, 3 correct: V(root) = 3/5. Segment a has V = 1/2 and its child b has V = 1."""
+    root = Node(tokens=[1, 2])
+    a = root.add([10, 11]); b = a.add([12]); c = a.add([13])
+    d = root.add([20]); e = d.add([21]); f = d.add([22])
+    g = root.add([30])
+    for leaf, r in ((b, 1.0), (c, 0.0), (e, 1.0), (f, 1.0), (g, 0.0)):
+        leaf.reward = r
+    return root, dict(a=a, b=b, c=c, d=d, e=e, f=f, g=g)
+
+
+def test_paper_example_values_and_advantages():
+    root, n = paper_forest()
+    v = values(root)
+    assert v[root] == pytest.approx(3 / 5)
+    assert v[n["a"]] == pytest.approx(1 / 2)
+    assert v[n["b"]] == 1.0 and v[n["d"]] == 1.0 and v[n["g"]] == 0.0
+    # b: GA = 1 - 3/5 = 2/5 (Eq. 2), LA = 1 - 1/2 = 1/2 (Eq. 3), R = 9/10 over sqrt(1).
+    r = process_rewards(root)
+    assert r[n["b"]] == pytest.approx(2 / 5 + 1 / 2)
+    # The rest, written out: c: -3/5 - 1/2; a: (-1/10 - 1/10)/sqrt 2; d: (2/5 + 2/5)/sqrt 2;
+    # e, f: 2/5 + 0; g: -3/5 - 3/5.
+    expected = {"c": -1.1, "a": -0.2 / math.sqrt(2), "d": 0.8 / math.sqrt(2), "e": 0.4, "f": 0.4,
+                "g": -1.2}
+    for name, value in expected.items():
+        assert r[n[name]] == pytest.approx(value), name
+    assert root not in r and len(r) == 7
+    plain = process_rewards(root, reweight="none")
+    assert plain[n["a"]] == pytest.approx(-0.2) and plain[n["d"]] == pytest.approx(0.8)
+    # Ablations: one term at a time.
+    assert process_rewards(root, use_local=False)[n["b"]] == pytest.approx(2 / 5)
+    assert process_rewards(root, use_global=False)[n["b"]] == pytest.approx(1 / 2)
+
+
+def test_leaf_without_reward_is_an_error():
+    root = Node([1]); root.add([2]); root.add([3]).reward = 1.0
+    with pytest.raises(ValueError, match="no reward"):
+        values(root)
+
+
+def test_bad_options_are_rejected():
+    root, _ = paper_forest()
+    with pytest.raises(ValueError, match="reweight"):
+        process_rewards(root, reweight="log")
+    with pytest.raises(ValueError, match="kind"):
+        outcome_advantages([1.0, 0.0], kind="ppo")
+    with pytest.raises(ValueError, match="one log-prob"):
+        Node([1, 2], logprobs=[0.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Chains (L = 0) and the ChainRL baselines
+# --------------------------------------------------------------------------------------------------
+
+
+def chains(rewards):
+    root = Node([7])
+    for i, r in enumerate(rewards):
+        root.add([100 + i, EOS], finished=True).reward = r
+    return root
+
+
+def test_unforked_chains_get_twice_the_centred_reward():
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0]
+    root = chains(rewards)
+    mean = sum(rewards) / len(rewards)
+    r = process_rewards(root)
+    for chain, reward in zip(trees(root), rewards):
+        assert r[chain] == pytest.approx(2 * (reward - mean))
+
+
+def test_all_equal_leaves_give_zero_rewards():
+    root, _ = paper_forest()
+    for leaf in leaves(root):
+        leaf.reward = 1.0
+    assert all(value == 0.0 for value in process_rewards(root).values())
+
+
+def test_outcome_advantages():
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    assert outcome_advantages(rewards, "drgrpo") == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert outcome_advantages(rewards, "grpo") == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    # RLOO: 1 - (1/3), 0 - (2/3)
+    assert outcome_advantages(rewards, "rloo") == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert outcome_advantages([1.0, 1.0], "grpo") == [0.0, 0.0]
+    root = chains(rewards)
+    adv = chain_advantages(root, "drgrpo")
+    assert [adv[c] for c in trees(root)] == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    forked, _ = paper_forest()
+    with pytest.raises(ValueError, match="unforked"):
+        chain_advantages(forked)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random forests (property tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def random_forest(rng: random.Random, max_depth: int = 4) -> Node:
+    root = Node([rng.randrange(50, 60) for _ in range(rng.randint(1, 4))])
+
+    def grow(node, depth):
+        for _ in range(rng.randint(1, 3) if depth < max_depth and rng.random() < 0.7 else 0):
+            length = rng.randint(1, 5)
+            child = node.add([rng.randrange(1, 50) for _ in range(length)],
+                             logprobs=[-rng.random() for _ in range(length)])
+            grow(child, depth + 1)
+        if node.is_leaf and node is not root:
+            node.reward = float(rng.random() < 0.5)
+
+    grow(root, 0)
+    if root.is_leaf:
+        root.add([1]).reward = 1.0
+    return root
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_forest_properties(seed):
+    root = random_forest(random.Random(seed))
+    v, counts, r = values(root), leaf_counts(root), process_rewards(root)
+    plain = process_rewards(root, reweight="none")
+    for node in walk(root):
+        if node.is_leaf:
+            assert counts[node] == 1
+            assert r[node] == pytest.approx(plain[node])  # one leaf under it: no re-weighting
+        else:
+            weighted = sum(counts[c] * v[c] for c in node.children) / counts[node]
+            assert v[node] == pytest.approx(weighted)
+            assert counts[node] == sum(counts[c] for c in node.children)
+        if node is not root:
+            assert r[node] == pytest.approx(plain[node] / math.sqrt(counts[node]))
+    # Flattening reproduces every leaf's token path exactly, and every token carries R(segment).
+    sequences = to_sequences(root, r)
+    assert len(sequences) == len(leaves(root))
+    for seq, leaf in zip(sequences, leaves(root)):
+        assert seq.prompt_ids + seq.response_ids == path_tokens(leaf)
+        assert seq.response_ids == response_tokens(leaf)
+        assert len(seq.advantages) == len(seq.logprobs) == len(seq.response_ids)
+        position = 0
+        for segment in [n for n in reversed(list(_up(leaf))) if n is not root]:
+            assert seq.advantages[position:position + len(segment.tokens)] == [r[segment]] * len(segment.tokens)
+            position += len(segment.tokens)
+
+
+def _up(node):
+    while node is not None:
+        yield node
+        node = node.parent
+
+
+def test_split_keeps_paths_and_children():
+    root = Node([1])
+    a = root.add([2, 3, 4, 5], logprobs=[-.1, -.2, -.3, -.4], scores=[1, 2, 3, 4])
+    b = a.add([6]); b.reward = 1.0
+    tail = a.split(2)
+    assert a.tokens == [2, 3] and a.logprobs == [-.1, -.2] and a.scores == [1, 2]
+    assert tail.tokens == [4, 5] and tail.parent is a and a.children == [tail]
+    assert tail.children == [b] and b.parent is tail
+    assert path_tokens(b) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError):
+        a.split(0)
+
+
+def test_subsampling_keeps_a_correct_leaf_and_truncation_penalty():
+    root = Node([9])
+    for i in range(10):
+        leaf = root.add([i + 1, EOS], finished=(i != 3))
+        leaf.reward = 1.0 if i == 7 else 0.0
+    adv = process_rewards(root)
+    for seed in range(20):
+        kept = to_sequences(root, adv, keep=3, rng=random.Random(seed))
+        assert len(kept) == 3 and any(s.reward == 1.0 for s in kept)
+    penalised = to_sequences(root, adv, truncated_penalty=-1.0)
+    assert penalised[3].advantages == [-1.0, -1.0] and not penalised[3].finished
+    assert penalised[0].advantages == [adv[trees(root)[0]]] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# EPTree with a fake, deterministic sampler
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeSampler:
+    """Deterministic continuations: `length` tokens, the last one EOS, scores from a hash of the
+    prefix so that different positions have different entropies. Records every call."""
+
+    def __init__(self, length=12, answer_marker=None):
+        self.length, self.answer_marker, self.calls = length, answer_marker, []
+
+    def __call__(self, prefixes, n):
+        self.calls.append(([list(p) for p in prefixes], n))
+        out = []
+        for p in prefixes:
+            group = []
+            for j in range(n):
+                rng = random.Random(hash((tuple(p), j)))
+                tokens = [rng.randrange(1, 40) for _ in range(self.length - 1)] + [EOS]
+                if self.answer_marker is not None:
+                    tokens[-3] = self.answer_marker
+                group.append(Sample(tokens, [-rng.random() * 3 for _ in tokens],
+                                    [rng.random() for _ in tokens], finished=True))
+            out.append(group)
+        return out
+
+
+@pytest.mark.parametrize("M,N,L,T", [(1, 1, 1, 1), (2, 3, 2, 2), (4, 2, 1, 3), (3, 0, 2, 2), (2, 2, 0, 2)])
+def test_leaf_count_formula(M, N, L, T):
+    sampler = FakeSampler(length=30)
+    root = eptree([5, 6, 7], sampler, M=M, N=N, L=L, T=T)
+    assert len(trees(root)) == M
+    assert len(leaves(root)) == M * (1 + L * N * T)
+    # One batched call for the chains, then one per round.
+    assert len(sampler.calls) == (1 + L if N and T else 1)
+    assert sampler.calls[0] == ([[5, 6, 7]], M)
+    # Every generated token lives in exactly one segment.
+    produced = sum(n * 30 for prefixes, n in sampler.calls for _ in prefixes)
+    assert generated_tokens(root) == produced
+    for leaf in leaves(root):
+        assert len(response_tokens(leaf)) >= 30 and leaf.finished
+
+
+def test_prefixes_end_strictly_before_the_forked_token():
+    sampler = FakeSampler(length=20)
+    root = Node([5, 6])
+    # Use eptree's pieces by hand: pick the forks, then check what eptree sends for them.
+    grown = eptree([5, 6], sampler, M=2, N=3, L=1, T=2, fork_score="nll")
+    chains_before = sampler.calls[0]
+    prefixes, n = sampler.calls[1]
+    assert n == 2 and len(prefixes) == 6
+    # Replay the first chain sampled, then re-select its top-3 nll tokens on an unforked copy.
+    first = FakeSampler(length=20)([[5, 6]], 2)[0]
+    for sample in first:
+        root.add(sample.tokens, sample.logprobs, sample.scores, finished=True)
+    expected = []
+    for top in trees(root):
+        for fork in select_forks(top, 3, "nll", random.Random(0)):
+            expected.append([5, 6] + top.tokens[: fork.index])
+            # The forked token is not part of its prefix and the prefix is a strict prefix.
+            assert len(expected[-1]) == 2 + fork.index
+    assert prefixes == expected
+    assert chains_before == ([[5, 6]], 2)
+    assert len(leaves(grown)) == 2 * (1 + 3 * 2)
+
+
+def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
+    MARK = 99
+    answer_start = lambda response: response.index(MARK) if MARK in response else None  # noqa: E731
+    sampler = FakeSampler(length=16, answer_marker=MARK)
+    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start)
+    seen = set()
+    for prefixes, _ in sampler.calls[1:]:
+        for p in prefixes:
+            response = p[2:]
+            # Never a branch's first token: the prefix is never the prompt itself.
+            assert len(response) >= 1
+            # Never at or after the answer marker (it sits 3 tokens from the end: ... MARK x EOS).
+            assert MARK not in response
+            # Never the same place twice.
+            assert tuple(p) not in seen
+            seen.add(tuple(p))
+    for top in trees(root):
+        for fork in fork_candidates(top, skip_last=2, answer_start=answer_start):
+            assert fork.index > 0
+            assert fork.node.tokens[fork.index] not in (EOS, MARK)
+
+
+def test_few_eligible_tokens_fork_less():
+    sampler = FakeSampler(length=4)
+    # Response of 4 tokens with skip_last=2: only offsets 1 is eligible (0 is a first token).
+    root = eptree([3], sampler, M=2, N=5, L=1, T=3, skip_last=2)
+    assert len(sampler.calls[1][0]) == 2  # one fork per tree
+    assert len(leaves(root)) == 2 + 2 * 3
+
+
+def test_per_tree_top_n_by_entropy():
+    root = Node([1])
+    scores_a = [0.0, 9.0, 1.0, 8.0, 2.0, 0.5, 0.1, 0.1]
+    scores_b = [0.0, 0.2, 0.3, 0.1, 0.4, 0.5, 0.1, 0.1]
+    a = root.add(list(range(10, 18)), scores=scores_a, finished=True)
+    b = root.add(list(range(20, 28)), scores=scores_b, finished=True)
+    rng = random.Random(0)
+    picked_a = select_forks(a, 2, "entropy", rng, skip_last=2)
+    picked_b = select_forks(b, 2, "entropy", rng, skip_last=2)
+    # Top-2 within each tree, even though every score of tree b is lower than tree a's top two.
+    assert [f.index for f in picked_a] == [1, 3]
+    assert [f.index for f in picked_b] == [5, 4]
+
+
+def test_random_fork_score_is_reproducible_with_a_seed():
+    def grow(seed):
+        sampler = FakeSampler(length=25)
+        eptree([4], sampler, M=3, N=2, L=2, T=2, fork_score="random", seed=seed)
+        return sampler.calls
+    assert grow(1) == grow(1)
+    assert grow(1) != grow(2)
+
+
+def test_eptree_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="M"):
+        eptree([1], FakeSampler(), M=0, N=1, L=1, T=1)
+    with pytest.raises(ValueError, match="fork_score"):
+        eptree([1], FakeSampler(), M=1, N=1, L=1, T=1, fork_score="max")

@@ -1,0 +1,443 @@
+"""EPTree search and TreeRL's process rewards (Hou et al., ACL 2025, arXiv 2506.11902).
+
+This module is the part of the paper that no other RL library has, and it knows nothing about
+models: the search is driven by a sampling callback, and rewards come in as numbers on the leaves.
+
+The tree
+--------
+A `Node` is one *segment* of tokens. The root holds the prompt; every other node holds the tokens
+generated between two forks; every leaf ends one complete response, so the response of a leaf is
+the concatenation of the segments on its path below the root::
+
+    root: "Compute 4+7-2.\\n"                          V(root) = 3/5
+     ├── "4+7=11\\n"                                    V = 2/3
+     │    ├── "11-2=9\\nAnswer: 9"        reward 1
+     │    └── "11-2=8\\nAnswer: 8"        reward 0     <- forked at the most uncertain token
+     │         (the fork re-samples "9"/"8": the prefix ends just before it)
+     └── ...
+
+EPTree (Section 3.1, Algorithm 1)
+---------------------------------
+1. Sample M complete responses from the prompt: M trees, each one chain.
+2. Repeat L times: in every tree, pick the N tokens with the highest fork score (entropy of the
+   policy at that position in the paper) and sample T continuations from the prefix that ends just
+   before each chosen token. The chosen token's segment is split there, so the old tail and the T
+   new branches become siblings.
+A forest of M trees thus has M * (1 + L * N * T) leaves when every tree has N places to fork.
+
+Process rewards (Section 3.2)
+-----------------------------
+With r(l) in {0, 1} the verifier's verdict on leaf l and L(s) the leaves under segment s:
+
+    V(s)  = mean of r(l) over l in L(s)                       value of a segment
+    GA(s) = V(s) - V(root)                                     Eq. 2, global advantage
+    LA(s) = V(s) - V(parent(s))                                Eq. 3, local advantage
+    R(s)  = (GA(s) + LA(s)) / sqrt(|L(s)|)                     Eq. 4 with the re-weighting
+
+Every token of s is trained with advantage R(s). The 1/sqrt(|L(s)|) factor keeps a prefix shared
+by many leaves (and so repeated in many training sequences) from dominating the gradient.
+
+Where the official release (THUDM/TreeRL) differs, and what this code does:
+- The release centres leaf rewards leave-one-out before computing values; here V is the plain mean
+  of the verifier's rewards, as in the paper's equations.
+- The release divides parent and child values by the square root of their leaf counts separately,
+  and counts only the leaves kept for training. Here R(s) is divided once, as a whole, by
+  sqrt(|L(s)|) over all leaves of the search (Eq. 4 as written), and the optional sub-sampling of
+  leaves (`to_sequences(keep=K)`) happens after the rewards are computed.
+- The release gives truncated responses (no EOS) -1 on every token. Here the caller scores them 0
+  (a wrong answer); `to_sequences(truncated_penalty=-1.0)` reproduces the release.
+- The release ranks fork positions by the sampled token's negative log-probability; the paper
+  speaks of entropy. Both are offered (`fork_score="entropy" | "nll"`), plus `"random"`, the
+  paper's ablation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+# --------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # nodes are compared and hashed by identity: they are dict keys below
+class Node:
+    """One segment of a search tree: the prompt (root) or the tokens between two forks.
+
+    `logprobs[i]` is the sampler's log-probability of `tokens[i]` and `scores[i]` its fork score
+    (the sampler's entropy at that position). Leaves carry the verifier's `reward` and whether the
+    response ended with the end-of-sequence token (`finished`; the EOS token is then the last token
+    of the leaf's segment).
+    """
+
+    tokens: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    parent: Node | None = field(default=None, repr=False)
+    children: list[Node] = field(default_factory=list, repr=False)
+    reward: float | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.tokens)
+        # A root (the prompt) has no log-probs; a generated segment has one per token.
+        self.logprobs = list(self.logprobs) or [0.0] * len(self.tokens)
+        self.scores = list(self.scores) or [0.0] * len(self.tokens)
+        if not len(self.tokens) == len(self.logprobs) == len(self.scores):
+            raise ValueError(
+                f"a segment needs one log-prob and one score per token: got {len(self.tokens)} "
+                f"tokens, {len(self.logprobs)} log-probs, {len(self.scores)} scores"
+            )
+
+    def add(self, tokens: Sequence[int], logprobs: Sequence[float] = (),
+            scores: Sequence[float] = (), finished: bool = False) -> Node:
+        """Append a child segment and return it."""
+        child = Node(list(tokens), list(logprobs), list(scores), parent=self, finished=finished)
+        self.children.append(child)
+        return child
+
+    def split(self, i: int) -> Node:
+        """Fork point at token i: keep tokens[:i] here, move tokens[i:] (and the children) into a
+        new child, and return that child. New branches from the same prefix become its siblings."""
+        if not 0 < i < len(self.tokens):
+            raise ValueError(f"can only split strictly inside a segment of {len(self.tokens)} tokens, got {i}")
+        tail = Node(self.tokens[i:], self.logprobs[i:], self.scores[i:], parent=self,
+                    reward=self.reward, finished=self.finished)
+        tail.children = self.children
+        for child in tail.children:
+            child.parent = tail
+        self.tokens, self.logprobs, self.scores = self.tokens[:i], self.logprobs[:i], self.scores[:i]
+        self.children, self.reward, self.finished = [tail], None, False
+        return tail
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def __repr__(self) -> str:
+        kind = f"leaf reward={self.reward}" if self.is_leaf else f"{len(self.children)} children"
+        return f"Node({len(self.tokens)} tokens, {kind})"
+
+
+def walk(node: Node) -> Iterator[Node]:
+    """Every node of the subtree, parents before children (depth-first)."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(current.children))
+
+
+def leaves(node: Node) -> list[Node]:
+    """The leaves under `node`, in depth-first order: one per complete response."""
+    return [n for n in walk(node) if n.is_leaf]
+
+
+def ancestors(node: Node) -> list[Node]:
+    """The path from the root down to `node`, both included."""
+    path = []
+    while node is not None:
+        path.append(node)
+        node = node.parent
+    return path[::-1]
+
+
+def path_tokens(node: Node) -> list[int]:
+    """All tokens from the start of the prompt to the end of `node`."""
+    return [t for n in ancestors(node) for t in n.tokens]
+
+
+def response_tokens(node: Node) -> list[int]:
+    """The generated tokens from the end of the prompt to the end of `node` (the root excluded)."""
+    return [t for n in ancestors(node)[1:] for t in n.tokens]
+
+
+def generated_tokens(root: Node) -> int:
+    """Tokens sampled by the whole search. Every sampled token lives in exactly one segment, so
+    this is the token budget used for equal-budget comparisons of search methods."""
+    return sum(len(n.tokens) for n in walk(root) if n is not root)
+
+
+def trees(root: Node) -> list[Node]:
+    """The tops of the M trees of a forest (the root's children). Splitting a segment keeps its
+    node in place, so these stay the same objects for the whole search."""
+    return list(root.children)
+
+
+# --------------------------------------------------------------------------------------------------
+# EPTree: entropy-guided tree search (Algorithm 1)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """What a sampler returns for one continuation: the generated tokens (with EOS last when
+    `finished`), the log-prob of each and the fork score (entropy) at each position."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    scores: list[float]
+    finished: bool
+
+
+# sample_fn(prefixes, n) -> for each prefix, n independent continuations of it.
+SampleFn = Callable[[list[list[int]], int], list[list[Sample]]]
+# answer_start(response_tokens) -> index where the final answer starts, or None if it has none.
+AnswerStartFn = Callable[[list[int]], "int | None"]
+
+FORK_SCORES = ("entropy", "nll", "random")
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A chosen fork point: token `index` of segment `node`."""
+
+    node: Node
+    index: int
+
+
+def fork_candidates(top: Node, skip_last: int = 4,
+                    answer_start: AnswerStartFn | None = None) -> list[Fork]:
+    """All tokens of one tree where a fork is allowed.
+
+    Excluded: the first token of every segment (it was just re-sampled, or it is a place already
+    forked: a split always leaves the forked token first in its segment), the EOS token, every token
+    at or after the start of the final answer in any response that contains it, and tokens within
+    `skip_last` tokens of the end of any response that contains them.
+    """
+    blocked: set[tuple[int, int]] = set()  # (id(node), index) of excluded tokens
+    for leaf in leaves(top):
+        segments = ancestors(leaf)[1:]  # the whole response, from the end of the prompt
+        length = sum(len(s.tokens) for s in segments)
+        # First excluded offset in this response: the tail guard (and EOS), then the answer.
+        cut = length - max(skip_last, 1 if leaf.finished else 0)
+        if answer_start is not None:
+            start = answer_start([t for s in segments for t in s.tokens])
+            if start is not None:
+                cut = min(cut, start)
+        offset = 0
+        for s in segments:
+            blocked.update((id(s), i) for i in range(max(cut - offset, 0), len(s.tokens)))
+            offset += len(s.tokens)
+    return [Fork(n, i) for n in walk(top) for i in range(1, len(n.tokens))
+            if (id(n), i) not in blocked]
+
+
+def select_forks(top: Node, n: int, fork_score: str, rng: random.Random,
+                 skip_last: int = 4, answer_start: AnswerStartFn | None = None) -> list[Fork]:
+    """The (at most) n eligible tokens of one tree with the highest fork score.
+
+    entropy: the policy's entropy at that position (the paper's description);
+    nll:     -log p of the sampled token (what the official release ranks by);
+    random:  uniformly random eligible tokens (the paper's ablation).
+    """
+    candidates = fork_candidates(top, skip_last, answer_start)
+    if fork_score == "random":
+        return rng.sample(candidates, min(n, len(candidates)))
+    if fork_score == "entropy":
+        score = lambda f: f.node.scores[f.index]  # noqa: E731
+    elif fork_score == "nll":
+        score = lambda f: -f.node.logprobs[f.index]  # noqa: E731
+    else:
+        raise ValueError(f"fork_score must be one of {FORK_SCORES}, got {fork_score!r}")
+    # sorted() is stable, so ties keep depth-first order and the search stays deterministic.
+    return sorted(candidates, key=score, reverse=True)[:n]
+
+
+def _attach(parent: Node, sample: Sample) -> Node:
+    return parent.add(sample.tokens, sample.logprobs, sample.scores, finished=sample.finished)
+
+
+def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: int, T: int,
+           fork_score: str = "entropy", skip_last: int = 4,
+           answer_start: AnswerStartFn | None = None, seed: int = 0) -> Node:
+    """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
+
+    M chains first, then L rounds of N forks per tree with T continuations per fork. Each round sends
+    every prefix of every tree to `sample_fn` in one batch. L = 0 gives M independent chains:
+    ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
+    """
+    for name, value in (("M", M), ("N", N), ("L", L), ("T", T)):
+        if value < (1 if name == "M" else 0) or int(value) != value:
+            raise ValueError(f"eptree: {name} must be a non-negative integer (M >= 1), got {value!r}")
+    if fork_score not in FORK_SCORES:
+        raise ValueError(f"fork_score must be one of {FORK_SCORES}, got {fork_score!r}")
+    rng = random.Random(seed)
+    root = Node(list(prompt_ids))
+
+    # Step 1: M complete responses from the prompt, in one call.
+    for sample in sample_fn([root.tokens], M)[0]:
+        _attach(root, sample)
+    if N == 0 or T == 0:
+        return root
+
+    # Step 2: L rounds of forking.
+    for _ in range(L):
+        forks = [fork for top in trees(root)
+                 for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start)]
+        if not forks:
+            break
+        # The prefix ends strictly before the forked token, which the sampler draws again.
+        prefixes = [path_tokens(f.node.parent) + f.node.tokens[: f.index] for f in forks]
+        continuations = sample_fn(prefixes, T)
+        # Split each segment at its fork points from the last to the first, so earlier indices
+        # stay valid; the split-off node at index i is where the branches forked at i hang.
+        order = sorted(range(len(forks)), key=lambda k: (id(forks[k].node), -forks[k].index))
+        for k in order:
+            node = forks[k].node
+            node.split(forks[k].index)
+            for sample in continuations[k]:
+                _attach(node, sample)
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Process rewards (Section 3.2, Eqs. 2-4)
+# --------------------------------------------------------------------------------------------------
+
+
+def leaf_counts(root: Node) -> dict[Node, int]:
+    """|L(s)|: the number of leaves under every node (a leaf counts itself)."""
+    counts: dict[Node, int] = {}
+    for node in reversed(list(walk(root))):  # children before parents
+        counts[node] = 1 if node.is_leaf else sum(counts[c] for c in node.children)
+    return counts
+
+
+def values(root: Node) -> dict[Node, float]:
+    """V(s): mean reward of the leaves under every node, the root (all M trees) included."""
+    sums: dict[Node, float] = {}
+    counts = leaf_counts(root)
+    for node in reversed(list(walk(root))):
+        if node.is_leaf:
+            if node.reward is None:
+                raise ValueError(f"leaf {node!r} has no reward: score every leaf before values()")
+            sums[node] = float(node.reward)
+        else:
+            sums[node] = sum(sums[c] for c in node.children)
+    return {node: sums[node] / counts[node] for node in sums}
+
+
+REWEIGHTS = ("sqrt", "none")
+
+
+def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
+                    use_local: bool = True) -> dict[Node, float]:
+    """R(s) for every non-root node: GA + LA (Eqs. 2-4), over sqrt(|L(s)|) when reweight="sqrt".
+
+    `use_global` / `use_local` switch the two terms off one at a time, for the paper's ablations.
+    """
+    if reweight not in REWEIGHTS:
+        raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
+    if not (use_global or use_local):
+        raise ValueError("process_rewards needs at least one of the global and local advantages")
+    v = values(root)
+    counts = leaf_counts(root)
+    rewards = {}
+    for node in walk(root):
+        if node is root:
+            continue
+        global_advantage = v[node] - v[root]          # Eq. 2
+        local_advantage = v[node] - v[node.parent]    # Eq. 3
+        r = use_global * global_advantage + use_local * local_advantage   # Eq. 4
+        if reweight == "sqrt":
+            r /= math.sqrt(counts[node])
+        rewards[node] = r
+    return rewards
+
+
+ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo")
+
+
+def outcome_advantages(rewards: Sequence[float], kind: str = "grpo", eps: float = 1e-6) -> list[float]:
+    """ChainRL's outcome advantages for one group of responses to the same prompt.
+
+    grpo:   (r - mean) / (std + eps)           (Shao et al., 2024)
+    drgrpo: r - mean                            (Dr. GRPO, Liu et al., 2025: no std division)
+    rloo:   r - mean of the *other* responses   (REINFORCE leave-one-out, Ahmadian et al., 2024)
+    """
+    n = len(rewards)
+    if n == 0:
+        return []
+    mean = sum(rewards) / n
+    if kind == "grpo":
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+        return [(r - mean) / (std + eps) for r in rewards]
+    if kind == "drgrpo":
+        return [r - mean for r in rewards]
+    if kind == "rloo":
+        if n == 1:
+            return [0.0]
+        return [r - (mean * n - r) / (n - 1) for r in rewards]
+    raise ValueError(f"advantage kind must be one of {ADVANTAGE_KINDS}, got {kind!r}")
+
+
+def chain_advantages(root: Node, kind: str = "grpo") -> dict[Node, float]:
+    """Outcome advantages as a per-segment map, for a forest of unforked chains (L = 0)."""
+    chains = trees(root)
+    if any(not c.is_leaf for c in chains):
+        raise ValueError("chain_advantages needs unforked chains (L = 0); use process_rewards on trees")
+    for c in chains:
+        if c.reward is None:
+            raise ValueError(f"leaf {c!r} has no reward: score every leaf first")
+    return dict(zip(chains, outcome_advantages([c.reward for c in chains], kind)))
+
+
+# --------------------------------------------------------------------------------------------------
+# From a tree to training sequences
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSequence:
+    """One leaf path as a training example: every token of a segment carries its advantage."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]      # the sampler's log-probs of the response tokens
+    advantages: list[float]    # one per response token
+    reward: float              # the leaf's outcome reward
+    finished: bool
+    leaf: Node = field(repr=False)
+
+
+def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = None,
+                 rng: random.Random | None = None,
+                 truncated_penalty: float | None = None) -> list[TrainSequence]:
+    """Flatten a forest into one training sequence per leaf.
+
+    `advantages` maps every non-root segment to the advantage of its tokens (process_rewards or
+    chain_advantages). `keep=K` trains a random subset of K leaves (the release trains 16 of 30),
+    keeping at least one leaf with positive reward when there is one. `truncated_penalty` (the
+    release uses -1.0) replaces the advantage of every token of a response that never ended.
+    """
+    chosen = leaves(root)
+    if keep is not None and keep < len(chosen):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        rng = rng or random.Random(0)
+        picked = rng.sample(chosen, keep)
+        correct = [leaf for leaf in chosen if (leaf.reward or 0) > 0]
+        if correct and not any(leaf in correct for leaf in picked):
+            picked[rng.randrange(keep)] = rng.choice(correct)
+        chosen = [leaf for leaf in chosen if leaf in picked]  # keep depth-first order
+    sequences = []
+    for leaf in chosen:
+        segments = ancestors(leaf)[1:]
+        if truncated_penalty is not None and not leaf.finished:
+            token_advantages = [truncated_penalty] * sum(len(s.tokens) for s in segments)
+        else:
+            token_advantages = [advantages[s] for s in segments for _ in s.tokens]
+        sequences.append(TrainSequence(
+            prompt_ids=list(root.tokens),
+            response_ids=[t for s in segments for t in s.tokens],
+            logprobs=[lp for s in segments for lp in s.logprobs],
+            advantages=token_advantages,
+            reward=float(leaf.reward if leaf.reward is not None else 0.0),
+            finished=leaf.finished,
+            leaf=leaf,
+        ))
+    return sequences
