@@ -247,36 +247,55 @@ def select_forks(top: Node, n: int, fork_score: str, rng: random.Random,
     return sorted(candidates, key=score, reverse=True)[:n]
 
 
-def _attach(parent: Node, sample: Sample) -> Node:
+def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
+    """Hang a sampled continuation under `parent`, cut to `budget` tokens if it is longer (a
+    response that is cut never reached EOS, so it is not finished)."""
+    if budget is not None and len(sample.tokens) > budget:
+        return parent.add(sample.tokens[:budget], sample.logprobs[:budget], sample.scores[:budget])
     return parent.add(sample.tokens, sample.logprobs, sample.scores, finished=sample.finished)
 
 
 def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: int, T: int,
            fork_score: str = "entropy", skip_last: int = 4,
-           answer_start: AnswerStartFn | None = None, seed: int = 0) -> Node:
+           answer_start: AnswerStartFn | None = None, seed: int = 0,
+           max_response_tokens: int | None = None) -> Node:
     """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
 
     M chains first, then L rounds of N forks per tree with T continuations per fork. Each round sends
     every prefix of every tree to `sample_fn` in one batch. L = 0 gives M independent chains:
     ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
+    `max_response_tokens` caps every complete response, including the part before a fork.
     """
+    return eptree_batch([prompt_ids], sample_fn, M, N, L, T, fork_score, skip_last,
+                        answer_start, seed, max_response_tokens)[0]
+
+
+def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, N: int, L: int,
+                 T: int, fork_score: str = "entropy", skip_last: int = 4,
+                 answer_start: AnswerStartFn | None = None, seed: int = 0,
+                 max_response_tokens: int | None = None) -> list[Node]:
+    """EPTree for many prompts at once: the same search as `eptree`, one forest per prompt, but
+    each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
+    stays busy (one call for the chains, then one call per round)."""
     for name, value in (("M", M), ("N", N), ("L", L), ("T", T)):
-        if value < (1 if name == "M" else 0) or int(value) != value:
-            raise ValueError(f"eptree: {name} must be a non-negative integer (M >= 1), got {value!r}")
+        if int(value) != value or value < (1 if name == "M" else 0):
+            raise ValueError(f"eptree: {name} must be an integer >= {1 if name == 'M' else 0}, got {value!r}")
     if fork_score not in FORK_SCORES:
         raise ValueError(f"fork_score must be one of {FORK_SCORES}, got {fork_score!r}")
     rng = random.Random(seed)
-    root = Node(list(prompt_ids))
+    roots = [Node(list(p)) for p in prompts]
 
-    # Step 1: M complete responses from the prompt, in one call.
-    for sample in sample_fn([root.tokens], M)[0]:
-        _attach(root, sample)
+    # Step 1: M complete responses from each prompt, in one call.
+    for root, group in zip(roots, sample_fn([root.tokens for root in roots], M)):
+        for sample in group:
+            _attach(root, sample, max_response_tokens)
     if N == 0 or T == 0:
-        return root
+        return roots
 
-    # Step 2: L rounds of forking.
+    # Step 2: L rounds; in each, the top-N tokens of every tree (chosen on the tree as it stands at
+    # the start of the round) are forked T times.
     for _ in range(L):
-        forks = [fork for top in trees(root)
+        forks = [fork for root in roots for top in trees(root)
                  for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start)]
         if not forks:
             break
@@ -284,14 +303,17 @@ def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: in
         prefixes = [path_tokens(f.node.parent) + f.node.tokens[: f.index] for f in forks]
         continuations = sample_fn(prefixes, T)
         # Split each segment at its fork points from the last to the first, so earlier indices
-        # stay valid; the split-off node at index i is where the branches forked at i hang.
+        # stay valid; the branches forked at index i become siblings of the tail split off there.
         order = sorted(range(len(forks)), key=lambda k: (id(forks[k].node), -forks[k].index))
         for k in order:
             node = forks[k].node
+            budget = None
+            if max_response_tokens is not None:
+                budget = max_response_tokens - len(prefixes[k]) + len(ancestors(node)[0].tokens)
             node.split(forks[k].index)
             for sample in continuations[k]:
-                _attach(node, sample)
-    return root
+                _attach(node, sample, budget)
+    return roots
 
 
 # --------------------------------------------------------------------------------------------------

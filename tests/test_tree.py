@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tree import (Node, Sample, chain_advantages, eptree, fork_candidates, generated_tokens,
+from tree import (Node, Sample, chain_advantages, eptree, eptree_batch, fork_candidates, generated_tokens,
                   leaf_counts, leaves, outcome_advantages, path_tokens, process_rewards,
                   response_tokens, select_forks, to_sequences, trees, values, walk)
 
@@ -319,3 +319,21 @@ def test_eptree_rejects_bad_arguments():
         eptree([1], FakeSampler(), M=0, N=1, L=1, T=1)
     with pytest.raises(ValueError, match="fork_score"):
         eptree([1], FakeSampler(), M=1, N=1, L=1, T=1, fork_score="max")
+
+
+def test_batched_search_equals_one_prompt_at_a_time():
+    prompts = [[3, 4], [5], [6, 7, 8]]
+    together = FakeSampler(length=18)
+    forests = eptree_batch(prompts, together, M=2, N=2, L=2, T=2, seed=3)
+    assert len(together.calls) == 3  # chains for every prompt in one call, then one per round
+    for prompt, forest in zip(prompts, forests):
+        alone = eptree(prompt, FakeSampler(length=18), M=2, N=2, L=2, T=2, seed=3)
+        assert [path_tokens(leaf) for leaf in leaves(forest)] == [path_tokens(leaf) for leaf in leaves(alone)]
+
+
+def test_response_budget_counts_the_prefix_before_a_fork():
+    root = eptree([1, 2, 3], FakeSampler(length=20), M=2, N=2, L=2, T=2, max_response_tokens=15)
+    for leaf in leaves(root):
+        assert len(response_tokens(leaf)) <= 15
+        assert not leaf.finished  # every fake response (20 tokens) had to be cut
+    assert len(leaves(root)) == 2 * (1 + 2 * 2 * 2)

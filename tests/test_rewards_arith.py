@@ -1,0 +1,133 @@
+"""Tests for the built-in arithmetic task in rewards.py (the format the trainer depends on)."""
+
+import random
+import re
+
+import pytest
+
+from rewards import ANSWER_MARKERS, ArithProblem, arith_dataset, arith_problem, arith_reward
+
+
+def evaluate_left_to_right(expression: str) -> int:
+    tokens = re.findall(r"[+-]|\d+", expression)
+    total = int(tokens[0])
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        total = total + int(number) if op == "+" else total - int(number)
+    return total
+
+
+def test_exact_format_of_a_problem():
+    problem = arith_problem(random.Random(0))
+    assert isinstance(problem, ArithProblem)
+    match = re.fullmatch(r"Compute (\d(?:[+-]\d){2,3})\.\n", problem.prompt)
+    assert match, problem.prompt
+    lines = problem.solution.split("\n")
+    assert lines[-1] == f"Answer: {problem.answer}"
+    assert len(lines) == len(re.findall(r"[+-]", match.group(1))) + 1  # one step per operator
+    assert problem.answer == evaluate_left_to_right(match.group(1))
+
+
+def test_worked_chain_is_correct_and_left_to_right():
+    for problem in arith_dataset(300, seed=3):
+        expression = problem.prompt[len("Compute ") : -len(".\n")]
+        numbers = re.findall(r"\d+", expression)
+        *steps, final = problem.solution.split("\n")
+        running = int(numbers[0])
+        for step, op, number in zip(steps, re.findall(r"[+-]", expression), numbers[1:]):
+            result = running + int(number) if op == "+" else running - int(number)
+            assert step == f"{running}{op}{number}={result}"
+            running = result
+        assert final == f"Answer: {running}" and problem.answer == running
+        assert arith_reward(problem.solution, problem.answer) == 1.0
+
+
+def test_operand_ranges_and_negative_intermediates():
+    rng = random.Random(0)
+    problems = [arith_problem(rng) for _ in range(2000)]
+    assert any(re.search(r"=-\d+\n", p.solution) for p in problems)  # negative intermediates occur
+    assert {p.prompt.count("+") + p.prompt.count("-") + 1 for p in problems} == {3, 4}
+    first_operands = {int(re.match(r"Compute (\d+)", p.prompt).group(1)) for p in problems}
+    assert first_operands == set(range(1, 10))  # 1-9 for the first operand
+    other_operands = {int(x) for p in problems for x in re.findall(r"[+-](\d+)", p.prompt)}
+    assert other_operands == set(range(0, 10))
+
+
+def test_difficulty_knobs():
+    for problem in arith_dataset(200, seed=1, n_operands=(2, 5), digits=2):
+        operands = re.findall(r"\d+", problem.prompt)
+        assert 2 <= len(operands) <= 5
+        assert all(len(x) == 2 for x in operands)
+    sizes = {len(re.findall(r"\d+", p.prompt)) for p in arith_dataset(200, seed=1, n_operands=(2, 5))}
+    assert sizes == {2, 3, 4, 5}
+
+
+def test_dataset_is_deterministic_distinct_and_respects_exclude():
+    a = arith_dataset(500, seed=7)
+    assert a == arith_dataset(500, seed=7)
+    assert a != arith_dataset(500, seed=8)
+    assert len({p.prompt for p in a}) == 500
+    held_out = {p.prompt for p in arith_dataset(100, seed=123)}
+    train = arith_dataset(1000, seed=7, exclude=held_out)
+    assert not held_out & {p.prompt for p in train}
+
+
+def test_exhaustive_request_and_too_many():
+    everything = arith_dataset(180, seed=0, n_operands=(2, 2))  # 9 * 2 * 10 prompts exist
+    assert len({p.prompt for p in everything}) == 180
+    with pytest.raises(ValueError, match="allow only 180"):
+        arith_dataset(181, seed=0, n_operands=(2, 2))
+    excluded = {everything[0].prompt, "not a prompt"}
+    with pytest.raises(ValueError, match="allow only 179"):
+        arith_dataset(180, seed=0, n_operands=(2, 2), exclude=excluded)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"digits": 0}, "digits"),
+        ({"n_operands": (1, 3)}, "at least 2"),
+        ({"n_operands": (4, 3)}, "fewest <= most"),
+        ({"n_operands": "many"}, "pair"),
+    ],
+)
+def test_bad_knobs_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        arith_problem(random.Random(0), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        arith_dataset(3, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "response, gold, reward",
+    [
+        ("4+7=11\n11-2=9\nAnswer: 9", 9, 1.0),
+        ("Answer: 9", "9", 1.0),
+        ("Answer:9  \n\n", 9, 1.0),
+        ("Answer: -3", -3, 1.0),
+        ("Answer: 8\nAnswer: 9", 9, 1.0),  # the last Answer: counts
+        ("Answer: 9\nAnswer: 8", 9, 0.0),
+        ("Answer: 9.", 9, 0.0),
+        ("Answer: 9 apples", 9, 0.0),
+        ("Answer: 9.0", 9, 0.0),
+        ("Answer: 10", 9, 0.0),
+        ("Answer: --9", 9, 0.0),
+        ("Answer:", 9, 0.0),
+        ("9", 9, 0.0),
+        ("", 9, 0.0),
+        ("answer: 9", 9, 0.0),
+        ("Answer: " + "9" * 100_000, 9, 0.0),  # huge numbers are rejected cheaply
+    ],
+)
+def test_arith_reward(response, gold, reward):
+    assert arith_reward(response, gold) == reward
+
+
+def test_arith_reward_rejects_a_bad_gold():
+    with pytest.raises(ValueError, match="gold"):
+        arith_reward("Answer: 3", "three")
+
+
+def test_answer_markers():
+    assert ANSWER_MARKERS == ("Answer:", "\\boxed{", "####")
+    problem = arith_problem(random.Random(5))
+    assert problem.solution.rfind(ANSWER_MARKERS[0]) == problem.solution.rindex("\n") + 1

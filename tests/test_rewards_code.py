@@ -1,0 +1,327 @@
+"""Tests for the code verifier in rewards.py: test kinds, comparisons, and the sandbox."""
+
+import logging
+import os
+import socket
+import time
+
+import pytest
+
+import rewards
+from rewards import SandboxLimits, code_reward, extract_program, run_tests
+
+MODES = ["bwrap", "rlimit"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    """Run a test once with bubblewrap and once with the rlimit fallback."""
+    if request.param == "bwrap" and not rewards._bwrap_usable():
+        pytest.skip("bubblewrap is not installed or not usable here (apt-get install bubblewrap)")
+    return request.param
+
+
+def needs_root_in_fallback(mode):
+    """Without bubblewrap and without root, the fallback runs programs as the calling user: it cannot
+    hide that user's processes, files or network (install bubblewrap for real isolation)."""
+    if mode == "rlimit" and os.geteuid() != 0:
+        pytest.skip("the rlimit fallback isolates users only when running as root")
+
+
+def assert_contained(report):
+    """No process of the run's private uid is alive and its directories are gone."""
+    if report.uid is not None:
+        deadline = time.monotonic() + 3.0
+        while True:
+            alive = [pid for pid in os.listdir("/proc") if pid.isdigit() and rewards._owner_of(pid) == report.uid]
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not alive, f"processes of uid {report.uid} left behind: {alive}"
+    for workdir in report.workdirs:
+        assert not os.path.exists(workdir), f"{workdir} left behind"
+
+
+ADD_STDIO = "a, b = map(int, input().split())\nprint(a + b)\n"
+ADD_FUNCTION = "def add(a, b):\n    return a + b\n"
+CHECK_ADD = {"check": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+             "entry_point": "add"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The three kinds of tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stdio_tests(mode):
+    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10"},
+             {"input": "2 2\n", "output": "5\n"}]
+    report = run_tests(ADD_STDIO, tests, sandbox=mode)
+    assert report.sandbox == mode
+    assert (report.passed, report.total) == (2, 3)
+    assert [o.reason for o in report.outcomes] == ["passed", "passed", "wrong_answer"]
+    assert report.failures == {"wrong_answer": 1}
+    assert not report.all_passed
+    assert code_reward(ADD_STDIO, tests[:2], sandbox=mode) == 1.0
+    assert code_reward(ADD_STDIO, tests, sandbox=mode) == 0.0
+    assert_contained(report)
+
+
+def test_function_call_tests(mode):
+    tests = [
+        {"call": "add", "args": [1, 2], "expected": 3},
+        {"call": "add", "args": [[1], [2, 3]], "expected": [1, 2, 3]},
+        {"call": "add", "args": ["a", "b"], "expected": "ab"},
+        {"call": "add", "args": [0.1, 0.2], "expected": 0.3},  # numbers with a tolerance
+        {"call": "add", "args": [1, 1], "expected": 3},
+        {"call": "sub", "args": [1, 1], "expected": 0},  # no such function
+    ]
+    report = run_tests(ADD_FUNCTION, tests, sandbox=mode)
+    assert [o.reason for o in report.outcomes] == ["passed"] * 4 + ["wrong_answer", "runtime_error"]
+    assert "KeyError" in report.outcomes[5].detail
+    assert_contained(report)
+
+
+def test_humaneval_style_check(mode):
+    assert run_tests(ADD_FUNCTION, [CHECK_ADD], sandbox=mode).all_passed
+    wrong = run_tests("def add(a, b):\n    return a - b\n", [CHECK_ADD], sandbox=mode)
+    assert wrong.outcomes[0].reason == "wrong_answer"
+    crash = run_tests("def add(a, b):\n    return 1 / 0\n", [CHECK_ADD], sandbox=mode)
+    assert crash.outcomes[0].reason == "runtime_error" and "ZeroDivisionError" in crash.outcomes[0].detail
+    syntax = run_tests("def add(a, b)\n    return a + b\n", [CHECK_ADD], sandbox=mode)
+    assert syntax.outcomes[0].reason == "runtime_error" and "SyntaxError" in syntax.outcomes[0].detail
+    assert_contained(wrong)
+
+
+def test_check_sees_tuples_sets_and_dicts_as_such():
+    program = "def f():\n    return (1, 2), {3}, {(1, 2): b'x'}, None, 2.5, True\n"
+    check = ("def check(candidate):\n    t, s, d, n, x, b = candidate()\n"
+             "    assert t == (1, 2) and type(t) is tuple and s == {3} and d == {(1, 2): b'x'}\n"
+             "    assert n is None and x == 2.5 and b is True\n")
+    assert run_tests(program, [{"check": check, "entry_point": "f"}]).all_passed
+
+
+def test_mixed_kinds_and_fail_fast():
+    tests = [{"input": "1 2\n", "output": "4\n"}, {"input": "1 2\n", "output": "3\n"}]
+    report = run_tests(ADD_STDIO, tests, fail_fast=True)
+    assert [o.reason for o in report.outcomes] == ["wrong_answer", "skipped"]
+
+
+def test_bad_tests_are_rejected_clearly():
+    with pytest.raises(ValueError, match="at least one test"):
+        run_tests(ADD_FUNCTION, [])
+    with pytest.raises(ValueError, match="test 1 has keys"):
+        run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}, {"inp": "1"}])
+    with pytest.raises(ValueError, match="sandbox must be"):
+        run_tests(ADD_FUNCTION, [{"call": "add", "args": [], "expected": 3}], sandbox="docker")
+    with pytest.raises(TypeError, match="program must be a str"):
+        run_tests(None, [{"input": "", "output": ""}])
+
+
+def test_sandbox_mode_is_logged_once(caplog):
+    for key in [k for k in rewards._SANDBOX_CACHE if k.startswith("announced")]:
+        del rewards._SANDBOX_CACHE[key]
+    with caplog.at_level(logging.INFO, logger="rewards"):
+        for _ in range(2):
+            run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}], sandbox="rlimit")
+    assert sum("code sandbox: rlimit fallback" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sandbox_can_be_forced_by_environment(monkeypatch):
+    monkeypatch.setenv("TREERL_SANDBOX", "rlimit")
+    assert run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}]).sandbox == "rlimit"
+
+
+def test_program_runs_as_an_unprivileged_user(mode):
+    if os.geteuid() != 0:
+        pytest.skip("the private uid is only used when running as root")
+    report = run_tests("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n",
+                       [{"input": "", "output": "0 0 []\n"}], sandbox=mode)
+    assert report.outcomes[0].reason == "wrong_answer"
+    assert f"{report.uid} {report.uid} []" in report.outcomes[0].detail
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparisons and program extraction (no sandbox needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_output_comparison_rules():
+    assert rewards._outputs_match("3  \n4\n\n\n", "3\n4")  # trailing whitespace and blank lines
+    assert rewards._outputs_match("0.3333333\n", "0.33333333\n")  # numbers with a tolerance
+    assert rewards._outputs_match("1 2.0000000001\n", "1 2\n")
+    assert not rewards._outputs_match("1 2\n", "1  3\n")
+    assert not rewards._outputs_match("3\n4\n", "3\n")
+    assert not rewards._outputs_match("nan\n", "1\n")
+    assert rewards._outputs_match(" 3\n", "3\n")  # a line that differs only in spacing: same tokens
+
+
+def test_value_comparison_rules():
+    assert rewards._values_match((1, 2), [1, 2])  # JSON test files cannot write tuples
+    assert rewards._values_match(0.30000000000000004, 0.3)
+    assert not rewards._values_match(True, 1) and not rewards._values_match(1, True)
+    assert not rewards._values_match("1", 1)
+    assert rewards._values_match({"a": [1.0]}, {"a": [1]})
+
+
+def test_encoding_round_trip_and_refusal():
+    value = [1, -2.5, "x", None, True, (1, (2,)), {3, 4}, frozenset({5}), {1: "a", (2, 3): [4]}, b"\x00\xff", 1j]
+    assert rewards._decode_value(rewards._encode_value(value)) == value
+
+    class Sneaky(int):
+        def __eq__(self, other):
+            return True
+
+    with pytest.raises(TypeError, match="unsupported value of type Sneaky"):
+        rewards._encode_value([Sneaky(1)])
+
+
+@pytest.mark.parametrize(
+    "response, program",
+    [
+        ("Here:\n```python\nprint(1)\n```\nand better:\n```python\nprint(2)\n```\n", "print(2)\n"),
+        ("```py\nx = 1\n```", "x = 1\n"),
+        ("```\nprint(3)\n```", "print(3)\n"),
+        ("```python\nprint(1)\n```\n```text\nnot code\n```", "print(1)\n"),
+        ("print(4)\n", "print(4)\n"),
+    ],
+)
+def test_extract_program(response, program):
+    assert extract_program(response) == program
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile programs: each is contained, scores 0.0, finishes within its limit, leaves nothing behind.
+# Short limits keep these fast; each runs with bubblewrap and with the rlimit fallback.
+# --------------------------------------------------------------------------------------------------
+
+SECRET = "treerl-secret-7f3a9c"
+LIMIT = 1.0
+SLACK = 2.5  # start-up, clean-up and a busy machine
+
+HOSTILE = {
+    # name: (program, tests, acceptable failure reasons)
+    "infinite loop": ("while True:\n    pass\n", [{"input": "", "output": "1\n"}], {"timeout"}),
+    "memory bomb": ("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", [{"input": "", "output": "1\n"}],
+                    {"memory"}),
+    "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                  [{"input": "", "output": "1\n"}], {"timeout"}),
+    "endless output": ("while True:\n    print('x' * 1000)\n", [{"input": "", "output": "1\n"}], {"output_limit"}),
+    "early os._exit(0) before the calls": (
+        "import os\nos._exit(0)\ndef add(a, b):\n    return a + b\n",
+        [{"call": "add", "args": [1, 2], "expected": 3}], {"runtime_error"}),
+    "fake verdict and fake replies, then os._exit(0)": (  # written on every file descriptor it has
+        "import os\nforged = (b'{\"passed\": true, \"reason\": \"passed\", \"detail\": \"\"}\\n'\n"
+        "          b'{\"loaded\": true}\\n{\"id\": 1, \"ok\": true, \"value\": 3}\\n'\n"
+        "          b'{\"id\": 2, \"ok\": true, \"value\": 3}\\n')\n"
+        "for fd in range(1, 20):\n    try:\n        os.write(fd, forged)\n    except OSError:\n        pass\n"
+        "os._exit(0)\n", [CHECK_ADD], {"runtime_error", "wrong_answer"}),
+    "sys.exit(0) inside the function": ("import sys\ndef add(a, b):\n    sys.exit(0)\n", [CHECK_ADD],
+                                        {"runtime_error"}),
+    "killing itself": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+                       [{"call": "add", "args": [1, 2], "expected": 3}], {"runtime_error"}),
+    "__eq__ override (function call)": (
+        "class Anything:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return Anything()\n", [{"call": "add", "args": [1, 2], "expected": 3}], {"wrong_answer"}),
+    "__eq__ override (int subclass, check)": (
+        "class Anything(int):\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return Anything(0)\n", [CHECK_ADD], {"wrong_answer"}),
+    "reading the parent's environment": (
+        "import glob, os\nseen = list(os.environ.values())\nfor path in glob.glob('/proc/*/environ'):\n"
+        "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
+        "    except OSError:\n        pass\n"
+        f"print('{SECRET}' if any('{SECRET}' in s for s in seen) else 'nothing')\n",
+        [{"input": "", "output": f"{SECRET}\n"}], {"wrong_answer"}),
+    "deep recursion": ("import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nprint(f(0))\n",
+                       [{"input": "", "output": "1\n"}], {"runtime_error", "memory", "timeout"}),
+    "thread left running": ("import threading\ndef spin():\n    while True:\n        pass\n"
+                            "threading.Thread(target=spin).start()\nprint(3)\n",
+                            [{"input": "", "output": "3\n"}], {"timeout"}),
+    "ignoring SIGTERM": ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n",
+                         [{"input": "", "output": "1\n"}], {"timeout"}),
+    "network connection": None,  # built in the test (needs a port)
+    "daemon escaping with fork + setsid": None,  # built in the test (needs a marker path)
+    "writing outside its directory": None,  # built in the test (needs paths)
+}
+
+
+def run_hostile(program, tests, mode, reasons, limit=LIMIT):
+    started = time.monotonic()
+    report = run_tests(program, tests, sandbox=mode, limits=SandboxLimits(timeout=limit, memory_mb=256))
+    elapsed = time.monotonic() - started
+    assert report.passed == 0 and report.outcomes[0].reason in reasons, report.outcomes[0]
+    if report.outcomes[0].reason != "timeout":  # (spare the suite a second wait)
+        assert code_reward(program, tests, sandbox=mode, timeout=limit) == 0.0
+    assert elapsed < limit * len(tests) + SLACK, f"took {elapsed:.2f} s"
+    assert_contained(report)
+    return report
+
+
+@pytest.mark.parametrize("name", [name for name, case in HOSTILE.items() if case is not None])
+def test_hostile_program(name, mode, monkeypatch):
+    if name == "reading the parent's environment":
+        needs_root_in_fallback(mode)
+    monkeypatch.setenv("TREERL_TEST_SECRET", SECRET)  # the parent's environment holds a secret
+    program, tests, reasons = HOSTILE[name]
+    run_hostile(program, tests, mode, reasons)
+
+
+def test_hostile_network_connection(mode):
+    needs_root_in_fallback(mode)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
+               "    print('CONNECTED')\nexcept OSError as error:\n    print('blocked', error)\n")
+    try:
+        run_hostile(program, [{"input": "", "output": "CONNECTED\n"}], mode, {"wrong_answer"})
+        listener.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_hostile_daemon_escaping_with_setsid(mode, tmp_path):
+    needs_root_in_fallback(mode)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    drop.chmod(0o777)  # writable by the sandbox's uid, if it could see it
+    marker = drop / "daemon-was-here"
+    program = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(0.3)\n"
+        "        print(3, flush=True)\n"  # too late: the program already ended
+        f"        time.sleep(0.5)\n        open({str(marker)!r}, 'w').write('escaped')\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+    )
+    run_hostile(program, [{"input": "", "output": "3\n"}], mode, {"wrong_answer"})
+    time.sleep(1.0)  # the daemon would have written its marker by now
+    assert not marker.exists()
+
+
+def test_hostile_writing_outside_its_directory(mode, tmp_path):
+    needs_root_in_fallback(mode)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = f"treerl-escape-{os.getpid()}-{mode}"
+    targets = ["../" + name, "/" + name, "/etc/" + name, str(outside / name), os.path.join(os.getcwd(), name)]
+    shared = ["/tmp/" + name, "/var/tmp/" + name, "/dev/shm/" + name]
+    program = (
+        "import os\nescaped = []\n"
+        f"for path in {targets + shared!r}:\n"
+        "    try:\n        with open(path, 'w') as handle:\n            handle.write('x')\n"
+        "        escaped.append(path)\n    except OSError:\n        pass\n"
+        f"escaped = [p for p in escaped if p not in {shared!r}]\n"  # shared temp dirs: see below
+        "print('ESCAPED' if escaped else 'contained')\n"
+    )
+    run_hostile(program, [{"input": "", "output": "ESCAPED\n"}], mode, {"wrong_answer"})
+    # With bubblewrap the shared temp directories are private to the sandbox; in the fallback the
+    # program may write there while it runs, and the clean-up deletes whatever its uid created.
+    for path in [outside / name, os.path.join(os.getcwd(), name), "/" + name, "/etc/" + name] + shared:
+        assert not os.path.exists(path), f"{path} was left behind"

@@ -1,0 +1,168 @@
+"""Tests for treerl.py: the loss, the transformers backend, the rollout step and one update."""
+
+import math
+
+import pytest
+import torch
+
+import tree
+import treerl
+from treerl import RolloutConfig, UpdateConfig, policy_loss
+
+# --------------------------------------------------------------------------------------------------
+# The policy loss
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ratio_one_and_no_kl_gives_minus_mean_advantage():
+    logp = torch.randn(3, 5)
+    advantages = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.float)
+    loss, stats = policy_loss(logp, logp.clone(), advantages, mask)
+    assert loss.item() == pytest.approx(-(advantages * mask).sum().item() / mask.sum().item(), rel=1e-6)
+    assert stats["clip_frac"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
+    # Per-sequence averaging (GRPO): mean per response, then over responses.
+    loss, _ = policy_loss(logp, logp.clone(), advantages, mask, aggregation="sequence")
+    per_seq = (advantages * mask).sum(-1) / mask.sum(-1)
+    assert loss.item() == pytest.approx(-per_seq.mean().item(), rel=1e-6)
+
+
+def _grad(log_ratio: float, advantage: float, clip_low=0.2, clip_high=0.28) -> float:
+    logp = torch.tensor([[log_ratio]], requires_grad=True)
+    loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1),
+                          clip_low, clip_high)
+    loss.backward()
+    return logp.grad.item()
+
+
+def test_clipping_cuts_the_gradient_where_it_should():
+    # A > 0: pushing the ratio up is rewarded until 1 + clip_high, then the gradient stops.
+    assert _grad(math.log(1.1), +1.0) < 0           # loss falls as logp rises
+    assert _grad(math.log(1.5), +1.0) == 0.0        # beyond 1.28: clipped
+    assert _grad(math.log(0.5), +1.0) < 0           # below 1 - 0.2 with A > 0: not clipped (pessimistic bound)
+    # A < 0: pushing the ratio down stops at 1 - clip_low; above 1 the gradient always flows.
+    assert _grad(math.log(0.9), -1.0) > 0
+    assert _grad(math.log(0.5), -1.0) == 0.0        # below 0.8: clipped
+    assert _grad(math.log(1.5), -1.0) > 0           # above 1.28 with A < 0: not clipped
+    # The asymmetric clip: 1.25 is inside [0.8, 1.28] but would be outside a symmetric 0.2 clip.
+    assert _grad(math.log(1.25), +1.0) < 0
+    assert _grad(math.log(1.25), +1.0, clip_high=0.2) == 0.0
+
+
+def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
+    logp = torch.tensor([[-1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    zero_adv = torch.zeros(1, 2)
+    loss, stats = policy_loss(logp, logp, zero_adv, mask, ref_logp=logp.clone(), kl_coef=0.1)
+    assert loss.item() == pytest.approx(0.0) and stats["kl"] == pytest.approx(0.0)
+    loss, stats = policy_loss(logp, logp, zero_adv, mask, ref_logp=logp - 0.5, kl_coef=0.1)
+    assert stats["kl"] > 0 and loss.item() == pytest.approx(0.1 * stats["kl"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny random model and the transformers backend
+# --------------------------------------------------------------------------------------------------
+
+VOCAB, EOS, PAD = 24, 1, 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config)
+
+
+def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
+    backend = treerl.HFBackend(tiny_model, EOS, PAD, batch_size=4)
+    prefixes = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    torch.manual_seed(1)
+    groups = backend.sample(prefixes, 2, max_new_tokens=12)
+    assert [len(g) for g in groups] == [2, 2, 2]
+    sequences = []
+    for prefix, group in zip(prefixes, groups):
+        for s in group:
+            assert 1 <= len(s.tokens) <= 12 and len(s.logprobs) == len(s.scores) == len(s.tokens)
+            assert s.finished == (s.tokens[-1] == EOS) and EOS not in s.tokens[:-1]
+            assert all(0 <= e <= math.log(VOCAB) + 1e-4 for e in s.scores)
+            sequences.append(tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None))
+    batch = treerl.collate(sequences, PAD)
+    with torch.no_grad():
+        recomputed = treerl.sequence_logprobs(tiny_model, batch)
+    for row, seq in enumerate(sequences):
+        got = recomputed[row][batch.mask[row].bool()]
+        assert got.tolist() == pytest.approx(seq.logprobs, abs=1e-4)
+
+
+def test_greedy_sampling_is_deterministic(tiny_model):
+    backend = treerl.HFBackend(tiny_model, EOS, PAD)
+    a = backend.sample([[3, 4, 5]], 2, max_new_tokens=8, temperature=0.0)[0]
+    b = backend.sample([[3, 4, 5]], 1, max_new_tokens=8, temperature=0.0)[0]
+    assert a[0].tokens == a[1].tokens == b[0].tokens
+
+
+def test_collate_aligns_response_tokens_with_their_predictions():
+    seq = tree.TrainSequence([7, 8, 9], [4, 5], [0.0, 0.0], [0.5, -1.0], 1.0, True, None)
+    short = tree.TrainSequence([7], [4], [0.0], [2.0], 1.0, True, None)
+    batch = treerl.collate([seq, short], PAD)
+    assert batch.input_ids.tolist() == [[7, 8, 9, 4, 5], [7, 4, PAD, PAD, PAD]]
+    assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
+    assert batch.advantages.tolist() == [[0, 0, 0.5, -1.0], [2.0, 0, 0, 0]]
+
+
+def test_answer_start_maps_text_markers_to_token_positions():
+    decode = lambda ids: "".join(chr(ord("a") + i) if i < 26 else ":" for i in ids)  # noqa: E731
+    find = treerl.answer_start_fn(decode, ["bc:"])
+    assert find([0, 1, 2, 26, 3]) == 1       # "abc:d": the marker starts at token 1
+    assert find([0, 0, 3]) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# One rollout and one update on the tiny model
+# --------------------------------------------------------------------------------------------------
+
+
+def parity_score(texts, golds):
+    """A stand-in verifier that a random model passes about half the time."""
+    return [float(len(t) % 2 == 0) for t in texts]
+
+
+@pytest.mark.parametrize("algo", ["treerl", "chainrl"])
+def test_one_step_changes_the_weights_and_gives_finite_metrics(tiny_model, algo):
+    import copy
+    model = copy.deepcopy(tiny_model)
+    backend = treerl.HFBackend(model, EOS, PAD)
+    cfg = RolloutConfig(algo=algo, M=4, N=2, L=1, T=2, max_new_tokens=16, skip_last=2)
+    torch.manual_seed(0)
+    decode = lambda ids: "x" * len(ids)  # noqa: E731
+    result = treerl.rollout(backend, [[5, 6, 7], [8, 9]], [None, None], parity_score, decode, cfg)
+    assert result.sequences, "the stand-in verifier should give mixed rewards"
+    leaves_per_prompt = 4 * (1 + 1 * 2 * 2) if algo == "treerl" else 4
+    assert result.stats["leaves"] <= 2 * leaves_per_prompt
+    assert all(math.isfinite(v) for v in result.stats.values())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = treerl.update(model, optimizer, None, result.sequences, UpdateConfig(micro_batch_size=5), PAD)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_zero_signal_groups_are_skipped(tiny_model):
+    backend = treerl.HFBackend(tiny_model, EOS, PAD)
+    cfg = RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1)
+    result = treerl.rollout(backend, [[5, 6]], [None], lambda t, g: [0.0] * len(t), str, cfg)
+    assert result.sequences == [] and result.stats["zero_signal_frac"] == 1.0
+
+
+def test_invalid_rollout_and_update_settings_are_named():
+    with pytest.raises(ValueError, match="--fork_score"):
+        RolloutConfig(fork_score="max").validate()
+    with pytest.raises(ValueError, match="--M"):
+        RolloutConfig(M=0).validate()
+    with pytest.raises(ValueError, match="--aggregation"):
+        UpdateConfig(aggregation="batch").validate()
+    with pytest.raises(ValueError, match="--clip_low"):
+        UpdateConfig(clip_low=1.5).validate()

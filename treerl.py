@@ -1,0 +1,446 @@
+"""TreeRL's training machinery: rollouts with EPTree, process rewards, and the policy update.
+
+One TreeRL step (Section 3 of Hou et al., 2025) is
+
+    prompts ──► rollout: EPTree forests (tree.eptree_batch) sampled by a backend
+            ──► verifier rewards on every leaf (rewards.py), 0 for a response that never ended
+            ──► per-token advantages: R(s) of Eqs. 2-4 for TreeRL, or an outcome advantage
+                (GRPO / Dr. GRPO / RLOO) for ChainRL, which is the same rollout with L = 0
+            ──► update: a clipped policy-gradient loss on those advantages (GRPO-style, with the
+                asymmetric clip of DAPO), then backend.sync(model)
+
+The rollout backend is the only part that touches a generation engine. It has one job: given
+token-id prefixes, return sampled continuations with each token's log-prob and the entropy of the
+distribution it was drawn from (the fork score of EPTree). `HFBackend` does it with transformers'
+`generate`; any engine with the same two methods (`sample`, `sync`) plugs in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import tree
+from tree import Sample
+
+# --------------------------------------------------------------------------------------------------
+# Rollout backends
+# --------------------------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What the rollout needs from a generation engine."""
+
+    def sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int,
+               temperature: float = 1.0, top_p: float = 1.0) -> list[list[Sample]]:
+        """For each prefix, n independent continuations (EOS included as last token when one was
+        produced), each token's log-prob and the entropy of its sampling distribution."""
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (called after every update)."""
+
+
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `tokens` and entropy of the distribution softmax(logits / temperature).
+
+    Both are of the temperature-scaled distribution before top-p truncation, the distribution the
+    policy gradient is taken on. logits: [..., V], tokens: [...] -> two tensors shaped like tokens.
+    """
+    logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
+class HFBackend:
+    """Sampling with transformers' `generate`: left-padded batches, KV cache, stop at EOS.
+
+    It samples from the very model being trained (no copy), so `sync` has nothing to do. The
+    logits `generate` already computes give each token's log-prob and entropy for free.
+    """
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
+        self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+
+    def sync(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
+        rows = [list(p) for p in prefixes for _ in range(n)]
+        samples: list[Sample] = []
+        for start in range(0, len(rows), self.batch_size):
+            samples += self._generate(rows[start:start + self.batch_size], max_new_tokens,
+                                      temperature, top_p)
+        return [samples[i * n:(i + 1) * n] for i in range(len(prefixes))]
+
+    def _generate(self, rows, max_new_tokens, temperature, top_p) -> list[Sample]:
+        device = next(self.model.parameters()).device
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                      device=device)
+        greedy = temperature == 0
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=not greedy, temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p, top_k=None if greedy else 0,
+            eos_token_id=self.eos, pad_token_id=self.pad,
+            output_logits=True, return_dict_in_generate=True)
+        self.model.train(was_training)
+        generated = out.sequences[:, width:]                            # [B, steps]
+        logits = torch.stack(out.logits, dim=1)                         # [B, steps, V]
+        logprobs, entropies = token_stats(logits, generated, temperature if not greedy else 1.0)
+        samples = []
+        for tokens, lps, ents in zip(generated.tolist(), logprobs.tolist(), entropies.tolist()):
+            length = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
+            samples.append(Sample(tokens[:length], lps[:length], ents[:length],
+                                  finished=tokens[length - 1] == self.eos if length else False))
+        return samples
+
+
+# --------------------------------------------------------------------------------------------------
+# The rollout step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled and turned into per-token advantages."""
+
+    algo: str = field(default="treerl", metadata={"help": "treerl (EPTree + process rewards) or chainrl (i.i.d. chains + outcome advantages)"})
+    M: int = field(default=4, metadata={"help": "EPTree: initial chains (trees) per prompt; ChainRL: responses per prompt"})
+    N: int = field(default=2, metadata={"help": "EPTree: fork points per tree per round"})
+    L: int = field(default=1, metadata={"help": "EPTree: rounds of forking"})
+    T: int = field(default=2, metadata={"help": "EPTree: continuations sampled per fork point"})
+    fork_score: str = field(default="entropy", metadata={"help": "entropy (paper), nll (official release) or random (ablation)"})
+    skip_last: int = field(default=4, metadata={"help": "never fork within this many tokens of a response's end"})
+    reweight: str = field(default="sqrt", metadata={"help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA"})
+    use_global: bool = field(default=True, metadata={"help": "include the global advantage GA (Eq. 2)"})
+    use_local: bool = field(default=True, metadata={"help": "include the local advantage LA (Eq. 3)"})
+    advantage: str = field(default="grpo", metadata={"help": "ChainRL outcome advantage: grpo, drgrpo or rloo"})
+    keep_leaves: int = field(default=0, metadata={"help": "train on a random subset of this many leaves per prompt (0 = all)"})
+    truncated_penalty: float = field(default=float("nan"), metadata={"help": "advantage of every token of a response with no EOS (nan: reward 0 like a wrong answer; the release uses -1)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "response length limit in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+
+    def validate(self) -> None:
+        choices = {"algo": ("treerl", "chainrl"), "fork_score": tree.FORK_SCORES,
+                   "reweight": tree.REWEIGHTS, "advantage": tree.ADVANTAGE_KINDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("M", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("N", "L", "T", "skip_last", "keep_leaves"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0 for RL sampling; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1]; got {self.top_p}")
+        if not (self.use_global or self.use_local):
+            raise ValueError("--use_global and --use_local cannot both be false")
+
+    @property
+    def rounds(self) -> int:
+        """L for the search: ChainRL is EPTree with no forking rounds."""
+        return self.L if self.algo == "treerl" else 0
+
+
+@dataclass
+class Rollout:
+    """The training sequences of one step, and what was seen while producing them."""
+
+    sequences: list[tree.TrainSequence]
+    forests: list[tree.Node]
+    stats: dict[str, float]
+
+
+def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Callable[[list[str], list], list[float]],
+            decode: Callable[[list[int]], str], cfg: RolloutConfig, seed: int = 0,
+            answer_start: tree.AnswerStartFn | None = None) -> Rollout:
+    """Sample forests (or chains) for a batch of prompts, score the leaves, compute advantages.
+
+    score(responses, golds) -> rewards in [0, 1] (a batch call, so verifiers can run in parallel).
+    """
+    t0 = time.perf_counter()
+
+    def sample_fn(prefixes, n):
+        return backend.sample(prefixes, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+
+    forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
+                                fork_score=cfg.fork_score, skip_last=cfg.skip_last,
+                                answer_start=answer_start, seed=seed,
+                                max_response_tokens=cfg.max_new_tokens)
+    t1 = time.perf_counter()
+
+    # Verifier rewards on every leaf; a response that never produced EOS scores 0.
+    all_leaves = [(i, leaf) for i, root in enumerate(forests) for leaf in tree.leaves(root)]
+    texts = [decode(tree.response_tokens(leaf)) for _, leaf in all_leaves]
+    verdicts = score(texts, [golds[i] for i, _ in all_leaves])
+    for (_, leaf), verdict in zip(all_leaves, verdicts):
+        leaf.reward = float(verdict) if leaf.finished else 0.0
+    t2 = time.perf_counter()
+
+    # Per-token advantages, one forest (prompt) at a time.
+    sequences, zero_signal = [], 0
+    penalty = None if math.isnan(cfg.truncated_penalty) else cfg.truncated_penalty
+    for k, root in enumerate(forests):
+        rewards = {leaf.reward for leaf in tree.leaves(root)}
+        if len(rewards) == 1:
+            # Every leaf agrees: all advantages are 0, the group carries no signal. Skip it.
+            zero_signal += 1
+            continue
+        if cfg.algo == "treerl":
+            advantages = tree.process_rewards(root, cfg.reweight, cfg.use_global, cfg.use_local)
+        else:
+            advantages = tree.chain_advantages(root, cfg.advantage)
+        keep = cfg.keep_leaves or None
+        sequences += tree.to_sequences(root, advantages, keep=keep, rng=_rng(seed, k),
+                                       truncated_penalty=penalty)
+
+    leaf_rewards = [leaf.reward for _, leaf in all_leaves]
+    n_leaves = len(all_leaves)
+    stats = {
+        "reward": sum(leaf_rewards) / n_leaves,
+        "accuracy_chains": _mean([leaf.reward for root in forests for leaf in _chain_leaves(root)]),
+        "leaves": n_leaves,
+        "zero_signal_frac": zero_signal / len(forests),
+        "truncated_frac": sum(not leaf.finished for _, leaf in all_leaves) / n_leaves,
+        "response_length": sum(len(tree.response_tokens(leaf)) for _, leaf in all_leaves) / n_leaves,
+        "generated_tokens": sum(tree.generated_tokens(root) for root in forests),
+        "entropy": _mean([s for root in forests for n in tree.walk(root) if n is not root for s in n.scores]),
+        "time_rollout": t1 - t0,
+        "time_verify": t2 - t1,
+    }
+    return Rollout(sequences, forests, stats)
+
+
+def _chain_leaves(root: tree.Node) -> list[tree.Node]:
+    """The leaf that ends each of the M original chains (the leftmost leaf of each tree), so
+    accuracy can be compared with ChainRL on the same footing."""
+    out = []
+    for top in tree.trees(root):
+        node = top
+        while node.children:
+            node = node.children[0]
+        out.append(node)
+    return out
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _rng(seed: int, k: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + k)
+
+
+def answer_start_fn(decode: Callable[[list[int]], str], markers: Sequence[str]) -> tree.AnswerStartFn:
+    """Map a task's text markers of the final answer ("Answer:", "\\boxed{") to the token index
+    where the answer starts in a response, for EPTree's rule "never fork inside the answer".
+
+    Works for any tokenizer: find the first marker in the decoded text, then binary-search the
+    shortest token prefix whose decoding reaches it.
+    """
+
+    def answer_start(response: list[int]) -> int | None:
+        text = decode(response)
+        found = [text.find(m) for m in markers if m in text]
+        if not found:
+            return None
+        position = min(found)
+        lo, hi = 0, len(response)  # smallest k with len(decode(response[:k])) > position
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(decode(response[:mid])) > position:
+                hi = mid
+            else:
+                lo = mid + 1
+        return max(lo - 1, 0)
+
+    return answer_start
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy update
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateConfig:
+    """The clipped policy-gradient update (GRPO-style, with DAPO's asymmetric clip)."""
+
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
+    clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
+    clip_high: float = field(default=0.28, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher)"})
+    aggregation: str = field(default="token", metadata={"help": "token: mean over all tokens of the batch (DAPO); sequence: mean per response, then over responses (GRPO)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of the k3 KL to a frozen reference model (0: no reference is loaded, as in the release)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
+    mini_batch_size: int = field(default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
+
+    def validate(self) -> None:
+        if self.aggregation not in ("token", "sequence"):
+            raise ValueError(f"--aggregation must be token or sequence; got {self.aggregation!r}")
+        for name in ("lr", "micro_batch_size", "ppo_epochs", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0; got {getattr(self, name)}")
+        for name in ("clip_low", "clip_high", "kl_coef", "mini_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if self.clip_low >= 1:
+            raise ValueError(f"--clip_low must be < 1 (the ratio is clipped at 1 - clip_low); got {self.clip_low}")
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences; every per-token tensor is aligned with the *targets*
+    input_ids[:, 1:], so position t holds the quantities of the token predicted at step t."""
+
+    input_ids: torch.Tensor       # [B, W]
+    attention_mask: torch.Tensor  # [B, W]
+    mask: torch.Tensor            # [B, W-1] 1 on response tokens
+    advantages: torch.Tensor      # [B, W-1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index) -> "Batch":
+        return Batch(self.input_ids[index], self.attention_mask[index], self.mask[index],
+                     self.advantages[index])
+
+
+def collate(sequences: Sequence[tree.TrainSequence], pad_token_id: int, device="cpu") -> Batch:
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width - 1))
+    advantages = torch.zeros((len(sequences), width - 1))
+    for row, s in enumerate(sequences):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        ids[row, :p + r] = torch.tensor(s.prompt_ids + s.response_ids)
+        attention[row, :p + r] = 1
+        # Response token j sits at input position p + j and is predicted from position p + j - 1.
+        mask[row, p - 1:p + r - 1] = 1
+        advantages[row, p - 1:p + r - 1] = torch.tensor(s.advantages)
+    return Batch(ids.to(device), attention.to(device), mask.to(device), advantages.to(device))
+
+
+def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(target token) at every position, under softmax(logits / temperature): [B, W-1]."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    return token_stats(logits, batch.input_ids[:, 1:], temperature)[0]
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
+                aggregation: str = "token", ref_logp: torch.Tensor | None = None,
+                kl_coef: float = 0.0, denominator: float | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate on per-token advantages (PPO's objective with GRPO's group advantages).
+
+    per token:  max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)),  rho = pi / pi_old,
+                plus kl_coef * (exp(ref - logp) - (ref - logp) - 1)  (the k3 KL estimator)
+    token:      sum over all response tokens / number of tokens       (DAPO)
+    sequence:   mean over each response's tokens, then mean over responses   (GRPO)
+
+    `denominator` overrides the count (tokens or responses) so that micro-batches of one mini-batch
+    add up to the mini-batch's loss under gradient accumulation.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef > 0:
+        log_ratio = ref_logp - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + kl_coef * kl
+    if aggregation == "token":
+        total = (per_token * mask).sum()
+        loss = total / (denominator if denominator is not None else mask.sum().clamp(min=1))
+    elif aggregation == "sequence":
+        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_sequence.sum() / (denominator if denominator is not None else len(per_sequence))
+    else:
+        raise ValueError(f"aggregation must be token or sequence; got {aggregation!r}")
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "clip_frac": float(((clipped > unclipped).float() * mask).sum() / n),
+        "kl": float((kl * mask).sum() / n),
+        "ratio": float((ratio.detach() * mask).sum() / n),
+    }
+    return loss, stats
+
+
+def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence], cfg: UpdateConfig,
+           pad_token_id: int, temperature: float = 1.0, ref_model=None, seed: int = 0) -> dict[str, float]:
+    """One rollout's worth of policy optimisation; returns averaged statistics.
+
+    The old log-probs are recomputed here with the current weights (not taken from the sampler,
+    whose numerics may differ, e.g. vLLM's kernels): the ratio starts at exactly 1.
+    """
+    device = next(model.parameters()).device
+    batch = collate(sequences, pad_token_id, device)
+    micro = cfg.micro_batch_size
+
+    def in_micro_batches(fn, rows):
+        return torch.cat([fn(batch.select(rows[i:i + micro])) for i in range(0, len(rows), micro)])
+
+    everyone = torch.arange(len(batch), device=device)
+    with torch.no_grad():
+        old_logp = in_micro_batches(lambda b: sequence_logprobs(model, b, temperature), everyone)
+        ref_logp = None
+        if ref_model is not None and cfg.kl_coef > 0:
+            ref_logp = in_micro_batches(lambda b: sequence_logprobs(ref_model, b, temperature), everyone)
+
+    mini = cfg.mini_batch_size or len(batch)
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    steps = 0
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(batch), generator=generator).to(device)
+        for start in range(0, len(batch), mini):
+            rows = order[start:start + mini]
+            part = batch.select(rows)
+            denominator = float(part.mask.sum()) if cfg.aggregation == "token" else float(len(rows))
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
+            for i in range(0, len(rows), micro):
+                sub = rows[i:i + micro]
+                b = batch.select(sub)
+                logp = sequence_logprobs(model, b, temperature)
+                loss, stats = policy_loss(
+                    logp, old_logp[sub], b.advantages, b.mask, cfg.clip_low, cfg.clip_high,
+                    cfg.aggregation, None if ref_logp is None else ref_logp[sub], cfg.kl_coef,
+                    denominator)
+                loss.backward()
+                share = float(b.mask.sum()) / max(float(part.mask.sum()), 1.0)
+                sums["loss"] += loss.item()
+                for key in ("clip_frac", "kl", "ratio"):
+                    sums[key] += stats[key] * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            sums["grad_norm"] = float(grad_norm)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    return {key: value / steps for key, value in totals.items()}
