@@ -370,7 +370,7 @@ def warm_start(model, tokenizer, task: Task, cfg: RunConfig, device) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def train(config: Config) -> dict:
             row.update(eval_greedy=after["greedy"], eval_sampled=after["sampled"])
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        progress.set_postfix(reward=f"{result.stats['reward']:.2f}", eval=f"{after['sampled']:.2f}")
+        progress.set_postfix(reward=f"{result.stats['reward']:.2f}", eval=f"{after['sampled']:.2f}", refresh=False)
         if (run.save_every and step % run.save_every == 0) or step == run.steps:
             save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, {
                 "accuracy_before": before, "generated_tokens": generated,
