@@ -1327,6 +1327,18 @@ class _Streams:
                 return "output_limit"
         return "done"
 
+    def finish(self, process, status: str, deadline: float) -> str:
+        """After `pump`: if the process exited or closed its pipes, wait for its exit (until the
+        deadline) and collect what is still in the pipes (briefly: a stray daemon may hold them
+        open). Returns the final status."""
+        if status not in ("done", "eof"):
+            return status
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return self.drain()
+
     def drain(self) -> str:
         """Read what is already in the pipes without waiting for more. After a process exited, all
         its output is buffered; anything later could only come from a stray descendant."""
@@ -1404,13 +1416,7 @@ def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits)
         streams.add("err", process.stderr)
         deadline = time.monotonic() + limits.timeout
         status = streams.pump(deadline, until=lambda: process.poll() is not None)
-        if status in ("done", "eof"):  # it exited or closed its pipes: wait for the exit, then
-            try:  # collect what is still in the pipes (briefly: a stray daemon may hold them open)
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                status = "timeout"
-            else:
-                status = streams.drain()
+        status = streams.finish(process, status, deadline)
         if status != "done":
             return TestOutcome(False, status, f"limit: {limits.timeout:g} s / {limits.output_bytes} bytes"), run
         if process.returncode != 0:
@@ -1530,13 +1536,7 @@ def _run_check_test(program: str, test: dict, mode: str, limits: SandboxLimits) 
         streams.add("verdict", judge.stdout)
         streams.add("err", runner.stderr)
         status = streams.pump(deadline, until=lambda: judge.poll() is not None)
-        if status in ("done", "eof"):
-            try:
-                judge.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                status = "timeout"
-            else:
-                status = streams.drain()
+        status = streams.finish(judge, status, deadline)
         if status != "done":
             return TestOutcome(False, status, f"limit: {limits.timeout:g} s / {limits.output_bytes} bytes"), run
         try:

@@ -444,6 +444,8 @@ def train(config: Config) -> dict:
     if run.resume and checkpoint is None:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
+    # The supervised stage runs once per run directory; later runs (and --resume) reuse it.
+    warm_cached = run.warmup_steps > 0 and not run.model and (warm_dir / "config.json").exists()
     state = {}
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
@@ -451,7 +453,7 @@ def train(config: Config) -> dict:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     elif run.model:
         model, tokenizer = load_policy(run.model, run, device)
-    elif (warm_dir / "config.json").exists() and run.warmup_steps > 0:
+    elif warm_cached:
         print(f"warm start: reusing {warm_dir}", flush=True)
         model, tokenizer = load_policy(str(warm_dir), run, device)
     else:
@@ -461,7 +463,7 @@ def train(config: Config) -> dict:
     print(f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; "
           f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
 
-    if checkpoint is None and not run.model and run.warmup_steps > 0 and not (warm_dir / "config.json").exists():
+    if checkpoint is None and not run.model and run.warmup_steps > 0 and not warm_cached:
         warm_start(model, tokenizer, task, run, device)
         model.save_pretrained(warm_dir)
         tokenizer.save_pretrained(warm_dir)
@@ -469,9 +471,15 @@ def train(config: Config) -> dict:
     backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
+    # The KL reference is the policy RL started from (the hub model or the warm start), also when
+    # resuming: never the latest checkpoint.
     ref_model = None
     if ucfg.kl_coef > 0:
-        ref_model = type(model).from_pretrained(str(checkpoint or warm_dir if not run.model else run.model)).to(device).eval()
+        if run.model or (warm_dir / "config.json").exists():
+            ref_model = type(model).from_pretrained(run.model or str(warm_dir), dtype=getattr(torch, run.dtype))
+        else:  # an untrained tiny model (--warmup_steps 0): rebuilt from the same seed
+            ref_model = build_tiny_model(run, tokenizer)
+        ref_model = ref_model.to(device).eval().requires_grad_(False)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=ucfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant, as in the release

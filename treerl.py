@@ -382,7 +382,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     n = mask.sum().clamp(min=1)
     stats = {
         "clip_frac": float(((clipped > unclipped).float() * mask).sum() / n),
-        "kl": float((kl * mask).sum() / n),
+        "kl": float((kl.detach() * mask).sum() / n),
         "ratio": float((ratio.detach() * mask).sum() / n),
     }
     return loss, stats

@@ -173,3 +173,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert a["accuracy_after"] == b["accuracy_after"] and a["generated_tokens"] == b["generated_tokens"]
+
+
+def test_kl_to_the_starting_policy_is_logged(tmp_path, monkeypatch):
+    import math
+
+    import rewards
+    monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
+    train.main(tiny_args(tmp_path, "--steps", "2", "--kl_coef", "0.1", "--lr", "1e-2", "--run_name", "kl"))
+    rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    # Step 1 starts at the reference (KL 0); after one update the policy has moved away from it.
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[2]["kl"] > 0 and math.isfinite(rows[2]["kl"])
