@@ -7,7 +7,8 @@ One TreeRL step (Section 3 of Hou et al., 2025) is
             ──► per-token advantages: R(s) of Eqs. 2-4 for TreeRL, or an outcome advantage
                 (GRPO / Dr. GRPO / RLOO) for ChainRL, which is the same rollout with L = 0
             ──► update: a clipped policy-gradient loss on those advantages (GRPO-style, with the
-                asymmetric clip of DAPO), then backend.sync(model)
+                asymmetric clip of DAPO), then backend.sync(model); with --pack_tree each forest
+                goes through the model once, over its unique tokens (packing.py), same loss
 
 The rollout backend is the only part that touches a generation engine. It has one job: given
 token-id prefixes, return sampled continuations with each token's log-prob and the entropy of the
@@ -26,6 +27,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+import packing
 import tree
 from tree import Sample
 
@@ -293,6 +295,7 @@ class UpdateConfig:
     mini_batch_size: int = field(default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"})
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
+    pack_tree: bool = field(default=False, metadata={"help": "one forward per forest over its unique tokens (tree mask), instead of one row per leaf; same loss (see packing.py)"})
 
     def validate(self) -> None:
         if self.aggregation not in ("token", "sequence"):
@@ -347,6 +350,21 @@ def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Te
     return token_stats(logits, batch.input_ids[:, 1:], temperature)[0]
 
 
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)), and where the clipped
+    branch is the larger one (the gradient is cut there)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
                 aggregation: str = "token", ref_logp: torch.Tensor | None = None,
@@ -363,13 +381,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     add up to the mini-batch's loss under gradient accumulation.
     """
     ratio = torch.exp(logp - old_logp)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, was_clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
     kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef > 0:
-        log_ratio = ref_logp - logp
-        kl = torch.exp(log_ratio) - log_ratio - 1
+        kl = k3_kl(logp, ref_logp)
         per_token = per_token + kl_coef * kl
     if aggregation == "token":
         total = (per_token * mask).sum()
@@ -381,11 +396,70 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         raise ValueError(f"aggregation must be token or sequence; got {aggregation!r}")
     n = mask.sum().clamp(min=1)
     stats = {
-        "clip_frac": float(((clipped > unclipped).float() * mask).sum() / n),
+        "clip_frac": float((was_clipped.float() * mask).sum() / n),
         "kl": float((kl.detach() * mask).sum() / n),
         "ratio": float((ratio.detach() * mask).sum() / n),
     }
     return loss, stats
+
+
+def packed_logprobs(model, batch: packing.PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
+
+    One forward over the unique tokens with the tree mask and tree positions (packing.py); token
+    i is scored with the logits at `source[i]`, the token before it on its own path.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits
+    rows = torch.arange(len(logits), device=logits.device)[:, None]
+    return token_stats(logits[rows, batch.source], batch.input_ids, temperature)[0]
+
+
+def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: packing.PackedBatch,
+                       clip_low: float = 0.2, clip_high: float = 0.28,
+                       ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                       denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`policy_loss` on packed forests: the same number, each unique token counted once.
+
+    A token stands for all the (leaf, token) pairs of the flat batch that it is made of. Its
+    clipped surrogate is applied to the weighted sum of their positive advantages and to that of
+    their negative ones (exact: the surrogate is linear in A on each side of 0, packing.py's
+    docstring shows why); its KL term is weighted by the sum of their weights. The weights already
+    hold the aggregation (1 per token, or 1 / response length, chosen when packing).
+    `denominator` as in policy_loss: response tokens (token) or responses (sequence) of the whole
+    mini-batch; by default those of `batch`.
+    """
+    ratio = torch.exp(logp - old_logp)
+    per_token = torch.zeros_like(logp)
+    clipped_count = torch.zeros_like(logp)  # (leaf, token) pairs whose clipped branch is active
+    for sign in (0, 1):
+        surrogate, was_clipped = clipped_surrogate(ratio, batch.advantage[..., sign], clip_low, clip_high)
+        per_token = per_token + surrogate
+        clipped_count = clipped_count + was_clipped.float() * batch.count_by_sign[..., sign]
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef > 0:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + kl_coef * kl * batch.weight
+    if denominator is None:
+        denominator = float(batch.n_tokens if batch.aggregation == "token" else batch.n_sequences)
+    loss = per_token.sum() / max(denominator, 1.0)
+    # Statistics are means over the flat batch's (leaf, token) pairs, as in policy_loss.
+    n = batch.count.sum().clamp(min=1)
+    stats = {
+        "clip_frac": float(clipped_count.sum() / n),
+        "kl": float((kl.detach() * batch.count).sum() / n),
+        "ratio": float((ratio.detach() * batch.count).sum() / n),
+    }
+    return loss, stats
+
+
+def _optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(grad_norm)
 
 
 def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence], cfg: UpdateConfig,
@@ -394,7 +468,11 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
 
     The old log-probs are recomputed here with the current weights (not taken from the sampler,
     whose numerics may differ, e.g. vLLM's kernels): the ratio starts at exactly 1.
+    With cfg.pack_tree the work goes to `update_packed`.
     """
+    if cfg.pack_tree:
+        return update_packed(model, optimizer, scheduler, sequences, cfg, pad_token_id, temperature,
+                             ref_model, seed)
     device = next(model.parameters()).device
     batch = collate(sequences, pad_token_id, device)
     micro = cfg.micro_batch_size
@@ -435,12 +513,77 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
                 sums["loss"] += loss.item()
                 for key in ("clip_frac", "kl", "ratio"):
                     sums[key] += stats[key] * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            sums["grad_norm"] = float(grad_norm)
+            sums["grad_norm"] = _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
     return {key: value / steps for key, value in totals.items()}
+
+
+def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
+                  cfg: UpdateConfig, pad_token_id: int, temperature: float = 1.0, ref_model=None,
+                  seed: int = 0) -> dict[str, float]:
+    """`update` with tree packing: every forest goes through the model once, as one row of its
+    unique tokens (packing.py), instead of once per leaf. The sequences find their forest through
+    their leaves (`TrainSequence.leaf`).
+
+    The loss is the flat loss, so with the whole rollout in one optimizer step (mini_batch_size 0,
+    the default) the gradient is the flat path's too, up to float rounding. Mini- and
+    micro-batches hold whole forests, as many as fit in mini_batch_size / micro_batch_size leaves
+    (at least one forest each); so with mini_batch_size > 0 the rollout is split into optimizer
+    steps by forest, not by the flat path's random split of leaves.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    forests = packing.pack_sequences(sequences, cfg.aggregation)
+    leaves = [f.n_sequences for f in forests]
+
+    def collate(ids):
+        return packing.collate_packed([forests[i] for i in ids], pad_token_id, device, dtype)
+
+    def logprobs_per_forest(m) -> list[torch.Tensor]:
+        out = [torch.empty(0)] * len(forests)
+        for ids in packing.group_by_size(range(len(forests)), leaves, cfg.micro_batch_size):
+            logp = packed_logprobs(m, collate(ids), temperature)
+            for row, i in enumerate(ids):
+                out[i] = logp[row, :len(forests[i])]
+        return out
+
+    def padded(per_forest, ids):  # per-forest log-probs laid out like collate(ids)
+        return torch.nn.utils.rnn.pad_sequence([per_forest[i] for i in ids], batch_first=True)
+
+    with torch.no_grad():
+        old_logp = logprobs_per_forest(model)
+        ref_logp = None
+        if ref_model is not None and cfg.kl_coef > 0:
+            ref_logp = logprobs_per_forest(ref_model)
+
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    steps = 0
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(forests), generator=generator).tolist()
+        for mini in packing.group_by_size(order, leaves, cfg.mini_batch_size or sum(leaves)):
+            tokens = sum(forests[i].n_tokens for i in mini)
+            denominator = float(tokens) if cfg.aggregation == "token" else float(sum(leaves[i] for i in mini))
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
+            for ids in packing.group_by_size(mini, leaves, cfg.micro_batch_size):
+                b = collate(ids)
+                logp = packed_logprobs(model, b, temperature)
+                loss, stats = packed_policy_loss(
+                    logp, padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
+                    None if ref_logp is None else padded(ref_logp, ids), cfg.kl_coef, denominator)
+                loss.backward()
+                share = b.n_tokens / max(tokens, 1)
+                sums["loss"] += loss.item()
+                for key in ("clip_frac", "kl", "ratio"):
+                    sums[key] += stats[key] * share
+            sums["grad_norm"] = _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    result = {key: value / steps for key, value in totals.items()}
+    result["packed_token_ratio"] = packing.token_ratio(sequences)
+    return result

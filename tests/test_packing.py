@@ -1,0 +1,236 @@
+"""Tests for packing.py: a packed forest gives the flat batch's log-probs, loss and gradients."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+import packing
+import train
+import tree
+import treerl
+from treerl import UpdateConfig
+
+ATOL = 1e-5  # float32: packed and flat differ only by the order of floating-point sums
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train.build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    cfg = train.RunConfig(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    return train.build_tiny_model(cfg, tokenizer).float()
+
+
+def random_forest(rng: random.Random, trees: int = 3, depth: int = 3) -> tree.Node:
+    """A prompt with `trees` trees below it; each node forks into 1-3 segments of 1-5 tokens, down
+    to `depth` segments per response (like EPTree with L = 2). Leaves get random rewards and are
+    sometimes unfinished (truncated)."""
+    token = lambda: rng.randrange(3, 90)  # noqa: E731  (ids of the character tokenizer, no specials)
+    root = tree.Node([token() for _ in range(rng.randint(2, 5))])
+
+    def grow(node: tree.Node, level: int) -> None:
+        for _ in range(rng.randint(1, 3) if level > 1 else 1):
+            child = node.add([token() for _ in range(rng.randint(1, 5))])
+            if level < depth and rng.random() < 0.7:
+                grow(child, level + 1)
+            else:
+                child.reward = float(rng.random() < 0.5)
+                child.finished = rng.random() < 0.7
+
+    for _ in range(trees):
+        grow(root, 1)
+    return root
+
+
+def random_sequences(seed: int, keep=None, truncated_penalty=None, forests: int = 3):
+    rng = random.Random(seed)
+    sequences = []
+    for _ in range(forests):
+        root = random_forest(rng)
+        advantages = tree.process_rewards(root)
+        sequences += tree.to_sequences(root, advantages, keep=keep, rng=rng,
+                                       truncated_penalty=truncated_penalty)
+    return sequences
+
+
+def flat_positions(sequences):
+    """For every sequence, the flat batch's columns of its response tokens (the collate rule)."""
+    return [range(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)) for s in sequences]
+
+
+def packed_positions(sequences):
+    """For every sequence (in the order given), (row, indices) of its response tokens in the
+    packed batch made by pack_sequences."""
+    where = [None] * len(sequences)
+    for row, (group, forest) in enumerate(zip(packing.forests_of(sequences), packing.pack_sequences(sequences))):
+        for k, tokens in zip(group, forest.sequence_tokens):
+            where[k] = (row, tokens)
+    return where
+
+
+def packed_to_flat(values, sequences, batch):
+    """Copy per-unique-token values into the flat layout: each leaf's tokens get their values."""
+    out = torch.zeros(batch.mask.shape)
+    for k, ((row, tokens), cols) in enumerate(zip(packed_positions(sequences), flat_positions(sequences))):
+        out[k, list(cols)] = values[row, tokens]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The layout and the mask
+# --------------------------------------------------------------------------------------------------
+
+
+def test_layout_and_mask_of_a_small_tree():
+    #   root [10, 11] ── x [12, 13] ─┬─ y [14]       (leaves y and z share x)
+    #                                └─ z [15, 16]
+    root = tree.Node([10, 11])
+    x = root.add([12, 13])
+    y, z = x.add([14], finished=True), x.add([15, 16], finished=True)
+    y.reward, z.reward = 1.0, 0.0
+    sequences = tree.to_sequences(root, tree.process_rewards(root))
+    forest = packing.pack_forest(sequences)
+    assert forest.input_ids == [10, 11, 12, 13, 14, 15, 16]
+    assert forest.position_ids == [0, 1, 2, 3, 4, 4, 5]       # z starts where y starts
+    assert forest.source[2:] == [1, 2, 3, 3, 5]                # y and z both predicted at 13
+    assert forest.count == [0, 0, 2, 2, 1, 1, 1]               # x is in both leaves
+    allowed = packing.tree_attention_mask(forest, 7, torch.float32) == 0
+    assert allowed.int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],   # y sees the prompt, x and itself
+        [1, 1, 1, 1, 0, 1, 0],   # z does not see its sibling y
+        [1, 1, 1, 1, 0, 1, 1],
+    ]
+    # The blocked entries are the dtype's most negative number, not -inf (no NaN in softmax).
+    assert packing.tree_attention_mask(forest, 7, torch.bfloat16).min() == torch.finfo(torch.bfloat16).min
+    # Token aggregation: each token weighs as many leaves as contain it; sequence: 1/len per leaf.
+    assert packing.pack_forest(sequences).weight == [0, 0, 2, 2, 1, 1, 1]
+    assert packing.pack_forest(sequences, "sequence").weight == pytest.approx(
+        [0, 0, 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 3, 1 / 4, 1 / 4])
+
+
+def test_token_ratio_is_below_one_for_a_forked_tree_and_one_for_a_chain():
+    root = tree.Node([10, 11, 12])
+    top = root.add([20, 21, 22, 23])
+    for tokens, reward in (([30, 31], 1.0), ([32], 0.0), ([33, 34, 35], 0.0)):
+        top.add(tokens, finished=True).reward = reward
+    sequences = tree.to_sequences(root, tree.process_rewards(root))
+    # unique: 3 + 4 + 2 + 1 + 3 = 13; flat: 3 * (3 + 4) + 2 + 1 + 3 = 27
+    assert packing.token_ratio(sequences) == pytest.approx(13 / 27)
+    chain = tree.Node([10, 11])
+    chain.add([5, 6, 7], finished=True).reward = 1.0
+    assert packing.token_ratio(tree.to_sequences(chain, {chain.children[0]: 1.0})) == 1.0
+    assert packing.token_ratio(random_sequences(0)) < 1
+
+
+def test_sequences_without_leaves_are_refused():
+    seq = tree.TrainSequence([1, 2], [3], [0.0], [1.0], 1.0, True, None)
+    with pytest.raises(ValueError, match="leaf"):
+        packing.pack_sequences([seq])
+
+
+def test_group_by_size_fills_runs_up_to_the_limit():
+    assert packing.group_by_size([0, 1, 2, 3], [2, 2, 5, 1], 4) == [[0, 1], [2], [3]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed == flat on random forests and a tiny random model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_log_probs_equal_the_flat_ones(model, tokenizer, attention, seed):
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(attention)
+    sequences = random_sequences(seed, keep=None)
+    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    packed = packing.collate_packed(packing.pack_sequences(sequences), tokenizer.pad_token_id)
+    with torch.no_grad():
+        flat = treerl.sequence_logprobs(model, batch)
+        unique = treerl.packed_logprobs(model, packed)
+    assert torch.isfinite(unique).all()
+    for k, ((row, tokens), cols) in enumerate(zip(packed_positions(sequences), flat_positions(sequences))):
+        torch.testing.assert_close(unique[row, tokens], flat[k, list(cols)], rtol=0, atol=ATOL)
+    assert packed.input_ids.numel() < batch.input_ids.numel()
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss, stats = loss_fn()
+    loss.backward()
+    return loss.item(), stats, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("keep", [None, 4])
+@pytest.mark.parametrize("truncated_penalty", [None, -1.0])
+def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggregation, keep, truncated_penalty):
+    model = copy.deepcopy(model)
+    sequences = random_sequences(2, keep=keep, truncated_penalty=truncated_penalty)
+    if truncated_penalty is not None:
+        # The case that needs the sign split: a token shared by leaves of both advantage signs.
+        forests = packing.pack_sequences(sequences)
+        assert any(a[0] > 0 and a[1] < 0 for f in forests for a in f.advantage)
+    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    packed = packing.collate_packed(packing.pack_sequences(sequences, aggregation), tokenizer.pad_token_id)
+
+    # Old and reference log-probs away from the current ones, so the ratio is clipped on some
+    # tokens and the KL is not zero. They are drawn per unique token and copied into every leaf
+    # containing it, as a recomputation would give.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unique = treerl.packed_logprobs(model, packed)
+    old = unique + 0.3 * torch.randn(unique.shape)
+    ref = unique + 0.3 * torch.randn(unique.shape)
+    old_flat, ref_flat = packed_to_flat(old, sequences, batch), packed_to_flat(ref, sequences, batch)
+    settings = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1)
+
+    flat_loss, flat_stats, flat_grads = _loss_and_grads(model, lambda: treerl.policy_loss(
+        treerl.sequence_logprobs(model, batch), old_flat, batch.advantages, batch.mask,
+        aggregation=aggregation, ref_logp=ref_flat, **settings))
+    packed_loss, packed_stats, packed_grads = _loss_and_grads(model, lambda: treerl.packed_policy_loss(
+        treerl.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings))
+
+    assert 0 < flat_stats["clip_frac"] < 1
+    assert packed_loss == pytest.approx(flat_loss, abs=ATOL)
+    for key in ("clip_frac", "kl", "ratio"):
+        assert packed_stats[key] == pytest.approx(flat_stats[key], abs=ATOL)
+    for p, q in zip(packed_grads, flat_grads):
+        torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
+    assert max(g.abs().max().item() for g in flat_grads) > 1e-3  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
+    """Two epochs of `update` (the second with ratios away from 1), micro-batches of a few leaves,
+    a KL to a perturbed reference: the packed path ends at the same weights."""
+    sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    results = []
+    for pack in (False, True):
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+        cfg = UpdateConfig(aggregation=aggregation, micro_batch_size=4, ppo_epochs=2, kl_coef=0.05,
+                           pack_tree=pack)
+        stats = treerl.update(policy, optimizer, None, sequences, cfg, tokenizer.pad_token_id,
+                              ref_model=reference)
+        results.append((stats, list(policy.parameters())))
+    (flat_stats, flat_params), (packed_stats, packed_params) = results
+    for key in ("loss", "clip_frac", "kl", "ratio", "grad_norm"):
+        assert packed_stats[key] == pytest.approx(flat_stats[key], abs=ATOL), key
+    assert flat_stats["clip_frac"] > 0
+    assert 0 < packed_stats["packed_token_ratio"] < 1
+    for p, q in zip(packed_params, flat_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
