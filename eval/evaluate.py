@@ -1,0 +1,364 @@
+"""Benchmark a model: sample k responses per problem, grade them, report avg@k and pass@k.
+
+    python -m eval.evaluate --model PATH_OR_HUB_ID --bench math500 --samples 16
+    python -m eval.evaluate --model runs/default/checkpoints/step-000120 --bench math500,aime24,humaneval
+    python -m eval.evaluate --model M --bench mine --bench_file mine=my_problems.jsonl
+
+The paper compares TreeRL with ChainRL on math benchmarks by the accuracy of sampled responses;
+this is the harness for such comparisons. For every problem it samples `--samples` (= k) responses
+and grades each with the verifiers of `rewards.py` (see `eval/benchmarks.py` for the benchmarks, their
+prompts and their grading). Two metrics, per benchmark:
+
+* **avg@k**: the mean correctness over all k samples of all problems, the expected accuracy of one
+  sampled response (what RL directly optimises; the paper's headline number on most benchmarks);
+* **pass@k**: the probability that at least one of k samples is correct, with the unbiased estimator
+  of Chen et al. (2021, the Codex paper): from n samples per problem of which c are correct,
+  pass@k = 1 - C(n-c, k) / C(n, k), reported for k = 1, 2, 4, ... up to n, and n itself.
+  (pass@1 equals avg@n: both are c / n averaged over problems.)
+
+Generation is a *responder*: a function from prompt texts and a count n to n `Generation`s per
+prompt. `make_responder` is the one place a backend is chosen (today transformers `generate`;
+vLLM is meant to plug in there); tests swap in an "oracle" responder that answers with the gold
+solution, which checks extraction and verification end to end with no model at all.
+
+Writes to `--out` (default `results/eval/<model name>`): `samples.jsonl` (one row per sampled
+response: bench, index, prompt, response, extracted answer, gold, correct, ...), `summary.json`
+(per bench: n, samples, avg@k, pass@k, response length, truncation, the sampling settings) and
+`summary.md` (the table that is also printed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from eval import benchmarks
+from eval.benchmarks import Problem
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    The binomials overflow floats for large n, so the ratio is computed as a product
+    (Chen et al., 2021):  C(n-c, k) / C(n, k) = prod_{i=n-c+1..n} (1 - k / i).
+    When fewer than k samples are wrong (n - c < k), every draw of k contains a correct one: 1.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n (the samples per problem), got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def k_values(samples: int) -> list[int]:
+    """The k of the report: powers of two up to `samples`, and `samples` itself (16 -> 1,2,4,8,16;
+    6 -> 1,2,4,6)."""
+    if samples < 1:
+        raise ValueError(f"--samples (k) must be >= 1, got {samples}")
+    ks = [2**p for p in range(samples.bit_length()) if 2**p <= samples]
+    return ks if ks[-1] == samples else ks + [samples]
+
+
+def bench_metrics(correct: list[list[float]]) -> dict[str, float]:
+    """avg@k and pass@k for every reported k, from each problem's per-sample correctness (0/1)."""
+    if not correct:
+        raise ValueError("no problems to score")
+    n = len(correct[0])
+    if any(len(row) != n for row in correct):
+        raise ValueError("every problem needs the same number of samples")
+    counts = [sum(1 for value in row if value >= 0.5) for row in correct]
+    metrics = {f"avg@{n}": sum(sum(row) / n for row in correct) / len(correct)}
+    for k in k_values(n):
+        metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+BACKENDS = ("hf",)  # "vllm" is planned; it is added in make_responder
+
+
+@dataclass
+class EvalConfig:
+    """Every setting is a flag: `python -m eval.evaluate --help`."""
+
+    model: str = field(default="", metadata={"help": "hub id or local path (save_pretrained folder) of a causal LM"})
+    bench: str = field(default="math500", metadata={"help": "comma-separated: " + ",".join(benchmarks.BENCHES) + ", or all"})
+    samples: int = field(default=1, metadata={"help": "k: sampled responses per problem"})
+    data_dir: str = field(default="", metadata={"help": "folder with the benchmark files (default: ../shared/data next to the repository)"})
+    bench_file: list[str] = field(default_factory=list, metadata={"help": "NAME=FILE.jsonl or NAME=org/dataset[:split]: read bench NAME from there; a new NAME is a math bench with problem/answer fields"})
+    limit: int = field(default=0, metadata={"help": "only the first N problems of each bench (0: all)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "longest response, in tokens"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (reset before each bench)"})
+    backend: str = field(default="hf", metadata={"help": "generation engine: hf (transformers generate)"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    code_timeout: float = field(default=10.0, metadata={"help": "seconds per sandboxed test run (code benches)"})
+    out: str = field(default="", metadata={"help": "output folder (default: results/eval/<model name>)"})
+
+    def validate(self, need_model: bool = True) -> None:
+        if need_model and not self.model:
+            raise ValueError("--model is required (a hub id or a local save_pretrained folder)")
+        k_values(self.samples)
+        checks = {"--batch_size": self.batch_size >= 1, "--max_new_tokens": self.max_new_tokens >= 1,
+                  "--limit": self.limit >= 0, "--temperature": self.temperature >= 0,
+                  "--top_p": 0 < self.top_p <= 1, "--code_timeout": self.code_timeout > 0}
+        for flag, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{flag} has an invalid value: {getattr(self, flag[2:])!r}")
+        choices = {"backend": BACKENDS, "dtype": ("auto", "float32", "bfloat16", "float16"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def sampling(self) -> dict:
+        """The settings that decide what is sampled (recorded with every bench's result)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed, "backend": self.backend}
+
+
+def parse_config(argv: list[str] | None = None, need_model: bool = True) -> EvalConfig:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EvalConfig, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config.validate(need_model)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation: a responder maps prompts to sampled responses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int = 0      # generated tokens, the end-of-sequence token included
+    finished: bool = True    # False: cut off at --max_new_tokens
+
+
+Responder = Callable[[list[str], int], list[list[Generation]]]   # (prompts, n) -> n per prompt
+
+
+def load_model(config: EvalConfig):
+    """Model and tokenizer, through train.load_policy (pad token set, dtype chosen)."""
+    import torch
+
+    import train
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype if config.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    model, tokenizer = train.load_policy(config.model, train.RunConfig(dtype=dtype), device)
+    return model.eval(), tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the model's generation config's
+    (chat models often have two, e.g. Qwen's <|im_end|> and <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
+def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
+    """Sampling with transformers `generate` (left-padded batches, KV cache).
+
+    Not `treerl.HFBackend`: that one keeps every step's full-vocabulary logits to return log-probs
+    and entropies for training (about 1.2 GB per 2,048-token response with a 150k vocabulary);
+    evaluation needs only the text. The sampling settings are passed explicitly, so that what is
+    sampled is what summary.json says, not a model's own generation defaults (top_k, repetition
+    penalty)."""
+    import torch
+
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    # A chat template writes its own special tokens (BOS included); plain text gets the usual ones.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    greedy = config.temperature == 0
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(rows: list[list[int]]) -> list[Generation]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+            do_sample=not greedy, temperature=None if greedy else config.temperature,
+            top_p=None if greedy else config.top_p, top_k=None if greedy else 0, repetition_penalty=1.0,
+            eos_token_id=stops, pad_token_id=pad)
+        generations = []
+        for tokens in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+            kept = tokens[:end] if end else tokens
+            generations.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), end is not None))
+        return generations
+
+    def respond(prompts: list[str], n: int) -> list[list[Generation]]:
+        rows = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts for _ in range(n)]
+        flat = []
+        for start in range(0, len(rows), config.batch_size):
+            flat += generate(rows[start:start + config.batch_size])
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    return respond
+
+
+def make_responder(config: EvalConfig) -> tuple[Responder, object]:
+    """The one place a generation backend is chosen: (responder, tokenizer for the prompts)."""
+    if config.backend == "hf":
+        model, tokenizer = load_model(config)
+        return hf_responder(model, tokenizer, config), tokenizer
+    raise ValueError(f"--backend {config.backend!r} is not available (choose from {', '.join(BACKENDS)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The harness
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    name: str
+    metrics: dict          # n, samples, avg@k, pass@k..., lengths, settings
+    records: list[dict]    # one per sampled response
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def generate_all(prompts: list[str], responder: Responder, config: EvalConfig, desc: str) -> list[list[Generation]]:
+    """All responses, in batches of about --batch_size sequences, with a progress bar."""
+    from train import progress_bar
+
+    per_batch = max(1, config.batch_size // config.samples)   # prompts per batch
+    groups: list[list[Generation]] = []
+    for start in progress_bar(range(0, len(prompts), per_batch), desc=desc, unit="batch"):
+        chunk = prompts[start:start + per_batch]
+        answered = responder(chunk, config.samples)
+        if len(answered) != len(chunk) or any(len(g) != config.samples for g in answered):
+            raise RuntimeError(f"the responder returned {[len(g) for g in answered]} responses for "
+                               f"{len(chunk)} prompts x {config.samples} samples")
+        groups += answered
+    return groups
+
+
+def evaluate_bench(name: str, problems: list[Problem], responder: Responder, tokenizer,
+                   config: EvalConfig) -> BenchResult:
+    """Sample, grade and score one benchmark."""
+    started = time.time()
+    seed_everything(config.seed)   # the same seed for each bench: results do not depend on order
+    prompts = [benchmarks.prompt_for(p, tokenizer) for p in problems]
+    groups = generate_all(prompts, responder, config, desc=f"{name} ({len(problems)} x {config.samples})")
+    flat = [(p, prompt, j, g) for p, prompt, group in zip(problems, prompts, groups) for j, g in enumerate(group)]
+    extracted, correct = benchmarks.grade([p for p, *_ in flat], [g.text for *_, g in flat],
+                                          code_timeout=config.code_timeout)
+    records = [
+        {"bench": name, "index": p.index, "id": p.id, "sample": j, "prompt": prompt, "response": g.text,
+         "extracted": answer, "gold": p.gold, "correct": score, "finished": g.finished,
+         "num_tokens": g.num_tokens}
+        for (p, prompt, j, g), answer, score in zip(flat, extracted, correct)]
+    per_problem = [correct[i * config.samples:(i + 1) * config.samples] for i in range(len(problems))]
+    metrics = {"n": len(problems), "samples": config.samples, **bench_metrics(per_problem),
+               "mean_response_tokens": sum(g.num_tokens for *_, g in flat) / len(flat),
+               "truncated": sum(not g.finished for *_, g in flat) / len(flat),
+               "seconds": round(time.time() - started, 2), "sampling": config.sampling()}
+    return BenchResult(name, metrics, records)
+
+
+def markdown_table(results: list[BenchResult]) -> str:
+    """One row per bench; accuracies in percent."""
+    metric_names = [key for key in results[0].metrics if key.startswith(("avg@", "pass@"))]
+    header = ["bench", "n", "samples", *metric_names, "mean tokens", "truncated"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        m = result.metrics
+        cells = [result.name, str(m["n"]), str(m["samples"]), *(f"{100 * m[k]:.1f}" for k in metric_names),
+                 f"{m['mean_response_tokens']:.0f}", f"{100 * m['truncated']:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def model_name(config: EvalConfig) -> str:
+    return Path(config.model.rstrip("/")).name if config.model else "responder"
+
+
+def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
+        for result in results:
+            for record in result.records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    summary = {"model": config.model, "benches": {r.name: r.metrics for r in results}, "config": asdict(config)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown_table(results)
+    (out / "summary.md").write_text(f"# {model_name(config)}\n\n{table}")
+    return summary
+
+
+def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) -> dict:
+    """Load every bench first (so a missing file fails before a model is loaded), then sample,
+    grade, and write the outputs. `responder` replaces the model when given."""
+    data_dir = Path(config.data_dir) if config.data_dir else (
+        benchmarks.DEFAULT_DATA_DIR if benchmarks.DEFAULT_DATA_DIR.is_dir() else None)
+    if config.data_dir and not data_dir.is_dir():
+        raise ValueError(f"--data_dir {config.data_dir}: no such folder")
+    names = benchmarks.parse_bench_list(config.bench)
+    sources = benchmarks.parse_bench_files(config.bench_file)
+    stray = sorted(set(sources) - set(names))
+    if stray:
+        raise ValueError(f"--bench_file names {', '.join(stray)}, which --bench does not list")
+    loaded = {}
+    for name in names:
+        bench, source = benchmarks.resolve_bench(name, sources, data_dir)
+        loaded[name] = benchmarks.load_problems(bench, source, config.limit)
+    if responder is None:
+        responder, tokenizer = make_responder(config)
+    results = [evaluate_bench(name, problems, responder, tokenizer, config) for name, problems in loaded.items()]
+    out = Path(config.out) if config.out else Path("results") / "eval" / model_name(config)
+    summary = write_outputs(out, config, results)
+    print(markdown_table(results), end="")
+    print(f"wrote {out}/summary.json, summary.md, samples.jsonl")
+    return summary
+
+
+def main(argv: list[str] | None = None, responder: Responder | None = None) -> dict:
+    """The command line. `responder` (tests, experiments) replaces the model; then --model may be
+    left out and prompts are plain text."""
+    try:
+        config = parse_config(argv, need_model=responder is None)
+        return run(config, responder)
+    except ValueError as error:
+        sys.exit(f"evaluate: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

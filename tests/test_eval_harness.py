@@ -1,0 +1,236 @@
+"""Tests for the benchmark harness (eval/evaluate.py, eval/benchmarks.py): the pass@k estimator, the
+bench loaders and their errors, an "oracle" responder that must score 100%, and a run on a tiny
+random model saved with save_pretrained."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import train
+from eval import benchmarks, evaluate
+from eval.evaluate import Generation, bench_metrics, k_values, pass_at_k
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="shared benchmark copies not present")
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 2, 0.7),          # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (5, 2, 1, 0.4),          # pass@1 = c/n
+    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
+    (5, 0, 3, 0.0),          # nothing correct
+    (5, 4, 2, 1.0),          # n - c = 1 < k: every pair holds a correct sample
+    (4, 4, 4, 1.0),
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_matches_the_binomial_formula_and_stays_finite_for_large_n():
+    for n in (1, 7, 16, 64):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-9)
+    assert 0 < pass_at_k(10_000, 3, 1_000) < 1   # C(10000, 1000) would overflow a float
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 2, 0), (5, 2, 6), (5, 6, 1), (5, -1, 1)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_k_values_are_powers_of_two_and_the_sample_count():
+    assert k_values(1) == [1]
+    assert k_values(16) == [1, 2, 4, 8, 16]
+    assert k_values(6) == [1, 2, 4, 6]
+    with pytest.raises(ValueError, match="--samples"):
+        k_values(0)
+
+
+def test_bench_metrics_average_over_problems():
+    metrics = bench_metrics([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    assert metrics["avg@2"] == pytest.approx(0.5)
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    assert metrics["pass@2"] == pytest.approx(2 / 3)
+    assert list(metrics) == ["avg@2", "pass@1", "pass@2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gold_answers_gsm8k_and_amc():
+    assert benchmarks.gsm8k_gold("She makes 9 * 2 = $18.\n#### 1,018") == "1018"
+    with pytest.raises(ValueError, match="####"):
+        benchmarks.gsm8k_gold("no final line")
+    assert benchmarks.number_text(27.0) == "27"
+    assert benchmarks.number_text(2.5) == "2.5"
+    assert benchmarks.number_text("\\frac{1}{2}") == "\\frac{1}{2}"
+
+
+def test_mbpp_asserts_become_a_check_on_the_candidate():
+    asserts = ["assert set(similar_elements((3, 4), (4, 5))) == set((4,))"]
+    assert benchmarks.mbpp_entry_point(asserts) == "similar_elements"
+    assert benchmarks.mbpp_entry_point(["assert sum(10,15) == 6"]) == "sum"   # MBPP 126 shadows a built-in
+    check = benchmarks.mbpp_check(["assert check(70) == False"], "check")      # MBPP 56: a function named check
+    assert check == "def check(candidate):\n    assert candidate(70) == False\n"
+
+
+def test_humaneval_program_is_the_prompt_completed_or_replaced():
+    problem = benchmarks.Problem("humaneval", 0, "HumanEval/x", "code", "", [], entry_point="add",
+                                 completion_prefix="import math\ndef add(a, b):\n    \"\"\"Add.\"\"\"\n")
+    body = "    return a + b\n"
+    assert benchmarks.program_for(problem, body) == problem.completion_prefix + body
+    chat = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    assert benchmarks.program_for(problem, chat) == problem.completion_prefix + "\ndef add(a, b):\n    return a + b\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def no_model(prompts, n):
+    raise AssertionError("no generation expected: the error must come first")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bench", "math501"], "unknown bench 'math501'"),
+    (["--samples", "0"], "--samples"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--backend", "vllm"], "--backend must be one of hf"),
+    (["--bench", "math500", "--bench_file", "math500"], "NAME=FILE"),
+    (["--bench", "math500", "--bench_file", "gsm8k=x.jsonl"], "--bench does not list"),
+    (["--bench", "mine", "--bench_file", "mine=missing.jsonl"], "data file not found: missing.jsonl"),
+])
+def test_bad_input_fails_with_a_clear_message(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(["--data_dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra], responder=no_model)
+
+
+def test_missing_bench_file_in_the_data_dir_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"aime24: data file not found: .*aime24\.jsonl"):
+        evaluate.main(["--bench", "aime24", "--data_dir", str(tmp_path)], responder=no_model)
+
+
+def test_model_is_required_without_a_responder():
+    with pytest.raises(SystemExit, match="--model is required"):
+        evaluate.main(["--bench", "math500"])
+
+
+def test_bad_rows_are_named_by_file_and_line(tmp_path):
+    bad_json = write_jsonl(tmp_path / "a.jsonl", [{"problem": "1+1?", "answer": "2"}, "{oops"])
+    with pytest.raises(SystemExit, match=r"a\.jsonl:2: not valid JSON"):
+        evaluate.main(["--bench", "mine", "--bench_file", f"mine={bad_json}"], responder=no_model)
+    no_answer = write_jsonl(tmp_path / "b.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}])
+    with pytest.raises(SystemExit, match=r"b\.jsonl:2: mine row has no field 'answer'"):
+        evaluate.main(["--bench", "mine", "--bench_file", f"mine={no_answer}"], responder=no_model)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="`datasets` is installed")
+def test_hub_dataset_without_datasets_installed_says_what_to_install():
+    with pytest.raises(SystemExit, match="pip install datasets"):
+        evaluate.main(["--bench", "mine", "--bench_file", "mine=some-org/some-dataset"], responder=no_model)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end with responders instead of a model
+# --------------------------------------------------------------------------------------------------
+
+
+def responder_from(texts: dict[str, str]):
+    """A responder that answers each prompt with a fixed text (n copies)."""
+    return lambda prompts, n: [[Generation(texts[prompt], num_tokens=1)] * n for prompt in prompts]
+
+
+def test_custom_math_bench_from_a_file_end_to_end(tmp_path):
+    """Needs no shared data: a user's own JSONL file, one right and one wrong answer."""
+    source = write_jsonl(tmp_path / "mine.jsonl", [{"problem": "What is 1/2 + 1/4?", "answer": "3/4"},
+                                                   {"question": "2+2?", "answer": 4.0}])
+    answers = {"What is 1/2 + 1/4?": "so \\boxed{\\frac{3}{4}}", "2+2?": "\\boxed{5}"}
+    texts = {f"{q}\n{train.MATH_INSTRUCTION}\n": a for q, a in answers.items()}
+    summary = evaluate.main(["--bench", "mine", "--bench_file", f"mine={source}", "--samples", "3",
+                             "--out", str(tmp_path / "out")], responder=responder_from(texts))
+    metrics = summary["benches"]["mine"]
+    assert metrics["n"] == 2 and metrics["samples"] == 3
+    assert metrics["avg@3"] == pytest.approx(0.5) and metrics["pass@2"] == pytest.approx(0.5)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["sample"], r["correct"]) for r in rows] == [(0, 0, 1.0), (0, 1, 1.0), (0, 2, 1.0),
+                                                                        (1, 0, 0.0), (1, 1, 0.0), (1, 2, 0.0)]
+    assert rows[0]["extracted"] == "\\frac{3}{4}" and rows[3]["gold"] == "4"
+
+
+def oracle_texts(names: list[str], limit: int) -> dict[str, str]:
+    """The gold solution of each problem, keyed by its prompt: MATH500's answer in a box, HumanEval's
+    prompt + canonical solution, MBPP's reference code in a fenced block."""
+    texts = {}
+    for name in names:
+        bench, source = benchmarks.resolve_bench(name, {}, DATA)
+        for problem in benchmarks.load_problems(bench, source, limit):
+            row = problem.row
+            if name == "humaneval":
+                text = row["prompt"] + row["canonical_solution"]
+            elif name == "mbpp":
+                text = f"Here is the function:\n```python\n{row['code']}\n```\n"
+            else:
+                text = f"The answer is $\\boxed{{{row['answer']}}}$."
+            texts[benchmarks.prompt_for(problem, None)] = text
+    return texts
+
+
+@needs_data
+def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path):
+    names, limit = ["math500", "humaneval", "mbpp"], 3
+    texts = oracle_texts(names, limit)
+    args = ["--bench", ",".join(names), "--limit", str(limit), "--samples", "2", "--data_dir", str(DATA)]
+    summary = evaluate.main(args + ["--out", str(tmp_path / "oracle")], responder=responder_from(texts))
+    for name in names:
+        assert summary["benches"][name]["avg@2"] == 1.0, name
+        assert summary["benches"][name]["pass@2"] == 1.0, name
+    wrong = {prompt: "```python\ndef nothing():\n    pass\n```\n\\boxed{-12345}" for prompt in texts}
+    summary = evaluate.main(args + ["--out", str(tmp_path / "wrong")], responder=responder_from(wrong))
+    for name in names:
+        assert summary["benches"][name]["avg@2"] == 0.0, name
+
+
+@needs_data
+def test_tiny_random_model_over_every_bench(tmp_path):
+    """The whole CLI path with a real (random) model loaded from a save_pretrained folder."""
+    tokenizer = train.build_char_tokenizer()
+    model = train.build_tiny_model(train.RunConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    summary = evaluate.main(["--model", str(tmp_path / "tiny"), "--bench", "all", "--limit", "2", "--samples", "2",
+                             "--max_new_tokens", "4", "--device", "cpu", "--data_dir", str(DATA), "--out", str(out)])
+
+    names = list(benchmarks.BENCHES)
+    assert list(summary["benches"]) == names
+    for metrics in summary["benches"].values():
+        assert metrics["n"] == 2 and metrics["samples"] == 2
+        assert {"avg@2", "pass@1", "pass@2", "truncated", "sampling"} <= set(metrics)
+        assert 0.0 <= metrics["avg@2"] <= 1.0
+        assert metrics["sampling"]["temperature"] == 0.6 and metrics["sampling"]["max_new_tokens"] == 4
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == len(names) * 2 * 2
+    assert {"bench", "index", "prompt", "response", "extracted", "gold", "correct"} <= set(rows[0])
+    assert all(row["num_tokens"] <= 4 for row in rows)
+    assert json.loads((out / "summary.json").read_text())["benches"].keys() == summary["benches"].keys()
+    table = (out / "summary.md").read_text()
+    assert all(f"| {name} | 2 | 2 |" in table for name in names)
