@@ -1709,13 +1709,39 @@ def arith_problem(rng: random.Random, n_operands: tuple[int, int] = (3, 4), digi
     operands = [rng.choice(first)] + [rng.choice(rest) for _ in range(count - 1)]
     operators = [rng.choice("+-") for _ in range(count - 1)]
     expression = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(operators, operands[1:]))
+    solution, answer = _worked_solution(operands, operators)
+    return ArithProblem(prompt=f"Compute {expression}.\n", solution=solution, answer=answer)
+
+
+def _worked_solution(operands: list[int], operators: list[str], rng: random.Random | None = None,
+                     slip_rate: float = 0.0) -> tuple[str, int]:
+    """The chain "a+b=r / r-c=s / Answer: s" and its final value. With `slip_rate` > 0, each step's
+    result is off by 1 or 2 with that probability, and the chain carries on from the wrong value."""
     steps, total = [], operands[0]
     for op, x in zip(operators, operands[1:]):
         result = total + x if op == "+" else total - x
+        if slip_rate and rng.random() < slip_rate:
+            result += rng.choice((-2, -1, 1, 2))
         steps.append(f"{total}{op}{x}={result}")
         total = result
     steps.append(f"Answer: {total}")
-    return ArithProblem(prompt=f"Compute {expression}.\n", solution="\n".join(steps), answer=total)
+    return "\n".join(steps), total
+
+
+def arith_teacher_solution(prompt: str, rng: random.Random, slip_rate: float) -> str:
+    """A worked solution to `prompt` from a careless teacher: every step slips (result off by 1 or 2)
+    with probability `slip_rate`, independently, and later steps build on the slipped value, so a
+    slip makes the final answer wrong. Supervised training on such a teacher gives a model whose
+    most likely step is right but whose samples slip at about the teacher's rate: the headroom an
+    outcome reward can remove, since the model already knows the right step."""
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"slip_rate must be in [0, 1], got {slip_rate!r}")
+    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
+    if not match:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    pairs = re.findall(r"([+-])(\d+)", match.group(2))
+    operands = [int(match.group(1))] + [int(x) for _, x in pairs]
+    return _worked_solution(operands, [op for op, _ in pairs], rng, slip_rate)[0]
 
 
 def _arith_space_size(fewest: int, most: int, digits: int) -> int:

@@ -74,9 +74,10 @@ class RunConfig:
     eval_size: int = field(default=200, metadata={"help": "held-out problems (never used for training)"})
     eval_samples: int = field(default=4, metadata={"help": "sampled responses per held-out problem for avg@k"})
     # Warm start (supervised), for the built-in task.
-    warmup_steps: int = field(default=300, metadata={"help": "supervised steps on worked solutions before RL (0: none)"})
+    warmup_steps: int = field(default=600, metadata={"help": "supervised steps on worked solutions before RL (0: none)"})
     warmup_batch_size: int = field(default=64, metadata={"help": "examples per supervised step"})
     warmup_lr: float = field(default=2e-3, metadata={"help": "learning rate of the supervised stage"})
+    warmup_slip_rate: float = field(default=0.2, metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"})
     # RL.
     steps: int = field(default=120, metadata={"help": "RL steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
@@ -99,6 +100,8 @@ class RunConfig:
         for name in ("steps", "warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_slip_rate < 1.0:
+            raise ValueError(f"--warmup_slip_rate must be in [0, 1); got {self.warmup_slip_rate}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size ({self.hidden_size}) must be divisible by --num_heads ({self.num_heads})")
         self.operand_range()
@@ -114,6 +117,10 @@ class RunConfig:
 
 
 CONFIG_CLASSES = (RunConfig, RolloutConfig, UpdateConfig)
+# The settings a cached warm start depends on (the held-out set is drawn from seed and eval_size).
+WARM_START_FIELDS = ("seed", "hidden_size", "num_layers", "num_heads", "dtype", "arith_operands",
+                     "arith_digits", "eval_size", "warmup_steps", "warmup_batch_size", "warmup_lr",
+                     "warmup_slip_rate")
 
 
 @dataclass
@@ -243,6 +250,8 @@ class Task:
     eval: list[Example]
     score: Callable[[list[str], list], list[float]]   # batch verifier: responses, golds -> rewards
     answer_markers: tuple[str, ...]
+    # Worked solution for the warm start, drawn afresh each time (a noisy teacher); None: e.solution.
+    teacher: Callable[[Example, random.Random], str] | None = None
 
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -329,8 +338,11 @@ def arith_task(cfg: RunConfig) -> Task:
                                   digits=cfg.arith_digits, exclude=exclude)
     as_example = lambda p: Example(p.prompt, p.answer, p.solution)  # noqa: E731
     score = lambda responses, golds: [rewards.arith_reward(r, g) for r, g in zip(responses, golds)]  # noqa: E731
+    teacher = None
+    if cfg.warmup_slip_rate > 0:
+        teacher = lambda e, rng: rewards.arith_teacher_solution(e.prompt, rng, cfg.warmup_slip_rate)  # noqa: E731
     return Task("arith", [as_example(p) for p in train], [as_example(p) for p in held_out], score,
-                rewards.ANSWER_MARKERS)
+                rewards.ANSWER_MARKERS, teacher)
 
 
 def progress_bar(iterable, **kwargs):
@@ -358,8 +370,9 @@ def warm_start(model, tokenizer, task: Task, cfg: RunConfig, device) -> None:
     for _ in progress:
         batch = [rng.choice(examples) for _ in range(cfg.warmup_batch_size)]
         prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
-        answers = [tokenizer(e.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for e in batch]
+        solutions = [task.teacher(e, rng) if task.teacher else e.solution for e in batch]
+        answers = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for s in solutions]
         sequences = [treerl.tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None)
                      for p, a in zip(prompts, answers)]
         b = treerl.collate(sequences, tokenizer.pad_token_id, device)
@@ -444,8 +457,14 @@ def train(config: Config) -> dict:
     if run.resume and checkpoint is None:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
-    # The supervised stage runs once per run directory; later runs (and --resume) reuse it.
-    warm_cached = run.warmup_steps > 0 and not run.model and (warm_dir / "config.json").exists()
+    # The supervised stage runs once per run directory; later runs (and --resume) reuse it, as
+    # long as the settings it was made with are unchanged.
+    recipe = {name: getattr(run, name) for name in WARM_START_FIELDS}
+    recipe_file = warm_dir / "recipe.json"
+    warm_cached = (run.warmup_steps > 0 and not run.model and recipe_file.exists()
+                   and json.loads(recipe_file.read_text()) == recipe)
+    if recipe_file.exists() and not warm_cached and run.warmup_steps > 0 and not run.model:
+        print(f"warm start: settings differ from the cached one in {warm_dir}; redoing it", flush=True)
     state = {}
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
@@ -467,6 +486,7 @@ def train(config: Config) -> dict:
         warm_start(model, tokenizer, task, run, device)
         model.save_pretrained(warm_dir)
         tokenizer.save_pretrained(warm_dir)
+        recipe_file.write_text(json.dumps(recipe, indent=2))
 
     backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from rewards import ANSWER_MARKERS, ArithProblem, arith_dataset, arith_problem, arith_reward
+from rewards import (ANSWER_MARKERS, ArithProblem, arith_dataset, arith_problem, arith_reward,
+                     arith_teacher_solution)
 
 
 def evaluate_left_to_right(expression: str) -> int:
@@ -131,3 +132,33 @@ def test_answer_markers():
     assert ANSWER_MARKERS == ("Answer:", "\\boxed{", "####")
     problem = arith_problem(random.Random(5))
     assert problem.solution.rfind(ANSWER_MARKERS[0]) == problem.solution.rindex("\n") + 1
+
+
+def test_careless_teacher_slips_at_its_rate_and_carries_the_slip_on():
+    problems = arith_dataset(400, seed=5)
+    rng = random.Random(0)
+    assert all(arith_teacher_solution(p.prompt, rng, 0.0) == p.solution for p in problems)
+    slipped_steps = total_steps = wrong_answers = 0
+    for p in problems:
+        text = arith_teacher_solution(p.prompt, rng, 0.3)
+        *steps, final = text.split("\n")
+        running = int(re.match(r"-?\d+", steps[0]).group())
+        for step in steps:
+            left, op, right, result = re.fullmatch(r"(-?\d+)([+-])(\d+)=(-?\d+)", step).groups()
+            assert int(left) == running  # each step builds on the previous (possibly slipped) value
+            exact = int(left) + int(right) if op == "+" else int(left) - int(right)
+            assert abs(int(result) - exact) <= 2
+            slipped_steps += int(result) != exact
+            total_steps += 1
+            running = int(result)
+        assert final == f"Answer: {running}"
+        wrong_answers += arith_reward(text, p.answer) == 0.0
+    assert 0.25 < slipped_steps / total_steps < 0.35
+    assert wrong_answers > 0
+
+
+@pytest.mark.parametrize("prompt,rate,message", [
+    ("Compute 1+2.\n", 1.5, "slip_rate"), ("What is 1+2?", 0.1, "not an arithmetic prompt")])
+def test_careless_teacher_rejects_bad_input(prompt, rate, message):
+    with pytest.raises(ValueError, match=message):
+        arith_teacher_solution(prompt, random.Random(0), rate)

@@ -139,6 +139,16 @@ def test_default_path_smoke_run(tmp_path):
     assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
 
 
+def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsys):
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
+    capsys.readouterr()
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
+    assert "warm start: reusing" in capsys.readouterr().out
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache", "--warmup_slip_rate", "0"))
+    out = capsys.readouterr().out
+    assert "settings differ" in out and "reusing" not in out
+
+
 def _comparable(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
