@@ -51,7 +51,8 @@ class RunConfig:
 
     run_name: str = field(default="default", metadata={"help": "results go to <output_dir>/<run_name>/"})
     output_dir: str = field(default="runs", metadata={"help": "parent folder of all runs"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, model init and sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of model init, data order and sampling"})
+    data_seed: int = field(default=0, metadata={"help": "arith: seed of the problem sets (held-out and training pool), kept fixed across --seed so every seed is scored on the same held-out problems"})
     # The policy.
     model: str = field(default="", metadata={"help": "hub id or local path of a causal LM; empty: build the tiny CPU model in code"})
     hidden_size: int = field(default=128, metadata={"help": "tiny model: hidden size"})
@@ -80,6 +81,7 @@ class RunConfig:
     warmup_slip_rate: float = field(default=0.2, metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"})
     # RL.
     steps: int = field(default=120, metadata={"help": "RL steps"})
+    max_generated_tokens: int = field(default=0, metadata={"help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
     eval_every: int = field(default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
@@ -97,7 +99,7 @@ class RunConfig:
                      "warmup_batch_size", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "eval_every", "save_every"):
+        for name in ("steps", "warmup_steps", "eval_every", "save_every", "max_generated_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 <= self.warmup_slip_rate < 1.0:
@@ -118,7 +120,7 @@ class RunConfig:
 
 CONFIG_CLASSES = (RunConfig, RolloutConfig, UpdateConfig)
 # The settings a cached warm start depends on (the held-out set is drawn from seed and eval_size).
-WARM_START_FIELDS = ("seed", "hidden_size", "num_layers", "num_heads", "dtype", "arith_operands",
+WARM_START_FIELDS = ("seed", "data_seed", "hidden_size", "num_layers", "num_heads", "dtype", "arith_operands",
                      "arith_digits", "eval_size", "warmup_steps", "warmup_batch_size", "warmup_lr",
                      "warmup_slip_rate")
 
@@ -329,12 +331,12 @@ def arith_task(cfg: RunConfig) -> Task:
     """The built-in task: multi-step integer arithmetic with a worked chain of steps. The held-out
     set is drawn first and excluded from everything the model trains on."""
     operands = cfg.operand_range()
-    held_out = rewards.arith_dataset(cfg.eval_size, seed=10_000 + cfg.seed, n_operands=operands,
+    held_out = rewards.arith_dataset(cfg.eval_size, seed=10_000 + cfg.data_seed, n_operands=operands,
                                      digits=cfg.arith_digits)
     exclude = {p.prompt for p in held_out}
     pool_size = max(cfg.warmup_steps * cfg.warmup_batch_size, cfg.steps * cfg.prompts_per_step, 1)
     pool_size = min(pool_size, 50_000)
-    train = rewards.arith_dataset(pool_size, seed=cfg.seed, n_operands=operands,
+    train = rewards.arith_dataset(pool_size, seed=cfg.data_seed, n_operands=operands,
                                   digits=cfg.arith_digits, exclude=exclude)
     as_example = lambda p: Example(p.prompt, p.answer, p.solution)  # noqa: E731
     score = lambda responses, golds: [rewards.arith_reward(r, g) for r, g in zip(responses, golds)]  # noqa: E731
@@ -523,7 +525,9 @@ def train(config: Config) -> dict:
                                             "eval_sampled": before["sampled"], "generated_tokens": 0}) + "\n")
     resumed_at = time.perf_counter()
 
-    progress = progress_bar(range(start_step + 1, run.steps + 1), desc=f"RL ({rcfg.algo})",
+    budget_spent = run.max_generated_tokens and generated >= run.max_generated_tokens
+    last_step = start_step if budget_spent else run.steps
+    progress = progress_bar(range(start_step + 1, last_step + 1), desc=f"RL ({rcfg.algo})",
                             initial=start_step, total=run.steps)
     after = before
     for step in progress:
@@ -542,19 +546,22 @@ def train(config: Config) -> dict:
         t1 = time.perf_counter()
         backend.sync(model)
         generated += result.stats["generated_tokens"]
+        last = step == run.steps or (run.max_generated_tokens and generated >= run.max_generated_tokens)
         row = {"step": step, **result.stats, **stats, "sequences": len(result.sequences),
                "time_update": t1 - t0, "time_sync": time.perf_counter() - t1,
                "generated_tokens_total": generated}
-        if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
+        if (run.eval_every and step % run.eval_every == 0) or last:
             after = evaluate(backend, tokenizer, task, config, seed=run.seed)
             row.update(eval_greedy=after["greedy"], eval_sampled=after["sampled"])
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         progress.set_postfix(reward=f"{result.stats['reward']:.2f}", eval=f"{after['sampled']:.2f}", refresh=False)
-        if (run.save_every and step % run.save_every == 0) or step == run.steps:
+        if (run.save_every and step % run.save_every == 0) or last:
             save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, {
                 "accuracy_before": before, "generated_tokens": generated,
                 "wall_seconds": elapsed_before + time.perf_counter() - resumed_at})
+        if last:
+            break
     progress.close()
 
     wall = elapsed_before + (time.perf_counter() - (resumed_at if checkpoint is not None else started))

@@ -149,6 +149,25 @@ def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsy
     assert "settings differ" in out and "reusing" not in out
 
 
+def test_token_budget_stops_training_early(tmp_path):
+    summary = train.main(tiny_args(tmp_path, "--steps", "50", "--max_generated_tokens", "200",
+                                   "--eval_every", "0", "--save_every", "0", "--run_name", "budget"))
+    rows = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    totals = [r["generated_tokens_total"] for r in rows[1:]]
+    assert totals[-1] >= 200 and all(t < 200 for t in totals[:-1])
+    assert len(rows) - 1 < 50 and "eval_sampled" in rows[-1]
+    assert summary["generated_tokens"] == totals[-1]
+
+
+def test_held_out_set_is_shared_across_seeds_and_never_trained_on():
+    tasks = [train.arith_task(train.parse_config(["--seed", str(s)]).run) for s in (0, 1)]
+    assert [e.prompt for e in tasks[0].eval] == [e.prompt for e in tasks[1].eval]
+    other = train.arith_task(train.parse_config(["--data_seed", "1"]).run)
+    assert [e.prompt for e in other.eval] != [e.prompt for e in tasks[0].eval]
+    for task in tasks + [other]:
+        assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
+
+
 def _comparable(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
@@ -195,3 +214,9 @@ def test_kl_to_the_starting_policy_is_logged(tmp_path, monkeypatch):
     # Step 1 starts at the reference (KL 0); after one update the policy has moved away from it.
     assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[2]["kl"] > 0 and math.isfinite(rows[2]["kl"])
+
+
+def test_cpu_default_preset_is_exactly_the_default():
+    default = train.parse_config([]).as_dict()
+    preset = train.parse_config(["--config", "configs/cpu_default.yaml"]).as_dict()
+    assert json.dumps(preset, sort_keys=True) == json.dumps(default, sort_keys=True)
