@@ -13,13 +13,18 @@ One TreeRL step (Section 3 of Hou et al., 2025) is
 The rollout backend is the only part that touches a generation engine. It has one job: given
 token-id prefixes, return sampled continuations with each token's log-prob and the entropy of the
 distribution it was drawn from (the fork score of EPTree). `HFBackend` does it with transformers'
-`generate`; any engine with the same two methods (`sample`, `sync`) plugs in.
+`generate`, `VLLMBackend` with a colocated vLLM engine (prefix cache, in-place weight sync); any
+engine with the same two methods (`sample`, `sync`) plugs in.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -30,6 +35,8 @@ import torch.nn.functional as F
 import packing
 import tree
 from tree import Sample
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Rollout backends
@@ -55,17 +62,27 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float
     Both are of the temperature-scaled distribution before top-p truncation, the distribution the
     policy gradient is taken on. logits: [..., V], tokens: [...] -> two tensors shaped like tokens.
     """
-    logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
+    logp = tempered_log_softmax(logits, temperature)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy(logp)
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution given by log-probs over the last dimension."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 class HFBackend:
     """Sampling with transformers' `generate`: left-padded batches, KV cache, stop at EOS.
 
-    It samples from the very model being trained (no copy), so `sync` has nothing to do. The
-    logits `generate` already computes give each token's log-prob and entropy for free.
+    It samples from the very model being trained (no copy), so `sync` has nothing to do. Each
+    token's log-prob and entropy come from the logits `generate` computes anyway, read step by step
+    by `_TokenStatsRecorder`, so memory stays one [batch, vocab] tensor however long the responses
+    (keeping every step's logits would take batch x length x vocab floats: about 80 GB for 64
+    responses of 2,048 tokens over a 150k vocabulary).
     """
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
@@ -90,24 +107,268 @@ class HFBackend:
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
                                       device=device)
         greedy = temperature == 0
+        recorder = _TokenStatsRecorder(temperature if not greedy else 1.0)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
+        sequences = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else temperature,
             top_p=None if greedy else top_p, top_k=None if greedy else 0,
-            eos_token_id=self.eos, pad_token_id=self.pad,
-            output_logits=True, return_dict_in_generate=True)
+            eos_token_id=self.eos, pad_token_id=self.pad, logits_processor=[recorder])
         self.model.train(was_training)
-        generated = out.sequences[:, width:]                            # [B, steps]
-        logits = torch.stack(out.logits, dim=1)                         # [B, steps, V]
-        logprobs, entropies = token_stats(logits, generated, temperature if not greedy else 1.0)
+        generated = sequences[:, width:]                                # [B, steps]
+        logprobs, entropies = recorder.finish(generated[:, -1])         # [B, steps] each
         samples = []
         for tokens, lps, ents in zip(generated.tolist(), logprobs.tolist(), entropies.tolist()):
             length = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
             samples.append(Sample(tokens[:length], lps[:length], ents[:length],
                                   finished=tokens[length - 1] == self.eos if length else False))
         return samples
+
+
+class _TokenStatsRecorder:
+    """A logits processor that watches `generate` and records, for every sampled token, its
+    log-prob and the entropy of the distribution it was drawn from (see `token_stats`).
+
+    `generate` calls it once per step with the raw next-token logits, before its temperature and
+    top-p warpers (custom processors run first), and with `input_ids` holding every token chosen so
+    far. A step's entropy is known at once; the chosen token only at the next call (or, for the
+    last step, from the final sequences), so one step's log-softmax is kept until then. It returns
+    the logits unchanged.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # log-softmax of the step whose token is not yet known
+        self.logprobs: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
+
+    def _take_pending(self, chosen: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, chosen[:, None]).squeeze(-1))
+            self.pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take_pending(input_ids[:, -1])
+        logp = tempered_log_softmax(scores, self.temperature)
+        self.entropies.append(entropy(logp))
+        self.pending = logp
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, steps] log-probs and entropies, given the tokens chosen at the last step."""
+        self._take_pending(last_tokens)
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+
+
+def topk_entropy(top_logprobs: Sequence[float]) -> float:
+    """Entropy of a next-token distribution known only through the log-probs of its k most likely
+    tokens (what vLLM returns), an approximation of H = -sum_v p_v log p_v.
+
+    The k seen tokens contribute their terms exactly. The unseen tail holds the rest of the mass,
+    r = 1 - sum_k p_i, and each tail token is at most as likely as the k-th one, so each of its
+    terms has -log q >= -log p_k. Counting the whole tail at that rate gives
+
+        H  ~=  -sum_{i<=k} p_i log p_i  -  r log p_k        (a lower bound on H)
+
+    exact when k covers the vocabulary (r = 0), and close to H when the distribution is peaked
+    (r small), which is where a fork decision is made: the top-k tokens of an LLM usually hold
+    nearly all the mass. Non-finite entries (tokens cut by top-p) are ignored.
+    """
+    logps = [lp for lp in top_logprobs if math.isfinite(lp)]
+    if not logps:
+        return 0.0
+    probs = [math.exp(lp) for lp in logps]
+    tail = max(0.0, 1.0 - sum(probs))
+    return -sum(p * lp for p, lp in zip(probs, logps)) - tail * min(logps)
+
+
+class VLLMBackend:
+    """Sampling with vLLM, colocated: the engine runs inside the training process, beside the model.
+
+    What vLLM adds over `generate` for EPTree: paged attention with a prefix cache. The KV of a
+    prefix (the prompt, and for every fork the response up to the fork point) is computed once and
+    re-used by the n samples of a request and by later requests that start with it, so the T
+    continuations of a fork cost only their new tokens. (The cache works in whole KV blocks: a
+    prefix shorter than one block is recomputed.)
+
+    The engine holds its own copy of the weights. `sync(model)` copies the trainer's weights into
+    it after every optimizer step, in place, and empties the prefix cache, whose KV was computed
+    with the old weights. How the engine is set up, and why:
+
+    * token-id prompts and no tokenizer in the engine (`skip_tokenizer_init`): the trainer
+      tokenizes; the engine stops at `eos_token_id` and nowhere else (`ignore_eos` turns off the
+      model config's own end tokens, `stop_token_ids` puts ours back), as HFBackend does;
+    * dummy start: only config.json is written and the engine starts with random weights
+      (`load_format="dummy"`); the first `sync` loads the trainer's, so nothing is read from disk;
+    * memory: on a GPU the engine may take `gpu_memory_utilization` of the card (its weights,
+      activations and KV cache; the trainer has the rest), or exactly `kv_cache_gb` of KV cache;
+      on the CPU build the KV cache is always sized by `kv_cache_gb` (default 0.25 GiB), since
+      vLLM would otherwise reserve a share of the machine's memory;
+    * sleep (GPU only, on by default there): `sleep()` frees the engine's weights and KV cache so
+      that the update has the memory, and `sync` brings them back. Level 2, no CPU copy of the
+      weights, because `sync` overwrites them anyway;
+    * log-probs (`logprobs_mode="processed_logprobs"`): vLLM reports log-probs of softmax(logits/T),
+      the temperature-scaled distribution, like `token_stats`; greedy decoding reports T = 1.
+      With top_p < 1 they are of the nucleus distribution that was actually sampled (renormalised
+      after the cut), where HFBackend reports the distribution before the cut. The update never
+      uses them as old log-probs (it recomputes those), only the fork scores do;
+    * fork scores: `nll` is -log p of the chosen token, exact; `entropy` is `topk_entropy` over
+      the `entropy_top_k` log-probs vLLM returns per position (exact when that covers the vocabulary);
+    * randomness: each request gets a seed drawn from torch's global generator, so
+      `torch.manual_seed` fixes the samples, as it does for HFBackend (vLLM gives the i-th of n
+      samples seed + i).
+
+    vLLM is imported here, not at the top of the module: the project runs without it.
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 (set unless the user set it) keeps the engine in this process,
+    which in-place weight loading needs; scripts that build this backend keep their entry point
+    under `if __name__ == "__main__":`, as vLLM asks.
+    """
+
+    def __init__(self, model, eos_token_id: int, gpu_memory_utilization: float = 0.3,
+                 kv_cache_gb: float = 0.0, entropy_top_k: int = 20, sleep: bool | None = None,
+                 seed: int = 0, max_model_len: int | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        device = next(model.parameters()).device
+        on_gpu = device.type == "cuda"
+        self.eos, self.top_k = eos_token_id, entropy_top_k
+        self.sleep_enabled = on_gpu if sleep is None else (sleep and on_gpu)
+        self.asleep = False
+        self.workdir = tempfile.mkdtemp(prefix="treerl-vllm-")
+        # Per-call measurements, for the benchmark and the logs.
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0,
+                      "syncs": 0, "sync_seconds": 0.0, "fallback_syncs": 0}
+        self.engine_args = dict(
+            dtype=str(model.dtype).removeprefix("torch."), seed=seed, skip_tokenizer_init=True,
+            enable_prefix_caching=True, max_logprobs=entropy_top_k,
+            logprobs_mode="processed_logprobs", generation_config="vllm",
+            max_model_len=max_model_len, enable_sleep_mode=self.sleep_enabled,
+            # CUDA graphs on a GPU; eager on the CPU build (no graph to capture, no compile time).
+            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=int((kv_cache_gb or (0.0 if on_gpu else 0.25)) * 2**30) or None)
+        _save_config(model, self.workdir)
+        self.llm = self._start_engine(self.workdir, load_format="dummy")
+        self.sync(model)
+
+    def _start_engine(self, path: str, load_format: str):
+        from vllm import LLM
+
+        return LLM(model=path, load_format=load_format, **self.engine_args)
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
+        from vllm import SamplingParams
+
+        if self.asleep:
+            raise RuntimeError("VLLMBackend.sample: the engine is asleep; call sync(model) first")
+        greedy = temperature == 0
+        seeds = torch.randint(0, 2**31 - 1, (len(prefixes),)).tolist()
+        params = [SamplingParams(
+            n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p, seed=None if greedy else seed,
+            ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False)
+            for seed in seeds]
+        prompts = [{"prompt_token_ids": list(p)} for p in prefixes]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        for prefix, out in zip(prefixes, outputs):
+            self.stats["prompt_tokens"] += len(prefix)
+            self.stats["cached_prompt_tokens"] += out.num_cached_tokens or 0
+        return [[self._to_sample(c) for c in out.outputs] for out in outputs]
+
+    def _to_sample(self, completion) -> Sample:
+        """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, fork scores."""
+        tokens = list(completion.token_ids)
+        logprobs, scores = [], []
+        for token, top in zip(tokens, completion.logprobs):
+            logprobs.append(top[token].logprob)
+            # `top` holds the k most likely tokens plus the chosen one if it is not among them.
+            scores.append(topk_entropy([lp.logprob for lp in top.values() if lp.rank <= self.top_k]))
+        self.stats["generated_tokens"] += len(tokens)
+        finished = bool(tokens) and tokens[-1] == self.eos
+        return Sample(tokens, logprobs, scores, finished)
+
+    # ---- weights --------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the update (GPU only; a no-op elsewhere)."""
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def sync(self, model) -> None:
+        """Make the engine's weights equal the trainer's, and forget all cached KV."""
+        started = time.perf_counter()
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # memory for the weights first, KV cache later
+        try:
+            self._load_in_place(model)
+        except Exception as error:  # noqa: BLE001 - any failure: fall back to the slow path
+            logger.warning("vLLM: in-place weight loading failed (%s: %s); falling back to saving "
+                           "the model and restarting the engine from it (slow)",
+                           type(error).__name__, error)
+            self._restart_from_disk(model)
+            self.stats["fallback_syncs"] += 1
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        # The cached KV was computed with the old weights: never serve it again.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += time.perf_counter() - started
+
+    def _load_in_place(self, model) -> None:
+        """Copy the trainer's tensors into the engine's model, in place.
+
+        Not `model.load_weights` on the engine's model: the CPU build repacks some weights after
+        loading (its linear layers keep them in a kernel layout and drop the parameters'
+        `weight_loader`), so a second `load_weights` fails there. The worker's `reload_weights`
+        undoes that processing layer by layer, loads checkpoint-format tensors with each model's
+        own name mapping (q/k/v into one qkv matrix, tied embeddings, ...) and processes them again;
+        it is the same call on the GPU and CPU builds. The engine runs in this process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tensors are handed over by reference, not copied.
+        """
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+
+    def _restart_from_disk(self, model) -> None:
+        """The fallback: save the model, shut the engine down and start a new one that reads it."""
+        path = os.path.join(self.workdir, "weights")
+        model.save_pretrained(path)
+        self.close()
+        self.llm = self._start_engine(path, load_format="auto")
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the backend is unusable afterwards)."""
+        import gc
+
+        from vllm.distributed.parallel_state import (destroy_distributed_environment,
+                                                     destroy_model_parallel)
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        del llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def cache_hit_rate(self) -> float:
+        """Share of prompt (prefix) tokens whose KV came from the prefix cache."""
+        return self.stats["cached_prompt_tokens"] / max(self.stats["prompt_tokens"], 1)
+
+
+def _save_config(model, path: str) -> None:
+    """config.json for the engine: the trainer's config, with the architecture named (a model built
+    in code has none until save_pretrained)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(path)
 
 
 # --------------------------------------------------------------------------------------------------

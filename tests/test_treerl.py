@@ -97,6 +97,19 @@ def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
         assert got.tolist() == pytest.approx(seq.logprobs, abs=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_backend_entropies_and_log_probs_are_of_the_tempered_distribution(tiny_model, temperature):
+    backend = treerl.HFBackend(tiny_model, EOS, PAD, batch_size=8)
+    torch.manual_seed(2)
+    sample = backend.sample([[5, 6, 7]], 1, max_new_tokens=10, temperature=temperature)[0][0]
+    ids = torch.tensor([[5, 6, 7] + sample.tokens])
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0, 2:-1]  # the logits that predicted each sampled token
+    logp, ent = treerl.token_stats(logits, ids[0, 3:], temperature)
+    assert sample.logprobs == pytest.approx(logp.tolist(), abs=1e-4)
+    assert sample.scores == pytest.approx(ent.tolist(), abs=1e-4)
+
+
 def test_greedy_sampling_is_deterministic(tiny_model):
     backend = treerl.HFBackend(tiny_model, EOS, PAD)
     a = backend.sample([[3, 4, 5]], 2, max_new_tokens=8, temperature=0.0)[0]
