@@ -61,7 +61,10 @@ class RunConfig:
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the update"})
-    backend: str = field(default="hf", metadata={"help": "rollout engine: hf (transformers generate)"})
+    backend: str = field(default="hf", metadata={"help": "rollout engine: hf (transformers generate) or vllm (colocated vLLM engine, needs `pip install vllm`)"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"})
+    vllm_kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"})
+    vllm_sleep: bool = field(default=True, metadata={"help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"})
     gen_batch_size: int = field(default=256, metadata={"help": "sequences per generate call"})
     # The task.
     task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
@@ -89,7 +92,7 @@ class RunConfig:
 
     def validate(self) -> None:
         allowed = {"task": ("arith", "math", "code"), "dtype": ("float32", "bfloat16"),
-                   "device": ("auto", "cpu", "cuda"), "backend": ("hf",)}
+                   "device": ("auto", "cpu", "cuda"), "backend": ("hf", "vllm")}
         for name, choices in allowed.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
@@ -102,6 +105,10 @@ class RunConfig:
         for name in ("steps", "warmup_steps", "eval_every", "save_every", "max_generated_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1]; got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_kv_cache_gb < 0:
+            raise ValueError(f"--vllm_kv_cache_gb must be >= 0; got {self.vllm_kv_cache_gb}")
         if not 0.0 <= self.warmup_slip_rate < 1.0:
             raise ValueError(f"--warmup_slip_rate must be in [0, 1); got {self.warmup_slip_rate}")
         if self.hidden_size % self.num_heads:
@@ -444,6 +451,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def make_backend(run: RunConfig, model, tokenizer):
+    """The rollout engine named by --backend (vLLM is imported only when chosen)."""
+    if run.backend == "vllm":
+        return treerl.VLLMBackend(model, tokenizer.eos_token_id, run.vllm_gpu_memory_utilization,
+                                  run.vllm_kv_cache_gb, sleep=run.vllm_sleep, seed=run.seed)
+    return treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
+
+
 def train(config: Config) -> dict:
     run, rcfg, ucfg = config.run, config.rollout, config.update
     started = time.perf_counter()
@@ -490,7 +505,7 @@ def train(config: Config) -> dict:
         tokenizer.save_pretrained(warm_dir)
         recipe_file.write_text(json.dumps(recipe, indent=2))
 
-    backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
+    backend = make_backend(run, model, tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
     # The KL reference is the policy RL started from (the hub model or the warm start), also when
@@ -540,6 +555,8 @@ def train(config: Config) -> dict:
                                 rcfg, seed=run.seed * 1_000_003 + step, answer_start=answer_start)
         t0 = time.perf_counter()
         stats = {}
+        if hasattr(backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
+            backend.sleep()
         if result.sequences:
             stats = treerl.update(model, optimizer, scheduler, result.sequences, ucfg,
                                   tokenizer.pad_token_id, rcfg.temperature, ref_model, seed=step)
@@ -574,6 +591,8 @@ def train(config: Config) -> dict:
         "config": config.as_dict(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if hasattr(backend, "close"):  # vLLM: shut the engine down and free its memory
+        backend.close()
     plot_metrics(metrics_path, run_dir / "metrics.png", title=f"{rcfg.algo} - {run.run_name}")
     print(f"held-out accuracy (avg@{run.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
           f"greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}; {wall:.0f} s; "

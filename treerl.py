@@ -200,7 +200,8 @@ class VLLMBackend:
       tokenizes; the engine stops at `eos_token_id` and nowhere else (`ignore_eos` turns off the
       model config's own end tokens, `stop_token_ids` puts ours back), as HFBackend does;
     * dummy start: only config.json is written and the engine starts with random weights
-      (`load_format="dummy"`); the first `sync` loads the trainer's, so nothing is read from disk;
+      (`load_format="dummy"`); the first `sync` loads the trainer's, so nothing is read from disk
+      (`path`, a save_pretrained folder of the same weights, makes the engine read them instead);
     * memory: on a GPU the engine may take `gpu_memory_utilization` of the card (its weights,
       activations and KV cache; the trainer has the rest), or exactly `kv_cache_gb` of KV cache;
       on the CPU build the KV cache is always sized by `kv_cache_gb` (default 0.25 GiB), since
@@ -227,7 +228,8 @@ class VLLMBackend:
 
     def __init__(self, model, eos_token_id: int, gpu_memory_utilization: float = 0.3,
                  kv_cache_gb: float = 0.0, entropy_top_k: int = 20, sleep: bool | None = None,
-                 seed: int = 0, max_model_len: int | None = None):
+                 seed: int = 0, max_model_len: int | None = None, block_size: int | None = None,
+                 path: str | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         device = next(model.parameters()).device
         on_gpu = device.type == "cuda"
@@ -245,14 +247,24 @@ class VLLMBackend:
             max_model_len=max_model_len, enable_sleep_mode=self.sleep_enabled,
             # CUDA graphs on a GPU; eager on the CPU build (no graph to capture, no compile time).
             enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=int((kv_cache_gb or (0.0 if on_gpu else 0.25)) * 2**30) or None)
-        _save_config(model, self.workdir)
-        self.llm = self._start_engine(self.workdir, load_format="dummy")
-        self.sync(model)
+            kv_cache_memory_bytes=int((kv_cache_gb or (0.0 if on_gpu else 0.25)) * 2**30) or None,
+            # Only whole KV blocks are cached. vLLM's CPU default (128 tokens) is longer than a
+            # whole response of the CPU task; 32 is the smallest size its CPU kernels prefer.
+            block_size=block_size or (None if on_gpu else 32))
+        if path is not None:  # a saved checkpoint of `model` (save_pretrained): read it
+            self.llm = self._start_engine(path, load_format="auto")
+        else:
+            _save_config(model, self.workdir)
+            self.llm = self._start_engine(self.workdir, load_format="dummy")
+            self.sync(model)
 
     def _start_engine(self, path: str, load_format: str):
-        from vllm import LLM
-
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise ImportError("the vllm backend needs vLLM: `pip install -r requirements-gpu.txt` on a "
+                              "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see README)") from error
+        _quiet_rotary_reload_warning()
         return LLM(model=path, load_format=load_format, **self.engine_args)
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -263,18 +275,23 @@ class VLLMBackend:
         if self.asleep:
             raise RuntimeError("VLLMBackend.sample: the engine is asleep; call sync(model) first")
         greedy = temperature == 0
-        seeds = torch.randint(0, 2**31 - 1, (len(prefixes),)).tolist()
+        # One request of n samples per prefix; vLLM allows n > 1 only when sampling, so greedy
+        # decoding sends n copies of the request instead (the prefix cache shares their KV).
+        copies, per_request = (n, 1) if greedy else (1, n)
+        rows = [list(p) for p in prefixes for _ in range(copies)]
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
         params = [SamplingParams(
-            n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+            n=per_request, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
             top_p=1.0 if greedy else top_p, seed=None if greedy else seed,
             ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False)
             for seed in seeds]
-        prompts = [{"prompt_token_ids": list(p)} for p in prefixes]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        for prefix, out in zip(prefixes, outputs):
-            self.stats["prompt_tokens"] += len(prefix)
+        outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        samples = []
+        for row, out in zip(rows, outputs):
+            self.stats["prompt_tokens"] += len(row)
             self.stats["cached_prompt_tokens"] += out.num_cached_tokens or 0
-        return [[self._to_sample(c) for c in out.outputs] for out in outputs]
+            samples += [self._to_sample(c) for c in out.outputs]
+        return [samples[i * n:(i + 1) * n] for i in range(len(prefixes))]
 
     def _to_sample(self, completion) -> Sample:
         """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, fork scores."""
@@ -361,6 +378,19 @@ class VLLMBackend:
     def cache_hit_rate(self) -> float:
         """Share of prompt (prefix) tokens whose KV came from the prefix cache."""
         return self.stats["cached_prompt_tokens"] / max(self.stats["prompt_tokens"], 1)
+
+
+def _quiet_rotary_reload_warning() -> None:
+    """Drop one message of vLLM's in-place reload, "RotaryEmbedding: Failed to load weights",
+    printed at every sync: the rotary layer's cos/sin table is a buffer that no checkpoint holds,
+    so vLLM puts back the table it computed at start-up, which is right (the sync tests compare
+    the outputs with transformers')."""
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(getattr(f, "treerl", False) for f in reload_logger.filters):
+        def keep(record: logging.LogRecord) -> bool:
+            return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load" in record.getMessage())
+        keep.treerl = True
+        reload_logger.addFilter(keep)
 
 
 def _save_config(model, path: str) -> None:
