@@ -283,7 +283,8 @@ class VLLMBackend:
         params = [SamplingParams(
             n=per_request, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
             top_p=1.0 if greedy else top_p, seed=None if greedy else seed,
-            ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False)
+            ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False,
+            flat_logprobs=True)  # top-k log-probs as flat lists, not one dict per token
             for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         samples = []
@@ -297,10 +298,11 @@ class VLLMBackend:
         """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, fork scores."""
         tokens = list(completion.token_ids)
         logprobs, scores = [], []
-        for token, top in zip(tokens, completion.logprobs):
-            logprobs.append(top[token].logprob)
-            # `top` holds the k most likely tokens plus the chosen one if it is not among them.
-            scores.append(topk_entropy([lp.logprob for lp in top.values() if lp.rank <= self.top_k]))
+        for token, (ids, values, ranks) in zip(tokens, _positions(completion.logprobs)):
+            # Each position holds the k most likely tokens, plus the chosen one if it is not
+            # among them (rank > k).
+            logprobs.append(values[ids.index(token)])
+            scores.append(topk_entropy([v for v, r in zip(values, ranks) if r <= self.top_k]))
         self.stats["generated_tokens"] += len(tokens)
         finished = bool(tokens) and tokens[-1] == self.eos
         return Sample(tokens, logprobs, scores, finished)
@@ -317,6 +319,7 @@ class VLLMBackend:
         """Make the engine's weights equal the trainer's, and forget all cached KV."""
         started = time.perf_counter()
         if self.asleep:
+            torch.cuda.empty_cache()  # give back what the update's activations left cached
             self.llm.wake_up(tags=["weights"])  # memory for the weights first, KV cache later
         try:
             self._load_in_place(model)
@@ -378,6 +381,24 @@ class VLLMBackend:
     def cache_hit_rate(self) -> float:
         """Share of prompt (prefix) tokens whose KV came from the prefix cache."""
         return self.stats["cached_prompt_tokens"] / max(self.stats["prompt_tokens"], 1)
+
+
+def _positions(logprobs):
+    """(token ids, log-probs, ranks) at each position of a completion's top-k log-probs, from vLLM's
+    flat format (FlatLogprobs: one list of each for all positions, sliced by start/end indices) or
+    the list of {token: Logprob} dicts it returns otherwise. The flat format lists the chosen token
+    first and again among the top k when it is one of them; each token is kept once."""
+    if hasattr(logprobs, "start_indices"):
+        for lo, hi in zip(logprobs.start_indices, logprobs.end_indices):
+            first = {}  # token id -> index of its first entry
+            for i, token in enumerate(logprobs.token_ids[lo:hi], start=lo):
+                first.setdefault(token, i)
+            keep = list(first.values())
+            yield ([logprobs.token_ids[i] for i in keep], [logprobs.logprobs[i] for i in keep],
+                   [logprobs.ranks[i] for i in keep])
+    else:
+        for top in logprobs:
+            yield list(top), [lp.logprob for lp in top.values()], [lp.rank for lp in top.values()]
 
 
 def _quiet_rotary_reload_warning() -> None:

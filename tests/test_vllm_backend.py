@@ -116,8 +116,8 @@ def test_greedy_parity_with_transformers_on_a_saved_model(tokenizer, tmp_path):
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperature):
     """What vLLM reports for sampled tokens equals log softmax(logits / T) of a fresh forward pass,
-    the distribution HFBackend and the update use; with top-k = 20 of 99 tokens the entropy is the
-    lower bound of topk_entropy."""
+    the distribution HFBackend and the update use; with top-k = 20 of 99 tokens the fork score is
+    topk_entropy of that distribution's 20 largest log-probs, below the exact entropy."""
     model = random_model(tokenizer, seed=1)
     backend = treerl.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=20)
     try:
@@ -134,6 +134,8 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
                     logits = model(ids).logits[0, len(prompt) - 1:-1]
                 logp, ent = treerl.token_stats(logits, ids[0, len(prompt):], temperature)
                 assert s.logprobs == pytest.approx(logp.tolist(), abs=TOL)
+                top20 = treerl.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
+                assert s.scores == pytest.approx([treerl.topk_entropy(row) for row in top20.tolist()], abs=TOL)
                 assert all(a <= b + TOL for a, b in zip(s.scores, ent.tolist()))
                 assert s.finished == (s.tokens[-1] == tokenizer.eos_token_id)
     finally:
