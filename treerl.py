@@ -250,7 +250,11 @@ class VLLMBackend:
             kv_cache_memory_bytes=int((kv_cache_gb or (0.0 if on_gpu else 0.25)) * 2**30) or None,
             # Only whole KV blocks are cached. vLLM's CPU default (128 tokens) is longer than a
             # whole response of the CPU task; 32 is the smallest size its CPU kernels prefer.
-            block_size=block_size or (None if on_gpu else 32))
+            block_size=block_size or (None if on_gpu else 32),
+            # On the CPU build, a prompt whose prefill is split over two engine steps ("chunked
+            # prefill") crashes seeded sampling (vLLM rewinds the request's torch.Generator with
+            # set_offset, which CPU generators lack); so on CPU every prefill runs in one step.
+            enable_chunked_prefill=None if on_gpu else False)
         if path is not None:  # a saved checkpoint of `model` (save_pretrained): read it
             self.llm = self._start_engine(path, load_format="auto")
         else:

@@ -142,6 +142,24 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
         backend.close()
 
 
+@needs_vllm
+def test_seeded_sampling_of_a_batch_larger_than_one_engine_step(tokenizer):
+    """EPTree's fork rounds send many long prefixes at once: more prefill tokens than vLLM computes
+    in one step. (With chunked prefill, the CPU build crashed here on seeded requests.)"""
+    model = random_model(tokenizer, seed=4)
+    backend = treerl.VLLMBackend(model, tokenizer.eos_token_id)
+    try:
+        prefixes = [tokenizer(f"Compute {i}+{i % 7}-{i % 3}. " * 4, add_special_tokens=False)["input_ids"]
+                    for i in range(160)]
+        assert sum(map(len, prefixes)) > 8192
+        torch.manual_seed(0)
+        groups = backend.sample(prefixes, 2, 8, temperature=1.0)
+        assert [len(g) for g in groups] == [2] * len(prefixes)
+        assert all(1 <= len(s.tokens) <= 8 for g in groups for s in g)
+    finally:
+        backend.close()
+
+
 def sft_step(model, tokenizer, lr=1e-2):
     """One AdamW step of supervised loss on one sequence: enough to move greedy outputs."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
