@@ -44,13 +44,20 @@ METHODS = {
 
 
 def train_one(method: str, seed: int, args, warm_dir: Path, train_args: list[str]) -> list[dict]:
-    """One train.py run from the warm start; returns its evaluation points."""
+    """One train.py run from the warm start; returns its evaluation points. A finished run with
+    the same budget and learning rate is read back instead of trained again (re-running the script
+    after an interruption continues where it stopped)."""
     run_name = f"{method}-seed{seed}"
-    train.main([*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
-                "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(args.lr),
-                "--steps", "100000", "--max_generated_tokens", str(args.budget),
-                "--eval_every", str(args.eval_every), "--save_every", "0"])
     run_dir = Path(args.runs_dir) / run_name
+    summary = run_dir / "summary.json"
+    done = summary.exists() and all(
+        json.loads(summary.read_text())["config"][key] == value
+        for key, value in (("max_generated_tokens", args.budget), ("lr", args.lr)))
+    if not done:
+            train.main([*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
+                    "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(args.lr),
+                    "--steps", "100000", "--max_generated_tokens", str(args.budget),
+                    "--eval_every", str(args.eval_every), "--save_every", "0"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
@@ -142,17 +149,18 @@ def main(argv: list[str] | None = None) -> dict:
     args, train_args = parse_args(argv)
     started = time.perf_counter()
     warm_dir = warm_started_policy(args.runs_dir, train_args)
-    rows = []
+    rows, out = [], Path(args.out)
     for seed in args.seeds:
         for method in args.methods:
             rows += train_one(method, seed, args, warm_dir, train_args)
-    table = summarise(rows, args.methods)
-    result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
-              "budget_tokens": args.budget, "lr": args.lr, "seeds": args.seeds, "summary": table,
-              "rows": rows, "wall_seconds": time.perf_counter() - started}
-    out = Path(args.out)
-    write_json(out / "compare_rl.json", result)
-    plot(rows, args.methods, args.budget, out / "compare_rl.png")
+            # Written after every run, so an interrupted comparison still leaves its results.
+            methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+            table = summarise(rows, methods)
+            result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
+                      "budget_tokens": args.budget, "lr": args.lr, "seeds": sorted({r["seed"] for r in rows}),
+                      "summary": table, "rows": rows, "wall_seconds": time.perf_counter() - started}
+            write_json(out / "compare_rl.json", result)
+            plot(rows, methods, args.budget, out / "compare_rl.png")
     print(markdown_table(
         ["method", "seeds", "start", "final (mean ± sd)", "gain (mean ± sd)", "steps", "s/step"],
         [[t["method"], t["seeds"], f"{t['accuracy_start']:.3f}",
