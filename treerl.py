@@ -44,7 +44,12 @@ logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """What the rollout needs from a generation engine."""
+    """What the rollout needs from a generation engine.
+
+    An engine that keeps its own copy of the weights may also have `sleep()`, to free its memory
+    before the update (train.py calls it when present; `sync` brings the engine back), and
+    `close()`, to shut it down at the end of a run (VLLMBackend has both).
+    """
 
     def sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0) -> list[list[Sample]]:
