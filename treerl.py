@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -242,7 +243,7 @@ class VLLMBackend:
         self.sleep_enabled = on_gpu if sleep is None else (sleep and on_gpu)
         self.asleep = False
         self.workdir = tempfile.mkdtemp(prefix="treerl-vllm-")
-        # Per-call measurements, for the benchmark and the logs.
+        # Running totals, for the benchmark and the logs.
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0,
                       "syncs": 0, "sync_seconds": 0.0, "fallback_syncs": 0}
         self.engine_args = dict(
@@ -366,11 +367,17 @@ class VLLMBackend:
         """The fallback: save the model, shut the engine down and start a new one that reads it."""
         path = os.path.join(self.workdir, "weights")
         model.save_pretrained(path)
-        self.close()
+        self._stop_engine()
         self.llm = self._start_engine(path, load_format="auto")
+        self.asleep = False  # a new engine starts awake
 
     def close(self) -> None:
-        """Shut the engine down and free its memory (the backend is unusable afterwards)."""
+        """Shut the engine down, free its memory and delete its folder (the backend is unusable
+        afterwards)."""
+        self._stop_engine()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_engine(self) -> None:
         import gc
 
         from vllm.distributed.parallel_state import (destroy_distributed_environment,
@@ -381,6 +388,7 @@ class VLLMBackend:
         llm.llm_engine.engine_core.shutdown()
         self.llm = None
         del llm
+        # vLLM's process groups (one process, world size 1) are set up again by the next engine.
         destroy_model_parallel()
         destroy_distributed_environment()
         gc.collect()
