@@ -229,7 +229,9 @@ class VLLMBackend:
     vLLM is imported here, not at the top of the module: the project runs without it.
     VLLM_ENABLE_V1_MULTIPROCESSING=0 (set unless the user set it) keeps the engine in this process,
     which in-place weight loading needs; scripts that build this backend keep their entry point
-    under `if __name__ == "__main__":`, as vLLM asks.
+    under `if __name__ == "__main__":`, as vLLM asks. On the CPU build the engine also pins this
+    process's OpenMP threads to the cores and turns later `torch.set_num_threads` calls into
+    no-ops: the trainer shares its threads.
     """
 
     def __init__(self, model, eos_token_id: int, gpu_memory_utilization: float = 0.3,
