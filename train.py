@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -461,6 +462,9 @@ def make_backend(run: RunConfig, model, tokenizer):
 
 def train(config: Config) -> dict:
     run, rcfg, ucfg = config.run, config.rollout, config.update
+    if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
+        raise SystemExit("train.py: error: --backend vllm needs vLLM: pip install -r requirements-gpu.txt "
+                         "(GPU) or requirements-cpu-vllm.txt (CPU), see README")
     started = time.perf_counter()
     run_dir = Path(run.output_dir) / run.run_name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -239,3 +239,12 @@ def test_a_full_treerl_step_with_the_vllm_backend(tmp_path, monkeypatch):
         assert "loss" in row, "every step should have updated the model"
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)))
     assert summary["generated_tokens"] > 0 and summary["config"]["backend"] == "vllm"
+
+
+def test_backend_vllm_without_vllm_fails_at_once_with_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit, match="requirements-cpu-vllm.txt"):
+        train.main(["--backend", "vllm", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "default").exists(), "nothing should have run"
