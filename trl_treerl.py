@@ -215,17 +215,18 @@ class TreeRLTrainer(GRPOTrainer):
 
         forests = self._grow_forests(prompt_ids)
         leaf_rewards = self._score_leaves(inputs, prompts, forests)
-        rows, masked = self._rows(forests)
+        rows, masked, padding = self._rows(forests)
 
         # Run TRL's own step code on those rows. Its two calls that would sample and score afresh,
         # `_generate_single_turn` and `_calculate_rewards`, answer from `self._rollout` (see the
         # overrides below); everything else (padding, old / reference log-probs, the vLLM
-        # importance-sampling ratio, truncation masking, metrics) is TRL's.
+        # importance-sampling ratio, truncation masking, metrics) is TRL's. Padding rows get NaN
+        # rewards, which TRL's reward statistics leave out.
         nan = torch.full((len(self.reward_funcs),), float("nan"), device=self.accelerator.device)
         self._rollout = _Rollout(
             completion_ids=[row.response_ids for row in rows],
             logprobs=[row.logprobs for row in rows] if self.use_vllm else None,
-            rewards_per_func=torch.stack([nan if m else leaf_rewards[row.leaf] for row, m in zip(rows, masked)]),
+            rewards_per_func=torch.stack([nan if p else leaf_rewards[row.leaf] for row, p in zip(rows, padding)]),
         )
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -245,7 +246,7 @@ class TreeRLTrainer(GRPOTrainer):
         # The token count that the dapo / cispo losses divide by must leave the masked rows out.
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        self._log_tree_metrics(forests, output["advantages"], loss_mask, sum(masked))
+        self._log_tree_metrics(forests, output["advantages"], loss_mask, sum(padding))
         self.last_forests = forests
         return output
 
@@ -383,11 +384,11 @@ class TreeRLTrainer(GRPOTrainer):
             leaf.reward = float(value)
         return {leaf: per_func[i] for i, (_, leaf) in enumerate(owners)}
 
-    def _rows(self, forests) -> tuple[list[tree.TrainSequence], list[bool]]:
-        """G training rows per forest, with the per-token advantages R(s) of Eqs. 2-4, and which rows
-        are left out of the loss (padding, and forests without signal)."""
+    def _rows(self, forests) -> tuple[list[tree.TrainSequence], list[bool], list[bool]]:
+        """G training rows per forest, with the per-token advantages R(s) of Eqs. 2-4; which rows are
+        left out of the loss (padding, and forests without signal); which rows are padding."""
         args, G = self.args, self.num_generations
-        rows, masked = [], []
+        rows, masked, padding = [], [], []
         for k, root in enumerate(forests):
             advantages = tree.process_rewards(root, args.reweight, args.use_global, args.use_local)
             found = tree.leaves(root)
@@ -399,7 +400,8 @@ class TreeRLTrainer(GRPOTrainer):
                 args.truncated_penalty is None or all(leaf.finished for leaf in found))
             rows += sequences + sequences[:1] * (G - len(sequences))
             masked += [silent] * len(sequences) + [True] * (G - len(sequences))
-        return rows, masked
+            padding += [False] * len(sequences) + [True] * (G - len(sequences))
+        return rows, masked, padding
 
     def _log_tree_metrics(self, forests, advantages, loss_mask, padded: int) -> None:
         found = [leaf for root in forests for leaf in tree.leaves(root)]
@@ -506,8 +508,22 @@ class ScriptArguments:
     problem_field: str = field(default="problem", metadata={"help": "field holding the question"})
     answer_field: str = field(default="answer", metadata={"help": "math: field holding the gold answer"})
     tests_field: str = field(default="tests", metadata={"help": "code: field holding the tests"})
-    warmup_steps: int = field(default=600, metadata={"help": "tiny model only: supervised warm-start steps (train.py's default)"})
+    warm_start_steps: int = field(default=600, metadata={"help": "tiny model only: supervised warm-start steps (train.py's --warmup_steps; TRL's --warmup_steps is the learning-rate warm-up)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+
+
+# train.py's CPU default (configs/cpu_default.yaml) as TRL flags: 16 prompts x 20 leaves per step in
+# one optimizer step, constant learning rate 3e-5, clip [0.8, 1.28] with token-level averaging
+# (TRL's default loss_type "dapo"), at most 64 new tokens, 120 steps, no gradient checkpointing (TRL
+# turns it on by default; for this model it only halves the speed). Used for the tiny model, for
+# every flag the command line does not give.
+CPU_DEFAULT_FLAGS = {
+    "--output_dir": "runs/trl_treerl", "--learning_rate": "3e-5", "--lr_scheduler_type": "constant",
+    "--epsilon_high": "0.28", "--max_completion_length": "64", "--max_steps": "120",
+    "--per_device_train_batch_size": "80", "--gradient_accumulation_steps": "4",
+    "--logging_steps": "1", "--save_steps": "20", "--gradient_checkpointing": "false",
+    "--seed": "0",  # train.py's (TRL's is 42); the warm start and data depend on it
+}
 
 
 def main(argv: list[str] | None = None):
@@ -516,18 +532,25 @@ def main(argv: list[str] | None = None):
     import train
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--bf16" not in argv and not torch.cuda.is_available():
-        argv += ["--bf16", "false"]  # TRL turns bf16 on by default; a CPU run stays in float32
+    defaults = {} if "--model" in argv else dict(CPU_DEFAULT_FLAGS)
+    if not torch.cuda.is_available():
+        # TRL turns bf16 on by default: a CPU run stays in float32. use_cpu also lets torchrun start
+        # several CPU processes (gloo), which is how the multi-process code was checked without GPUs.
+        defaults.update({"--bf16": "false", "--use_cpu": "true"})
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
     script, config = HfArgumentParser((ScriptArguments, TreeRLConfig)).parse_args_into_dataclasses(argv)
     run = train.RunConfig(model=script.model, task=script.task, data=script.data, seed=config.seed,
                           problem_field=script.problem_field, answer_field=script.answer_field,
-                          tests_field=script.tests_field, warmup_steps=script.warmup_steps)
+                          tests_field=script.tests_field, warmup_steps=script.warm_start_steps)
     run.validate()
     if script.model:  # TRL loads the model itself (model_init_kwargs), so every process does it its way
         model, tokenizer = script.model, AutoTokenizer.from_pretrained(script.model)
         task = train.build_task(run, tokenizer)
-    else:
-        model, tokenizer, task = tiny_policy(run, Path(config.output_dir) / "warmstart")
+    else:  # the main process warm-starts and caches; the others then load the cache
+        with config.main_process_first(desc="warm start"):
+            model, tokenizer, task = tiny_policy(run, Path(config.output_dir) / "warmstart")
     trainer = TreeRLTrainer(model, reward_funcs=REWARD_FUNCS[script.task], args=config,
                             train_dataset=task_dataset(task), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=True if script.resume else None)

@@ -5,7 +5,11 @@ without it.
 """
 
 import importlib
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,6 +235,30 @@ def test_without_forks_the_advantages_are_dr_grpos_up_to_the_documented_factor(t
     ours.args.use_local = False  # GA only: exactly Dr. GRPO
     ga_only, _ = step(ours)
     torch.testing.assert_close(ga_only["advantages"], base["advantages"][:, None] * mask, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two processes whose forests differ in size (torchrun, two CPU processes)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_with_unequal_forests_stay_in_step(ttr, tmp_path):
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(here / "trl_two_processes.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert rank0["num_processes"] == 2
+    # Process 0 forked in both rounds; process 1 had nothing to fork at, yet made the same three
+    # sampling calls per step (chains, round 1, round 2), the last two with no prefixes of its own.
+    assert len(rank0["calls"]) == len(rank1["calls"]) == 2 * 3
+    assert all(n > 0 for n in rank0["calls"]) and rank1["calls"][1::3] == rank1["calls"][2::3] == [0, 0]
+    assert rank1["leaves"] == [2] and rank1["padded_rows"] == [8, 8] and rank0["leaves"][0] > 2
+    # DDP kept the weights equal, and the loss was finite.
+    assert rank0["checksums"][0] == rank0["checksums"][1]
+    assert all(abs(loss) < 1e3 for loss in rank0["losses"]) and len(rank0["losses"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""TRL's GRPOTrainer vs TRL + TreeRL (trl_treerl.py) vs this project's trainer, at equal generated tokens.
+
+    python -m eval.trl_compare [--budget 128000] [--grpo_generations 12] [--seed 0] [--lr 3e-5]
+
+Needs `pip install -r requirements-trl.txt`. All three start from the same warm-started policy (the
+CPU default's: train.py's tiny model after its 600-step supervised warm start, made and cached by
+train.py) and train on the built-in arithmetic task until each has generated `--budget` tokens
+(every sampled token counts once; a tree's shared prefixes are generated once):
+
+  trl-grpo     trl.GRPOTrainer: `--grpo_generations` independent completions per prompt, GRPO
+               advantages (scaled by the group's std), no tree
+  trl-treerl   trl_treerl.TreeRLTrainer: EPTree (M, N, L, T) = (4, 2, 1, 2), 20 leaves per prompt,
+               process advantages R(s) on every token
+  ours-treerl  train.py with its default TreeRL settings (the same search and advantages)
+
+Shared settings, as the CPU default: 16 prompts per step, temperature 1, at most 64 new tokens,
+AdamW at a constant learning rate `--lr`, no KL, the clip [0.8, 1.28] with token-level averaging
+(TRL's `loss_type="dapo"`, our `--aggregation token`), one optimizer step per rollout, gradient
+norm clipped at 1. The TRL runs see their prompts in TRL's shuffled order, ours in train.py's.
+
+Held-out accuracy is train.evaluate for all three (200 problems, greedy and avg@4 at temperature 1,
+same sampling seed). Seconds per step: wall time of the training steps (sampling, scoring, update,
+TRL's logging), evaluation excluded; mean and median (the first steps are slower: warm-up). On a
+shared machine wall time swings with other jobs, so the runs use one torch thread (`--threads`) and
+CPU time per step (time.process_time) is reported too: with one thread it measures the work, not
+the contention (several threads spin while they wait for a core, which inflates CPU time too).
+TRL's gradient checkpointing (on by default in TRL) is turned off, as in train.py. Writes results/trl_compare.json and prints a Markdown table.
+These are measurements on one seed: with 200 held-out problems, differences of a few points of
+avg@4 are within noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import train
+import treerl
+from eval.common import machine, markdown_table, warm_started_policy, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_settings(args, output_dir: str) -> dict:
+    """TRL settings that mirror the CPU default's update (see the module docstring)."""
+    return dict(output_dir=output_dir, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
+                loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, max_grad_norm=1.0,
+                temperature=1.0, top_p=1.0, top_k=0, max_completion_length=64, gradient_accumulation_steps=4,
+                max_steps=10_000, seed=args.seed, bf16=False, use_cpu=True, report_to="none",
+                gradient_checkpointing=False,  # TRL's default is on; train.py's is off (and it halves the speed here)
+                save_strategy="no", logging_steps=1, disable_tqdm=True)
+
+
+def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
+    """Train one TRL arm from the warm start until the token budget is spent; evaluate it."""
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import trl_treerl
+
+    run = config.run
+    model, tokenizer = train.load_policy(str(warm_dir), run, torch.device("cpu"))
+    task = train.build_task(run, tokenizer)
+    out = str(Path(args.runs_dir) / name)
+    prompts = run.prompts_per_step
+    if name == "trl-treerl":
+        settings = trl_treerl.TreeRLConfig(M=4, N=2, L=1, T=2, per_device_train_batch_size=prompts * 20 // 4,
+                                           **shared_settings(args, out))
+        cls = trl_treerl.TreeRLTrainer
+    else:
+        G = args.grpo_generations
+        settings = GRPOConfig(num_generations=G, per_device_train_batch_size=prompts * G // 4,
+                              scale_rewards="group", **shared_settings(args, out))
+        cls = GRPOTrainer
+
+    class Meter(TrainerCallback):
+        """Times each step, counts the tokens it sampled, stops at the budget."""
+
+        def __init__(self):
+            self.seconds, self.cpu_seconds, self.tokens, self.rewards = [], [], [], []
+
+        def on_step_begin(self, *_, **__):
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *_, **__):
+            self.seconds.append(time.perf_counter() - self.started)
+            self.cpu_seconds.append(time.process_time() - self.cpu_started)
+
+        def on_log(self, _args, state, control, logs=None, **__):
+            if not logs or "loss" not in logs:
+                return
+            if "tree/generated_tokens" in logs:
+                self.tokens.append(logs["tree/generated_tokens"])
+            else:  # every completion is sampled in full: rows x mean length
+                self.tokens.append(logs["completions/mean_length"] * settings.generation_batch_size)
+            self.rewards.append(logs["reward"])
+            if sum(self.tokens) >= args.budget:
+                control.should_training_stop = True
+
+    meter = Meter()
+    trainer = cls(model, reward_funcs=trl_treerl.arith_reward_func, args=settings,
+                  train_dataset=trl_treerl.task_dataset(task), processing_class=tokenizer, callbacks=[meter])
+    trainer.train()
+    backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
+    after = train.evaluate(backend, tokenizer, task, config, seed=run.seed)
+    return {"method": name, "steps": len(meter.seconds), "generated_tokens": int(sum(meter.tokens)),
+            "seconds_per_step": sum(meter.seconds) / len(meter.seconds),
+            "seconds_per_step_median": statistics.median(meter.seconds),
+            "cpu_seconds_per_step": sum(meter.cpu_seconds) / len(meter.cpu_seconds),
+            "train_reward_first": meter.rewards[0], "train_reward_last": meter.rewards[-1],
+            "accuracy_after": after["sampled"], "greedy_accuracy_after": after["greedy"]}
+
+
+def run_ours(args, warm_dir: Path) -> dict:
+    """train.py's default TreeRL from the same warm start, to the same budget. Its CPU time per step
+    is read by wrapping the two calls a step makes, treerl.rollout and treerl.update."""
+    name = "ours-treerl"
+    cpu_seconds = []
+
+    def timed(fn, starts_step):
+        def wrapper(*a, **k):
+            started = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                if starts_step:
+                    cpu_seconds.append(0.0)
+                cpu_seconds[-1] += time.process_time() - started
+        return wrapper
+
+    rollout, update = treerl.rollout, treerl.update
+    treerl.rollout, treerl.update = timed(rollout, True), timed(update, False)
+    try:
+        train.main(["--model", str(warm_dir), "--output_dir", args.runs_dir, "--run_name", name,
+                    "--seed", str(args.seed), "--lr", str(args.lr), "--steps", "10000",
+                    "--max_generated_tokens", str(args.budget), "--eval_every", "0", "--save_every", "0"])
+    finally:
+        treerl.rollout, treerl.update = rollout, update
+    run_dir = Path(args.runs_dir) / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
+    seconds = [m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps]
+    return {"method": name, "steps": len(steps), "generated_tokens": summary["generated_tokens"],
+            "seconds_per_step": sum(seconds) / len(steps), "seconds_per_step_median": statistics.median(seconds),
+            "cpu_seconds_per_step": sum(cpu_seconds) / len(cpu_seconds),
+            "train_reward_first": steps[0]["reward"],
+            "train_reward_last": steps[-1]["reward"], "accuracy_after": summary["accuracy_after"],
+            "greedy_accuracy_after": summary["greedy_accuracy_after"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)")
+    parser.add_argument("--grpo_generations", type=int, default=12, help="TRL GRPO: completions per prompt (12 chains cost about one TreeRL step's tokens)")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="trl-grpo,trl-treerl,ours-treerl")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time per step then measures work, not contention)")
+    parser.add_argument("--runs_dir", default="runs/trl_compare")
+    parser.add_argument("--out", default=str(ROOT / "results" / "trl_compare.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    warm_dir = warm_started_policy(args.runs_dir, ["--seed", str(args.seed)])
+    config = train.parse_config(["--seed", str(args.seed)])
+    before = json.loads((Path(args.runs_dir) / "warm-start" / "summary.json").read_text())
+    rows = []
+    for method in args.methods.split(","):
+        rows.append(run_ours(args, warm_dir) if method == "ours-treerl" else run_trl(method, args, warm_dir, config))
+        print(json.dumps(rows[-1]), flush=True)
+
+    import trl
+    table = markdown_table(
+        ["method", "steps", "generated tokens", "CPU s / step", "wall s / step (mean, median)", "train reward first → last",
+         f"held-out avg@4 ({before['accuracy_before']:.1%} before)", f"greedy ({before['greedy_accuracy_before']:.1%} before)"],
+        [[r["method"], r["steps"], f"{r['generated_tokens']:,}", f"{r['cpu_seconds_per_step']:.2f}", f"{r['seconds_per_step']:.2f}, {r['seconds_per_step_median']:.2f}",
+          f"{r['train_reward_first']:.2f} → {r['train_reward_last']:.2f}", f"{r['accuracy_after']:.1%}",
+          f"{r['greedy_accuracy_after']:.1%}"] for r in rows])
+    print(table)
+    payload = {"machine": machine(), "threads": args.threads, "trl": trl.__version__, "budget": args.budget, "seed": args.seed,
+               "lr": args.lr, "grpo_generations": args.grpo_generations,
+               "accuracy_before": before["accuracy_before"], "greedy_accuracy_before": before["greedy_accuracy_before"],
+               "rows": rows, "wall_seconds": time.perf_counter() - started}
+    write_json(Path(args.out), payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
