@@ -1,10 +1,11 @@
 """Tests for trl_treerl.py: TreeRL inside TRL's GRPOTrainer, on a tiny random model on the CPU.
 
 Everything but the first test needs TRL (`pip install -r requirements-trl.txt`) and is skipped
-without it.
+without it; the vLLM test also needs vLLM (requirements-cpu-vllm.txt). The two-process and vLLM
+checks run in their own processes (tests/trl_two_processes.py, tests/trl_vllm_colocate.py).
 """
 
-import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -259,6 +260,22 @@ def test_two_processes_with_unequal_forests_stay_in_step(ttr, tmp_path):
     # DDP kept the weights equal, and the loss was finite.
     assert rank0["checksums"][0] == rank0["checksums"][1]
     assert all(abs(loss) < 1e3 for loss in rank0["losses"]) and len(rank0["losses"]) == 2
+
+
+def test_sampling_through_trls_colocated_vllm(ttr, tmp_path):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install -r requirements-cpu-vllm.txt)")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent)}
+    done = subprocess.run([sys.executable, str(here / "trl_vllm_colocate.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["leaves"] == 2 * 6 and result["forked"] >= 1  # two forests of (M, N, L, T) = (2, 1, 1, 2)
+    # vLLM's log-probs, carried on the tree's segments into TRL's rows, match TRL's recomputation of
+    # the same tokens: every token's sampler log-prob sits on its own token.
+    assert result["has_nonzero_logprobs"] and result["logp_difference"] < 0.01
+    assert abs(result["loss"]) < 1e3
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,13 +55,17 @@ def main(out: str) -> None:
 
     trainer._generate_and_score_completions = recording
     trainer.train()
-    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     sums = trainer.accelerator.gather(torch.tensor([checksum], dtype=torch.float64)).tolist()
     leaves = [len(trl_treerl.tree.leaves(root)) for root in trainer.last_forests]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"calls": calls, "padded_rows": padded, "leaves": leaves, "checksums": sums, "losses": losses,
          "num_processes": trainer.accelerator.num_processes}))
+    # Leave together, and close the process group before the interpreter exits: a gloo group torn
+    # down at exit can abort the process ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
