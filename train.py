@@ -306,7 +306,7 @@ def load_rows(source: str) -> list[tuple[int, dict]]:
         return [(i + 1, dict(row)) for i, row in enumerate(datasets.load_dataset(source, split="train"))]
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt") as f:
+    with opener(path, "rt", encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import gzip
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 import rewards
-from train import MATH_INSTRUCTION, chat_prompt
+from train import MATH_INSTRUCTION, chat_prompt, load_rows
 
 # The benchmark copies for offline use sit next to the repository (see DESIGN.md).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -234,24 +232,6 @@ def resolve_bench(name: str, sources: dict[str, str], data_dir: Path | None) -> 
     return BENCHES[name], str(path)
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a JSONL file, gzipped or not; bad lines are named."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object")
-            rows.append((line_number, row))
-    return rows
-
-
 def read_hub(dataset_id: str) -> list[tuple[int, dict]]:
     """Rows of a hub dataset, "org/name" or "org/name:split" (default split: test). Needs the
     optional `datasets` package and a network the first time."""
@@ -273,7 +253,7 @@ def load_problems(bench: Bench, source: str, limit: int = 0) -> list[Problem]:
     """The benchmark's problems from `source` (file or hub id), the first `limit` when limit > 0."""
     path = Path(source).expanduser()
     if path.exists():
-        numbered = read_jsonl(path)
+        numbered = load_rows(str(path))
     elif looks_like_file(source):
         raise ValueError(f"{bench.name}: data file not found: {source}")
     else:

@@ -21,6 +21,14 @@ def warm_started_policy(output_dir: str, train_args: list[str]) -> Path:
     return Path(output_dir) / "warm-start" / "warmstart"
 
 
+def parse_seeds(parser, text: str) -> list[int]:
+    """--seeds "0,1,2" as integers; a malformed list is a usage error of `parser`."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     mean = sum(values) / len(values)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import train
-from eval.common import machine, markdown_table, mean_std, warm_started_policy, write_json
+from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
 
 METHODS = {
     "treerl": [],
@@ -129,10 +129,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="treerl and chainrl-grpo, one seed, 1/10 of the budget (for tests)")
     args, train_args = parser.parse_known_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    args.seeds = parse_seeds(parser, args.seeds)
     args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

@@ -32,7 +32,7 @@ import torch
 import train
 import tree
 import treerl
-from eval.common import machine, markdown_table, mean_std, warm_started_policy, write_json
+from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
 from treerl import RolloutConfig
 
 CHAIN_SIZES = (4, 8, 16, 32)
@@ -131,10 +131,7 @@ def parse_args(argv):
     parser.add_argument("--runs_dir", default="runs/experiments", help="where the warm start is cached")
     parser.add_argument("--quick", action="store_true", help="two sizes per method, one seed (for tests)")
     args, train_args = parser.parse_known_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    args.seeds = parse_seeds(parser, args.seeds)
     if args.prompts < 1:
         parser.error(f"--prompts must be >= 1, got {args.prompts}")
     args.chain_sizes, args.tree_sizes = (CHAIN_SIZES[:2], TREE_SIZES[:2]) if args.quick else (CHAIN_SIZES, TREE_SIZES)
