@@ -784,6 +784,22 @@ def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: packin
     return loss, stats
 
 
+def _tally_micro_batch(sums: dict[str, float], loss: torch.Tensor, stats: dict[str, float], share: float) -> None:
+    """Add a micro-batch to its mini-batch's statistics: the losses add up (each is already a share
+    of the mini-batch's loss), the per-token means are weighted by the micro-batch's share."""
+    sums["loss"] += loss.item()
+    for key in ("clip_frac", "kl", "ratio"):
+        sums[key] += stats[key] * share
+
+
+def _step_and_tally(model, optimizer, scheduler, cfg: "UpdateConfig", sums: dict[str, float],
+                    totals: dict[str, float]) -> None:
+    """Take the optimizer step of a mini-batch and add its statistics to the update's totals."""
+    sums["grad_norm"] = _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+    for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + value
+
+
 def _optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -840,13 +856,8 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
                     cfg.aggregation, None if ref_logp is None else ref_logp[sub], cfg.kl_coef,
                     denominator)
                 loss.backward()
-                share = float(b.mask.sum()) / max(float(part.mask.sum()), 1.0)
-                sums["loss"] += loss.item()
-                for key in ("clip_frac", "kl", "ratio"):
-                    sums[key] += stats[key] * share
-            sums["grad_norm"] = _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-            for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
+                _tally_micro_batch(sums, loss, stats, float(b.mask.sum()) / max(float(part.mask.sum()), 1.0))
+            _step_and_tally(model, optimizer, scheduler, cfg, sums, totals)
             steps += 1
     return {key: value / steps for key, value in totals.items()}
 
@@ -907,13 +918,8 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
                     logp, padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
                     None if ref_logp is None else padded(ref_logp, ids), cfg.kl_coef, denominator)
                 loss.backward()
-                share = b.n_tokens / max(tokens, 1)
-                sums["loss"] += loss.item()
-                for key in ("clip_frac", "kl", "ratio"):
-                    sums[key] += stats[key] * share
-            sums["grad_norm"] = _optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-            for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
+                _tally_micro_batch(sums, loss, stats, b.n_tokens / max(tokens, 1))
+            _step_and_tally(model, optimizer, scheduler, cfg, sums, totals)
             steps += 1
     result = {key: value / steps for key, value in totals.items()}
     result["packed_token_ratio"] = packing.token_ratio(sequences)
