@@ -183,8 +183,9 @@ class Sample:
     finished: bool
 
 
-# sample_fn(prefixes, n) -> for each prefix, n independent continuations of it.
-SampleFn = Callable[[list[list[int]], int], list[list[Sample]]]
+# sample_fn(prefixes, n, budgets) -> for each prefix, n independent continuations of it, each at
+# most budgets[k] tokens long (budgets is None when the search sets no limit: the sampler's own).
+SampleFn = Callable[[list[list[int]], int, "list[int] | None"], list[list[Sample]]]
 # answer_start(response_tokens) -> index where the final answer starts, or None if it has none.
 AnswerStartFn = Callable[[list[int]], "int | None"]
 
@@ -286,7 +287,8 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
     roots = [Node(list(p)) for p in prompts]
 
     # Step 1: M complete responses from each prompt, in one call.
-    for root, group in zip(roots, sample_fn([root.tokens for root in roots], M)):
+    chain_budgets = None if max_response_tokens is None else [max_response_tokens] * len(roots)
+    for root, group in zip(roots, sample_fn([root.tokens for root in roots], M, chain_budgets)):
         for sample in group:
             _attach(root, sample, max_response_tokens)
     if N == 0 or T == 0:
@@ -301,18 +303,21 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
             break
         # The prefix ends strictly before the forked token, which the sampler draws again.
         prefixes = [path_tokens(f.node.parent) + f.node.tokens[: f.index] for f in forks]
-        continuations = sample_fn(prefixes, T)
+        # A branch may fill what the response budget leaves below its fork point (at least the
+        # forked token itself: fork candidates lie inside responses that fit the budget).
+        budgets = None
+        if max_response_tokens is not None:
+            budgets = [max_response_tokens - (len(prefix) - len(ancestors(f.node)[0].tokens))
+                       for f, prefix in zip(forks, prefixes)]
+        continuations = sample_fn(prefixes, T, budgets)
         # Split each segment at its fork points from the last to the first, so earlier indices
         # stay valid; the branches forked at index i become siblings of the tail split off there.
         order = sorted(range(len(forks)), key=lambda k: (id(forks[k].node), -forks[k].index))
         for k in order:
             node = forks[k].node
-            budget = None
-            if max_response_tokens is not None:
-                budget = max_response_tokens - len(prefixes[k]) + len(ancestors(node)[0].tokens)
             node.split(forks[k].index)
             for sample in continuations[k]:
-                _attach(node, sample, budget)
+                _attach(node, sample, None if budgets is None else budgets[k])
     return roots
 
 

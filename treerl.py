@@ -12,9 +12,10 @@ One TreeRL step (Section 3 of Hou et al., 2025) is
 
 The rollout backend is the only part that touches a generation engine. It has one job: given
 token-id prefixes, return sampled continuations with each token's log-prob and the entropy of the
-distribution it was drawn from (the fork score of EPTree). `HFBackend` does it with transformers'
-`generate`, `VLLMBackend` with a colocated vLLM engine (prefix cache, in-place weight sync); any
-engine with the same two methods (`sample`, `sync`) plugs in.
+distribution it was drawn from (the fork score of EPTree). `HFBackend` does it with a KV-cache
+decode loop over the transformers model being trained, `VLLMBackend` with a colocated vLLM engine
+(prefix cache, in-place weight sync); any engine with the same two methods (`sample`, `sync`)
+plugs in.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import packing
 import tree
@@ -52,10 +54,12 @@ class Backend(Protocol):
     `close()`, to shut it down at the end of a run (VLLMBackend has both).
     """
 
-    def sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int,
+    def sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int | Sequence[int],
                temperature: float = 1.0, top_p: float = 1.0) -> list[list[Sample]]:
         """For each prefix, n independent continuations (EOS included as last token when one was
-        produced), each token's log-prob and the entropy of its sampling distribution."""
+        produced), each token's log-prob and the entropy of its sampling distribution.
+        `max_new_tokens` is one limit for all prefixes or one per prefix (a fork's branches may
+        only fill what the response budget leaves below the fork)."""
 
     def sync(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (called after every update)."""
@@ -82,14 +86,26 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 class HFBackend:
-    """Sampling with transformers' `generate`: left-padded batches, KV cache, stop at EOS.
+    """Sampling from the model being trained with a batched KV-cache decode loop of its own.
 
-    It samples from the very model being trained (no copy), so `sync` has nothing to do. Each
-    token's log-prob and entropy come from the logits `generate` computes anyway, read step by step
-    by `_TokenStatsRecorder`, so memory stays one [batch, vocab] tensor however long the responses
-    (keeping every step's logits would take batch x length x vocab floats: about 80 GB for 64
-    responses of 2,048 tokens over a 150k vocabulary).
+    It samples from the very model being trained (no copy), so `sync` has nothing to do. The loop
+    is written out here rather than left to transformers' `generate` because a tree search asks
+    more of it than a chain sampler does:
+
+    - **One prefill per prefix.** The n continuations of a prefix share its forward pass: the
+      prefix is run once and its KV cache copied n times (EPTree's T branches per fork, and the M
+      chains per prompt).
+    - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
+      below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
+    - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
+      compacted (rows dropped from the KV cache) once an eighth of it has stopped, so short and
+      long continuations share a batch without the short ones being computed to the longest's end.
+
+    Each token's log-prob and entropy come from the step's logits, which the loop has anyway, so
+    memory stays one [batch, vocab] tensor however long the responses.
     """
+
+    COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
@@ -99,72 +115,182 @@ class HFBackend:
 
     @torch.no_grad()
     def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
-        rows = [list(p) for p in prefixes for _ in range(n)]
-        samples: list[Sample] = []
-        for start in range(0, len(rows), self.batch_size):
-            samples += self._generate(rows[start:start + self.batch_size], max_new_tokens,
-                                      temperature, top_p)
-        return [samples[i * n:(i + 1) * n] for i in range(len(prefixes))]
-
-    def _generate(self, rows, max_new_tokens, temperature, top_p) -> list[Sample]:
-        device = next(self.model.parameters()).device
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
-                                      device=device)
-        greedy = temperature == 0
-        recorder = _TokenStatsRecorder(temperature if not greedy else 1.0)
+        budgets = _per_prefix(max_new_tokens, len(prefixes))
+        if any(not p for p in prefixes):
+            raise ValueError("HFBackend.sample: every prefix needs at least one token")
+        # Prefixes with similar budgets share a batch (`batch_size` rows = prefixes x n).
+        order = sorted(range(len(prefixes)), key=lambda k: -budgets[k])
+        per_batch = max(1, self.batch_size // n)
+        groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
-        sequences = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=not greedy, temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p, top_k=None if greedy else 0,
-            eos_token_id=self.eos, pad_token_id=self.pad, logits_processor=[recorder])
-        self.model.train(was_training)
-        generated = sequences[:, width:]                                # [B, steps]
-        logprobs, entropies = recorder.finish(generated[:, -1])         # [B, steps] each
+        try:
+            for start in range(0, len(order), per_batch):
+                chunk = order[start:start + per_batch]
+                samples = self._generate([prefixes[k] for k in chunk], n, [budgets[k] for k in chunk],
+                                         temperature, top_p)
+                for j, k in enumerate(chunk):
+                    groups[k] = samples[j * n:(j + 1) * n]
+        finally:
+            self.model.train(was_training)
+        return groups
+
+    def _generate(self, prefixes, n, budgets, temperature, top_p) -> list[Sample]:
+        """n continuations of each prefix (rows prefix-major), each at most its prefix's budget."""
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prefixes)
+        input_ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prefixes], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = preallocated_kv_cache(self.model, capacity=width + max(budgets))
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # The n rows of a prefix start from copies of its cache and its last logits.
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        position = positions[:, -1].repeat_interleave(n, 0) + 1
+        budget = torch.tensor(budgets, device=device).repeat_interleave(n, 0)
+
+        rows = len(prefixes) * n
+        steps = max(budgets)
+        tokens = torch.full((rows, steps), self.pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, steps, device=device)
+        entropies = torch.zeros(rows, steps, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        row = torch.arange(rows, device=device)        # which output row each batch row fills
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        greedy = temperature == 0
+        for step in range(steps):
+            logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
+            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
+            live = ~stopped
+            tokens[row[live], step] = token[live]
+            logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
+            entropies[row[live], step] = entropy(logp[live])
+            lengths[row[live]] = step + 1
+            ended = live & (token == self.eos)
+            finished[row[ended]] = True
+            stopped |= ended | (step + 1 >= budget)
+            if bool(stopped.all()):
+                break
+            if stopped.float().mean() >= self.COMPACT_FRACTION:
+                keep = (~stopped).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                token, mask, position, budget, row = (t[keep] for t in (token, mask, position, budget, row))
+                stopped = stopped[keep]
+                mask = _trim_left_padding(cache, mask)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits, position = out.past_key_values, out.logits[:, -1], position + 1
+
         samples = []
-        for tokens, lps, ents in zip(generated.tolist(), logprobs.tolist(), entropies.tolist()):
-            length = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
-            samples.append(Sample(tokens[:length], lps[:length], ents[:length],
-                                  finished=tokens[length - 1] == self.eos if length else False))
+        for toks, lps, ents, length, done in zip(tokens.tolist(), logprobs.tolist(), entropies.tolist(),
+                                                 lengths.tolist(), finished.tolist()):
+            samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
 
 
-class _TokenStatsRecorder:
-    """A logits processor that watches `generate` and records, for every sampled token, its
-    log-prob and the entropy of the distribution it was drawn from (see `token_stats`).
+class _BufferedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer allocated once for the whole decode.
 
-    `generate` calls it once per step with the raw next-token logits, before its temperature and
-    top-p warpers (custom processors run first), and with `input_ids` holding every token chosen so
-    far. A step's entropy is known at once; the chosen token only at the next call (or, for the
-    last step, from the final sequences), so one step's log-softmax is kept until then. It returns
-    the logits unchanged.
+    transformers' DynamicLayer appends each step's keys and values with `torch.cat`, which copies
+    the whole cache every step: decoding k tokens copies O(k^2) token states, and on a 2-core CPU
+    that copy took about as long as the model's matrix products (30M-parameter model, batch 256,
+    140 positions). Here each step writes its new states into place and the attention reads a view
+    of the filled part.
     """
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.pending: torch.Tensor | None = None  # log-softmax of the step whose token is not yet known
-        self.logprobs: list[torch.Tensor] = []
-        self.entropies: list[torch.Tensor] = []
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
 
-    def _take_pending(self, chosen: torch.Tensor) -> None:
-        if self.pending is not None:
-            self.logprobs.append(self.pending.gather(-1, chosen[:, None]).squeeze(-1))
-            self.pending = None
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_zeros(batch, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._take_pending(input_ids[:, -1])
-        logp = tempered_log_softmax(scores, self.temperature)
-        self.entropies.append(entropy(logp))
-        self.pending = logp
-        return scores
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"KV buffer of {self.key_buffer.shape[-2]} positions overflowed ({end})")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self._refresh()
+        return self.keys, self.values
 
-    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, steps] log-probs and entropies, given the tokens chosen at the last step."""
-        self._take_pending(last_tokens)
-        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def _refresh(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._refresh()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._refresh()
+
+    def drop_first(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding that no row attends to any more)."""
+        self.key_buffer = self.key_buffer[:, :, columns:]
+        self.value_buffer = self.value_buffer[:, :, columns:]
+        self.length -= columns
+        self._refresh()
+
+
+def preallocated_kv_cache(model, capacity: int) -> DynamicCache:
+    """A KV cache for one decode of at most `capacity` positions: buffered layers where the model
+    uses plain growing ones, the model's own cache layers otherwise (sliding windows, ...)."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_BufferedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def _trim_left_padding(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row still in the batch, from the KV
+    cache and the attention mask, and return the mask. Rows are left-padded to the longest prefix
+    of the batch; once that row has left, its padding would be attended over for nothing."""
+    first = int(mask.any(0).int().argmax())  # the first column some row attends to
+    if first == 0 or not all(isinstance(layer, _BufferedLayer) for layer in cache.layers):
+        return mask
+    for layer in cache.layers:
+        layer.drop_first(first)
+    return mask[:, first:]
+
+
+def _per_prefix(max_new_tokens: int | Sequence[int], count: int) -> list[int]:
+    """A token budget for each of `count` prefixes, from one shared limit or a list of them."""
+    budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != count:
+        raise ValueError(f"max_new_tokens: got {len(budgets)} budgets for {count} prefixes")
+    if any(int(b) != b or b < 1 for b in budgets):
+        raise ValueError(f"max_new_tokens must be positive integers; got {sorted(set(budgets))[:5]}")
+    return [int(b) for b in budgets]
+
+
+def sample_top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """One token per row of log-probs [B, V], drawn from the smallest set of most likely tokens
+    whose probabilities add up to at least `top_p` (nucleus sampling), renormalised."""
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token if the tokens more likely than it hold less than top_p (the top one always).
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def topk_entropy(top_logprobs: Sequence[float]) -> float:
@@ -291,13 +417,14 @@ class VLLMBackend:
         # decoding sends n copies of the request instead (the prefix cache shares their KV).
         copies, per_request = (n, 1) if greedy else (1, n)
         rows = [list(p) for p in prefixes for _ in range(copies)]
+        budgets = [b for b in _per_prefix(max_new_tokens, len(prefixes)) for _ in range(copies)]
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
         params = [SamplingParams(
-            n=per_request, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+            n=per_request, max_tokens=budget, temperature=0.0 if greedy else temperature,
             top_p=1.0 if greedy else top_p, seed=None if greedy else seed,
             ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False,
             flat_logprobs=True)  # top-k log-probs as flat lists, not one dict per token
-            for seed in seeds]
+            for seed, budget in zip(seeds, budgets)]
         outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         samples = []
         for row, out in zip(rows, outputs):
@@ -510,8 +637,8 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
     """
     t0 = time.perf_counter()
 
-    def sample_fn(prefixes, n):
-        return backend.sample(prefixes, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    def sample_fn(prefixes, n, budgets):  # budgets: what each branch may add to its response
+        return backend.sample(prefixes, n, budgets or cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
                                 fork_score=cfg.fork_score, skip_last=cfg.skip_last,

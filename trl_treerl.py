@@ -268,7 +268,9 @@ class TreeRLTrainer(GRPOTrainer):
         args = self.args
         calls = 0
 
-        def sample_fn(prefixes, n):
+        def sample_fn(prefixes, n, budgets):
+            # TRL generates every row up to max_completion_length; eptree_batch cuts each branch
+            # to what its fork leaves of that budget.
             nonlocal calls
             calls += 1
             return self._sample(prefixes, n, fallback=prompt_ids[0])
@@ -284,7 +286,7 @@ class TreeRLTrainer(GRPOTrainer):
             # weights): make the calls the other processes are still making, with nothing to add.
             rounds = args.L if args.N and args.T else 0
             while calls < 1 + rounds:
-                sample_fn([], args.T)
+                sample_fn([], args.T, None)
         return forests
 
     def _sample(self, prefixes: list[list[int]], n: int, fallback: list[int]) -> list[list[tree.Sample]]:

@@ -185,9 +185,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
     """Sampling with transformers `generate` (left-padded batches, KV cache).
 
-    Not `treerl.HFBackend`: that one keeps every step's full-vocabulary logits to return log-probs
-    and entropies for training (about 1.2 GB per 2,048-token response with a 150k vocabulary);
-    evaluation needs only the text. The sampling settings are passed explicitly, so that what is
+    Not `treerl.HFBackend`: that one computes each token's log-prob and entropy for training and
+    stops only at its one EOS id, where evaluation needs only the text and stops at any of the
+    model's stop tokens. The sampling settings are passed explicitly, so that what is
     sampled is what summary.json says, not a model's own generation defaults (top_k, repetition
     penalty)."""
     import torch

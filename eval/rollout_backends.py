@@ -49,8 +49,8 @@ def grow_forests(backend, prompts, answer_start, seed: int) -> tuple[int, float]
     """One batch of EPTree forests; returns (generated tokens, seconds)."""
     torch.manual_seed(seed)
 
-    def sample_fn(prefixes, n):
-        return backend.sample(prefixes, n, MAX_NEW_TOKENS, 1.0, 1.0)
+    def sample_fn(prefixes, n, budgets):
+        return backend.sample(prefixes, n, budgets or MAX_NEW_TOKENS, 1.0, 1.0)
 
     started = time.perf_counter()
     forests = tree.eptree_batch(prompts, sample_fn, **SHAPE, fork_score="entropy", skip_last=4,

@@ -5,10 +5,11 @@
 For each model (the CPU default architecture, 0.9M parameters, and a 30M-parameter one; random
 weights, so every response runs to the length limit and runs are comparable) it measures:
 
-  generation   tokens/s of the transformers backend (`treerl.HFBackend`, i.e. `generate` plus the
-               per-token log-prob/entropy recorder) against the *limit*: a bare batched KV-cache
-               decode loop in plain torch on the same model, batch and length, with nothing else in
-               it. gen_vs_limit = backend / limit.
+  generation   tokens/s of the transformers backend (`treerl.HFBackend`: its decode loop with
+               per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
+               the *limit*: a bare batched decode loop in plain torch on the same model, batch and
+               length, with the same in-place KV cache and nothing else in it.
+               gen_vs_limit = backend / limit.
   tree vs chain tokens/s of an EPTree forest (M=4, N=2, L=1, T=2) against independent chains of
                about the same total tokens. tree_vs_chain = forest / chains. The forest's fork
                rounds re-read each prefix ("prefill"): its share of the fork round's time says
@@ -80,8 +81,10 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 @torch.no_grad()
 def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
-    """The limit: prefill, then one forward per token with the KV cache, multinomial sampling."""
-    out = model(input_ids=batch, use_cache=True)
+    """The limit: prefill, then one forward per token with a KV cache written in place, and
+    multinomial sampling; no padding, masks, per-token statistics or stopping."""
+    cache = treerl.preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
+    out = model(input_ids=batch, past_key_values=cache, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
         token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
@@ -107,9 +110,9 @@ def grow(backend, rows, M, N, L, T, seed=0) -> tuple[list[tree.Node], dict[str, 
     phase = {"chains": 0.0, "forks": 0.0, "prefill": 0.0}
     calls = []
 
-    def sample_fn(prefixes, n):
+    def sample_fn(prefixes, n, budgets):
         started = time.perf_counter()
-        out = backend.sample(prefixes, n, RESPONSE_TOKENS)
+        out = backend.sample(prefixes, n, budgets)
         spent = time.perf_counter() - started
         if not calls:
             phase["chains"] += spent

@@ -204,10 +204,12 @@ class FakeSampler:
     prefix so that different positions have different entropies. Records every call."""
 
     def __init__(self, length=12, answer_marker=None):
-        self.length, self.answer_marker, self.calls = length, answer_marker, []
+        self.length, self.answer_marker, self.calls, self.budgets = length, answer_marker, [], []
 
-    def __call__(self, prefixes, n):
+    def __call__(self, prefixes, n, budgets=None):
+        # The budgets are recorded, not obeyed: eptree must cut what overshoots them.
         self.calls.append(([list(p) for p in prefixes], n))
+        self.budgets.append(budgets)
         out = []
         for p in prefixes:
             group = []
@@ -231,6 +233,7 @@ def test_leaf_count_formula(M, N, L, T):
     # One batched call for the chains, then one per round.
     assert len(sampler.calls) == (1 + L if N and T else 1)
     assert sampler.calls[0] == ([[5, 6, 7]], M)
+    assert all(b is None for b in sampler.budgets)  # no response limit set: the sampler's own
     # Every generated token lives in exactly one segment.
     produced = sum(n * 30 for prefixes, n in sampler.calls for _ in prefixes)
     assert generated_tokens(root) == produced
@@ -332,7 +335,12 @@ def test_batched_search_equals_one_prompt_at_a_time():
 
 
 def test_response_budget_counts_the_prefix_before_a_fork():
-    root = eptree([1, 2, 3], FakeSampler(length=20), M=2, N=2, L=2, T=2, max_response_tokens=15)
+    sampler = FakeSampler(length=20)
+    root = eptree([1, 2, 3], sampler, M=2, N=2, L=2, T=2, max_response_tokens=15)
+    # The sampler is told each branch's budget: what the response limit leaves below the fork.
+    assert sampler.budgets[0] == [15]
+    for (prefixes, _), budgets in zip(sampler.calls[1:], sampler.budgets[1:]):
+        assert budgets == [15 - (len(p) - 3) for p in prefixes] and min(budgets) >= 1
     for leaf in leaves(root):
         assert len(response_tokens(leaf)) <= 15
         assert not leaf.finished  # every fake response (20 tokens) had to be cut

@@ -110,6 +110,44 @@ def test_backend_entropies_and_log_probs_are_of_the_tempered_distribution(tiny_m
     assert sample.scores == pytest.approx(ent.tolist(), abs=1e-4)
 
 
+def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
+    """Prefixes of different lengths and budgets in one batch: rows leave the batch at different
+    steps (the KV cache is compacted and its common left padding dropped), and every sample still
+    has the log-probs of a fresh forward pass."""
+    backend = treerl.HFBackend(tiny_model, EOS, PAD, batch_size=64)
+    prefixes = [[5, 6, 7, 8, 9, 10, 11, 12], [8, 9], [10, 11, 12], [13, 14, 15, 16, 17], [4]]
+    budgets = [2, 9, 5, 1, 14]
+    torch.manual_seed(3)
+    groups = backend.sample(prefixes, 3, budgets)
+    sequences = []
+    for prefix, budget, group in zip(prefixes, budgets, groups):
+        assert len(group) == 3
+        for s in group:
+            assert 1 <= len(s.tokens) <= budget
+            assert s.finished == (s.tokens[-1] == EOS)
+            if not s.finished:
+                assert len(s.tokens) == budget  # only EOS or the budget ends a sample
+            sequences.append(tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None))
+    batch = treerl.collate(sequences, PAD)
+    with torch.no_grad():
+        recomputed = treerl.sequence_logprobs(tiny_model, batch)
+    for row, seq in enumerate(sequences):
+        assert recomputed[row][batch.mask[row].bool()].tolist() == pytest.approx(seq.logprobs, abs=1e-4)
+    with pytest.raises(ValueError, match="budgets for 5 prefixes"):
+        backend.sample(prefixes, 1, [4, 4])
+    with pytest.raises(ValueError, match="positive integers"):
+        backend.sample(prefixes, 1, [4, 4, 0, 4, 4])
+
+
+def test_top_p_draws_only_from_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    torch.manual_seed(0)
+    for top_p, support, first_share in ((0.7, {0, 1}, 0.5 / 0.8), (0.45, {0}, 1.0), (0.81, {0, 1, 2}, 0.5 / 0.95)):
+        draws = torch.stack([treerl.sample_top_p(probs.log(), top_p) for _ in range(4000)]).flatten()
+        assert set(draws.tolist()) == support
+        assert (draws == 0).float().mean().item() == pytest.approx(first_share, abs=0.03)
+
+
 def test_greedy_sampling_is_deterministic(tiny_model):
     backend = treerl.HFBackend(tiny_model, EOS, PAD)
     a = backend.sample([[3, 4, 5]], 2, max_new_tokens=8, temperature=0.0)[0]

@@ -113,7 +113,7 @@ SCRIPT = {
 def scripted_sampler(tokenizer, prompt_ids, script=SCRIPT, first=""):
     eos = tokenizer.eos_token_id
 
-    def sample(prefixes, n, fallback=None):
+    def sample(prefixes, n, budgets=None, fallback=None):
         groups = []
         for prefix in prefixes:
             so_far = tokenizer.decode(prefix[len(prompt_ids):])
