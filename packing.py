@@ -3,7 +3,7 @@
 The flat update (`treerl.collate`) turns every leaf of a forest into its own sequence, prompt and
 shared prefixes included, so a segment high in the tree is run through the model once per leaf
 below it. A forest of M = 4 trees with one round of forking (L = 1, N = T = 2) has 20 leaves, and
-its prompt is processed 20 times. Tree packing lays the forest out once, as one row:
+its prompt is processed 20 times. Tree packing lays the tokens out once; a tree, as one row:
 
     root  "Q"   (prompt)                    row:     Q  a  b  c  d  e
      └── "ab"                               segment: 0  1  1  2  2  3
@@ -15,11 +15,11 @@ and gives the model two things that make the row behave like the two flat sequen
 
 - **position ids** that continue from the end of the parent segment (e sits at position 3, like
   c, because both follow "Qab"), so rotary embeddings see the same positions as in the flat rows;
-- a **4D additive attention mask** [1, 1, S, S] with 0 where a query may look and a very large
-  negative number elsewhere: every token sees itself, the earlier tokens of its own segment and all
-  tokens of its ancestor segments, and nothing else (e does not see c or d). Softmax turns the
-  large negative entries into exact zeros, so each token's hidden states, and so its log-prob,
-  are those of the flat sequence it belongs to.
+- a **4D attention mask** [1, 1, S, S], True (additive: 0) where a query may look and False (a
+  very large negative number) elsewhere: every token sees itself, the earlier tokens of its own
+  segment and all tokens of its ancestor segments, and nothing else (e does not see c or d).
+  Softmax gives the blocked entries exact zeros, so each token's hidden states, and so its
+  log-prob, are those of the flat sequence it belongs to.
 
 A token's log-prob comes from the logits of the token *before* it on its path, which is not
 always the previous position of the row: the first token of a segment is predicted at the last
@@ -50,16 +50,39 @@ segments that lead only to them are left out of the row.
 
 What it costs
 -------------
-The row holds each token once, so the MLPs and projections do (unique / flat) of the flat work
-(`token_ratio`). Attention differs: a row of S unique tokens attends over an S x S mask, where the
-flat batch attends within each leaf's own sequence; and a custom mask keeps SDPA off its
-flash-attention kernel. Micro-batches are whole forests (see `treerl.update_packed`), so a very
-wide forest of long responses is one large row.
+Each token goes through the model once (plus one copy of the prompt per tree, below), so the MLPs
+and projections do about (unique / flat) of the flat work (`token_ratio`). Attention is where a
+packed row pays: SDPA scores every query against every key of its row, masked or not, so a
+query's cost grows with the row's length, where a flat row is one leaf's path. Measured on the
+default CPU model (SDPA's CPU flash kernel, forward + backward, same number of tokens), a query
+costs ~2.2x as much in a row of 256 tokens as in one of 80; the causal case, which skips the
+blocks above the diagonal, is only ~7% cheaper than a masked row of the same length, so clever
+orderings buy little: only shorter rows do. Hence:
+
+- **one row per tree, not per forest** (`layout_rows`): the trees of a forest (the children of the
+  prompt) share nothing but the prompt, so each gets its own row with a copy of the prompt (short
+  ones may share a row, up to the length of the longest). Rows are ~4x shorter than the forest's
+  (M = 4), and attention ~4x cheaper than over one forest row;
+- **micro-batches of trees of about the same length** (`treerl.update_packed`, `group_by_length`):
+  little padding, and a short tree never waits for a long one's row length;
+- a **boolean mask** (SDPA's own form, a quarter of an additive float mask's memory), made by one
+  gather from the small segment relation; a micro-batch's tensors are built once and serve the
+  old log-probs and the update.
+
+Default model, 16 prompts, M = 4, N = T = 2, 64-token responses (eval/throughput.py, 2 CPU
+cores): L = 1, unique/flat 0.53, tokens through the model / flat 0.59 (prompt copies and padding),
+update 1.35-1.40x the flat tokens/s (0.88x with one row per forest); L = 2, unique/flat 0.42,
+1.57x (0.97x). What is left is mostly attention: rows of ~250 tokens cost about 1.3x the flat
+batch's attention for 0.6x its tokens, a fifth of the packed update. The mask is dense,
+[rows, 1, W, W] per micro-batch with W the longest tree: trees of thousands of tokens need a lot
+of memory for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -96,6 +119,36 @@ class PackedForest:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    # What collating needs, computed once per forest (a forest is collated for the old log-probs
+    # and again in every epoch). The forest must not be changed after it is first collated.
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-token lists as tensors."""
+        return {"input_ids": torch.tensor(self.input_ids), "position_ids": torch.tensor(self.position_ids),
+                "source": torch.tensor(self.source), "segment": torch.tensor(self.segment),
+                "weight": torch.tensor(self.weight, dtype=torch.float32),
+                "count": torch.tensor(self.count, dtype=torch.float32),
+                "advantage": torch.tensor(self.advantage, dtype=torch.float32).reshape(-1, 2),
+                "count_by_sign": torch.tensor(self.count_by_sign, dtype=torch.float32).reshape(-1, 2)}
+
+    @cached_property
+    def related(self) -> torch.Tensor:
+        """[n, n] bool over the n segments: related[s, t] when t is s or an ancestor of s."""
+        related = torch.zeros(len(self.lineage), len(self.lineage), dtype=torch.bool)
+        for s, line in enumerate(self.lineage):
+            related[s, line] = True
+        return related
+
+    @cached_property
+    def trees(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Indices of the prompt's tokens, and of each tree's tokens (a tree: a child of the root
+        and everything below it), in row order. Trees share nothing but the prompt."""
+        top = torch.tensor([line[1] if len(line) > 1 else 0 for line in self.lineage])  # segment -> tree
+        of_token = top[self.tensors["segment"]]
+        return ((of_token == 0).nonzero().flatten(),
+                [(of_token == t).nonzero().flatten() for t in of_token.unique().tolist() if t != 0])
+
 
 def forests_of(sequences: Sequence[tree.TrainSequence]) -> list[list[int]]:
     """Indices of the sequences grouped by the forest (prompt root) their leaf belongs to, in
@@ -123,8 +176,13 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
 
     # 1. The segments on the paths to the trained leaves, parents before children (depth first),
     #    so all of a token's ancestors sit to its left in the row.
+    #    Only the trained part of the forest is walked (a tree's pack does not visit its siblings).
     trained = {node for seq in sequences for node in tree.ancestors(seq.leaf)}
-    nodes = [node for node in tree.walk(root) if node in trained]
+    nodes, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(child for child in reversed(node.children) if child in trained)
     number = {node: s for s, node in enumerate(nodes)}
     lineage = [[number[a] for a in tree.ancestors(node)] for node in nodes]
 
@@ -187,6 +245,21 @@ def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "
     return [pack_forest([sequences[k] for k in group], aggregation) for group in forests_of(sequences)]
 
 
+def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[list[PackedForest]]:
+    """Per forest among `sequences`, one `PackedForest` per tree (a child of the prompt and the
+    trained leaves below it), each holding the prompt and that tree. Trees share only the prompt,
+    so the losses of a forest's trees add up to the forest's loss; `treerl.update_packed` batches
+    trees, not forests, to make rows of equal length."""
+    out = []
+    for group in forests_of(sequences):
+        trees: dict[int, list[int]] = {}
+        for k in group:
+            path = tree.ancestors(sequences[k].leaf)
+            trees.setdefault(id(path[1] if len(path) > 1 else path[0]), []).append(k)
+        out.append([pack_forest([sequences[k] for k in ks], aggregation) for ks in trees.values()])
+    return out
+
+
 def token_ratio(sequences: Sequence[tree.TrainSequence]) -> float:
     """Tokens a packed forward processes / tokens the flat forward processes, for the same training
     sequences (prompts included, padding excluded on both sides). Below 1 as soon as two trained
@@ -212,72 +285,179 @@ def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> lis
     return runs
 
 
+def group_by_length(items: Sequence[int], lengths: Sequence[int], sizes: Sequence[int], limit: int,
+                    overhead: int = 256) -> list[list[int]]:
+    """Runs of `items` for micro-batches whose rows are padded to their longest: items sorted
+    longest first, then cut into consecutive runs of at most `limit` in `sizes` (an item larger
+    than the limit gets a run of its own) so as to minimise the padded tokens, sum over runs of
+    (items x longest length), plus `overhead` tokens per run (the fixed cost of one more forward).
+    Exact, by dynamic programming over the cut points."""
+    order = sorted(items, key=lambda i: -lengths[i])
+    best = [0.0] + [float("inf")] * len(order)   # best[j]: cost of the first j items
+    cut = [0] * (len(order) + 1)                 # where the last run of that best starts
+    for j in range(1, len(order) + 1):
+        total = 0
+        for i in range(j - 1, -1, -1):           # the last run: order[i:j], longest order[i]
+            total += sizes[order[i]]
+            if total > limit and i < j - 1:
+                break
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], len(order)
+    while j:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model's rows: trees, not forests
+# --------------------------------------------------------------------------------------------------
+
+
+def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.Tensor]]]:
+    """The model's rows for `forests`: each row a list of pieces (forest, indices of its tokens in
+    the forest's order), a piece being a prompt and one or more of the trees below it.
+
+    A row costs attention in proportion to its length squared, so a forest is not laid out as one
+    row: its trees are, longest first, each put in the first row it fits in (first-fit
+    decreasing), a row holding at most as many tokens as the longest prompt + tree. A tree that
+    joins a row holding its own prompt does not bring the prompt again. So a row is one tree, or a
+    few short ones.
+    """
+    prompts = [f.trees[0] for f in forests]
+    trees = [(b, t) for b, f in enumerate(forests) for t in f.trees[1]]
+    trees += [(b, prompts[b][:0]) for b, f in enumerate(forests) if not f.trees[1]]  # prompt only
+    capacity = max(len(prompts[b]) + len(t) for b, t in trees)
+    rows: list[dict[int, list[torch.Tensor]]] = []  # per row: forest -> its trees there
+    sizes: list[int] = []
+    for b, t in sorted(trees, key=lambda bt: -len(bt[1])):  # stable: ties keep the forests' order
+        cost = [len(t) + (0 if b in row else len(prompts[b])) for row in rows]
+        r = next((r for r, row in enumerate(rows) if sizes[r] + cost[r] <= capacity), len(rows))
+        if r == len(rows):
+            rows.append({})
+            sizes.append(0)
+            cost.append(len(prompts[b]) + len(t))
+        sizes[r] += cost[r]
+        rows[r].setdefault(b, []).append(t)
+    return [[(b, torch.cat([prompts[b], *ts]).sort().values) for b, ts in row.items()] for row in rows]
+
+
 # --------------------------------------------------------------------------------------------------
 # Tensors for one forward pass
 # --------------------------------------------------------------------------------------------------
 
 
+def attention_mask(segments: torch.Tensor, related: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, W] segment ids of each row's tokens -> the mask [R, W, W]: query i may attend to key j
+    when j <= i and related[i's segment, j's segment]. Boolean (True: may attend) for
+    dtype=torch.bool, else additive: 0 where i may attend, the dtype's most negative number
+    elsewhere. Built with one gather from the small segment relation."""
+    width = segments.shape[-1]
+    allowed = related[segments[:, :, None], segments[:, None, :]]
+    allowed &= torch.ones(width, width, dtype=torch.bool).tril()
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def tree_attention_mask(forest: PackedForest, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention mask [width, width] of one packed row: 0 where query i may attend to
-    key j, the dtype's most negative number elsewhere.
+    """The additive attention mask [width, width] of a forest laid out as one row: 0 where query i
+    may attend to key j, the dtype's most negative number elsewhere.
 
     i may attend to j when j <= i and j's segment is i's own segment or one of its ancestors.
     Because ancestors come first in the row, "j <= i" only matters inside a segment, where it is
     the ordinary causal rule; the prompt (segment 0, everybody's ancestor) is causal too.
     Padding (positions past the forest) forms one more segment that sees only padding, so no
     query row is fully masked (that would give NaN) and no real token ever sees padding.
+    The model's rows (`collate_packed`) follow the same rule, over trees of several forests.
     """
-    n = len(forest.lineage)
-    related = torch.zeros(n + 1, n + 1, dtype=torch.bool)   # related[s, t]: t is s or above s
-    for s, line in enumerate(forest.lineage):
-        related[s, line] = True
-    related[n, n] = True
-    segment = torch.full((width,), n, dtype=torch.long)
-    segment[:len(forest)] = torch.tensor(forest.segment, dtype=torch.long)
-    allowed = related[segment[:, None], segment[None, :]]
-    allowed &= torch.ones(width, width, dtype=torch.bool).tril()
-    return torch.zeros(width, width, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    related = torch.block_diag(forest.related, torch.ones(1, 1, dtype=torch.bool))
+    segments = torch.full((1, width), len(forest.lineage), dtype=torch.long)
+    segments[0, :len(forest)] = forest.tensors["segment"]
+    return attention_mask(segments, related, dtype)[0]
 
 
 @dataclass
 class PackedBatch:
-    """Packed forests, one per row, right-padded to the longest. Per-token tensors are aligned
-    with input_ids (not shifted): position i holds the quantities of token i itself."""
+    """Packed forests in two layouts.
+
+    Per forest ([B, S], one forest per row, right-padded; position i holds token i of the forest's
+    `PackedForest` layout): the tokens to score, their loss weights, and the log-probs that
+    `treerl.packed_logprobs` returns. The model's rows ([R, W], `layout_rows`: one tree or a few
+    per row): what goes through the model. `predictor` links the two.
+    """
 
     input_ids: torch.Tensor        # [B, S]
-    position_ids: torch.Tensor     # [B, S]
-    attention_mask: torch.Tensor   # [B, 1, S, S] additive, in the model's dtype
-    source: torch.Tensor           # [B, S] position whose logits predict token i
     weight: torch.Tensor           # [B, S] 0 on prompt and padding
     count: torch.Tensor            # [B, S]
     advantage: torch.Tensor        # [B, S, 2] positive part, negative part
     count_by_sign: torch.Tensor    # [B, S, 2]
+    row_ids: torch.Tensor          # [R, W] the model's input
+    row_positions: torch.Tensor    # [R, W] position ids (tree positions)
+    attention_mask: torch.Tensor   # [R, 1, W, W] boolean, True where a query may attend to a key
+    predictor: torch.Tensor        # [B, S] index into the R * W row positions: whose logits score token i
     n_tokens: int                  # flat response tokens of these forests' sequences
     n_sequences: int
     aggregation: str
 
+    def to(self, device) -> "PackedBatch":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
-def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="cpu",
-                   dtype: torch.dtype = torch.float32) -> PackedBatch:
-    """Tensors for a forward over `forests`; `dtype` is the model's (the mask's dtype)."""
-    width = max(len(f) for f in forests)
+
+def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="cpu") -> PackedBatch:
+    """Tensors for a forward over `forests`."""
     if len({f.aggregation for f in forests}) != 1:
         raise ValueError("cannot batch forests packed for different aggregations")
+    tensors = [f.tensors for f in forests]
 
-    def padded(name, fill, tensor_dtype):
-        rows = [getattr(f, name) + [fill] * (width - len(f)) for f in forests]
-        return torch.tensor(rows, dtype=tensor_dtype, device=device)
+    def padded(name, fill=0):  # the per-forest layout [B, S, ...]
+        return torch.nn.utils.rnn.pad_sequence([t[name] for t in tensors], batch_first=True,
+                                                padding_value=fill).to(device)
 
-    mask = torch.stack([tree_attention_mask(f, width, dtype) for f in forests]).unsqueeze(1)
+    # Every token of the batch gets a number g, forest after forest (start[b] + i); number n is
+    # padding. Per number: its token, position, segment (numbered across forests: `related` is
+    # block-diagonal, its last segment padding, related only to itself) and the number of the token
+    # whose logits predict it.
+    start = torch.tensor([0] + [len(f) for f in forests]).cumsum(0)
+    first_segment = torch.tensor([0] + [len(f.lineage) for f in forests]).cumsum(0)
+    n = int(start[-1])
+    related = torch.block_diag(*[f.related for f in forests], torch.ones(1, 1, dtype=torch.bool))
+    token = torch.cat([t["input_ids"] for t in tensors] + [torch.tensor([pad_token_id])])
+    position = torch.cat([t["position_ids"] for t in tensors] + [torch.tensor([0])])
+    segment = torch.cat([t["segment"] + s for t, s in zip(tensors, first_segment)] + [first_segment[-1:]])
+    source = torch.cat([t["source"] + g for t, g in zip(tensors, start)] + [start[-1:]])
+
+    # The model's rows, as token numbers [R, W].
+    grid = torch.nn.utils.rnn.pad_sequence(
+        [torch.cat([start[b] + piece for b, piece in row]) for row in layout_rows(forests)],
+        batch_first=True, padding_value=n)
+    rows, width = grid.shape
+    # Where each token is predicted from, as a flat index into the R * W row positions: the row
+    # position of its source *in its own row* (a tree's first token is predicted at its row's copy
+    # of the prompt). A prompt token is in several rows; the first one's copy is used.
+    r = torch.arange(rows)[:, None].expand_as(grid)
+    at = torch.zeros(rows, n + 1, dtype=torch.long)         # at[r, g]: row position of g in row r
+    at[r, grid] = r * width + torch.arange(width)
+    predicted_at = at[r, source[grid]]
+    predictor = torch.zeros(n + 1, dtype=torch.long)
+    for k in reversed(range(rows)):                         # the first row containing g wins
+        predictor[grid[k]] = predicted_at[k]
+    numbers = torch.nn.utils.rnn.pad_sequence([torch.arange(len(f)) + g for f, g in zip(forests, start)],
+                                              batch_first=True, padding_value=n)
+
     return PackedBatch(
-        input_ids=padded("input_ids", pad_token_id, torch.long),
-        position_ids=padded("position_ids", 0, torch.long),
-        attention_mask=mask.to(device),
-        source=padded("source", 0, torch.long),
-        weight=padded("weight", 0.0, torch.float32),
-        count=padded("count", 0, torch.float32),
-        advantage=padded("advantage", [0.0, 0.0], torch.float32),
-        count_by_sign=padded("count_by_sign", [0, 0], torch.float32),
+        input_ids=padded("input_ids", pad_token_id),
+        weight=padded("weight"),
+        count=padded("count"),
+        advantage=padded("advantage"),
+        count_by_sign=padded("count_by_sign"),
+        row_ids=token[grid].to(device),
+        row_positions=position[grid].to(device),
+        attention_mask=attention_mask(segment[grid], related, torch.bool)[:, None].to(device),
+        predictor=predictor[numbers].to(device),
         n_tokens=sum(f.n_tokens for f in forests),
         n_sequences=sum(f.n_sequences for f in forests),
         aggregation=forests[0].aggregation)

@@ -221,6 +221,23 @@ def build_tiny_model(cfg: RunConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
+class GpuPeak:
+    """Peak GPU memory allocated by torch, phase by phase: `read()` returns the peak (GB) since
+    the last read (or since creation) and starts a new phase. Zero on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> float:
+        if self.device is None:
+            return 0.0
+        peak = torch.cuda.max_memory_allocated(self.device) / 1e9
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+
 def pick_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -555,8 +572,10 @@ def train(config: Config) -> dict:
         picked = random.Random(run.seed * 1_000_003 + step).sample(range(len(task.train)), run.prompts_per_step)
         examples = [task.train[i] for i in picked]
         prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+        gpu_peak = GpuPeak(device)
         result = treerl.rollout(backend, prompts, [e.gold for e in examples], task.score, decode,
                                 rcfg, seed=run.seed * 1_000_003 + step, answer_start=answer_start)
+        rollout_peak = gpu_peak.read()
         t0 = time.perf_counter()
         stats = {}
         if hasattr(backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
@@ -565,12 +584,15 @@ def train(config: Config) -> dict:
             stats = treerl.update(model, optimizer, scheduler, result.sequences, ucfg,
                                   tokenizer.pad_token_id, rcfg.temperature, ref_model, seed=step)
         t1 = time.perf_counter()
+        update_peak = gpu_peak.read()
         backend.sync(model)
         generated += result.stats["generated_tokens"]
         last = step == run.steps or (run.max_generated_tokens and generated >= run.max_generated_tokens)
         row = {"step": step, **result.stats, **stats, "sequences": len(result.sequences),
                "time_update": t1 - t0, "time_sync": time.perf_counter() - t1,
                "generated_tokens_total": generated}
+        if device.type == "cuda":
+            row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
         if (run.eval_every and step % run.eval_every == 0) or last:
             after = evaluate(backend, tokenizer, task, config, seed=run.seed)
             row.update(eval_greedy=after["greedy"], eval_sampled=after["sampled"])

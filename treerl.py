@@ -20,6 +20,8 @@ plugs in.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import copy
 import logging
 import math
@@ -95,6 +97,10 @@ class HFBackend:
     - **One prefill per prefix.** The n continuations of a prefix share its forward pass: the
       prefix is run once and its KV cache copied n times (EPTree's T branches per fork, and the M
       chains per prompt).
+    - **No prefill at all for a fork, inside `reusing_prefixes()`.** A fork's prefix is the start
+      of a response sampled earlier in the same search, so its keys and values were computed
+      then. In that block every sampled row's KV states are kept, and a later prefix that extends
+      one of them starts from a copy (only its last token is run, for the next-token logits).
     - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
       below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
     - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
@@ -109,48 +115,87 @@ class HFBackend:
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        self.prefix_store: _PrefixStore | None = None  # set inside reusing_prefixes()
+        # Prefix tokens asked for (once per prefix, not per continuation) and those whose KV
+        # states came from the store instead of a forward pass.
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def sync(self, model) -> None:
         self.model = model
+
+    @contextlib.contextmanager
+    def reusing_prefixes(self, max_bytes: int = 4 * 2**30):
+        """Within the block, keep the KV states of every sampled row (up to `max_bytes` of them)
+        and start later prefixes that extend one of them from those states. For one search: the
+        weights must not change inside the block (the states would be stale), and the states are
+        dropped when it ends. (A 1.5B model's states take 28 KiB per token: 4 GiB hold about 150k
+        tokens, the M chains of 16 prompts at 1.5k tokens each.)"""
+        self.prefix_store = _PrefixStore(max_bytes)
+        try:
+            yield self
+        finally:
+            self.prefix_store = None
 
     @torch.no_grad()
     def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
         budgets = _per_prefix(max_new_tokens, len(prefixes))
         if any(not p for p in prefixes):
             raise ValueError("HFBackend.sample: every prefix needs at least one token")
-        # Prefixes with similar budgets share a batch (`batch_size` rows = prefixes x n).
-        order = sorted(range(len(prefixes)), key=lambda k: -budgets[k])
+        # KV states already computed for all but the last token of each prefix, where kept.
+        stored = [self.prefix_store.find(p[:-1]) if self.prefix_store and len(p) > 1 else None
+                  for p in prefixes]
+        self.stats["prompt_tokens"] += sum(map(len, prefixes))
+        self.stats["cached_prompt_tokens"] += sum(s.count for s in stored if s is not None)
+        # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
+        # (`batch_size` rows = prefixes x n).
+        order = sorted(range(len(prefixes)), key=lambda k: (stored[k] is None, -budgets[k]))
         per_batch = max(1, self.batch_size // n)
         groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), per_batch):
-                chunk = order[start:start + per_batch]
-                samples = self._generate([prefixes[k] for k in chunk], n, [budgets[k] for k in chunk],
-                                         temperature, top_p)
+            start = 0
+            while start < len(order):
+                resumed = stored[order[start]] is not None
+                chunk = [k for k in order[start:start + per_batch] if (stored[k] is not None) == resumed]
+                start += len(chunk)
+                samples = self._generate([list(prefixes[k]) for k in chunk], n, [budgets[k] for k in chunk],
+                                         temperature, top_p, [stored[k] for k in chunk] if resumed else None)
                 for j, k in enumerate(chunk):
                     groups[k] = samples[j * n:(j + 1) * n]
         finally:
             self.model.train(was_training)
         return groups
 
-    def _generate(self, prefixes, n, budgets, temperature, top_p) -> list[Sample]:
-        """n continuations of each prefix (rows prefix-major), each at most its prefix's budget."""
+    def _start(self, prefixes, capacity: int, stored):
+        """The KV cache after every prefix (rows left-padded to the longest), the next-token
+        logits of each, its attention mask and the position of the next token.
+
+        Without stored states the prefixes are run whole (prefill). With them, the cache is filled
+        from the stored states of all but each prefix's last token, and only the last tokens run.
+        """
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prefixes)
-        input_ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prefixes], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = preallocated_kv_cache(self.model, capacity=width + max(budgets))
+        cache = preallocated_kv_cache(self.model, capacity)
+        if stored is None:
+            input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prefixes], device=device)
+        else:
+            _load_states(cache, stored, width - 1)
+            input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
+            positions = positions[:, -1:]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1], mask, positions[:, -1] + 1
+
+    def _generate(self, prefixes, n, budgets, temperature, top_p, stored=None) -> list[Sample]:
+        """n continuations of each prefix (rows prefix-major), each at most its prefix's budget."""
+        device = next(self.model.parameters()).device
+        cache, logits, mask, position = self._start(prefixes, max(map(len, prefixes)) + max(budgets), stored)
         # The n rows of a prefix start from copies of its cache and its last logits.
-        cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].repeat_interleave(n, 0)
-        mask = mask.repeat_interleave(n, 0)
-        position = positions[:, -1].repeat_interleave(n, 0) + 1
+        logits, mask, position = (t.repeat_interleave(n, 0) for t in (logits, mask, position))
         budget = torch.tensor(budgets, device=device).repeat_interleave(n, 0)
 
         rows = len(prefixes) * n
@@ -162,6 +207,19 @@ class HFBackend:
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         row = torch.arange(rows, device=device)        # which output row each batch row fills
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        keep_states = self.prefix_store is not None and isinstance(cache.layers[0], _BufferedLayer)
+
+        def store(batch_rows: torch.Tensor) -> None:
+            """Keep the KV states of these batch rows: their prefix and all but the last token they
+            sampled (the last one was never run through the model)."""
+            if not keep_states or self.prefix_store.full() or len(batch_rows) == 0:
+                return
+            paths = []
+            firsts = (mask.shape[1] - mask[batch_rows].sum(-1)).tolist()  # each row's left padding
+            for r, length, first in zip(row[batch_rows].tolist(), lengths[row[batch_rows]].tolist(), firsts):
+                paths.append((prefixes[r // n] + tokens[r, :length - 1].tolist(), first))
+            self.prefix_store.add(_snapshot(cache, batch_rows), paths)
+
         greedy = temperature == 0
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
@@ -177,6 +235,7 @@ class HFBackend:
             if bool(stopped.all()):
                 break
             if stopped.float().mean() >= self.COMPACT_FRACTION:
+                store(stopped.nonzero().squeeze(-1))
                 keep = (~stopped).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 token, mask, position, budget, row = (t[keep] for t in (token, mask, position, budget, row))
@@ -186,12 +245,86 @@ class HFBackend:
             out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
                              past_key_values=cache, use_cache=True)
             cache, logits, position = out.past_key_values, out.logits[:, -1], position + 1
+        store(torch.arange(len(row), device=device))
 
         samples = []
         for toks, lps, ents, length, done in zip(tokens.tolist(), logprobs.tolist(), entropies.tolist(),
                                                  lengths.tolist(), finished.tolist()):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
+
+
+@dataclass
+class _Stored:
+    """Where the KV states of a token sequence are kept: row `row` of a snapshot tensor
+    [layers, 2 (keys, values), rows, heads, columns, head_dim], from column `first` on."""
+
+    snapshot: torch.Tensor
+    row: int
+    first: int
+    count: int  # how many of its tokens are asked for
+
+    def states(self) -> torch.Tensor:
+        """[layers, 2, heads, count, head_dim]"""
+        return self.snapshot[:, :, self.row, :, self.first:self.first + self.count]
+
+
+class _PrefixStore:
+    """The KV states of the token sequences sampled so far in one search, found by prefix.
+
+    States are kept as snapshots of whole decode batches (one copy per layer and batch, not per
+    row), with a token sequence and its place in a snapshot per row. `find(p)` gives the states of
+    p from any sequence that starts with p: the sequences are kept sorted, and all those that start
+    with p follow p directly in that order. Snapshots stop being taken once they hold `max_bytes`
+    (the first ones, the chains, are what the first forks need); prefixes found in none are run
+    through the model as usual.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: list[tuple[tuple[int, ...], torch.Tensor, int, int]] = []
+        self.sorted = True
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def add(self, snapshot: torch.Tensor, rows: Sequence[tuple[Sequence[int], int]]) -> None:
+        """Keep a snapshot and, for each of its rows, the tokens whose states it holds and the
+        column where they start."""
+        self.bytes += snapshot.numel() * snapshot.element_size()
+        self.entries += [(tuple(tokens), snapshot, row, first) for row, (tokens, first) in enumerate(rows)]
+        self.sorted = False
+
+    def find(self, tokens: Sequence[int]) -> _Stored | None:
+        if not self.sorted:
+            self.entries.sort(key=lambda entry: entry[0])
+            self.sorted = True
+        key = tuple(tokens)
+        i = bisect.bisect_left(self.entries, key, key=lambda entry: entry[0])
+        if i < len(self.entries) and self.entries[i][0][:len(key)] == key:
+            _, snapshot, row, first = self.entries[i]
+            return _Stored(snapshot, row, first, len(key))
+        return None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _snapshot(cache, batch_rows: torch.Tensor) -> torch.Tensor:
+    """The KV states of some rows of a buffered cache, as [layers, 2, rows, H, columns, D]."""
+    return torch.stack([torch.stack([layer.keys[batch_rows], layer.values[batch_rows]]) for layer in cache.layers])
+
+
+def _load_states(cache, stored: Sequence[_Stored], width: int) -> None:
+    """Fill an empty buffered cache with stored states, one row per entry, right-aligned at
+    `width` columns (left padding before the shorter ones): one copy per row for all layers."""
+    first = stored[0].snapshot
+    layers, _, _, heads, _, dim = first.shape
+    states = first.new_zeros(layers, 2, len(stored), heads, width, dim)
+    for b, s in enumerate(stored):
+        states[:, :, b, :, width - s.count:] = s.states()
+    for k, layer in enumerate(cache.layers):
+        layer.load(states[k, 0], states[k, 1])
 
 
 class _BufferedLayer(DynamicLayer):
@@ -228,6 +361,11 @@ class _BufferedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from given states [batch, heads, tokens, head_dim] instead of empty."""
+        self.lazy_initialization(keys, values)
+        self.update(keys, values)
 
     def _refresh(self) -> None:
         self.keys = self.key_buffer[:, :, :self.length]
@@ -640,10 +778,14 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
     def sample_fn(prefixes, n, budgets):  # budgets: what each branch may add to its response
         return backend.sample(prefixes, n, budgets or cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
-    forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
-                                fork_score=cfg.fork_score, skip_last=cfg.skip_last,
-                                answer_start=answer_start, seed=seed,
-                                max_response_tokens=cfg.max_new_tokens)
+    # Within one search the weights are fixed, so a backend that can may start each fork from the
+    # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes).
+    reusing = getattr(backend, "reusing_prefixes", contextlib.nullcontext)
+    with reusing():
+        forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
+                                    fork_score=cfg.fork_score, skip_last=cfg.skip_last,
+                                    answer_start=answer_start, seed=seed,
+                                    max_response_tokens=cfg.max_new_tokens)
     t1 = time.perf_counter()
 
     # Verifier rewards on every leaf; a response that never produced EOS scores 0.
@@ -753,7 +895,7 @@ class UpdateConfig:
     mini_batch_size: int = field(default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"})
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
-    pack_tree: bool = field(default=False, metadata={"help": "one forward per forest over its unique tokens (tree mask), instead of one row per leaf; same loss (see packing.py)"})
+    pack_tree: bool = field(default=False, metadata={"help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; same loss (see packing.py)"})
 
     def validate(self) -> None:
         if self.aggregation not in ("token", "sequence"):
@@ -864,13 +1006,20 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 def packed_logprobs(model, batch: packing.PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
 
-    One forward over the unique tokens with the tree mask and tree positions (packing.py); token
-    i is scored with the logits at `source[i]`, the token before it on its own path.
+    One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few short
+    ones) with the tree mask and tree positions (packing.py); token i of a forest is scored with the logits at
+    `predictor[i]`, the row position of the token before it on its own path. The result is in the
+    per-forest layout of `batch.input_ids`.
+
+    The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
+    adds the mask to its scores) get it additive, in the model's dtype.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids).logits
-    rows = torch.arange(len(logits), device=logits.device)[:, None]
-    return token_stats(logits[rows, batch.source], batch.input_ids, temperature)[0]
+    mask = batch.attention_mask
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    logits = model(input_ids=batch.row_ids, attention_mask=mask, position_ids=batch.row_positions).logits
+    return token_stats(logits.flatten(0, 1)[batch.predictor], batch.input_ids, temperature)[0]
 
 
 def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: packing.PackedBatch,
@@ -992,40 +1141,57 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
 def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
                   cfg: UpdateConfig, pad_token_id: int, temperature: float = 1.0, ref_model=None,
                   seed: int = 0) -> dict[str, float]:
-    """`update` with tree packing: every forest goes through the model once, as one row of its
-    unique tokens (packing.py), instead of once per leaf. The sequences find their forest through
-    their leaves (`TrainSequence.leaf`).
+    """`update` with tree packing: every token of a forest goes through the model once (its prompt
+    once per tree), not once per leaf (packing.py). The sequences find their forest through their
+    leaves (`TrainSequence.leaf`).
 
     The loss is the flat loss, so with the whole rollout in one optimizer step (mini_batch_size 0,
-    the default) the gradient is the flat path's too, up to float rounding. Mini- and
-    micro-batches hold whole forests, as many as fit in mini_batch_size / micro_batch_size leaves
-    (at least one forest each); so with mini_batch_size > 0 the rollout is split into optimizer
-    steps by forest, not by the flat path's random split of leaves.
+    the default) the gradient is the flat path's too, up to float rounding. Mini-batches hold whole
+    forests, as many as fit in mini_batch_size leaves (at least one forest each); so with
+    mini_batch_size > 0 the rollout is split into optimizer steps by forest, not by the flat
+    path's random split of leaves. Micro-batches hold whole *trees* of the mini-batch (a forest's
+    trees share only the prompt, so their losses add up), as many as fit in micro_batch_size
+    leaves, longest first: trees of about the same length share a forward, and the rows need
+    little padding.
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    forests = packing.pack_sequences(sequences, cfg.aggregation)
-    leaves = [f.n_sequences for f in forests]
+    trees: list[packing.PackedForest] = []    # the units of work: a prompt and one tree below it
+    forests: list[list[int]] = []             # per forest, the ids of its trees
+    for forest in packing.pack_trees(sequences, cfg.aggregation):
+        forests.append(list(range(len(trees), len(trees) + len(forest))))
+        trees += forest
+    leaves = [t.n_sequences for t in trees]
+    forest_leaves = [sum(leaves[i] for i in ids) for ids in forests]
+
+    def micro_batches(ids):  # trees of similar length together, longest first
+        return packing.group_by_length(sorted(ids), [len(t) for t in trees], leaves, cfg.micro_batch_size)
+
+    # A micro-batch's tensors are built once, kept on the CPU, and reused: the old (and reference)
+    # log-probs and every epoch whose mini-batches match go through the same micro-batches.
+    built: dict[tuple[int, ...], packing.PackedBatch] = {}
 
     def collate(ids):
-        return packing.collate_packed([forests[i] for i in ids], pad_token_id, device, dtype)
+        key = tuple(ids)
+        if key not in built:
+            built[key] = packing.collate_packed([trees[i] for i in ids], pad_token_id)
+        return built[key].to(device)
 
-    def logprobs_per_forest(m) -> list[torch.Tensor]:
-        out = [torch.empty(0)] * len(forests)
-        for ids in packing.group_by_size(range(len(forests)), leaves, cfg.micro_batch_size):
+    def logprobs_per_tree(m) -> list[torch.Tensor]:
+        out = [torch.empty(0)] * len(trees)
+        for ids in micro_batches(range(len(trees))):
             logp = packed_logprobs(m, collate(ids), temperature)
             for row, i in enumerate(ids):
-                out[i] = logp[row, :len(forests[i])]
+                out[i] = logp[row, :len(trees[i])]
         return out
 
-    def padded(per_forest, ids):  # per-forest log-probs laid out like collate(ids)
-        return torch.nn.utils.rnn.pad_sequence([per_forest[i] for i in ids], batch_first=True)
+    def padded(per_tree, ids):  # per-tree log-probs laid out like collate(ids)
+        return torch.nn.utils.rnn.pad_sequence([per_tree[i] for i in ids], batch_first=True)
 
     with torch.no_grad():
-        old_logp = logprobs_per_forest(model)
+        old_logp = logprobs_per_tree(model)
         ref_logp = None
         if ref_model is not None and cfg.kl_coef > 0:
-            ref_logp = logprobs_per_forest(ref_model)
+            ref_logp = logprobs_per_tree(ref_model)
 
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
@@ -1033,12 +1199,13 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
     model.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(forests), generator=generator).tolist()
-        for mini in packing.group_by_size(order, leaves, cfg.mini_batch_size or sum(leaves)):
-            tokens = sum(forests[i].n_tokens for i in mini)
+        for mini in packing.group_by_size(order, forest_leaves, cfg.mini_batch_size or sum(leaves)):
+            mini = [i for f in mini for i in forests[f]]
+            tokens = sum(trees[i].n_tokens for i in mini)
             denominator = float(tokens) if cfg.aggregation == "token" else float(sum(leaves[i] for i in mini))
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
-            for ids in packing.group_by_size(mini, leaves, cfg.micro_batch_size):
+            for ids in micro_batches(mini):
                 b = collate(ids)
                 logp = packed_logprobs(model, b, temperature)
                 loss, stats = packed_policy_loss(

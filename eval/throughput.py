@@ -1,9 +1,12 @@
 """Where a TreeRL step spends its time, and how close each phase is to what this machine can do.
 
-    python -m eval.throughput [--models default,30m] [--batch 256] [--repeats 3]
+    python -m eval.throughput [--models default,30m] [--batch 256] [--repeats 3] [--device cpu]
+    python -m eval.throughput --models qwen2.5-1.5b --device cuda      # one GPU
 
-For each model (the CPU default architecture, 0.9M parameters, and a 30M-parameter one; random
-weights, so every response runs to the length limit and runs are comparable) it measures:
+For each model it measures the following, with random weights (every response runs to the length
+limit, so runs are comparable). Models: the CPU default architecture (0.9M parameters) and a
+30M-parameter one, both over the character vocabulary; and, for a GPU, Qwen2.5-1.5B's shapes
+(151,936-token vocabulary, bfloat16).
 
   generation   tokens/s of the transformers backend (`treerl.HFBackend`: its decode loop with
                per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
@@ -11,9 +14,12 @@ weights, so every response runs to the length limit and runs are comparable) it 
                length, with the same in-place KV cache and nothing else in it.
                gen_vs_limit = backend / limit.
   tree vs chain tokens/s of an EPTree forest (M=4, N=2, L=1, T=2) against independent chains of
-               about the same total tokens. tree_vs_chain = forest / chains. The forest's fork
-               rounds re-read each prefix ("prefill"): its share of the fork round's time says
-               whether re-using the parents' KV cache would pay.
+               about the same total tokens, for the same prompts. tree_vs_chain = forest / chains,
+               for train.py's 16 prompts per step and for 64 (where the forest's first round, M=4
+               chains per prompt, fills a batch of 256 as the chains do). The forest is grown as
+               `treerl.rollout` grows it, forks starting from their prefixes' stored KV states,
+               and again re-reading every prefix: fork_prefill_share is the share of the fork
+               round that re-reading costs.
   update       training tokens/s (forward + backward) over the leaf sequences of that forest, flat
                (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                forest), counted in *leaf-path* tokens, the work the loss stands for.
@@ -27,11 +33,13 @@ and prints a table. Timings are medians over --repeats after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,24 +51,55 @@ import treerl
 from eval.common import machine, markdown_table, write_json
 from treerl import UpdateConfig
 
-MODELS = {  # name -> (hidden size, layers, heads)
+MODELS = {  # name -> (hidden size, layers, heads); the character vocabulary of train.py
     "default": (128, 4, 4),
     "30m": (512, 9, 8),
 }
+# Qwen2.5-1.5B's shapes (its config.json), for a GPU: the 151,936-token vocabulary makes the LM
+# head and the per-token statistics part of what is measured.
+QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                 tie_word_embeddings=True)
 PROMPT_TOKENS = 16
 RESPONSE_TOKENS = 64
 
 
-def build(name: str):
-    hidden, layers, heads = MODELS[name]
-    cfg = train.parse_config(["--hidden_size", str(hidden), "--num_layers", str(layers),
-                              "--num_heads", str(heads)]).run
-    tokenizer = train.build_char_tokenizer()
+@dataclass
+class Subject:
+    """A model to measure, with what the measurements need of its tokenizer."""
+
+    model: torch.nn.Module
+    vocab: int        # token ids are drawn from [3, vocab)
+    pad: int
+    never: int        # an EOS id the model cannot emit: random weights then never stop early
+    update_prompts: int  # prompts whose forests the update is timed on
+
+
+def build(name: str, device: str = "cpu") -> Subject:
     torch.manual_seed(0)
-    model = train.build_tiny_model(cfg, tokenizer).eval()
-    # Random weights never stop early if EOS is an id the model cannot emit.
-    never = len(tokenizer)
-    return model, tokenizer, never
+    if name == "qwen2.5-1.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        with torch.device(device):  # 1.5B random weights initialise much faster on a GPU
+            model = Qwen2ForCausalLM(Qwen2Config(**QWEN_1_5B, pad_token_id=0)).to(torch.bfloat16)
+        subject = Subject(model, QWEN_1_5B["vocab_size"], 0, QWEN_1_5B["vocab_size"], 16)
+    else:
+        hidden, layers, heads = MODELS[name]
+        cfg = train.parse_config(["--hidden_size", str(hidden), "--num_layers", str(layers),
+                                  "--num_heads", str(heads)]).run
+        tokenizer = train.build_char_tokenizer()
+        model = train.build_tiny_model(cfg, tokenizer)
+        # The 30M model's update is timed on fewer forests: on 2 CPU cores, 16 take minutes.
+        subject = Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer),
+                          16 if name == "default" else 4)
+    subject.model = subject.model.to(device).eval()
+    return subject
+
+
+def clock() -> float:
+    """Seconds, after waiting for queued GPU work (timings on a GPU would stop too early)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -68,9 +107,9 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     fn()
     times, result = [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         result = fn()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return statistics.median(times), result
 
 
@@ -84,7 +123,7 @@ def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
     """The limit: prefill, then one forward per token with a KV cache written in place, and
     multinomial sampling; no padding, masks, per-token statistics or stopping."""
     cache = treerl.preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
-    out = model(input_ids=batch, past_key_values=cache, use_cache=True)
+    out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
         token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
@@ -93,10 +132,15 @@ def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
     return batch.shape[0] * steps
 
 
-def measure_generation(model, tokenizer, never, batch: int, repeats: int) -> dict:
-    rows = prompts(batch, len(tokenizer))
-    limit_s, tokens = timed(lambda: bare_decode(model, torch.tensor(rows), RESPONSE_TOKENS), repeats)
-    backend = treerl.HFBackend(model, never, tokenizer.pad_token_id, batch_size=batch)
+def backend_for(subject: Subject, batch: int) -> treerl.HFBackend:
+    return treerl.HFBackend(subject.model, subject.never, subject.pad, batch_size=batch)
+
+
+def measure_generation(subject: Subject, batch: int, repeats: int) -> dict:
+    rows = prompts(batch, subject.vocab)
+    device = next(subject.model.parameters()).device
+    limit_s, tokens = timed(lambda: bare_decode(subject.model, torch.tensor(rows, device=device), RESPONSE_TOKENS), repeats)
+    backend = backend_for(subject, batch)
     backend_s, groups = timed(lambda: backend.sample(rows, 1, RESPONSE_TOKENS), repeats)
     backend_tokens = sum(len(s.tokens) for g in groups for s in g)
     return {"batch": batch, "limit_tokens_per_s": tokens / limit_s,
@@ -104,52 +148,53 @@ def measure_generation(model, tokenizer, never, batch: int, repeats: int) -> dic
             "gen_vs_limit": (backend_tokens / backend_s) / (tokens / limit_s)}
 
 
-def grow(backend, rows, M, N, L, T, seed=0) -> tuple[list[tree.Node], dict[str, float]]:
-    """EPTree forests for `rows`, timing the initial chains and the fork rounds apart, and the
-    fork rounds' prefill (the same prefixes with one new token) to see what re-reading costs."""
-    phase = {"chains": 0.0, "forks": 0.0, "prefill": 0.0}
-    calls = []
+def grow(backend, rows, M, N, L, T, seed=0, reuse=True) -> tuple[list[tree.Node], dict[str, float]]:
+    """EPTree forests for `rows`, timing the initial chains and the fork rounds apart. With
+    `reuse`, forks start from the KV states of their prefix (as `treerl.rollout` does); without,
+    every fork prefix is run through the model again."""
+    phase = {"chains": 0.0, "forks": 0.0}
 
     def sample_fn(prefixes, n, budgets):
-        started = time.perf_counter()
+        started = clock()
         out = backend.sample(prefixes, n, budgets)
-        spent = time.perf_counter() - started
-        if not calls:
-            phase["chains"] += spent
-        else:
-            phase["forks"] += spent
-            started = time.perf_counter()
-            backend.sample(prefixes, n, 1)
-            phase["prefill"] += time.perf_counter() - started
-        calls.append(len(prefixes))
+        phase["forks" if phase["chains"] else "chains"] += clock() - started
         return out
 
     torch.manual_seed(seed)
-    forests = tree.eptree_batch(rows, sample_fn, M, N, L, T, seed=seed, max_response_tokens=RESPONSE_TOKENS)
+    with backend.reusing_prefixes() if reuse else contextlib.nullcontext():
+        forests = tree.eptree_batch(rows, sample_fn, M, N, L, T, seed=seed, max_response_tokens=RESPONSE_TOKENS)
     return forests, phase
 
 
-def measure_tree_vs_chain(model, tokenizer, never, prompts_per_step: int, repeats: int) -> dict:
-    rows = prompts(prompts_per_step, len(tokenizer), seed=1)
-    backend = treerl.HFBackend(model, never, tokenizer.pad_token_id, batch_size=256)
-    forest_times, phases = [], []
-    for seed in range(repeats + 1):
-        started = time.perf_counter()
-        forests, phase = grow(backend, rows, 4, 2, 1, 2, seed)
-        forest_times.append(time.perf_counter() - started - phase["prefill"])
-        phases.append(phase)
-    forest_tokens = sum(tree.generated_tokens(root) for root in forests)
-    chains = max(1, round(forest_tokens / (len(rows) * RESPONSE_TOKENS)))
+def measure_tree_vs_chain(subject: Subject, prompts_per_step: int, batch: int, repeats: int) -> dict:
+    """Forest (M=4, N=2, L=1, T=2) against chains of about the same total tokens, for the same
+    prompts; the forest with and without re-using its prefixes' KV states."""
+    rows = prompts(prompts_per_step, subject.vocab, seed=1)
+    backend = backend_for(subject, batch)
+    result = {"prompts": len(rows), "batch": batch}
+    for reuse in (True, False):
+        times, fork_times = [], []
+        for seed in range(repeats + 1):  # the first run warms up
+            started = clock()
+            forests, phase = grow(backend, rows, 4, 2, 1, 2, seed, reuse)
+            times.append(clock() - started)
+            fork_times.append(phase["forks"])
+        tokens = sum(tree.generated_tokens(root) for root in forests)
+        name = "forest" if reuse else "forest_no_reuse"
+        result[f"{name}_tokens"] = tokens
+        result[f"{name}_tokens_per_s"] = tokens / statistics.median(times[1:])
+        result[f"{name}_fork_round_seconds"] = statistics.median(fork_times[1:])
+    chains = max(1, round(result["forest_tokens"] / (len(rows) * RESPONSE_TOKENS)))
     chain_s, groups = timed(lambda: backend.sample(rows, chains, RESPONSE_TOKENS), repeats)
     chain_tokens = sum(len(s.tokens) for g in groups for s in g)
-    forest_s = statistics.median(forest_times[1:])
-    forks_s = statistics.median(p["forks"] for p in phases[1:])
-    prefill_s = statistics.median(p["prefill"] for p in phases[1:])
-    return {"prompts": len(rows), "forest_tokens": forest_tokens, "forest_tokens_per_s": forest_tokens / forest_s,
-            "chains_per_prompt": chains, "chain_tokens": chain_tokens, "chain_tokens_per_s": chain_tokens / chain_s,
-            "tree_vs_chain": (forest_tokens / forest_s) / (chain_tokens / chain_s),
-            "fork_round_seconds": forks_s, "fork_prefill_seconds": prefill_s,
-            "fork_prefill_share": prefill_s / forks_s}
+    result.update({
+        "chains_per_prompt": chains, "chain_tokens": chain_tokens, "chain_tokens_per_s": chain_tokens / chain_s,
+        "tree_vs_chain": result["forest_tokens_per_s"] / (chain_tokens / chain_s),
+        "tree_vs_chain_no_reuse": result["forest_no_reuse_tokens_per_s"] / (chain_tokens / chain_s),
+        # The share of the fork round that re-reading the prefixes costs.
+        "fork_prefill_share": 1 - result["forest_fork_round_seconds"] / result["forest_no_reuse_fork_round_seconds"],
+    })
+    return result
 
 
 def training_sequences(forests: list[tree.Node], seed: int = 0) -> list[tree.TrainSequence]:
@@ -163,68 +208,105 @@ def training_sequences(forests: list[tree.Node], seed: int = 0) -> list[tree.Tra
     return sequences
 
 
-def measure_update(model, tokenizer, never, depth: int, repeats: int) -> dict:
-    rows = prompts(16, len(tokenizer), seed=2)
-    backend = treerl.HFBackend(model, never, tokenizer.pad_token_id, batch_size=256)
-    forests, _ = grow(backend, rows, 4, 2, depth, 2)
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated since the last reset, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_update(subject: Subject, depth: int, batch: int, repeats: int) -> dict:
+    model = subject.model
+    device = next(model.parameters()).device
+    rows = prompts(subject.update_prompts, subject.vocab, seed=2)
+    forests, _ = grow(backend_for(subject, batch), rows, 4, 2, depth, 2)
     sequences = training_sequences(forests)
     leaf_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
-    result = {"L": depth, "leaves": len(sequences), "leaf_path_tokens": leaf_tokens,
+    result = {"L": depth, "prompts": len(rows), "leaves": len(sequences), "leaf_path_tokens": leaf_tokens,
               "unique_over_flat": packing.token_ratio(sequences)}
     for name, pack in (("flat", False), ("packed", True)):
         cfg = UpdateConfig(lr=1e-6, pack_tree=pack)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
-        seconds, _ = timed(lambda: treerl.update(model, optimizer, None, sequences, cfg, tokenizer.pad_token_id), repeats)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, _ = timed(lambda: treerl.update(model, optimizer, None, sequences, cfg, subject.pad), repeats)
+        model.zero_grad(set_to_none=True)
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
-        result[f"{name}_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)
     result["packed_speedup"] = result["packed_leaf_tokens_per_s"] / result["flat_leaf_tokens_per_s"]
     return result
 
 
+def table_rows(name: str, r: dict) -> list[list[str]]:
+    g = r["generation"]
+    rows = [[name, "generation (batch %d)" % g["batch"], f"{g['backend_tokens_per_s']:.0f} tok/s",
+             f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)", f"{g['gen_vs_limit']:.2f}"]]
+    for t in r["tree_vs_chain"]:
+        rows.append([name, f"EPTree vs chains, {t['prompts']} prompts", f"{t['forest_tokens_per_s']:.0f} tok/s",
+                     f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain']:.2f}"])
+        rows.append([name, f"same, forks re-read their prefix", f"{t['forest_no_reuse_tokens_per_s']:.0f} tok/s",
+                     f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain_no_reuse']:.2f}"])
+    for u in r["update"]:
+        rows.append([name, f"update, L={u['L']} ({u['leaves']} leaves, unique/flat {u['unique_over_flat']:.2f})",
+                     f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
+                     f"{u['flat_leaf_tokens_per_s']:.0f} tok/s (flat)", f"{u['packed_speedup']:.2f}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="default,30m", help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--models", default="default,30m",
+                        help=f"comma-separated, from: {', '.join([*MODELS, 'qwen2.5-1.5b'])}")
     parser.add_argument("--batch", type=int, default=256, help="generation batch (train.py's gen_batch_size)")
+    parser.add_argument("--prompts", default="16,64", help="prompts per step for the tree-vs-chain comparison")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="results")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     names = args.models.split(",")
     for name in names:
-        if name not in MODELS:
-            parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if name not in MODELS and name != "qwen2.5-1.5b":
+            parser.error(f"unknown model {name!r}; choose from {', '.join([*MODELS, 'qwen2.5-1.5b'])}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    try:
+        prompt_counts = [int(p) for p in args.prompts.split(",")]
+    except ValueError:
+        parser.error(f"--prompts must be comma-separated integers, got {args.prompts!r}")
     started = time.perf_counter()
-    results = {}
-    for name in names:
-        model, tokenizer, never = build(name)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {params / 1e6:.1f}M parameters", flush=True)
-        results[name] = {
-            "parameters": params,
-            "generation": measure_generation(model, tokenizer, never, args.batch, args.repeats),
-            "tree_vs_chain": measure_tree_vs_chain(model, tokenizer, never, 16, args.repeats),
-            "update": [measure_update(model, tokenizer, never, depth, args.repeats) for depth in (1, 2)],
-        }
-    first = results[names[0]]
-    payload = {"command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
-               "machine": machine(), "prompt_tokens": PROMPT_TOKENS, "response_tokens": RESPONSE_TOKENS,
-               "gen_vs_limit": first["generation"]["gen_vs_limit"],
-               "tree_vs_chain": first["tree_vs_chain"]["tree_vs_chain"],
-               "packed_speedup": first["update"][0]["packed_speedup"],
-               "models": results, "wall_seconds": time.perf_counter() - started}
-    write_json(Path(args.out) / "throughput.json", payload)
+    payload = {"command": "python -m eval.throughput " + " ".join(argv), "machine": machine(),
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "prompt_tokens": PROMPT_TOKENS, "response_tokens": RESPONSE_TOKENS, "models": {}}
     table = []
-    for name, r in results.items():
-        g, t = r["generation"], r["tree_vs_chain"]
-        table.append([name, "generation (batch %d)" % g["batch"], f"{g['backend_tokens_per_s']:.0f} tok/s",
-                      f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)", f"{g['gen_vs_limit']:.2f}"])
-        table.append([name, "EPTree vs chains", f"{t['forest_tokens_per_s']:.0f} tok/s",
-                      f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain']:.2f}"])
-        table.append([name, "fork re-prefill", f"{t['fork_prefill_seconds']:.3f} s",
-                      f"{t['fork_round_seconds']:.3f} s (fork round)", f"{t['fork_prefill_share']:.2f}"])
-        for u in r["update"]:
-            table.append([name, f"update, L={u['L']} ({u['leaves']} leaves, unique/flat {u['unique_over_flat']:.2f})",
-                          f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
-                          f"{u['flat_leaf_tokens_per_s']:.0f} tok/s (flat)", f"{u['packed_speedup']:.2f}"])
+    for name in names:
+        subject = build(name, args.device)
+        params = sum(p.numel() for p in subject.model.parameters())
+        print(f"{name}: {params / 1e6:.1f}M parameters", flush=True)
+        result = {"parameters": params}
+
+        def report(text: str) -> None:
+            print(f"  {text} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+        result["generation"] = measure_generation(subject, args.batch, args.repeats)
+        report(f"generation: gen_vs_limit {result['generation']['gen_vs_limit']:.2f}")
+        result["tree_vs_chain"] = []
+        for p in prompt_counts:
+            result["tree_vs_chain"].append(measure_tree_vs_chain(subject, p, args.batch, args.repeats))
+            report(f"{p} prompts: tree_vs_chain {result['tree_vs_chain'][-1]['tree_vs_chain']:.2f}")
+        result["update"] = []
+        for depth in (1, 2):
+            result["update"].append(measure_update(subject, depth, args.batch, args.repeats))
+            report(f"update L={depth}: packed_speedup {result['update'][-1]['packed_speedup']:.2f}")
+        payload["models"][name] = result
+        if name == names[0]:  # the headline ratios: the first model, train.py's step where it applies
+            payload.update(gen_vs_limit=result["generation"]["gen_vs_limit"],
+                           tree_vs_chain=result["tree_vs_chain"][0]["tree_vs_chain"],
+                           packed_speedup=result["update"][0]["packed_speedup"])
+        payload["wall_seconds"] = time.perf_counter() - started
+        write_json(Path(args.out) / "throughput.json", payload)  # after every model: a cut run keeps the rest
+        table += table_rows(name, result)
+        del subject
     print(markdown_table(["model", "measure", "value", "against", "ratio"], table))
     print(f"{payload['wall_seconds']:.0f} s; wrote {Path(args.out) / 'throughput.json'}")
     return payload

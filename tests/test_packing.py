@@ -141,6 +141,55 @@ def test_group_by_size_fills_runs_up_to_the_limit():
     assert packing.group_by_size([0, 1, 2, 3], [2, 2, 5, 1], 4) == [[0, 1], [2], [3]]
 
 
+def test_group_by_length_finds_the_cheapest_cut():
+    """The runs cover every item once, longest first, keep to the limit, and cost what the best of
+    all cuts (tried one by one) costs."""
+    import itertools
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(1, 7)
+        lengths = [rng.randint(1, 60) for _ in range(n)]
+        sizes = [rng.randint(1, 4) for _ in range(n)]
+        limit, overhead = rng.randint(4, 9), rng.choice([0, 10, 50])
+        runs = packing.group_by_length(range(n), lengths, sizes, limit, overhead)
+        order = [i for run in runs for i in run]
+        assert sorted(order) == list(range(n))
+        assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+        assert all(sum(sizes[i] for i in run) <= limit or len(run) == 1 for run in runs)
+
+        def cost(cut_runs):
+            return sum(len(r) * max(lengths[i] for i in r) + overhead for r in cut_runs)
+
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            split, run = [], [order[0]]
+            for i, cut in zip(order[1:], cuts):
+                if cut:
+                    split.append(run)
+                    run = []
+                run.append(i)
+            split.append(run)
+            if all(sum(sizes[i] for i in r) <= limit or len(r) == 1 for r in split):
+                best = min(best, cost(split))
+        assert cost(runs) == best
+
+
+def test_rows_hold_each_tree_once_with_its_prompt():
+    sequences = random_sequences(seed=5, forests=3)
+    forests = packing.pack_sequences(sequences)
+    rows = packing.layout_rows(forests)
+    capacity = max(len(f.trees[0]) + len(t) for f in forests for t in f.trees[1])
+    seen = {b: [] for b in range(len(forests))}
+    for row in rows:
+        assert sum(len(piece) for _, piece in row) <= capacity
+        for b, piece in row:
+            prompt = forests[b].trees[0]
+            assert piece[:len(prompt)].tolist() == prompt.tolist()  # the prompt leads, once
+            seen[b] += piece[len(prompt):].tolist()
+    for b, f in enumerate(forests):  # every tree token of every forest in exactly one row
+        assert sorted(seen[b]) == sorted(torch.cat(f.trees[1]).tolist())
+
+
 # --------------------------------------------------------------------------------------------------
 # Packed == flat on random forests and a tiny random model
 # --------------------------------------------------------------------------------------------------

@@ -139,6 +139,53 @@ def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
         backend.sample(prefixes, 1, [4, 4, 0, 4, 4])
 
 
+def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
+    """Inside reusing_prefixes(), a prefix that extends an earlier sample starts from that
+    sample's KV states: nothing of it but its last token is recomputed, and the continuations are
+    what a full prefill gives (greedy tokens equal, log-probs those of a fresh forward pass)."""
+    backend = treerl.HFBackend(tiny_model, EOS, PAD, batch_size=64)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    with backend.reusing_prefixes():
+        torch.manual_seed(4)
+        chains = backend.sample(prompts, 2, 12, temperature=1.3)
+        assert backend.stats["cached_prompt_tokens"] == 0
+        forks = [prompt + s.tokens[:k] for prompt, group in zip(prompts, chains) for s in group
+                 for k in (2, 5) if len(s.tokens) > k]
+        assert forks, "the tiny model should sample chains longer than 5 tokens"
+        before = dict(backend.stats)
+        resumed = backend.sample(forks, 2, 6, temperature=0.0)
+        assert backend.stats["cached_prompt_tokens"] - before["cached_prompt_tokens"] == sum(len(f) - 1 for f in forks)
+    assert backend.prefix_store is None  # states are dropped when the block ends
+    with backend.reusing_prefixes(max_bytes=0):  # no room: every prefix is run again
+        backend.sample(prompts, 2, 12)
+        before = dict(backend.stats)
+        backend.sample(forks, 1, 2)
+        assert backend.stats["cached_prompt_tokens"] == before["cached_prompt_tokens"]
+    prefilled = backend.sample(forks, 2, 6, temperature=0.0)
+    assert [[s.tokens for s in g] for g in resumed] == [[s.tokens for s in g] for g in prefilled]
+    for got, want in zip(resumed, prefilled):
+        for a, b in zip(got, want):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_prefix_store_finds_any_entry_that_starts_with_the_prefix():
+    # A snapshot of two rows [layers=1, 2, rows=2, heads=1, columns=5, dim=1]: row 0 holds its
+    # tokens from column 1 on (one column of left padding), row 1 from column 0; each column's
+    # value is 10 * row + column, so what comes back says where it was read.
+    snapshot = (10 * torch.arange(2).view(2, 1, 1) + torch.arange(5).view(1, 5, 1)).float()
+    snapshot = snapshot.view(1, 1, 2, 1, 5, 1).expand(1, 2, 2, 1, 5, 1)
+    store = treerl._PrefixStore(max_bytes=10**6)
+    store.add(snapshot, [([1, 2, 3, 4], 1), ([1, 5], 0)])
+    store.add(snapshot, [([2], 0)])
+    assert store.find([1, 2]).states()[0, 0].flatten().tolist() == [1.0, 2.0]
+    assert store.find([1, 5]).states()[0, 1].flatten().tolist() == [10.0, 11.0]
+    assert store.find([1, 3]) is None and store.find([1, 2, 3, 4, 5]) is None and store.find([3]) is None
+    assert not store.full() and treerl._PrefixStore(max_bytes=1).full() is False
+    store.max_bytes = store.bytes
+    assert store.full()
+
+
 def test_top_p_draws_only_from_the_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     torch.manual_seed(0)
