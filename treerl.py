@@ -101,6 +101,9 @@ class HFBackend:
       of a response sampled earlier in the same search, so its keys and values were computed
       then. In that block every sampled row's KV states are kept, and a later prefix that extends
       one of them starts from a copy (only its last token is run, for the next-token logits).
+      This pays on a CPU, where reading a prefix costs about what generating it did, and not on a
+      GPU, where a prefill is a few decode steps' time and keeping and copying states costs more
+      (eval/throughput.py, README "Performance"); so by default it is on for a model on a CPU.
     - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
       below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
     - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
@@ -113,8 +116,12 @@ class HFBackend:
 
     COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
+                 reuse_prefixes: bool | None = None):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        if reuse_prefixes is None:  # see the class docstring
+            reuse_prefixes = next(model.parameters()).device.type == "cpu"
+        self.reuse_prefixes = reuse_prefixes
         self.prefix_store: _PrefixStore | None = None  # set inside reusing_prefixes()
         # Prefix tokens asked for (once per prefix, not per continuation) and those whose KV
         # states came from the store instead of a forward pass.
@@ -129,8 +136,9 @@ class HFBackend:
         and start later prefixes that extend one of them from those states. For one search: the
         weights must not change inside the block (the states would be stale), and the states are
         dropped when it ends. (A 1.5B model's states take 28 KiB per token: 4 GiB hold about 150k
-        tokens, the M chains of 16 prompts at 1.5k tokens each.)"""
-        self.prefix_store = _PrefixStore(max_bytes)
+        tokens, the M chains of 16 prompts at 1.5k tokens each.) Does nothing when the backend was
+        made with reuse_prefixes=False."""
+        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0)
         try:
             yield self
         finally:

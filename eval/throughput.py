@@ -133,7 +133,8 @@ def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
 
 
 def backend_for(subject: Subject, batch: int) -> treerl.HFBackend:
-    return treerl.HFBackend(subject.model, subject.never, subject.pad, batch_size=batch)
+    # Prefix re-use on, whatever the device: the tree-vs-chain comparison times it both ways.
+    return treerl.HFBackend(subject.model, subject.never, subject.pad, batch_size=batch, reuse_prefixes=True)
 
 
 def measure_generation(subject: Subject, batch: int, repeats: int) -> dict:

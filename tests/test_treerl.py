@@ -145,6 +145,7 @@ def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
     what a full prefill gives (greedy tokens equal, log-probs those of a fresh forward pass)."""
     backend = treerl.HFBackend(tiny_model, EOS, PAD, batch_size=64)
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    assert backend.reuse_prefixes  # on by default for a model on a CPU
     with backend.reusing_prefixes():
         torch.manual_seed(4)
         chains = backend.sample(prompts, 2, 12, temperature=1.3)
@@ -156,6 +157,11 @@ def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
         resumed = backend.sample(forks, 2, 6, temperature=0.0)
         assert backend.stats["cached_prompt_tokens"] - before["cached_prompt_tokens"] == sum(len(f) - 1 for f in forks)
     assert backend.prefix_store is None  # states are dropped when the block ends
+    off = treerl.HFBackend(tiny_model, EOS, PAD, reuse_prefixes=False)
+    with off.reusing_prefixes():  # switched off: every prefix is run again
+        off.sample(prompts, 2, 12)
+        off.sample(forks, 1, 2)
+        assert off.stats["cached_prompt_tokens"] == 0
     with backend.reusing_prefixes(max_bytes=0):  # no room: every prefix is run again
         backend.sample(prompts, 2, 12)
         before = dict(backend.stats)
