@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated, from: {', '.join([*MODELS, 'qwen2.5-1.5b'])}")
     parser.add_argument("--batch", type=int, default=256, help="generation batch (train.py's gen_batch_size)")
     parser.add_argument("--prompts", default="16,64", help="prompts per step for the tree-vs-chain comparison")
+    parser.add_argument("--update_prompts", type=int, default=0,
+                        help="prompts whose forests the update is timed on (0: 16, or 4 for the 30M model)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="results")
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = []
     for name in names:
         subject = build(name, args.device)
+        subject.update_prompts = args.update_prompts or subject.update_prompts
         params = sum(p.numel() for p in subject.model.parameters())
         print(f"{name}: {params / 1e6:.1f}M parameters", flush=True)
         result = {"parameters": params}

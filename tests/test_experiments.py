@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import rewards
 from eval import compare_rl, search_efficiency
@@ -54,3 +55,28 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
 def test_compare_rl_rejects_unknown_method():
     with pytest.raises(SystemExit):
         compare_rl.parse_args(["--methods", "treerl,ppo"])
+
+
+def test_throughput_writes_every_ratio(tmp_path):
+    from eval import throughput
+    result = throughput.main(["--models", "default", "--repeats", "1", "--prompts", "2", "--batch", "32",
+                              "--update_prompts", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
+    default = saved["models"]["default"]
+    (pair,) = default["tree_vs_chain"]
+    assert pair["prompts"] == 2 and pair["forest_tokens"] == pair["forest_no_reuse_tokens"] > 0
+    assert saved["tree_vs_chain"] == pair["tree_vs_chain"] > 0
+    assert [u["L"] for u in default["update"]] == [1, 2]
+    assert all(0 < u["unique_over_flat"] < 1 and u["packed_speedup"] > 0 for u in default["update"])
+
+
+def test_benchmark_scripts_refuse_what_they_cannot_run(tmp_path):
+    from eval import gpu_memory, throughput
+    with pytest.raises(SystemExit):
+        throughput.main(["--models", "7b", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            throughput.main(["--device", "cuda", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            gpu_memory.main(["--out", str(tmp_path)])
