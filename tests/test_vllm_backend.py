@@ -156,6 +156,13 @@ def test_seeded_sampling_of_a_batch_larger_than_one_engine_step(tokenizer):
         groups = backend.sample(prefixes, 2, 8, temperature=1.0)
         assert [len(g) for g in groups] == [2] * len(prefixes)
         assert all(1 <= len(s.tokens) <= 8 for g in groups for s in g)
+        # A budget per prefix (EPTree's fork branches), sampled and greedy (n copies of a request).
+        budgets = [1 + i % 5 for i in range(len(prefixes))]
+        for temperature in (1.0, 0.0):
+            groups = backend.sample(prefixes, 2, budgets, temperature=temperature)
+            for budget, group in zip(budgets, groups):
+                assert all(1 <= len(s.tokens) <= budget for s in group)
+                assert all(s.finished or len(s.tokens) == budget for s in group)
     finally:
         backend.close()
 
