@@ -16,8 +16,9 @@ samples) but not in shape. For each backend it reports
   sync s         seconds per `backend.sync(model)` after the weights changed (median); transformers
                  samples from the trained model itself, so its sync is free;
   prefix cached  share of the prefix tokens (the prompts, and for every fork the prompt plus the
-                 response up to the fork) whose KV vLLM took from its prefix cache instead of
-                 computing it; `generate` computes every prefix anew;
+                 response up to the fork) whose KV states were not computed again: taken from
+                 vLLM's prefix cache, or by HFBackend from the states it kept of the search's
+                 earlier samples (`reusing_prefixes`, on for a model on a CPU);
   start s        seconds to build the backend (vLLM: engine start and first weight load).
 
 Writes results/rollout_backends.json and prints a Markdown table. vLLM runs in this process
@@ -28,6 +29,7 @@ Writes results/rollout_backends.json and prints a Markdown table. vLLM runs in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -53,8 +55,9 @@ def grow_forests(backend, prompts, answer_start, seed: int) -> tuple[int, float]
         return backend.sample(prefixes, n, budgets or MAX_NEW_TOKENS, 1.0, 1.0)
 
     started = time.perf_counter()
-    forests = tree.eptree_batch(prompts, sample_fn, **SHAPE, fork_score="entropy", skip_last=4,
-                                answer_start=answer_start, seed=seed, max_response_tokens=MAX_NEW_TOKENS)
+    with getattr(backend, "reusing_prefixes", contextlib.nullcontext)():  # as treerl.rollout does
+        forests = tree.eptree_batch(prompts, sample_fn, **SHAPE, fork_score="entropy", skip_last=4,
+                                    answer_start=answer_start, seed=seed, max_response_tokens=MAX_NEW_TOKENS)
     seconds = time.perf_counter() - started
     return sum(tree.generated_tokens(root) for root in forests), seconds
 
@@ -89,7 +92,7 @@ def measure(args) -> dict:
     timings = {name: {"tokens": [], "seconds": [], "sync": []} for name in backends}
     for repeat in range(args.repeats + 1):  # repeat 0 warms up and is not counted
         for name, backend in backends.items():
-            if name == "vllm" and repeat == 1:  # count the cache from the measured repeats only
+            if repeat == 1:  # count the cache from the measured repeats only
                 backend.stats.update(prompt_tokens=0, cached_prompt_tokens=0)
             tokens, seconds = grow_forests(backend, prompts, answer_start, seed=repeat)
             nudge(model)
@@ -112,7 +115,7 @@ def measure(args) -> dict:
             "forest_seconds": statistics.median(t["seconds"]),
             "sync_seconds": statistics.median(t["sync"]),
             "start_seconds": start_seconds[name],
-            "prefix_cached_share": backends[name].cache_hit_rate() if name == "vllm" else 0.0,
+            "prefix_cached_share": backends[name].stats["cached_prompt_tokens"] / max(backends[name].stats["prompt_tokens"], 1),
             "fallback_syncs": backends[name].stats["fallback_syncs"] if name == "vllm" else 0,
         }
     if "vllm" in backends:
@@ -135,7 +138,7 @@ def table(payload: dict) -> str:
         rows.append([name, f"{r['tokens_per_second']:,.0f}", f"{r['tokens_per_second_median']:,.0f}",
                      f"{r['generated_tokens_per_batch']:,.0f}",
                      f"{r['forest_seconds']:.2f}", f"{r['sync_seconds'] * 1000:.1f}",
-                     f"{r['prefix_cached_share']:.1%}" if name == "vllm" else "0 (recomputed)",
+                     f"{r['prefix_cached_share']:.1%}",
                      f"{r['start_seconds']:.1f}"])
     return markdown_table(["backend", "tokens/s (best)", "tokens/s (median)", "tokens per batch", "forest s (median)", "sync ms",
                            "prefix tokens cached", "start s"], rows)
