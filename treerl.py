@@ -7,8 +7,8 @@ One TreeRL step (Section 3 of Hou et al., 2025) is
             ──► per-token advantages: R(s) of Eqs. 2-4 for TreeRL, or an outcome advantage
                 (GRPO / Dr. GRPO / RLOO) for ChainRL, which is the same rollout with L = 0
             ──► update: a clipped policy-gradient loss on those advantages (GRPO-style, with the
-                asymmetric clip of DAPO), then backend.sync(model); with --pack_tree each forest
-                goes through the model once, over its unique tokens (packing.py), same loss
+                asymmetric clip of DAPO), then backend.sync(model); with --pack_tree each token
+                of a forest goes through the model once (a row per tree, packing.py), same loss
 
 The rollout backend is the only part that touches a generation engine. It has one job: given
 token-id prefixes, return sampled continuations with each token's log-prob and the entropy of the
