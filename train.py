@@ -62,11 +62,11 @@ class RunConfig:
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the update"})
-    backend: str = field(default="hf", metadata={"help": "rollout engine: hf (transformers generate) or vllm (colocated vLLM engine, needs `pip install vllm`)"})
+    backend: str = field(default="hf", metadata={"help": "rollout engine: hf (a KV-cache decode loop over the transformers model) or vllm (colocated vLLM engine, needs `pip install vllm`)"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"})
     vllm_kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"})
     vllm_sleep: bool = field(default=True, metadata={"help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"})
-    gen_batch_size: int = field(default=256, metadata={"help": "sequences per generate call"})
+    gen_batch_size: int = field(default=256, metadata={"help": "sequences per generation batch (hf backend)"})
     # The task.
     task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
     data: str = field(default="", metadata={"help": "math/code: training JSONL file (or hub dataset id with `datasets` installed)"})

@@ -222,10 +222,11 @@ class HFBackend:
             sampled (the last one was never run through the model)."""
             if not keep_states or self.prefix_store.full() or len(batch_rows) == 0:
                 return
-            paths = []
+            rows_out = row[batch_rows]
             firsts = (mask.shape[1] - mask[batch_rows].sum(-1)).tolist()  # each row's left padding
-            for r, length, first in zip(row[batch_rows].tolist(), lengths[row[batch_rows]].tolist(), firsts):
-                paths.append((prefixes[r // n] + tokens[r, :length - 1].tolist(), first))
+            # One transfer of the rows' tokens, not one per row (each is a device sync on a GPU).
+            paths = [(prefixes[r // n] + sampled[:length - 1], first) for r, sampled, length, first
+                     in zip(rows_out.tolist(), tokens[rows_out].tolist(), lengths[rows_out].tolist(), firsts)]
             self.prefix_store.add(_snapshot(cache, batch_rows), paths)
 
         greedy = temperature == 0
@@ -313,9 +314,6 @@ class _PrefixStore:
             _, snapshot, row, first = self.entries[i]
             return _Stored(snapshot, row, first, len(key))
         return None
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 def _snapshot(cache, batch_rows: torch.Tensor) -> torch.Tensor:
@@ -669,10 +667,6 @@ class VLLMBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def cache_hit_rate(self) -> float:
-        """Share of prompt (prefix) tokens whose KV came from the prefix cache."""
-        return self.stats["cached_prompt_tokens"] / max(self.stats["prompt_tokens"], 1)
 
 
 def _positions(logprobs):
