@@ -1,4 +1,8 @@
-"""Tree packing: the training forward over a forest's *unique* tokens.
+"""Tree packing: the training forward over a forest's *unique* tokens (`--pack_tree`).
+
+Skip this file on a first reading: `update_packed` computes exactly the loss of `treerl.update`
+(tests/test_packing.py checks it), with less compute, by running each token of a forest through
+the model once instead of once per leaf below it. train.py picks it with --pack_tree.
 
 The flat update (`treerl.collate`) turns every leaf of a forest into its own sequence, prompt and
 shared prefixes included, so a segment high in the tree is run through the model once per leaf
@@ -63,7 +67,7 @@ orderings buy little: only shorter rows do. Hence:
   prompt) share nothing but the prompt, so each gets its own row with a copy of the prompt (short
   ones may share a row, up to the length of the longest). Rows are ~4x shorter than the forest's
   (M = 4), and attention ~4x cheaper than over one forest row;
-- **micro-batches of trees of about the same length** (`treerl.update_packed`, `group_by_length`):
+- **micro-batches of trees of about the same length** (`update_packed`, `group_by_length`):
   little padding, and a short tree never waits for a long one's row length;
 - a **boolean mask** (SDPA's own form, a quarter of an additive float mask's memory), made by one
   gather from the small segment relation; a micro-batch's tensors are built once and serve the
@@ -88,6 +92,7 @@ from typing import Sequence
 import torch
 
 import tree
+from treerl import UpdateConfig, clipped_surrogate, k3_kl, step_and_tally, tally_micro_batch, token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -248,7 +253,7 @@ def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "
 def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[list[PackedForest]]:
     """Per forest among `sequences`, one `PackedForest` per tree (a child of the prompt and the
     trained leaves below it), each holding the prompt and that tree. Trees share only the prompt,
-    so the losses of a forest's trees add up to the forest's loss; `treerl.update_packed` batches
+    so the losses of a forest's trees add up to the forest's loss; `update_packed` batches
     trees, not forests, to make rows of equal length."""
     out = []
     for group in forests_of(sequences):
@@ -385,7 +390,7 @@ class PackedBatch:
 
     Per forest ([B, S], one forest per row, right-padded; position i holds token i of the forest's
     `PackedForest` layout): the tokens to score, their loss weights, and the log-probs that
-    `treerl.packed_logprobs` returns. The model's rows ([R, W], `layout_rows`: one tree or a few
+    `packed_logprobs` returns. The model's rows ([R, W], `layout_rows`: one tree or a few
     per row): what goes through the model. `predictor` links the two.
     """
 
@@ -461,3 +466,146 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
         n_tokens=sum(f.n_tokens for f in forests),
         n_sequences=sum(f.n_sequences for f in forests),
         aggregation=forests[0].aggregation)
+
+# --------------------------------------------------------------------------------------------------
+# The packed forward, loss and update
+# --------------------------------------------------------------------------------------------------
+
+
+def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
+
+    One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few short
+    ones) with the tree mask and tree positions; token i of a forest is scored with the logits at
+    `predictor[i]`, the row position of the token before it on its own path. The result is in the
+    per-forest layout of `batch.input_ids`.
+
+    The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
+    adds the mask to its scores) get it additive, in the model's dtype.
+    """
+    mask = batch.attention_mask
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    logits = model(input_ids=batch.row_ids, attention_mask=mask, position_ids=batch.row_positions).logits
+    return token_stats(logits.flatten(0, 1)[batch.predictor], batch.input_ids, temperature)[0]
+
+
+def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: PackedBatch,
+                       clip_low: float = 0.2, clip_high: float = 0.28,
+                       ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                       denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`treerl.policy_loss` on packed forests: the same number, each unique token counted once.
+
+    A token stands for all the (leaf, token) pairs of the flat batch that it is made of. Its
+    clipped surrogate is applied to the weighted sum of their positive advantages and to that of
+    their negative ones (exact: the surrogate is linear in A on each side of 0, the module
+    docstring shows why); its KL term is weighted by the sum of their weights. The weights already
+    hold the aggregation (1 per token, or 1 / response length, chosen when packing).
+    `denominator` as in policy_loss: response tokens (token) or responses (sequence) of the whole
+    mini-batch; by default those of `batch`.
+    """
+    ratio = torch.exp(logp - old_logp)
+    per_token = torch.zeros_like(logp)
+    clipped_count = torch.zeros_like(logp)  # (leaf, token) pairs whose clipped branch is active
+    for sign in (0, 1):
+        surrogate, was_clipped = clipped_surrogate(ratio, batch.advantage[..., sign], clip_low, clip_high)
+        per_token = per_token + surrogate
+        clipped_count = clipped_count + was_clipped.float() * batch.count_by_sign[..., sign]
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef > 0:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + kl_coef * kl * batch.weight
+    if denominator is None:
+        denominator = float(batch.n_tokens if batch.aggregation == "token" else batch.n_sequences)
+    loss = per_token.sum() / max(denominator, 1.0)
+    # Statistics are means over the flat batch's (leaf, token) pairs, as in policy_loss.
+    n = batch.count.sum().clamp(min=1)
+    stats = {
+        "clip_frac": float(clipped_count.sum() / n),
+        "kl": float((kl.detach() * batch.count).sum() / n),
+        "ratio": float((ratio.detach() * batch.count).sum() / n),
+    }
+    return loss, stats
+
+
+def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
+                  cfg: UpdateConfig, pad_token_id: int, temperature: float = 1.0, ref_model=None,
+                  seed: int = 0) -> dict[str, float]:
+    """`treerl.update` with tree packing: every token of a forest goes through the model once (its
+    prompt once per tree), not once per leaf. The sequences find their forest through their
+    leaves (`TrainSequence.leaf`).
+
+    The loss is the flat loss, so with the whole rollout in one optimizer step (mini_batch_size 0,
+    the default) the gradient is the flat path's too, up to float rounding. Mini-batches hold whole
+    forests, as many as fit in mini_batch_size leaves (at least one forest each); so with
+    mini_batch_size > 0 the rollout is split into optimizer steps by forest, not by the flat
+    path's random split of leaves. Micro-batches hold whole *trees* of the mini-batch (a forest's
+    trees share only the prompt, so their losses add up), as many as fit in micro_batch_size
+    leaves, longest first: trees of about the same length share a forward, and the rows need
+    little padding.
+    """
+    device = next(model.parameters()).device
+    trees: list[PackedForest] = []    # the units of work: a prompt and one tree below it
+    forests: list[list[int]] = []             # per forest, the ids of its trees
+    for forest in pack_trees(sequences, cfg.aggregation):
+        forests.append(list(range(len(trees), len(trees) + len(forest))))
+        trees += forest
+    leaves = [t.n_sequences for t in trees]
+    forest_leaves = [sum(leaves[i] for i in ids) for ids in forests]
+
+    def micro_batches(ids):  # trees of similar length together, longest first
+        return group_by_length(sorted(ids), [len(t) for t in trees], leaves, cfg.micro_batch_size)
+
+    # A micro-batch's tensors are built once, kept on the CPU, and reused: the old (and reference)
+    # log-probs and every epoch whose mini-batches match go through the same micro-batches.
+    built: dict[tuple[int, ...], PackedBatch] = {}
+
+    def collate(ids):
+        key = tuple(ids)
+        if key not in built:
+            built[key] = collate_packed([trees[i] for i in ids], pad_token_id)
+        return built[key].to(device)
+
+    def logprobs_per_tree(m) -> list[torch.Tensor]:
+        out = [torch.empty(0)] * len(trees)
+        for ids in micro_batches(range(len(trees))):
+            logp = packed_logprobs(m, collate(ids), temperature)
+            for row, i in enumerate(ids):
+                out[i] = logp[row, :len(trees[i])]
+        return out
+
+    def padded(per_tree, ids):  # per-tree log-probs laid out like collate(ids)
+        return torch.nn.utils.rnn.pad_sequence([per_tree[i] for i in ids], batch_first=True)
+
+    with torch.no_grad():
+        old_logp = logprobs_per_tree(model)
+        ref_logp = None
+        if ref_model is not None and cfg.kl_coef > 0:
+            ref_logp = logprobs_per_tree(ref_model)
+
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    steps = 0
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(forests), generator=generator).tolist()
+        for mini in group_by_size(order, forest_leaves, cfg.mini_batch_size or sum(leaves)):
+            mini = [i for f in mini for i in forests[f]]
+            tokens = sum(trees[i].n_tokens for i in mini)
+            denominator = float(tokens) if cfg.aggregation == "token" else float(sum(leaves[i] for i in mini))
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
+            for ids in micro_batches(mini):
+                b = collate(ids)
+                logp = packed_logprobs(model, b, temperature)
+                loss, stats = packed_policy_loss(
+                    logp, padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
+                    None if ref_logp is None else padded(ref_logp, ids), cfg.kl_coef, denominator)
+                loss.backward()
+                tally_micro_batch(sums, loss, stats, b.n_tokens / max(tokens, 1))
+            step_and_tally(model, optimizer, scheduler, cfg, sums, totals)
+            steps += 1
+    result = {key: value / steps for key, value in totals.items()}
+    result["packed_token_ratio"] = token_ratio(sequences)
+    return result

@@ -1,0 +1,366 @@
+"""The transformers rollout backend: a batched KV-cache decode loop over the model being trained.
+
+Skip this file on a first reading: it is how `treerl.Backend.sample` is made fast on one machine,
+not part of the algorithm. `treerl.rollout` only calls `sample(prefixes, n, budgets, ...)` and,
+where a backend has it, `reusing_prefixes()`.
+
+What it makes faster, against transformers' `generate` (eval/throughput.py measures it):
+
+- one prefill per prefix, shared by the prefix's n continuations;
+- forks that start from the stored KV states of their prefix instead of re-reading it;
+- a token budget per prefix, and finished rows that leave the batch;
+- a KV cache written in place (transformers' cache appends with `torch.cat`, a full copy per step).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from tree import Sample
+from treerl import budgets_per_prefix, entropy, tempered_log_softmax
+
+
+class HFBackend:
+    """Sampling from the model being trained with a batched KV-cache decode loop of its own.
+
+    It samples from the very model being trained (no copy), so `sync` has nothing to do. The loop
+    is written out here rather than left to transformers' `generate` because a tree search asks
+    more of it than a chain sampler does:
+
+    - **One prefill per prefix.** The n continuations of a prefix share its forward pass: the
+      prefix is run once and its KV cache copied n times (EPTree's T branches per fork, and the M
+      chains per prompt).
+    - **No prefill at all for a fork, inside `reusing_prefixes()`.** A fork's prefix is the start
+      of a response sampled earlier in the same search, so its keys and values were computed
+      then. In that block every sampled row's KV states are kept, and a later prefix that extends
+      one of them starts from a copy (only its last token is run, for the next-token logits).
+      This pays on a CPU, where reading a prefix costs about what generating it did, and not on a
+      GPU, where a prefill is a few decode steps' time and keeping and copying states costs more
+      (eval/throughput.py, README "Performance"); so by default it is on for a model on a CPU.
+    - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
+      below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
+    - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
+      compacted (rows dropped from the KV cache) once an eighth of it has stopped, so short and
+      long continuations share a batch without the short ones being computed to the longest's end.
+
+    Each token's log-prob and entropy come from the step's logits, which the loop has anyway, so
+    memory stays one [batch, vocab] tensor however long the responses.
+    """
+
+    COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
+                 reuse_prefixes: bool | None = None):
+        self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        if reuse_prefixes is None:  # see the class docstring
+            reuse_prefixes = next(model.parameters()).device.type == "cpu"
+        self.reuse_prefixes = reuse_prefixes
+        self.prefix_store: _PrefixStore | None = None  # set inside reusing_prefixes()
+        # Prefix tokens asked for (once per prefix, not per continuation) and those whose KV
+        # states came from the store instead of a forward pass.
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+
+    def sync(self, model) -> None:
+        self.model = model
+
+    @contextlib.contextmanager
+    def reusing_prefixes(self, max_bytes: int = 4 * 2**30):
+        """Within the block, keep the KV states of every sampled row (up to `max_bytes` of them)
+        and start later prefixes that extend one of them from those states. For one search: the
+        weights must not change inside the block (the states would be stale), and the states are
+        dropped when it ends. (A 1.5B model's states take 28 KiB per token: 4 GiB hold about 150k
+        tokens, the M chains of 16 prompts at 1.5k tokens each.) Does nothing when the backend was
+        made with reuse_prefixes=False."""
+        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0)
+        try:
+            yield self
+        finally:
+            self.prefix_store = None
+
+    @torch.no_grad()
+    def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
+        budgets = budgets_per_prefix(max_new_tokens, len(prefixes))
+        if any(not p for p in prefixes):
+            raise ValueError("HFBackend.sample: every prefix needs at least one token")
+        # KV states already computed for all but the last token of each prefix, where kept.
+        stored = [self.prefix_store.find(p[:-1]) if self.prefix_store and len(p) > 1 else None
+                  for p in prefixes]
+        self.stats["prompt_tokens"] += sum(map(len, prefixes))
+        self.stats["cached_prompt_tokens"] += sum(s.count for s in stored if s is not None)
+        # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
+        # (`batch_size` rows = prefixes x n).
+        order = sorted(range(len(prefixes)), key=lambda k: (stored[k] is None, -budgets[k]))
+        per_batch = max(1, self.batch_size // n)
+        groups: list[list[Sample]] = [[] for _ in prefixes]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            start = 0
+            while start < len(order):
+                resumed = stored[order[start]] is not None
+                chunk = [k for k in order[start:start + per_batch] if (stored[k] is not None) == resumed]
+                start += len(chunk)
+                samples = self._generate([list(prefixes[k]) for k in chunk], n, [budgets[k] for k in chunk],
+                                         temperature, top_p, [stored[k] for k in chunk] if resumed else None)
+                for j, k in enumerate(chunk):
+                    groups[k] = samples[j * n:(j + 1) * n]
+        finally:
+            self.model.train(was_training)
+        return groups
+
+    def _start(self, prefixes, capacity: int, stored):
+        """The KV cache after every prefix (rows left-padded to the longest), the next-token
+        logits of each, its attention mask and the position of the next token.
+
+        Without stored states the prefixes are run whole (prefill). With them, the cache is filled
+        from the stored states of all but each prefix's last token, and only the last tokens run.
+        """
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prefixes)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = preallocated_kv_cache(self.model, capacity)
+        if stored is None:
+            input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prefixes], device=device)
+        else:
+            _load_states(cache, stored, width - 1)
+            input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
+            positions = positions[:, -1:]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1], mask, positions[:, -1] + 1
+
+    def _generate(self, prefixes, n, budgets, temperature, top_p, stored=None) -> list[Sample]:
+        """n continuations of each prefix (rows prefix-major), each at most its prefix's budget."""
+        device = next(self.model.parameters()).device
+        cache, logits, mask, position = self._start(prefixes, max(map(len, prefixes)) + max(budgets), stored)
+        # The n rows of a prefix start from copies of its cache and its last logits.
+        cache.batch_repeat_interleave(n)
+        logits, mask, position = (t.repeat_interleave(n, 0) for t in (logits, mask, position))
+        budget = torch.tensor(budgets, device=device).repeat_interleave(n, 0)
+
+        rows = len(prefixes) * n
+        steps = max(budgets)
+        tokens = torch.full((rows, steps), self.pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, steps, device=device)
+        entropies = torch.zeros(rows, steps, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        row = torch.arange(rows, device=device)        # which output row each batch row fills
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        keep_states = self.prefix_store is not None and isinstance(cache.layers[0], _BufferedLayer)
+
+        def store(batch_rows: torch.Tensor) -> None:
+            """Keep the KV states of these batch rows: their prefix and all but the last token they
+            sampled (the last one was never run through the model)."""
+            if not keep_states or self.prefix_store.full() or len(batch_rows) == 0:
+                return
+            rows_out = row[batch_rows]
+            firsts = (mask.shape[1] - mask[batch_rows].sum(-1)).tolist()  # each row's left padding
+            # One transfer of the rows' tokens, not one per row (each is a device sync on a GPU).
+            paths = [(prefixes[r // n] + sampled[:length - 1], first) for r, sampled, length, first
+                     in zip(rows_out.tolist(), tokens[rows_out].tolist(), lengths[rows_out].tolist(), firsts)]
+            self.prefix_store.add(_snapshot(cache, batch_rows), paths)
+
+        greedy = temperature == 0
+        for step in range(steps):
+            logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
+            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
+            live = ~stopped
+            tokens[row[live], step] = token[live]
+            logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
+            entropies[row[live], step] = entropy(logp[live])
+            lengths[row[live]] = step + 1
+            ended = live & (token == self.eos)
+            finished[row[ended]] = True
+            stopped |= ended | (step + 1 >= budget)
+            if bool(stopped.all()):
+                break
+            if stopped.float().mean() >= self.COMPACT_FRACTION:
+                store(stopped.nonzero().squeeze(-1))
+                keep = (~stopped).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                token, mask, position, budget, row = (t[keep] for t in (token, mask, position, budget, row))
+                stopped = stopped[keep]
+                mask = _trim_left_padding(cache, mask)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits, position = out.past_key_values, out.logits[:, -1], position + 1
+        store(torch.arange(len(row), device=device))
+
+        samples = []
+        for toks, lps, ents, length, done in zip(tokens.tolist(), logprobs.tolist(), entropies.tolist(),
+                                                 lengths.tolist(), finished.tolist()):
+            samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
+        return samples
+
+
+@dataclass
+class _Stored:
+    """Where the KV states of a token sequence are kept: row `row` of a snapshot tensor
+    [layers, 2 (keys, values), rows, heads, columns, head_dim], from column `first` on."""
+
+    snapshot: torch.Tensor
+    row: int
+    first: int
+    count: int  # how many of its tokens are asked for
+
+    def states(self) -> torch.Tensor:
+        """[layers, 2, heads, count, head_dim]"""
+        return self.snapshot[:, :, self.row, :, self.first:self.first + self.count]
+
+
+class _PrefixStore:
+    """The KV states of the token sequences sampled so far in one search, found by prefix.
+
+    States are kept as snapshots of whole decode batches (one copy per layer and batch, not per
+    row), with a token sequence and its place in a snapshot per row. `find(p)` gives the states of
+    p from any sequence that starts with p: the sequences are kept sorted, and all those that start
+    with p follow p directly in that order. Snapshots stop being taken once they hold `max_bytes`
+    (the first ones, the chains, are what the first forks need); prefixes found in none are run
+    through the model as usual.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: list[tuple[tuple[int, ...], torch.Tensor, int, int]] = []
+        self.sorted = True
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def add(self, snapshot: torch.Tensor, rows: Sequence[tuple[Sequence[int], int]]) -> None:
+        """Keep a snapshot and, for each of its rows, the tokens whose states it holds and the
+        column where they start."""
+        self.bytes += snapshot.numel() * snapshot.element_size()
+        self.entries += [(tuple(tokens), snapshot, row, first) for row, (tokens, first) in enumerate(rows)]
+        self.sorted = False
+
+    def find(self, tokens: Sequence[int]) -> _Stored | None:
+        if not self.sorted:
+            self.entries.sort(key=lambda entry: entry[0])
+            self.sorted = True
+        key = tuple(tokens)
+        i = bisect.bisect_left(self.entries, key, key=lambda entry: entry[0])
+        if i < len(self.entries) and self.entries[i][0][:len(key)] == key:
+            _, snapshot, row, first = self.entries[i]
+            return _Stored(snapshot, row, first, len(key))
+        return None
+
+
+def _snapshot(cache, batch_rows: torch.Tensor) -> torch.Tensor:
+    """The KV states of some rows of a buffered cache, as [layers, 2, rows, H, columns, D]."""
+    return torch.stack([torch.stack([layer.keys[batch_rows], layer.values[batch_rows]]) for layer in cache.layers])
+
+
+def _load_states(cache, stored: Sequence[_Stored], width: int) -> None:
+    """Fill an empty buffered cache with stored states, one row per entry, right-aligned at
+    `width` columns (left padding before the shorter ones): one copy per row for all layers."""
+    first = stored[0].snapshot
+    layers, _, _, heads, _, dim = first.shape
+    states = first.new_zeros(layers, 2, len(stored), heads, width, dim)
+    for b, s in enumerate(stored):
+        states[:, :, b, :, width - s.count:] = s.states()
+    for k, layer in enumerate(cache.layers):
+        layer.load(states[k, 0], states[k, 1])
+
+
+class _BufferedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer allocated once for the whole decode.
+
+    transformers' DynamicLayer appends each step's keys and values with `torch.cat`, which copies
+    the whole cache every step: decoding k tokens copies O(k^2) token states, and on a 2-core CPU
+    that copy took about as long as the model's matrix products (30M-parameter model, batch 256,
+    140 positions). Here each step writes its new states into place and the attention reads a view
+    of the filled part.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_zeros(batch, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"KV buffer of {self.key_buffer.shape[-2]} positions overflowed ({end})")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self._refresh()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from given states [batch, heads, tokens, head_dim] instead of empty."""
+        self.lazy_initialization(keys, values)
+        self.update(keys, values)
+
+    def _refresh(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._refresh()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._refresh()
+
+    def drop_first(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding that no row attends to any more)."""
+        self.key_buffer = self.key_buffer[:, :, columns:]
+        self.value_buffer = self.value_buffer[:, :, columns:]
+        self.length -= columns
+        self._refresh()
+
+
+def preallocated_kv_cache(model, capacity: int) -> DynamicCache:
+    """A KV cache for one decode of at most `capacity` positions: buffered layers where the model
+    uses plain growing ones, the model's own cache layers otherwise (sliding windows, ...)."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_BufferedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def _trim_left_padding(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row still in the batch, from the KV
+    cache and the attention mask, and return the mask. Rows are left-padded to the longest prefix
+    of the batch; once that row has left, its padding would be attended over for nothing."""
+    first = int(mask.any(0).int().argmax())  # the first column some row attends to
+    if first == 0 or not all(isinstance(layer, _BufferedLayer) for layer in cache.layers):
+        return mask
+    for layer in cache.layers:
+        layer.drop_first(first)
+    return mask[:, first:]
+
+
+def sample_top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """One token per row of log-probs [B, V], drawn from the smallest set of most likely tokens
+    whose probabilities add up to at least `top_p` (nucleus sampling), renormalised."""
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token if the tokens more likely than it hold less than top_p (the top one always).
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)

@@ -1,0 +1,342 @@
+"""Tasks and data: what the policy is trained and evaluated on.
+
+Skip this file on a first reading. train.py asks it for a `Task`: training and held-out examples,
+a batch verifier (from rewards.py) and the text markers where a final answer starts. It holds
+
+- the settings of the task (`TaskConfig`, part of train.py's command line);
+- the built-in arithmetic task of the CPU default, with the careless teacher whose worked
+  solutions give the warm start its slips (RL's headroom);
+- math and code tasks from JSONL files (`load_rows`, with file-and-line errors), prompts in the
+  tokenizer's chat template;
+- held-out evaluation: greedy accuracy and avg@k.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import rewards
+
+
+@dataclass
+class TaskConfig:
+    """What the policy learns and is scored on."""
+
+    task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
+    data: str = field(default="", metadata={"help": "math/code: training JSONL file (or hub dataset id with `datasets` installed)"})
+    eval_data: str = field(default="", metadata={"help": "math/code: held-out JSONL file (default: the last eval_size rows of --data)"})
+    problem_field: str = field(default="problem", metadata={"help": "field holding the question"})
+    answer_field: str = field(default="answer", metadata={"help": "math: field holding the gold answer"})
+    tests_field: str = field(default="tests", metadata={"help": "code: field holding the tests"})
+    data_seed: int = field(default=0, metadata={"help": "arith: seed of the problem sets (held-out and training pool), kept fixed across --seed so every seed is scored on the same held-out problems"})
+    arith_operands: str = field(default="3,4", metadata={"help": "arith: min,max number of operands"})
+    arith_digits: int = field(default=1, metadata={"help": "arith: digits per operand"})
+    warmup_slip_rate: float = field(default=0.2, metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"})
+    eval_size: int = field(default=200, metadata={"help": "held-out problems (never used for training)"})
+    eval_samples: int = field(default=4, metadata={"help": "sampled responses per held-out problem for avg@k"})
+
+    def validate(self) -> None:
+        if self.task not in ("arith", "math", "code"):
+            raise ValueError(f"--task must be one of arith, math, code; got {self.task!r}")
+        if self.task != "arith" and not self.data:
+            raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
+        for name in ("eval_size", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_slip_rate < 1.0:
+            raise ValueError(f"--warmup_slip_rate must be in [0, 1); got {self.warmup_slip_rate}")
+        self.operand_range()
+
+    def operand_range(self) -> tuple[int, int]:
+        try:
+            low, high = (int(x) for x in self.arith_operands.split(","))
+        except ValueError:
+            raise ValueError(f"--arith_operands must be two integers 'min,max'; got {self.arith_operands!r}") from None
+        if not 2 <= low <= high:
+            raise ValueError(f"--arith_operands needs 2 <= min <= max; got {self.arith_operands!r}")
+        return low, high
+
+
+@dataclass
+class Example:
+    prompt: str
+    gold: object                  # the gold answer (math, arith) or the tests (code)
+    solution: str | None = None   # a worked solution, for the warm start
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    score: Callable[[list[str], list], list[float]]   # batch verifier: responses, golds -> rewards
+    answer_markers: tuple[str, ...]
+    # Worked solution for the warm start, drawn afresh each time (a noisy teacher); None: e.solution.
+    teacher: Callable[[Example, random.Random], str] | None = None
+
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def arith_train_size(warmup_examples: int, rl_prompts: int) -> int:
+    """Problems in the arithmetic training pool: as many as the warm start and RL draw (at least
+    one, at most 50,000)."""
+    return min(max(warmup_examples, rl_prompts, 1), 50_000)
+
+
+def build_task(cfg: TaskConfig, tokenizer, train_size: int = arith_train_size(600 * 64, 0)) -> Task:
+    """The task named by --task. `train_size`: problems in the arithmetic training pool (by default
+    what train.py's default warm start draws); math and code take every row of their file."""
+    if cfg.task == "arith":
+        return arith_task(cfg, train_size)
+    rows = load_rows(cfg.data)
+    held_out = load_rows(cfg.eval_data) if cfg.eval_data else rows[-cfg.eval_size:]
+    if not cfg.eval_data:
+        rows = rows[:-cfg.eval_size]
+    if cfg.task == "math":
+        make = lambda row: Example(chat_prompt(tokenizer, f"{row[cfg.problem_field]}\n{MATH_INSTRUCTION}"),  # noqa: E731
+                                   str(row[cfg.answer_field]))
+        needed, score, markers = (cfg.problem_field, cfg.answer_field), rewards.math_rewards, ("\\boxed{",)
+    else:
+        make = lambda row: Example(chat_prompt(tokenizer, row[cfg.problem_field]), row[cfg.tests_field])  # noqa: E731
+        needed, score, markers = (cfg.problem_field, cfg.tests_field), code_rewards, ()
+    source = cfg.eval_data or cfg.data
+    for where, part in ((cfg.data, rows), (source, held_out)):
+        for line, row in part:
+            missing = [k for k in needed if k not in row]
+            if missing:
+                raise ValueError(f"{where}:{line}: row has no field {missing[0]!r} "
+                                 f"(rename with --problem_field/--answer_field/--tests_field)")
+    if not rows:
+        raise ValueError(f"{cfg.data}: no training rows left after holding out {cfg.eval_size}")
+    return Task(cfg.task, [make(r) for _, r in rows], [make(r) for _, r in held_out], score, markers)
+
+
+def arith_task(cfg: TaskConfig, train_size: int) -> Task:
+    """The built-in task: multi-step integer arithmetic with a worked chain of steps. The held-out
+    set is drawn first and excluded from everything the model trains on."""
+    operands = cfg.operand_range()
+    held_out = arith_dataset(cfg.eval_size, seed=10_000 + cfg.data_seed, n_operands=operands,
+                             digits=cfg.arith_digits)
+    exclude = {p.prompt for p in held_out}
+    train = arith_dataset(train_size, seed=cfg.data_seed, n_operands=operands, digits=cfg.arith_digits,
+                          exclude=exclude)
+    as_example = lambda p: Example(p.prompt, p.answer, p.solution)  # noqa: E731
+    score = lambda responses, golds: [rewards.arith_reward(r, g) for r, g in zip(responses, golds)]  # noqa: E731
+    teacher = None
+    if cfg.warmup_slip_rate > 0:
+        teacher = lambda e, rng: arith_teacher_solution(e.prompt, rng, cfg.warmup_slip_rate)  # noqa: E731
+    return Task("arith", [as_example(p) for p in train], [as_example(p) for p in held_out], score,
+                rewards.ANSWER_MARKERS, teacher)
+
+
+def load_rows(source: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a JSONL file (optionally gzipped) or a hub dataset id."""
+    path = Path(source)
+    if not path.exists():
+        if source.endswith((".jsonl", ".json", ".gz")):
+            raise ValueError(f"no such data file: {source}")
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"{source!r} is not a file, and loading a hub dataset needs `pip install datasets`") from None
+        return [(i + 1, dict(row)) for i, row in enumerate(datasets.load_dataset(source, split="train"))]
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{source}:{line_number}: expected a JSON object")
+            rows.append((line_number, row))
+    return rows
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """The tokenizer's chat template when it has one, else the plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text + "\n"
+
+
+def code_rewards(responses: list[str], tests: list) -> list[float]:
+    """Run every program in the sandbox, two at a time (each run is its own process)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda r, t: rewards.code_reward(rewards.extract_program(r), t),
+                             responses, tests))
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in arithmetic task (what the CPU default trains on)
+# --------------------------------------------------------------------------------------------------
+#
+# Multi-step integer arithmetic with + and - only, evaluated left to right, so the worked chain is
+# unambiguous: "Compute 4+7-2.\n" -> "4+7=11\n11-2=9\nAnswer: 9". Intermediate results may be negative.
+# Difficulty knobs: the number of operands and their digits. A tiny model learns the format in a few
+# hundred supervised steps with 1-digit operands, which is what makes a CPU run of the full TreeRL
+# loop possible; with two-digit operands it stays near 1% after 1,000 steps.
+
+
+@dataclass(frozen=True)
+class ArithProblem:
+    prompt: str  # e.g. "Compute 4+7-2.\n"
+    solution: str  # e.g. "4+7=11\n11-2=9\nAnswer: 9" (worked chain, left to right, one step per line)
+    answer: int
+
+
+def _check_arith_knobs(n_operands: tuple[int, int], digits: int) -> tuple[int, int]:
+    """Validate the difficulty knobs; return (fewest, most) operands."""
+    if isinstance(n_operands, int):
+        n_operands = (n_operands, n_operands)
+    try:
+        fewest, most = (int(k) for k in n_operands)
+    except (TypeError, ValueError):
+        raise ValueError(f"n_operands must be a pair (fewest, most), got {n_operands!r}") from None
+    if fewest < 2:
+        raise ValueError(f"n_operands must allow at least 2 operands, got {n_operands!r}")
+    if most < fewest:
+        raise ValueError(f"n_operands must be (fewest, most) with fewest <= most, got {n_operands!r}")
+    if not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"digits must be an integer >= 1, got {digits!r}")
+    return fewest, most
+
+
+def _operand_range(digits: int, first: bool) -> range:
+    """Operands have exactly `digits` digits; with 1 digit, 0 is allowed except as the first one."""
+    low = 10 ** (digits - 1)
+    if digits == 1 and not first:
+        low = 0
+    return range(low, 10**digits)
+
+
+def arith_problem(rng: random.Random, n_operands: tuple[int, int] = (3, 4), digits: int = 1) -> ArithProblem:
+    """One random problem with its worked solution, drawn with `rng` (deterministic per rng state)."""
+    fewest, most = _check_arith_knobs(n_operands, digits)
+    count = rng.randint(fewest, most)
+    first = _operand_range(digits, first=True)
+    rest = _operand_range(digits, first=False)
+    operands = [rng.choice(first)] + [rng.choice(rest) for _ in range(count - 1)]
+    operators = [rng.choice("+-") for _ in range(count - 1)]
+    expression = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(operators, operands[1:]))
+    solution, answer = _worked_solution(operands, operators)
+    return ArithProblem(prompt=f"Compute {expression}.\n", solution=solution, answer=answer)
+
+
+def _worked_solution(operands: list[int], operators: list[str], rng: random.Random | None = None,
+                     slip_rate: float = 0.0) -> tuple[str, int]:
+    """The chain "a+b=r / r-c=s / Answer: s" and its final value. With `slip_rate` > 0, each step's
+    result is off by 1 or 2 with that probability, and the chain carries on from the wrong value."""
+    steps, total = [], operands[0]
+    for op, x in zip(operators, operands[1:]):
+        result = total + x if op == "+" else total - x
+        if slip_rate and rng.random() < slip_rate:
+            result += rng.choice((-2, -1, 1, 2))
+        steps.append(f"{total}{op}{x}={result}")
+        total = result
+    steps.append(f"Answer: {total}")
+    return "\n".join(steps), total
+
+
+def arith_teacher_solution(prompt: str, rng: random.Random, slip_rate: float) -> str:
+    """A worked solution to `prompt` from a careless teacher: every step slips (result off by 1 or 2)
+    with probability `slip_rate`, independently, and later steps build on the slipped value, so a
+    slip makes the final answer wrong. Supervised training on such a teacher gives a model whose
+    most likely step is right but whose samples slip at about the teacher's rate: the headroom an
+    outcome reward can remove, since the model already knows the right step."""
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"slip_rate must be in [0, 1], got {slip_rate!r}")
+    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
+    if not match:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    pairs = re.findall(r"([+-])(\d+)", match.group(2))
+    operands = [int(match.group(1))] + [int(x) for _, x in pairs]
+    return _worked_solution(operands, [op for op, _ in pairs], rng, slip_rate)[0]
+
+
+def _arith_space_size(fewest: int, most: int, digits: int) -> int:
+    """How many distinct prompts the knobs allow."""
+    first = len(_operand_range(digits, first=True))
+    rest = len(_operand_range(digits, first=False))
+    return sum(first * (2 * rest) ** (count - 1) for count in range(fewest, most + 1))
+
+
+def _arith_prompt_in_space(prompt: str, fewest: int, most: int, digits: int) -> bool:
+    """Whether `prompt` is one the knobs could generate (to count exclusions exactly)."""
+    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
+    if not match:
+        return False
+    operands = [match.group(1)] + re.findall(r"[+-](\d+)", match.group(2))
+    if not fewest <= len(operands) <= most:
+        return False
+    for index, operand in enumerate(operands):
+        if str(int(operand)) != operand or int(operand) not in _operand_range(digits, first=index == 0):
+            return False
+    return True
+
+
+def arith_dataset(
+    n: int,
+    seed: int,
+    n_operands: tuple[int, int] = (3, 4),
+    digits: int = 1,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> list[ArithProblem]:
+    """`n` problems with distinct prompts, none of them in `exclude` (e.g. the held-out set's
+    prompts), deterministic per `seed`. Raises ValueError if fewer than `n` such problems exist."""
+    fewest, most = _check_arith_knobs(n_operands, digits)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    available = _arith_space_size(fewest, most, digits)
+    available -= sum(_arith_prompt_in_space(p, fewest, most, digits) for p in exclude)
+    if n > available:
+        raise ValueError(
+            f"asked for {n} distinct arithmetic problems but n_operands={n_operands}, digits={digits} "
+            f"allow only {available} (after excluding {len(exclude)} prompts)"
+        )
+    rng = random.Random(seed)
+    seen = set(exclude)
+    problems = []
+    while len(problems) < n:  # rejection sampling; near-exhaustive requests take longer but finish
+        problem = arith_problem(rng, (fewest, most), digits)
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            problems.append(problem)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(backend, tokenizer, task: Task, samples: int, max_new_tokens: int, temperature: float,
+             top_p: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy: greedy (one response per problem) and avg@k over k = `samples` sampled
+    responses at `temperature` (the mean accuracy, the metric RL directly optimises). A response
+    that never ended scores 0."""
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
+    golds = [e.gold for e in task.eval]
+    result = {}
+    for name, temp, k in (("greedy", 0.0, 1), ("sampled", temperature, samples)):
+        torch.manual_seed(seed)
+        groups = backend.sample(prompts, k, max_new_tokens, temp, top_p)
+        texts = [tokenizer.decode(s.tokens, skip_special_tokens=True) for g in groups for s in g]
+        verdicts = task.score(texts, [gold for gold in golds for _ in range(k)])
+        finished = [s.finished for g in groups for s in g]
+        result[name] = sum(v * f for v, f in zip(verdicts, finished)) / len(verdicts)
+    return result
