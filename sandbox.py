@@ -194,7 +194,7 @@ class MathVerifierPool:
     def __init__(self, check_file: str, check_name: str, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
-        self.check = (os.path.abspath(check_file), check_name)  # what each worker runs
+        self.check_function = (os.path.abspath(check_file), check_name)  # what each worker runs
         self.size = workers
         self.workers: list[_MathWorker | None] = [None] * workers
         self.lock = threading.Lock()
@@ -206,13 +206,13 @@ class MathVerifierPool:
         if worker is None or worker.process.poll() is not None:
             if worker is not None:
                 worker.kill()
-            worker = self.workers[slot] = _MathWorker(*self.check)
+            worker = self.workers[slot] = _MathWorker(*self.check_function)
         return worker
 
     def _replace(self, slot: int) -> None:
         """Kill the worker in `slot` and start its successor now, so it warms up in the background."""
         self.workers[slot].kill()
-        self.workers[slot] = _MathWorker(*self.check)
+        self.workers[slot] = _MathWorker(*self.check_function)
         self.restarts += 1
 
     def check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:

@@ -51,7 +51,7 @@ private `_generate_and_score_completions`, `_generate_single_turn`, `_tokenize_p
 `_calculate_rewards` and `_get_per_token_logps_and_entropies`, so it is pinned to the TRL version it
 was tested with (TESTED_TRL); another version gets a warning, or an error when a hook is missing.
 
-Command line (see README, "Scaling out")::
+Command line (see docs/trl.md)::
 
     python trl_treerl.py --output_dir runs/trl_treerl                     # tiny CPU model, arithmetic
     accelerate launch --num_processes 8 trl_treerl.py --model Qwen/Qwen2.5-Math-1.5B --task math ...
@@ -59,7 +59,6 @@ Command line (see README, "Scaling out")::
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -109,24 +108,17 @@ if trl.__version__ != TESTED_TRL:
 
 
 @dataclass
-class TreeRLConfig(GRPOConfig):
-    """TRL's `GRPOConfig` plus EPTree's (M, N, L, T) and the process-reward switches.
+class TreeRLConfig(GRPOConfig, treerl.TreeConfig):
+    """TRL's `GRPOConfig` plus EPTree's (M, N, L, T) and the process-reward switches, declared once
+    in `treerl.TreeConfig` (train.py's command line has the same ones).
 
     Every other setting is TRL's: learning rate, `loss_type`, `epsilon` / `epsilon_high` (the clip),
     `beta` (KL), `temperature`, `max_completion_length`, `use_vllm`, batch sizes, logging, saving.
+    `truncated_penalty` left at nan lets the reward function decide what a response that never
+    ended gets.
     """
 
-    M: int = field(default=4, metadata={"help": "EPTree: chains (trees) sampled first per prompt"})
-    N: int = field(default=2, metadata={"help": "EPTree: fork points per tree per round"})
-    L: int = field(default=1, metadata={"help": "EPTree: rounds of forking (0: M independent chains)"})
-    T: int = field(default=2, metadata={"help": "EPTree: continuations sampled per fork point"})
-    fork_score: str = field(default="entropy", metadata={"help": "entropy (paper), nll (official release) or random (ablation)"})
-    skip_last: int = field(default=4, metadata={"help": "never fork within this many tokens of a response's end"})
     answer_markers: list[str] = field(default_factory=lambda: list(rewards.ANSWER_MARKERS), metadata={"help": "text after which the final answer starts; EPTree never forks inside it"})
-    reweight: str = field(default="sqrt", metadata={"help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4); none: plain GA+LA"})
-    use_global: bool = field(default=True, metadata={"help": "include the global advantage GA (Eq. 2)"})
-    use_local: bool = field(default=True, metadata={"help": "include the local advantage LA (Eq. 3)"})
-    truncated_penalty: float | None = field(default=None, metadata={"help": "advantage of every token of a response that never ended (None: the reward function decides; the release uses -1)"})
     mask_zero_signal: bool = field(default=True, metadata={"help": "leave forests whose leaves all have the same reward out of the loss (their advantages are all 0), as treerl.rollout does"})
     # Redefined: TRL's default is 8; here it defaults to the size of a full forest.
     num_generations: int | None = field(default=None, metadata={"help": "training rows per prompt, i.e. leaves kept per forest (default M*(1+L*N*T), the whole forest)"})
@@ -134,22 +126,17 @@ class TreeRLConfig(GRPOConfig):
     def __post_init__(self):
         for name in ("M", "N", "L", "T", "skip_last"):
             value = getattr(self, name)
-            if int(value) != value or value < (1 if name == "M" else 0):
-                raise ValueError(f"TreeRLConfig.{name} must be an integer >= {1 if name == 'M' else 0}, got {value!r}")
-        if self.fork_score not in tree.FORK_SCORES:
-            raise ValueError(f"TreeRLConfig.fork_score must be one of {tree.FORK_SCORES}, got {self.fork_score!r}")
-        if self.reweight not in tree.REWEIGHTS:
-            raise ValueError(f"TreeRLConfig.reweight must be one of {tree.REWEIGHTS}, got {self.reweight!r}")
-        if not (self.use_global or self.use_local):
-            raise ValueError("TreeRLConfig: use_global and use_local cannot both be False")
+            if int(value) != value:
+                raise ValueError(f"TreeRLConfig.{name} must be an integer, got {value!r}")
+        self.validate()
         if self.num_generations is None:
             self.num_generations = self.forest_size
         super().__post_init__()  # TRL derives the generation batch from num_generations
 
     @property
-    def forest_size(self) -> int:
-        """Leaves of a full forest: M chains, plus T new leaves per fork, N forks per tree, L rounds."""
-        return self.M * (1 + self.L * self.N * self.T)
+    def penalty(self) -> float | None:
+        """`truncated_penalty` as tree.to_sequences takes it (None: no penalty)."""
+        return None if math.isnan(self.truncated_penalty) else self.truncated_penalty
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,9 +384,9 @@ class TreeRLTrainer(GRPOTrainer):
             sequences = tree.to_sequences(
                 root, advantages, keep=G if len(found) > G else None,
                 rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k),
-                truncated_penalty=args.truncated_penalty)
+                truncated_penalty=args.penalty)
             silent = args.mask_zero_signal and len({leaf.reward for leaf in found}) == 1 and (
-                args.truncated_penalty is None or all(leaf.finished for leaf in found))
+                args.penalty is None or all(leaf.finished for leaf in found))
             rows += sequences + sequences[:1] * (G - len(sequences))
             masked += [silent] * len(sequences) + [True] * (G - len(sequences))
             padding += [False] * len(sequences) + [True] * (G - len(sequences))
@@ -454,7 +441,7 @@ def math_reward_func(completions, answer, **kwargs) -> list[float]:
 
 def code_reward_func(completions, tests, **kwargs) -> list[float]:
     """rewards.code_reward: the completion's program passes every test, run sandboxed. Needs a
-    `tests` column (see rewards.run_tests for its format)."""
+    `tests` column (see sandbox.run_tests for its format)."""
     return [rewards.code_reward(rewards.extract_program(_text(c)), t) for c, t in zip(completions, tests)]
 
 
@@ -462,13 +449,13 @@ REWARD_FUNCS = {"arith": arith_reward_func, "math": math_reward_func, "code": co
 
 
 # --------------------------------------------------------------------------------------------------
-# Data and the tiny CPU policy (the same task and warm start as train.py)
+# Data, and the command line (the same task and warm start as train.py)
 # --------------------------------------------------------------------------------------------------
 
 
 def task_dataset(task, split: str = "train"):
-    """A train.py Task as the `datasets.Dataset` TRL reads: a `prompt` column of plain strings
-    (chat templates are already applied by train.build_task) and the gold in `answer` (or `tests`)."""
+    """A tasks.Task as the `datasets.Dataset` TRL reads: a `prompt` column of plain strings (chat
+    templates are already applied by tasks.build_task) and the gold in `answer` (or `tests`)."""
     from datasets import Dataset
 
     examples = task.train if split == "train" else task.eval
@@ -477,39 +464,12 @@ def task_dataset(task, split: str = "train"):
                               gold: [e.gold if task.name == "code" else str(e.gold) for e in examples]})
 
 
-def tiny_policy(run, warm_dir: Path):
-    """train.py's tiny model and character tokenizer after its supervised warm start, cached in
-    `warm_dir` (redone when the warm-start settings differ). Returns (model, tokenizer, task)."""
-    import train
-
-    device = train.pick_device(run)
-    recipe = {name: getattr(run, name) for name in train.WARM_START_FIELDS}
-    recipe_file = warm_dir / "recipe.json"
-    if run.warmup_steps > 0 and recipe_file.exists() and json.loads(recipe_file.read_text()) == recipe:
-        model, tokenizer = train.load_policy(str(warm_dir), run, device)
-        return model, tokenizer, train.build_task(run, tokenizer)
-    tokenizer = train.build_char_tokenizer()
-    model = train.build_tiny_model(run, tokenizer).to(device)
-    task = train.build_task(run, tokenizer)
-    if run.warmup_steps > 0:
-        train.warm_start(model, tokenizer, task, run, device)
-        warm_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(warm_dir)
-        tokenizer.save_pretrained(warm_dir)
-        recipe_file.write_text(json.dumps(recipe, indent=2))
-    return model, tokenizer, task
-
-
 @dataclass
 class ScriptArguments:
-    """What to train on; everything about training is TreeRLConfig (TRL's flags plus EPTree's)."""
+    """The policy; the task is tasks.TaskConfig's flags (--task, --data, --problem_field, ...), and
+    everything about training is TreeRLConfig (TRL's flags plus EPTree's)."""
 
     model: str = field(default="", metadata={"help": "hub id or local path of a causal LM; empty: train.py's tiny CPU model, warm-started"})
-    task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
-    data: str = field(default="", metadata={"help": "math/code: training JSONL file (problem / answer or tests fields)"})
-    problem_field: str = field(default="problem", metadata={"help": "field holding the question"})
-    answer_field: str = field(default="answer", metadata={"help": "math: field holding the gold answer"})
-    tests_field: str = field(default="tests", metadata={"help": "code: field holding the tests"})
     warm_start_steps: int = field(default=600, metadata={"help": "tiny model only: supervised warm-start steps (train.py's --warmup_steps; TRL's --warmup_steps is the learning-rate warm-up)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
 
@@ -531,7 +491,8 @@ CPU_DEFAULT_FLAGS = {
 def main(argv: list[str] | None = None):
     from transformers import AutoTokenizer, HfArgumentParser
 
-    import train
+    import policy
+    import tasks
 
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = {} if "--model" in argv else dict(CPU_DEFAULT_FLAGS)
@@ -542,18 +503,23 @@ def main(argv: list[str] | None = None):
     for flag, value in defaults.items():
         if flag not in argv:
             argv += [flag, value]
-    script, config = HfArgumentParser((ScriptArguments, TreeRLConfig)).parse_args_into_dataclasses(argv)
-    run = train.RunConfig(model=script.model, task=script.task, data=script.data, seed=config.seed,
-                          problem_field=script.problem_field, answer_field=script.answer_field,
-                          tests_field=script.tests_field, warmup_steps=script.warm_start_steps)
-    run.validate()
+    script, config, rest = HfArgumentParser((ScriptArguments, TreeRLConfig)).parse_args_into_dataclasses(
+        argv, return_remaining_strings=True)
+    # The task's flags, parsed from what TRL left (TRL's --data_seed is its own; the task's stays 0).
+    (task_cfg,) = HfArgumentParser(tasks.TaskConfig).parse_args_into_dataclasses(rest)
+    task_cfg.validate()
+    policy_cfg = policy.PolicyConfig(model=script.model, warmup_steps=script.warm_start_steps)
+    policy_cfg.validate()
+    train_size = tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
     if script.model:  # TRL loads the model itself (model_init_kwargs), so every process does it its way
         model, tokenizer = script.model, AutoTokenizer.from_pretrained(script.model)
-        task = train.build_task(run, tokenizer)
+        task = tasks.build_task(task_cfg, tokenizer, train_size)
     else:  # the main process warm-starts and caches; the others then load the cache
         with config.main_process_first(desc="warm start"):
-            model, tokenizer, task = tiny_policy(run, Path(config.output_dir) / "warmstart")
-    trainer = TreeRLTrainer(model, reward_funcs=REWARD_FUNCS[script.task], args=config,
+            model, tokenizer, task = policy.warm_started_policy(
+                policy_cfg, task_cfg, config.seed, Path(config.output_dir) / "warmstart",
+                policy.pick_device(policy_cfg), train_size)
+    trainer = TreeRLTrainer(model, reward_funcs=REWARD_FUNCS[task_cfg.task], args=config,
                             train_dataset=task_dataset(task), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=True if script.resume else None)
     trainer.save_model()

@@ -7,7 +7,7 @@ rule-based verifier it trains with, and this project adds two code benchmarks ru
 * **where its rows are**: a local JSONL file (`../shared/data/` next to the repository by default,
   see that folder's README for provenance), or a file / hub dataset the user names instead;
 * **what the model is asked**: math problems get the standard instruction
-  "Please reason step by step, and put your final answer within \\boxed{}." (the one `train.py`
+  "Please reason step by step, and put your final answer within \\boxed{}." (the one `tasks.py`
   trains with), inside the tokenizer's chat template when it has one, plain text otherwise;
   code problems ask for a Python function;
 * **how a response is graded**: math with `rewards.math_rewards` (last `\\boxed{}` answer,
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 import rewards
-from train import MATH_INSTRUCTION, chat_prompt, load_rows
+from tasks import MATH_INSTRUCTION, chat_prompt, load_rows
 
 # The benchmark copies for offline use sit next to the repository (see DESIGN.md).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -54,7 +54,7 @@ class Problem:
     id: str                    # the dataset's own id where it has one (unique_id, task_id, ...)
     kind: str                  # "math" or "code"
     question: str              # what the model is asked, before the chat template
-    gold: object               # math: the answer (str); code: tests for rewards.run_tests
+    gold: object               # math: the answer (str); code: tests for sandbox.run_tests
     entry_point: str = ""      # code: the function the tests call
     completion_prefix: str = ""  # HumanEval: the signature + docstring the program completes
     row: dict = field(default_factory=dict, repr=False)  # the raw data row
@@ -108,7 +108,7 @@ def math_parser(question=("problem", "question"), answer="answer", id_field="",
 def parse_humaneval(row: dict) -> dict:
     """HumanEval: the model completes `prompt`; the benchmark's `check(candidate)` grades it.
 
-    The test is a `check` test of `rewards.run_tests`: the trusted judge runs the prompt (it may
+    The test is a `check` test of `sandbox.run_tests`: the trusted judge runs the prompt (it may
     define helpers the check uses) and the check, and every call of `candidate` goes to the
     sandboxed program."""
     test = {"check": row["test"], "entry_point": row["entry_point"], "setup": row["prompt"]}
@@ -140,7 +140,7 @@ def mbpp_entry_point(asserts: list[str]) -> str:
 def mbpp_check(asserts: list[str], entry_point: str) -> str:
     """MBPP's assert statements as a HumanEval-style `def check(candidate)`.
 
-    `rewards.run_tests` has no "assert" test kind, and needs none: the asserts become the body of
+    `sandbox.run_tests` has no "assert" test kind, and needs none: the asserts become the body of
     a check whose calls of the entry point are calls of `candidate`, so they run in the trusted
     judge exactly like HumanEval's and the program stays in the sandbox. Renaming the calls (rather
     than relying on the name being bound to the proxy) also covers tasks whose function is itself

@@ -5,20 +5,34 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import train
+import policy
+import tasks
+
+
+@dataclass
+class _Seed:
+    seed: int = 0
 
 
 def warm_started_policy(output_dir: str, train_args: list[str]) -> Path:
-    """The folder of the CPU default's warm-started policy (plus any train.py flags in
-    `train_args`, e.g. a smaller model), made by `train.py --steps 0` in `output_dir/warm-start`.
-    train.py caches it there, so later calls with the same settings only re-evaluate it."""
-    train.main(["--output_dir", output_dir, "--run_name", "warm-start", "--steps", "0",
-                "--eval_every", "0", "--save_every", "0", *train_args])
-    return Path(output_dir) / "warm-start" / "warmstart"
+    """The folder of the CPU default's warm-started policy, with the policy and task flags of
+    train.py found in `train_args` (e.g. a smaller model; other flags are ignored here). It is made
+    once in `output_dir/warm-start/warmstart` (policy.warm_started_policy caches it there, as
+    `train.py --output_dir output_dir --run_name warm-start` would) and reused while the settings
+    match."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((policy.PolicyConfig, tasks.TaskConfig, _Seed))
+    policy_cfg, task_cfg, seed, _ = parser.parse_args_into_dataclasses(train_args, return_remaining_strings=True)
+    warm_dir = Path(output_dir) / "warm-start" / "warmstart"
+    train_size = tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
+    policy.warm_started_policy(policy_cfg, task_cfg, seed.seed, warm_dir, policy.pick_device(policy_cfg), train_size)
+    return warm_dir
 
 
 def parse_seeds(parser, text: str) -> list[int]:

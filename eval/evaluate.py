@@ -160,16 +160,16 @@ Responder = Callable[[list[str], int], list[list[Generation]]]   # (prompts, n) 
 
 
 def load_model(config: EvalConfig):
-    """Model and tokenizer, through train.load_policy (pad token set, dtype chosen)."""
+    """Model and tokenizer, through policy.load_policy (pad token set, dtype chosen)."""
     import torch
 
-    import train
+    import policy
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = config.dtype if config.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    model, tokenizer = train.load_policy(config.model, train.RunConfig(dtype=dtype), device)
+    model, tokenizer = policy.load_policy(config.model, policy.PolicyConfig(dtype=dtype), device)
     return model.eval(), tokenizer
 
 
@@ -185,7 +185,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
     """Sampling with transformers `generate` (left-padded batches, KV cache).
 
-    Not `treerl.HFBackend`: that one computes each token's log-prob and entropy for training and
+    Not `hf_backend.HFBackend`: that one computes each token's log-prob and entropy for training and
     stops only at its one EOS id, where evaluation needs only the text and stops at any of the
     model's stop tokens. The sampling settings are passed explicitly, so that what is
     sampled is what summary.json says, not a model's own generation defaults (top_k, repetition
@@ -257,7 +257,7 @@ def seed_everything(seed: int) -> None:
 
 def generate_all(prompts: list[str], responder: Responder, config: EvalConfig, desc: str) -> list[list[Generation]]:
     """All responses, in batches of about --batch_size sequences, with a progress bar."""
-    from train import progress_bar
+    from policy import progress_bar
 
     per_batch = max(1, config.batch_size // config.samples)   # prompts per batch
     groups: list[list[Generation]] = []

@@ -5,7 +5,7 @@
 Needs a CUDA GPU, and no network: it builds Qwen2.5-1.5B's architecture (`eval.throughput.QWEN_1_5B`,
 151,936-token vocabulary) with random weights in the preset's dtype, and runs at the preset's sizes
 
-  rollout  one `treerl.HFBackend` batch of `gen_batch_size` rows, each a prompt of --prompt_tokens
+  rollout  one `hf_backend.HFBackend` batch of `gen_batch_size` rows, each a prompt of --prompt_tokens
            and `max_new_tokens` sampled tokens (random weights never stop early, so every row runs
            to the limit: the worst case of the preset);
   update   `treerl.update` with the preset's optimizer (AdamW) and micro-batch size, over two
@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+import policy
 import train
 import tree
 import treerl
+from hf_backend import HFBackend
 from eval.common import machine, markdown_table, write_json
 from eval.throughput import QWEN_1_5B
 
@@ -43,17 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     config = train.parse_config(["--config", args.config])
-    run, rollout, update = config.run, config.rollout, config.update
+    run, model_cfg, rollout, update = config.run, config.policy, config.rollout, config.update
     device = torch.device("cuda")
-    peak = train.GpuPeak(device)
+    peak = policy.GpuPeak(device)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # Llama with Qwen2's shapes: the two differ only in Qwen2's attention biases (0.1M parameters).
     torch.manual_seed(0)
     with device:  # initialise on the GPU: 1.5B random float32 weights take a while on a CPU
-        model = LlamaForCausalLM(LlamaConfig(**QWEN_1_5B, pad_token_id=0)).to(getattr(torch, run.dtype))
-    if run.gradient_checkpointing:
+        model = LlamaForCausalLM(LlamaConfig(**QWEN_1_5B, pad_token_id=0)).to(getattr(torch, model_cfg.dtype))
+    if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = sum(p.numel() for p in model.parameters())
     torch.cuda.empty_cache()
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"update: peak {update_peak:.1f} GB, {update_s:.0f} s", flush=True)
 
     started = time.perf_counter()
-    backend = treerl.HFBackend(model, eos_token_id=vocab, pad_token_id=0, batch_size=run.gen_batch_size)
+    backend = HFBackend(model, eos_token_id=vocab, pad_token_id=0, batch_size=run.gen_batch_size)
     groups = backend.sample([prompt() for _ in range(run.gen_batch_size)], 1, rollout.max_new_tokens)
     rollout_tokens = sum(len(s.tokens) for g in groups for s in g)
     rollout_s = time.perf_counter() - started
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "command": "python -m eval.gpu_memory " + " ".join(argv), "machine": machine(),
         "device": torch.cuda.get_device_name(), "device_memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9,
-        "parameters": params, "dtype": run.dtype, "gradient_checkpointing": run.gradient_checkpointing,
+        "parameters": params, "dtype": model_cfg.dtype, "gradient_checkpointing": model_cfg.gradient_checkpointing,
         "weights_gb": weights,
         "rollout": {"rows": run.gen_batch_size, "prompt_tokens": args.prompt_tokens,
                     "new_tokens": rollout.max_new_tokens, "generated": rollout_tokens,
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_json(Path(args.out) / "gpu_memory.json", payload)
     print(markdown_table(["phase", "shape", "seconds", "peak allocated"], [
-        ["weights", f"{params / 1e9:.2f}B parameters, {run.dtype}", "", f"{weights:.1f} GB"],
+        ["weights", f"{params / 1e9:.2f}B parameters, {model_cfg.dtype}", "", f"{weights:.1f} GB"],
         ["rollout", f"{run.gen_batch_size} rows x ({args.prompt_tokens} + {rollout.max_new_tokens}) tokens",
          f"{rollout_s:.0f}", f"{rollout_peak:.1f} GB"],
         ["update", f"{len(sequences)} sequences of {args.prompt_tokens + response} tokens, "

@@ -37,10 +37,12 @@ from pathlib import Path
 
 import torch
 
+import policy
 import rewards
-import train
+import tasks
 import tree
 import treerl
+from hf_backend import HFBackend
 from eval.common import machine, markdown_table, warm_started_policy, write_json
 
 SHAPE = dict(M=4, N=2, L=1, T=2)
@@ -72,21 +74,22 @@ def nudge(model, scale: float = 1e-4) -> None:
 def measure(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = args.model or str(warm_started_policy(args.runs_dir, []))
-    run = train.RunConfig(device="cpu")
-    model, tokenizer = train.load_policy(model_dir, run, torch.device("cpu"))
+    model, tokenizer = policy.load_policy(model_dir, policy.PolicyConfig(device="cpu"), torch.device("cpu"))
     model.eval()
-    task = train.arith_task(run)
+    task = tasks.build_task(tasks.TaskConfig(), tokenizer)
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval[:args.prompts]]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS)
 
     backends, start_seconds = {}, {}
     started = time.perf_counter()
-    backends["transformers"] = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    backends["transformers"] = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     start_seconds["transformers"] = time.perf_counter() - started
     if not args.skip_vllm:
+        from vllm_backend import VLLMBackend
+
         started = time.perf_counter()
-        backends["vllm"] = treerl.VLLMBackend(model, tokenizer.eos_token_id, seed=0)
+        backends["vllm"] = VLLMBackend(model, tokenizer.eos_token_id, seed=0)
         start_seconds["vllm"] = time.perf_counter() - started
 
     timings = {name: {"tokens": [], "seconds": [], "sync": []} for name in backends}

@@ -29,10 +29,13 @@ from pathlib import Path
 
 import torch
 
+import policy
+import tasks
 import train
 import tree
 import treerl
 from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
+from hf_backend import HFBackend
 from treerl import RolloutConfig
 
 CHAIN_SIZES = (4, 8, 16, 32)
@@ -68,18 +71,18 @@ def search(backend, task, tokenizer, prompts, golds, cfg: RolloutConfig, seed: i
 def run(args, train_args: list[str]) -> dict:
     config = train.parse_config(train_args)
     model_dir = args.model or str(warm_started_policy(args.runs_dir, train_args))
-    device = train.pick_device(config.run)
-    model, tokenizer = train.load_policy(model_dir, config.run, device)
-    task = train.build_task(config.run, tokenizer)
+    device = policy.pick_device(config.policy)
+    model, tokenizer = policy.load_policy(model_dir, config.policy, device)
+    task = tasks.build_task(config.task, tokenizer)
     held_out = task.eval[: args.prompts]
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in held_out]
     golds = [e.gold for e in held_out]
-    backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
 
     points = methods(args.chain_sizes, args.tree_sizes)
     seeds = args.seeds
     rows = []
-    progress = train.progress_bar(None, total=len(points) * len(seeds), desc="search efficiency")
+    progress = policy.progress_bar(None, total=len(points) * len(seeds), desc="search efficiency")
     for name, cfg in points:
         cfg.max_new_tokens = config.rollout.max_new_tokens
         per_seed = []

@@ -8,7 +8,7 @@ limit, so runs are comparable). Models: the CPU default architecture (0.9M param
 30M-parameter one, both over the character vocabulary; and, for a GPU, Qwen2.5-1.5B's shapes
 (151,936-token vocabulary, bfloat16).
 
-  generation   tokens/s of the transformers backend (`treerl.HFBackend`: its decode loop with
+  generation   tokens/s of the transformers backend (`hf_backend.HFBackend`: its decode loop with
                per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
                the *limit*: a bare batched decode loop in plain torch on the same model, batch and
                length, with the same in-place KV cache and nothing else in it.
@@ -44,8 +44,9 @@ from pathlib import Path
 
 import torch
 
+import hf_backend
 import packing
-import train
+import policy
 import tree
 import treerl
 from eval.common import machine, markdown_table, write_json
@@ -84,10 +85,9 @@ def build(name: str, device: str = "cpu") -> Subject:
         subject = Subject(model, QWEN_1_5B["vocab_size"], 0, QWEN_1_5B["vocab_size"], 16)
     else:
         hidden, layers, heads = MODELS[name]
-        cfg = train.parse_config(["--hidden_size", str(hidden), "--num_layers", str(layers),
-                                  "--num_heads", str(heads)]).run
-        tokenizer = train.build_char_tokenizer()
-        model = train.build_tiny_model(cfg, tokenizer)
+        cfg = policy.PolicyConfig(hidden_size=hidden, num_layers=layers, num_heads=heads)
+        tokenizer = policy.build_char_tokenizer()
+        model = policy.build_tiny_model(cfg, tokenizer)
         # The 30M model's update is timed on fewer forests: on 2 CPU cores, 16 take minutes.
         subject = Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer),
                           16 if name == "default" else 4)
@@ -122,7 +122,7 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
     """The limit: prefill, then one forward per token with a KV cache written in place, and
     multinomial sampling; no padding, masks, per-token statistics or stopping."""
-    cache = treerl.preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
+    cache = hf_backend.preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
     out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
@@ -132,9 +132,9 @@ def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
     return batch.shape[0] * steps
 
 
-def backend_for(subject: Subject, batch: int) -> treerl.HFBackend:
+def backend_for(subject: Subject, batch: int) -> hf_backend.HFBackend:
     # Prefix re-use on, whatever the device: the tree-vs-chain comparison times it both ways.
-    return treerl.HFBackend(subject.model, subject.never, subject.pad, batch_size=batch, reuse_prefixes=True)
+    return hf_backend.HFBackend(subject.model, subject.never, subject.pad, batch_size=batch, reuse_prefixes=True)
 
 
 def measure_generation(subject: Subject, batch: int, repeats: int) -> dict:
@@ -226,11 +226,12 @@ def measure_update(subject: Subject, depth: int, batch: int, repeats: int) -> di
     result = {"L": depth, "prompts": len(rows), "leaves": len(sequences), "leaf_path_tokens": leaf_tokens,
               "unique_over_flat": packing.token_ratio(sequences)}
     for name, pack in (("flat", False), ("packed", True)):
-        cfg = UpdateConfig(lr=1e-6, pack_tree=pack)
+        cfg = UpdateConfig(lr=1e-6)
+        update = packing.update_packed if pack else treerl.update
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, _ = timed(lambda: treerl.update(model, optimizer, None, sequences, cfg, subject.pad), repeats)
+        seconds, _ = timed(lambda: update(model, optimizer, None, sequences, cfg, subject.pad), repeats)
         model.zero_grad(set_to_none=True)
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
         result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)

@@ -18,7 +18,7 @@ AdamW at a constant learning rate `--lr`, no KL, the clip [0.8, 1.28] with token
 (TRL's `loss_type="dapo"`, our `--aggregation token`), one optimizer step per rollout, gradient
 norm clipped at 1. The TRL runs see their prompts in TRL's shuffled order, ours in train.py's.
 
-Held-out accuracy is train.evaluate for all three (200 problems, greedy and avg@4 at temperature 1,
+Held-out accuracy is tasks.evaluate for all three (200 problems, greedy and avg@4 at temperature 1,
 same sampling seed). Seconds per step: wall time of the training steps (sampling, scoring, update,
 TRL's logging), evaluation excluded; mean and median (the first steps are slower: warm-up). On a
 shared machine wall time swings with other jobs, so the runs use one torch thread (`--threads`) and
@@ -39,9 +39,12 @@ from pathlib import Path
 
 import torch
 
+import policy
+import tasks
 import train
 import treerl
 from eval.common import machine, markdown_table, warm_started_policy, write_json
+from hf_backend import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +59,13 @@ def shared_settings(args, output_dir: str) -> dict:
                 save_strategy="no", logging_steps=1, disable_tqdm=True)
 
 
+def held_out_accuracy(model, tokenizer, task, config: train.Config) -> dict[str, float]:
+    """train.py's held-out evaluation (tasks.evaluate with the run's settings)."""
+    backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    return tasks.evaluate(backend, tokenizer, task, config.task.eval_samples, config.rollout.max_new_tokens,
+                          config.rollout.temperature, config.rollout.top_p, seed=config.run.seed)
+
+
 def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
     """Train one TRL arm from the warm start until the token budget is spent; evaluate it."""
     from transformers import TrainerCallback
@@ -64,8 +74,8 @@ def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
     import trl_treerl
 
     run = config.run
-    model, tokenizer = train.load_policy(str(warm_dir), run, torch.device("cpu"))
-    task = train.build_task(run, tokenizer)
+    model, tokenizer = policy.load_policy(str(warm_dir), config.policy, torch.device("cpu"))
+    task = tasks.build_task(config.task, tokenizer)
     out = str(Path(args.runs_dir) / name)
     prompts = run.prompts_per_step
     if name == "trl-treerl":
@@ -106,8 +116,7 @@ def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
     trainer = cls(model, reward_funcs=trl_treerl.arith_reward_func, args=settings,
                   train_dataset=trl_treerl.task_dataset(task), processing_class=tokenizer, callbacks=[meter])
     trainer.train()
-    backend = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
-    after = train.evaluate(backend, tokenizer, task, config, seed=run.seed)
+    after = held_out_accuracy(model, tokenizer, task, config)
     return {"method": name, "steps": len(meter.seconds), "generated_tokens": int(sum(meter.tokens)),
             "seconds_per_step": sum(meter.seconds) / len(meter.seconds),
             "seconds_per_step_median": statistics.median(meter.seconds),
@@ -169,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     warm_dir = warm_started_policy(args.runs_dir, ["--seed", str(args.seed)])
     config = train.parse_config(["--seed", str(args.seed)])
-    before = json.loads((Path(args.runs_dir) / "warm-start" / "summary.json").read_text())
+    model, tokenizer = policy.load_policy(str(warm_dir), config.policy, torch.device("cpu"))
+    accuracy = held_out_accuracy(model, tokenizer, tasks.build_task(config.task, tokenizer), config)
+    before = {"accuracy_before": accuracy["sampled"], "greedy_accuracy_before": accuracy["greedy"]}
     rows = []
     for method in args.methods.split(","):
         rows.append(run_ours(args, warm_dir) if method == "ours-treerl" else run_trl(method, args, warm_dir, config))

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import rewards
+import sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "verifier_throughput.json")
     args = parser.parse_args()
 
-    modes = ["bwrap", "rlimit"] if rewards._bwrap_usable() else ["rlimit"]
+    modes = ["bwrap", "rlimit"] if sandbox._bwrap_usable() else ["rlimit"]
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count()},

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import train
+import policy
+import tasks
 from eval import benchmarks, evaluate
 from eval.evaluate import Generation, bench_metrics, k_values, pass_at_k
 
@@ -164,7 +165,7 @@ def test_custom_math_bench_from_a_file_end_to_end(tmp_path):
     source = write_jsonl(tmp_path / "mine.jsonl", [{"problem": "What is 1/2 + 1/4?", "answer": "3/4"},
                                                    {"question": "2+2?", "answer": 4.0}])
     answers = {"What is 1/2 + 1/4?": "so \\boxed{\\frac{3}{4}}", "2+2?": "\\boxed{5}"}
-    texts = {f"{q}\n{train.MATH_INSTRUCTION}\n": a for q, a in answers.items()}
+    texts = {f"{q}\n{tasks.MATH_INSTRUCTION}\n": a for q, a in answers.items()}
     summary = evaluate.main(["--bench", "mine", "--bench_file", f"mine={source}", "--samples", "3",
                              "--out", str(tmp_path / "out")], responder=responder_from(texts))
     metrics = summary["benches"]["mine"]
@@ -212,8 +213,8 @@ def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path):
 @needs_data
 def test_tiny_random_model_over_every_bench(tmp_path):
     """The whole CLI path with a real (random) model loaded from a save_pretrained folder."""
-    tokenizer = train.build_char_tokenizer()
-    model = train.build_tiny_model(train.RunConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+    tokenizer = policy.build_char_tokenizer()
+    model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"

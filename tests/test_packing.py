@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import packing
-import train
+import policy
 import tree
 import treerl
 from treerl import UpdateConfig
@@ -17,13 +17,13 @@ ATOL = 1e-5  # float32: packed and flat differ only by the order of floating-poi
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train.build_char_tokenizer()
+    return policy.build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    cfg = train.RunConfig(hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    return train.build_tiny_model(cfg, tokenizer).float()
+    cfg = policy.PolicyConfig(hidden_size=32, num_layers=2, num_heads=2)
+    return policy.build_tiny_model(cfg, tokenizer, seed=0).float()
 
 
 def random_forest(rng: random.Random, trees: int = 3, depth: int = 3) -> tree.Node:
@@ -205,7 +205,7 @@ def test_packed_log_probs_equal_the_flat_ones(model, tokenizer, attention, seed)
     packed = packing.collate_packed(packing.pack_sequences(sequences), tokenizer.pad_token_id)
     with torch.no_grad():
         flat = treerl.sequence_logprobs(model, batch)
-        unique = treerl.packed_logprobs(model, packed)
+        unique = packing.packed_logprobs(model, packed)
     assert torch.isfinite(unique).all()
     for k, ((row, tokens), cols) in enumerate(zip(packed_positions(sequences), flat_positions(sequences))):
         torch.testing.assert_close(unique[row, tokens], flat[k, list(cols)], rtol=0, atol=ATOL)
@@ -237,7 +237,7 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
     # containing it, as a recomputation would give.
     torch.manual_seed(0)
     with torch.no_grad():
-        unique = treerl.packed_logprobs(model, packed)
+        unique = packing.packed_logprobs(model, packed)
     old = unique + 0.3 * torch.randn(unique.shape)
     ref = unique + 0.3 * torch.randn(unique.shape)
     old_flat, ref_flat = packed_to_flat(old, sequences, batch), packed_to_flat(ref, sequences, batch)
@@ -246,8 +246,8 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
     flat_loss, flat_stats, flat_grads = _loss_and_grads(model, lambda: treerl.policy_loss(
         treerl.sequence_logprobs(model, batch), old_flat, batch.advantages, batch.mask,
         aggregation=aggregation, ref_logp=ref_flat, **settings))
-    packed_loss, packed_stats, packed_grads = _loss_and_grads(model, lambda: treerl.packed_policy_loss(
-        treerl.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings))
+    packed_loss, packed_stats, packed_grads = _loss_and_grads(model, lambda: packing.packed_policy_loss(
+        packing.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings))
 
     assert 0 < flat_stats["clip_frac"] < 1
     assert packed_loss == pytest.approx(flat_loss, abs=ATOL)
@@ -260,7 +260,7 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
-    """Two epochs of `update` (the second with ratios away from 1), micro-batches of a few leaves,
+    """Two epochs of `treerl.update` and `packing.update_packed` (the second with ratios away from 1), micro-batches of a few leaves,
     a KL to a perturbed reference: the packed path ends at the same weights."""
     sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
     reference = copy.deepcopy(model)
@@ -268,14 +268,12 @@ def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
         for p in reference.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     results = []
-    for pack in (False, True):
-        policy = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
-        cfg = UpdateConfig(aggregation=aggregation, micro_batch_size=4, ppo_epochs=2, kl_coef=0.05,
-                           pack_tree=pack)
-        stats = treerl.update(policy, optimizer, None, sequences, cfg, tokenizer.pad_token_id,
-                              ref_model=reference)
-        results.append((stats, list(policy.parameters())))
+    for update in (treerl.update, packing.update_packed):
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        cfg = UpdateConfig(aggregation=aggregation, micro_batch_size=4, ppo_epochs=2, kl_coef=0.05)
+        stats = update(trained, optimizer, None, sequences, cfg, tokenizer.pad_token_id, ref_model=reference)
+        results.append((stats, list(trained.parameters())))
     (flat_stats, flat_params), (packed_stats, packed_params) = results
     for key in ("loss", "clip_frac", "kl", "ratio", "grad_norm"):
         assert packed_stats[key] == pytest.approx(flat_stats[key], abs=ATOL), key

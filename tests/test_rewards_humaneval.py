@@ -1,4 +1,4 @@
-"""rewards.run_tests on the public HumanEval copy: canonical solutions pass, broken ones fail."""
+"""sandbox.run_tests on the public HumanEval copy: canonical solutions pass, broken ones fail."""
 
 import gzip
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import rewards
+import sandbox as sandboxing
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "HumanEval.jsonl.gz"
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared HumanEval copy not present")
@@ -29,8 +29,8 @@ def without_last_return(solution: str) -> str:
 def check_problem(problem: dict, sandbox: str) -> tuple[str, str, str]:
     """(task id, outcome of the canonical solution, outcome of the broken one)."""
     test = {"check": problem["test"], "entry_point": problem["entry_point"], "setup": problem["prompt"]}
-    good = rewards.run_tests(problem["prompt"] + problem["canonical_solution"], [test], sandbox=sandbox, timeout=10)
-    bad = rewards.run_tests(problem["prompt"] + without_last_return(problem["canonical_solution"]), [test],
+    good = sandboxing.run_tests(problem["prompt"] + problem["canonical_solution"], [test], sandbox=sandbox, timeout=10)
+    bad = sandboxing.run_tests(problem["prompt"] + without_last_return(problem["canonical_solution"]), [test],
                             sandbox=sandbox, timeout=10)
     return problem["task_id"], good.outcomes[0].reason, bad.outcomes[0].reason
 

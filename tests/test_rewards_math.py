@@ -184,9 +184,9 @@ def test_overrunning_check_scores_zero_and_the_others_go_on():
 
 
 def test_hung_worker_is_killed_and_replaced():
-    pool = rewards.MathVerifierPool(workers=1)
+    pool = rewards.math_pool(workers=1)
     try:
-        assert pool.check([("1", "1")]) == [1.0]
+        assert pool.check([("1", "1")], rewards.DEFAULT_MATH_TIMEOUT) == [1.0]
         hung = pool.workers[0].process
         os.kill(hung.pid, signal.SIGSTOP)  # a worker that never answers, like one stuck in C code
         started = time.monotonic()
@@ -219,7 +219,7 @@ def test_math_rewards_rejects_bad_timeout():
 
 
 def test_worker_processes_are_stopped_by_close():
-    pool = rewards.MathVerifierPool(workers=1)
+    pool = rewards.math_pool(workers=1)
     assert pool.check([("1", "1")], timeout=5.0) == [1.0]
     process = pool.workers[0].process
     pool.close()

@@ -24,7 +24,7 @@ def tiny_args(tmp_path, *extra):
 
 def test_defaults_parse_and_flags_override():
     config = train.parse_config([])
-    assert config.rollout.algo == "treerl" and config.run.task == "arith"
+    assert config.rollout.algo == "treerl" and config.task.task == "arith"
     config = train.parse_config(["--algo", "chainrl", "--advantage", "rloo", "--lr", "1e-4"])
     assert config.rollout.algo == "chainrl" and config.rollout.advantage == "rloo"
     assert config.update.lr == pytest.approx(1e-4)
@@ -64,63 +64,6 @@ def test_shipped_presets_are_valid():
 
 
 # --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-def test_malformed_rows_name_the_file_line_and_field(tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n' * 3)
-    config = train.parse_config(["--task", "math", "--data", str(data), "--eval_size", "1"])
-    with pytest.raises(ValueError, match=r"train.jsonl:2: row has no field 'answer'"):
-        train.build_task(config.run, train.build_char_tokenizer())
-    data.write_text('{"problem": "1+1?", "answer": "2"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"train.jsonl:2: not valid JSON"):
-        train.load_rows(str(data))
-    with pytest.raises(ValueError, match="no such data file"):
-        train.load_rows(str(tmp_path / "missing.jsonl"))
-
-
-def test_math_rows_become_prompts_with_renamed_fields(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"q": f"What is {i}+1?", "a": str(i + 1)}) + "\n" for i in range(5)))
-    config = train.parse_config(["--task", "math", "--data", str(data), "--eval_size", "2",
-                                 "--problem_field", "q", "--answer_field", "a"])
-    task = train.build_task(config.run, train.build_char_tokenizer())
-    assert len(task.train) == 3 and len(task.eval) == 2
-    assert task.train[0].prompt.startswith("What is 0+1?") and "\\boxed{}" in task.train[0].prompt
-    assert task.eval[-1].gold == "5"
-
-
-def test_arith_held_out_set_never_overlaps_training():
-    config = train.parse_config(["--eval_size", "300"])
-    task = train.arith_task(config.run)
-    assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
-    assert all(e.solution for e in task.train)
-
-
-def test_tiny_model_and_tokenizer_reload_like_a_hub_model(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = train.build_char_tokenizer()
-    text = "Compute 4+7-2.\n4+7=11\n11-2=9\nAnswer: 9"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text) and tokenizer.decode(ids) == text
-    config = train.parse_config(["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2"])
-    model = train.build_tiny_model(config.run, tokenizer)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    # Saved side by side, the Auto classes must give back the same tokenizer and the same model.
-    again = AutoTokenizer.from_pretrained(tmp_path)
-    assert again(text, add_special_tokens=False)["input_ids"] == ids
-    assert again.decode(ids) == text and again.eos_token_id == tokenizer.eos_token_id
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        assert torch.allclose(model(x).logits, reloaded(x).logits, atol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
 
@@ -157,15 +100,6 @@ def test_token_budget_stops_training_early(tmp_path):
     assert totals[-1] >= 200 and all(t < 200 for t in totals[:-1])
     assert len(rows) - 1 < 50 and "eval_sampled" in rows[-1]
     assert summary["generated_tokens"] == totals[-1]
-
-
-def test_held_out_set_is_shared_across_seeds_and_never_trained_on():
-    tasks = [train.arith_task(train.parse_config(["--seed", str(s)]).run) for s in (0, 1)]
-    assert [e.prompt for e in tasks[0].eval] == [e.prompt for e in tasks[1].eval]
-    other = train.arith_task(train.parse_config(["--data_seed", "1"]).run)
-    assert [e.prompt for e in other.eval] != [e.prompt for e in tasks[0].eval]
-    for task in tasks + [other]:
-        assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
 
 
 def _comparable(path):

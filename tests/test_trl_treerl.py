@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import rewards
-import train
+import policy
+import tasks
 import tree
 import treerl
 
@@ -39,12 +40,12 @@ def ttr():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train.build_char_tokenizer()
+    return policy.build_char_tokenizer()
 
 
 def tiny_model(tokenizer):
     """A fresh ~20k-parameter Llama-style model, the same weights every call (seeded)."""
-    model = train.build_tiny_model(train.RunConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+    model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
     return model.train()
 
 
@@ -74,7 +75,7 @@ def dataset(prompts, golds):
 
 
 def test_a_few_training_steps_run_and_change_the_weights(ttr, tokenizer, tmp_path):
-    task = train.build_task(train.RunConfig(eval_size=8, warmup_steps=0, steps=4, prompts_per_step=2), tokenizer)
+    task = tasks.build_task(tasks.TaskConfig(eval_size=8), tokenizer, train_size=8)
     model = tiny_model(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = config(ttr, tmp_path, max_steps=3)

@@ -1,8 +1,8 @@
-"""Tests for treerl.VLLMBackend: parity with the transformers backend, weight sync after an
+"""Tests for vllm_backend.VLLMBackend: parity with the transformers backend, weight sync after an
 optimizer step, the save-and-restart fallback, and a full TreeRL step with --backend vllm.
 
 The vLLM tests skip when vLLM is not installed; CI installs the CPU build (requirements-cpu-vllm.txt)
-so that they run there. They use the tiny Llama model of train.py (head size 32: the CPU build's
+so that they run there. They use the tiny Llama model of policy.py (head size 32: the CPU build's
 attention kernels have no head size 16, the size of test_train.py's smallest model).
 """
 
@@ -13,8 +13,11 @@ import os
 import pytest
 import torch
 
+import policy
 import train
 import treerl
+import vllm_backend
+from hf_backend import HFBackend
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine stays in this process
 
@@ -42,13 +45,13 @@ def test_topk_entropy_is_exact_with_the_whole_vocabulary_and_a_lower_bound_other
     for scale in (0.5, 2.0, 8.0):
         logp = torch.log_softmax(torch.randn(50) * scale, -1)
         exact = treerl.entropy(logp).item()
-        assert treerl.topk_entropy(logp.tolist()) == pytest.approx(exact, abs=1e-5)
+        assert vllm_backend.topk_entropy(logp.tolist()) == pytest.approx(exact, abs=1e-5)
         top = logp.topk(5).values.tolist()
-        approx = treerl.topk_entropy(top)
+        approx = vllm_backend.topk_entropy(top)
         truncated = -sum(math.exp(v) * v for v in top)
         assert truncated <= approx <= exact + 1e-6
     # Tokens cut by top-p come back as -inf and are ignored.
-    assert treerl.topk_entropy([math.log(0.5), math.log(0.5), -math.inf]) == pytest.approx(math.log(2))
+    assert vllm_backend.topk_entropy([math.log(0.5), math.log(0.5), -math.inf]) == pytest.approx(math.log(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,15 +61,15 @@ def test_topk_entropy_is_exact_with_the_whole_vocabulary_and_a_lower_bound_other
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train.build_char_tokenizer()
+    return policy.build_char_tokenizer()
 
 
 def random_model(tokenizer, seed=0):
-    """train.build_tiny_model, small, with weights spread wider than the default init so that each
+    """policy.build_tiny_model, small, with weights spread wider than the default init so that each
     next-token distribution has a clear favourite: greedy parity then cannot hinge on a near tie
     that float rounding decides differently in two engines."""
-    cfg = train.RunConfig(hidden_size=64, num_layers=2, num_heads=2, seed=seed)
-    model = train.build_tiny_model(cfg, tokenizer)
+    cfg = policy.PolicyConfig(hidden_size=64, num_layers=2, num_heads=2)
+    model = policy.build_tiny_model(cfg, tokenizer, seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -97,9 +100,9 @@ def test_greedy_parity_with_transformers_on_a_saved_model(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tiny")
     from transformers import AutoModelForCausalLM
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32)
-    hf = treerl.HFBackend(reloaded, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    hf = HFBackend(reloaded, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # The engine reads the saved checkpoint; top-k = the whole vocabulary makes its entropy exact.
-    backend = treerl.VLLMBackend(reloaded, tokenizer.eos_token_id, path=str(tmp_path / "tiny"),
+    backend = vllm_backend.VLLMBackend(reloaded, tokenizer.eos_token_id, path=str(tmp_path / "tiny"),
                                  entropy_top_k=len(tokenizer))
     try:
         prompts = prompt_ids(tokenizer)
@@ -119,7 +122,7 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
     the distribution HFBackend and the update use; with top-k = 20 of 99 tokens the fork score is
     topk_entropy of that distribution's 20 largest log-probs, below the exact entropy."""
     model = random_model(tokenizer, seed=1)
-    backend = treerl.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=20)
+    backend = vllm_backend.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=20)
     try:
         prompts = prompt_ids(tokenizer)
         torch.manual_seed(0)
@@ -135,7 +138,7 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
                 logp, ent = treerl.token_stats(logits, ids[0, len(prompt):], temperature)
                 assert s.logprobs == pytest.approx(logp.tolist(), abs=TOL)
                 top20 = treerl.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
-                assert s.scores == pytest.approx([treerl.topk_entropy(row) for row in top20.tolist()], abs=TOL)
+                assert s.scores == pytest.approx([vllm_backend.topk_entropy(row) for row in top20.tolist()], abs=TOL)
                 assert all(a <= b + TOL for a, b in zip(s.scores, ent.tolist()))
                 assert s.finished == (s.tokens[-1] == tokenizer.eos_token_id)
     finally:
@@ -147,7 +150,7 @@ def test_seeded_sampling_of_a_batch_larger_than_one_engine_step(tokenizer):
     """EPTree's fork rounds send many long prefixes at once: more prefill tokens than vLLM computes
     in one step. (With chunked prefill, the CPU build crashed here on seeded requests.)"""
     model = random_model(tokenizer, seed=4)
-    backend = treerl.VLLMBackend(model, tokenizer.eos_token_id)
+    backend = vllm_backend.VLLMBackend(model, tokenizer.eos_token_id)
     try:
         prefixes = [tokenizer(f"Compute {i}+{i % 7}-{i % 3}. " * 4, add_special_tokens=False)["input_ids"]
                     for i in range(160)]
@@ -180,8 +183,8 @@ def sft_step(model, tokenizer, lr=1e-2):
 @needs_vllm
 def test_sync_after_an_optimizer_step_loads_the_new_weights_in_place(tokenizer):
     model = random_model(tokenizer, seed=2)
-    hf = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    backend = treerl.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=len(tokenizer))
+    hf = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    backend = vllm_backend.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=len(tokenizer))
     try:
         prompts = prompt_ids(tokenizer)
         before = backend.sample(prompts, 1, 30, temperature=0.0)
@@ -209,8 +212,8 @@ def test_sync_after_an_optimizer_step_loads_the_new_weights_in_place(tokenizer):
 @needs_vllm
 def test_sync_falls_back_to_save_and_restart_and_says_so(tokenizer, monkeypatch, caplog):
     model = random_model(tokenizer, seed=3)
-    hf = treerl.HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    backend = treerl.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=len(tokenizer))
+    hf = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    backend = vllm_backend.VLLMBackend(model, tokenizer.eos_token_id, entropy_top_k=len(tokenizer))
     try:
         sft_step(model, tokenizer)
 

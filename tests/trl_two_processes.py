@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-import train
+import policy
 import trl_treerl
 
 
@@ -24,8 +24,8 @@ def digit_share(completions, **kwargs):
 
 
 def main(out: str) -> None:
-    tokenizer = train.build_char_tokenizer()
-    model = train.build_tiny_model(train.RunConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+    tokenizer = policy.build_char_tokenizer()
+    model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
     prompts = [f"Compute {a}+{b}-1.\n" for a in range(1, 9) for b in range(3)]
     args = trl_treerl.TreeRLConfig(
         output_dir=out, M=2, N=2, L=2, T=1, per_device_train_batch_size=5, gradient_accumulation_steps=2,

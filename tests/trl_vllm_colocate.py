@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-import train
+import policy
 import trl_treerl
 
 
 def main(out: str) -> None:
-    tokenizer = train.build_char_tokenizer()
+    tokenizer = policy.build_char_tokenizer()
     # vLLM's CPU attention wants a head size it has kernels for: 64 / 2 = 32.
-    model = train.build_tiny_model(train.RunConfig(hidden_size=64, num_layers=1, num_heads=2), tokenizer)
+    model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=64, num_layers=1, num_heads=2), tokenizer)
     model.save_pretrained(Path(out, "policy"))  # vLLM loads the model from disk
     tokenizer.save_pretrained(Path(out, "policy"))
     model = type(model).from_pretrained(Path(out, "policy"))

@@ -1,4 +1,5 @@
-"""Tests for the code verifier in rewards.py: test kinds, comparisons, and the sandbox."""
+"""Tests for the code sandbox of sandbox.py (test kinds, comparisons, isolation) and sandbox.py's
+code_reward and extract_program on top of it."""
 
 import logging
 import os
@@ -7,8 +8,9 @@ import time
 
 import pytest
 
-import rewards
-from rewards import SandboxLimits, code_reward, extract_program, run_tests
+import sandbox
+from rewards import code_reward, extract_program
+from sandbox import SandboxLimits, run_tests
 
 MODES = ["bwrap", "rlimit"]
 
@@ -16,7 +18,7 @@ MODES = ["bwrap", "rlimit"]
 @pytest.fixture(params=MODES)
 def mode(request):
     """Run a test once with bubblewrap and once with the rlimit fallback."""
-    if request.param == "bwrap" and not rewards._bwrap_usable():
+    if request.param == "bwrap" and not sandbox._bwrap_usable():
         pytest.skip("bubblewrap is not installed or not usable here (apt-get install bubblewrap)")
     return request.param
 
@@ -33,7 +35,7 @@ def assert_contained(report):
     if report.uid is not None:
         deadline = time.monotonic() + 3.0
         while True:
-            alive = [pid for pid in os.listdir("/proc") if pid.isdigit() and rewards._owner_of(pid) == report.uid]
+            alive = [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox._owner_of(pid) == report.uid]
             if not alive or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -119,8 +121,8 @@ def test_bad_tests_are_rejected_clearly():
 
 
 def test_sandbox_mode_is_logged_once(caplog):
-    for key in [k for k in rewards._SANDBOX_CACHE if k.startswith("announced")]:
-        del rewards._SANDBOX_CACHE[key]
+    for key in [k for k in sandbox._SANDBOX_CACHE if k.startswith("announced")]:
+        del sandbox._SANDBOX_CACHE[key]
     with caplog.at_level(logging.INFO, logger="rewards"):
         for _ in range(2):
             run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}], sandbox="rlimit")
@@ -147,33 +149,33 @@ def test_program_runs_as_an_unprivileged_user(mode):
 
 
 def test_output_comparison_rules():
-    assert rewards._outputs_match("3  \n4\n\n\n", "3\n4")  # trailing whitespace and blank lines
-    assert rewards._outputs_match("0.3333333\n", "0.33333333\n")  # numbers with a tolerance
-    assert rewards._outputs_match("1 2.0000000001\n", "1 2\n")
-    assert not rewards._outputs_match("1 2\n", "1  3\n")
-    assert not rewards._outputs_match("3\n4\n", "3\n")
-    assert not rewards._outputs_match("nan\n", "1\n")
-    assert rewards._outputs_match(" 3\n", "3\n")  # a line that differs only in spacing: same tokens
+    assert sandbox._outputs_match("3  \n4\n\n\n", "3\n4")  # trailing whitespace and blank lines
+    assert sandbox._outputs_match("0.3333333\n", "0.33333333\n")  # numbers with a tolerance
+    assert sandbox._outputs_match("1 2.0000000001\n", "1 2\n")
+    assert not sandbox._outputs_match("1 2\n", "1  3\n")
+    assert not sandbox._outputs_match("3\n4\n", "3\n")
+    assert not sandbox._outputs_match("nan\n", "1\n")
+    assert sandbox._outputs_match(" 3\n", "3\n")  # a line that differs only in spacing: same tokens
 
 
 def test_value_comparison_rules():
-    assert rewards._values_match((1, 2), [1, 2])  # JSON test files cannot write tuples
-    assert rewards._values_match(0.30000000000000004, 0.3)
-    assert not rewards._values_match(True, 1) and not rewards._values_match(1, True)
-    assert not rewards._values_match("1", 1)
-    assert rewards._values_match({"a": [1.0]}, {"a": [1]})
+    assert sandbox._values_match((1, 2), [1, 2])  # JSON test files cannot write tuples
+    assert sandbox._values_match(0.30000000000000004, 0.3)
+    assert not sandbox._values_match(True, 1) and not sandbox._values_match(1, True)
+    assert not sandbox._values_match("1", 1)
+    assert sandbox._values_match({"a": [1.0]}, {"a": [1]})
 
 
 def test_encoding_round_trip_and_refusal():
     value = [1, -2.5, "x", None, True, (1, (2,)), {3, 4}, frozenset({5}), {1: "a", (2, 3): [4]}, b"\x00\xff", 1j]
-    assert rewards._decode_value(rewards._encode_value(value)) == value
+    assert sandbox._decode_value(sandbox._encode_value(value)) == value
 
     class Sneaky(int):
         def __eq__(self, other):
             return True
 
     with pytest.raises(TypeError, match="unsupported value of type Sneaky"):
-        rewards._encode_value([Sneaky(1)])
+        sandbox._encode_value([Sneaky(1)])
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,17 @@
-"""Tests for the built-in arithmetic task in rewards.py (the format the trainer depends on)."""
+"""Tests for tasks.py: the built-in arithmetic task (the format the trainer depends on) with
+rewards.arith_reward, and tasks from JSONL files."""
 
+import json
 import random
 import re
 
 import pytest
 
-from rewards import (ANSWER_MARKERS, ArithProblem, arith_dataset, arith_problem, arith_reward,
-                     arith_teacher_solution)
+import train
+from policy import build_char_tokenizer
+from rewards import ANSWER_MARKERS, arith_reward
+from tasks import (ArithProblem, TaskConfig, arith_dataset, arith_problem, arith_task, arith_teacher_solution,
+                   build_task, load_rows)
 
 
 def evaluate_left_to_right(expression: str) -> int:
@@ -162,3 +167,47 @@ def test_careless_teacher_slips_at_its_rate_and_carries_the_slip_on():
 def test_careless_teacher_rejects_bad_input(prompt, rate, message):
     with pytest.raises(ValueError, match=message):
         arith_teacher_solution(prompt, random.Random(0), rate)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks from JSONL files, and the held-out set
+# --------------------------------------------------------------------------------------------------
+
+
+def test_malformed_rows_name_the_file_line_and_field(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n' * 3)
+    config = TaskConfig(task="math", data=str(data), eval_size=1)
+    with pytest.raises(ValueError, match=r"train.jsonl:2: row has no field 'answer'"):
+        build_task(config, build_char_tokenizer())
+    data.write_text('{"problem": "1+1?", "answer": "2"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not valid JSON"):
+        load_rows(str(data))
+    with pytest.raises(ValueError, match="no such data file"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_math_rows_become_prompts_with_renamed_fields(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i}+1?", "a": str(i + 1)}) + "\n" for i in range(5)))
+    config = TaskConfig(task="math", data=str(data), eval_size=2, problem_field="q", answer_field="a")
+    task = build_task(config, build_char_tokenizer())
+    assert len(task.train) == 3 and len(task.eval) == 2
+    assert task.train[0].prompt.startswith("What is 0+1?") and "\\boxed{}" in task.train[0].prompt
+    assert task.eval[-1].gold == "5"
+
+
+def test_arith_held_out_set_never_overlaps_training():
+    task = arith_task(TaskConfig(eval_size=300), train_size=5_000)
+    assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
+    assert all(e.solution for e in task.train)
+
+
+def test_held_out_set_is_shared_across_seeds_and_never_trained_on():
+    # The training seed (--seed) is not the task's: only --data_seed draws other problems.
+    same = [build_task(train.parse_config(["--seed", str(s)]).task, None) for s in (0, 1)]
+    assert [e.prompt for e in same[0].eval] == [e.prompt for e in same[1].eval]
+    other = build_task(TaskConfig(data_seed=1), None)
+    assert [e.prompt for e in other.eval] != [e.prompt for e in same[0].eval]
+    for task in same + [other]:
+        assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}

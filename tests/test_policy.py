@@ -1,0 +1,49 @@
+"""Tests for policy.py: the tiny model and tokenizer, and the cached warm start."""
+
+import pytest
+
+from policy import PolicyConfig, build_char_tokenizer, build_tiny_model, warm_started_policy
+from tasks import TaskConfig
+
+TINY = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, warmup_steps=5, warmup_batch_size=4, device="cpu")
+
+
+def test_tiny_model_and_tokenizer_reload_like_a_hub_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = build_char_tokenizer()
+    text = "Compute 4+7-2.\n4+7=11\n11-2=9\nAnswer: 9"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    model = build_tiny_model(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    # Saved side by side, the Auto classes must give back the same tokenizer and the same model.
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.decode(ids) == text and again.eos_token_id == tokenizer.eos_token_id
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, reloaded(x).logits, atol=1e-6)
+
+
+def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
+    import torch
+    task_cfg = TaskConfig(eval_size=8)
+    model, _, task = warm_started_policy(TINY, task_cfg, 0, tmp_path, torch.device("cpu"), train_size=64)
+    assert (tmp_path / "recipe.json").exists() and len(task.train) == 64
+    capsys.readouterr()
+    again, _, _ = warm_started_policy(TINY, task_cfg, 0, tmp_path, torch.device("cpu"), train_size=64)
+    assert "reusing" in capsys.readouterr().out
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    warm_started_policy(TINY, task_cfg, 1, tmp_path, torch.device("cpu"), train_size=64)  # another seed
+    assert "settings differ" in capsys.readouterr().out
+
+
+def test_invalid_policy_settings_are_named():
+    with pytest.raises(ValueError, match="divisible"):
+        PolicyConfig(hidden_size=30, num_heads=4).validate()
+    with pytest.raises(ValueError, match="--dtype"):
+        PolicyConfig(dtype="float16").validate()
