@@ -42,7 +42,7 @@ class HFBackend:
       one of them starts from a copy (only its last token is run, for the next-token logits).
       This pays on a CPU, where reading a prefix costs about what generating it did, and not on a
       GPU, where a prefill is a few decode steps' time and keeping and copying states costs more
-      (eval/throughput.py, README "Performance"); so by default it is on for a model on a CPU.
+      (eval/throughput.py, docs/performance.md); so by default it is on for a model on a CPU.
     - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
       below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
     - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is

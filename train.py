@@ -1,7 +1,9 @@
 """Train a language model with TreeRL (or the ChainRL baseline): `python train.py`.
 
-This is the run around the algorithm (treerl.py): settings, the loop, logging, checkpoints. With no
-arguments it runs the CPU default end to end, in minutes, with nothing downloaded:
+The paper's RL training procedure (Section 3: EPTree rollouts, process rewards, a policy-gradient
+update, repeated over batches of prompts), as a run: settings, the loop, logging, checkpoints.
+The algorithm itself is in tree.py and treerl.py. With no arguments this runs the CPU default end
+to end, in minutes, with nothing downloaded:
 
 1. build a small Llama-architecture model and a character-level tokenizer in code, and warm-start
    it with a short supervised stage on worked arithmetic solutions (policy.py, tasks.py), so that

@@ -1,5 +1,8 @@
 """TreeRL inside TRL: EPTree rollouts and process advantages in TRL's `GRPOTrainer`.
 
+Skip this file on a first reading: it is how TreeRL scales out (several GPUs, DeepSpeed / FSDP,
+TRL's vLLM server), not part of the algorithm, which it takes from tree.py and treerl.py.
+
 For users who have outgrown one GPU and want TRL's engine (`accelerate launch`, DeepSpeed / FSDP,
 vLLM generation, its loss variants, logging and checkpoints) with TreeRL's two ideas. Exactly two
 things of a TRL GRPO step change; everything else is TRL's code, untouched:
@@ -128,7 +131,10 @@ class TreeRLConfig(GRPOConfig, treerl.TreeConfig):
             value = getattr(self, name)
             if int(value) != value:
                 raise ValueError(f"TreeRLConfig.{name} must be an integer, got {value!r}")
-        self.validate()
+        try:
+            self.validate()
+        except ValueError as error:
+            raise ValueError(f"TreeRLConfig: {error}") from None
         if self.num_generations is None:
             self.num_generations = self.forest_size
         super().__post_init__()  # TRL derives the generation batch from num_generations

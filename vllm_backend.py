@@ -133,7 +133,7 @@ class VLLMBackend:
             from vllm import LLM
         except ImportError as error:
             raise ImportError("the vllm backend needs vLLM: `pip install -r requirements-gpu.txt` on a "
-                              "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see README)") from error
+                              "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see docs/gpu.md)") from error
         _quiet_rotary_reload_warning()
         return LLM(model=path, load_format=load_format, **self.engine_args)
 

@@ -2,10 +2,10 @@
 
 The paper reports TreeRL against ChainRL on math benchmarks (MATH500, AIME, AMC, ...) with the same
 rule-based verifier it trains with, and this project adds two code benchmarks run in the sandbox of
-`rewards.py`. Each benchmark here is one `Bench` entry that knows three things:
+`sandbox.py`. Each benchmark here is one `Bench` entry that knows three things:
 
-* **where its rows are**: a local JSONL file (`../shared/data/` next to the repository by default,
-  see that folder's README for provenance), or a file / hub dataset the user names instead;
+* **where its rows are**: a local JSONL file (a `shared/data/` folder beside the repository's
+  folder by default, `--data_dir` elsewhere), or a file / hub dataset the user names instead;
 * **what the model is asked**: math problems get the standard instruction
   "Please reason step by step, and put your final answer within \\boxed{}." (the one `tasks.py`
   trains with), inside the tokenizer's chat template when it has one, plain text otherwise;
@@ -41,7 +41,7 @@ from typing import Callable
 import rewards
 from tasks import MATH_INSTRUCTION, chat_prompt, load_rows
 
-# The benchmark copies for offline use sit next to the repository (see DESIGN.md).
+# The benchmark copies for offline use: a shared/data folder beside the repository's folder.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -26,7 +26,7 @@ limit, so runs are comparable). Models: the CPU default architecture (0.9M param
                packed_speedup = packed / flat; also for a deeper forest (L = 2).
 
 The phase shares of a whole training step (rollout, verification, update, sync) are in every
-train.py run's metrics.jsonl (time_* keys); README quotes them. Writes results/throughput.json
+train.py run's metrics.jsonl (time_* keys); docs/performance.md quotes them. Writes results/throughput.json
 and prints a table. Timings are medians over --repeats after one warm-up run.
 """
 

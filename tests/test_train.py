@@ -82,6 +82,23 @@ def test_default_path_smoke_run(tmp_path):
     assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
 
 
+def test_pack_tree_trains_with_the_packed_update(tmp_path, monkeypatch):
+    import packing
+    import rewards
+    monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    real = packing.update_packed
+    monkeypatch.setattr(packing, "update_packed", counted)
+    train.main(tiny_args(tmp_path, "--steps", "2", "--pack_tree", "--run_name", "packed"))
+    rows = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and all(0 < r["packed_token_ratio"] < 1 for r in rows[1:])
+
+
 def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsys):
     train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
     capsys.readouterr()

@@ -7,6 +7,7 @@ import torch
 
 import tree
 import treerl
+from conftest import EOS, PAD  # the tiny_model fixture is there too
 from hf_backend import HFBackend
 from treerl import RolloutConfig, UpdateConfig, policy_loss
 
@@ -64,17 +65,6 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
 # Collation, the answer marker, and one rollout and update on a tiny model
 # --------------------------------------------------------------------------------------------------
 
-VOCAB, EOS, PAD = 24, 1, 0
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, tie_word_embeddings=True)
-    return Qwen2ForCausalLM(config)
 
 
 def test_collate_aligns_response_tokens_with_their_predictions():

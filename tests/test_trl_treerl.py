@@ -287,7 +287,7 @@ def test_sampling_through_trls_colocated_vllm(ttr, tmp_path):
 def test_bad_settings_are_named(ttr, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="fork_score"):
         config(ttr, tmp_path, fork_score="loudest")
-    with pytest.raises(ValueError, match="TreeRLConfig.M"):
+    with pytest.raises(ValueError, match="TreeRLConfig: --M must be >= 1"):
         config(ttr, tmp_path, M=0)
     # 4 rows per step cannot hold forests of 6 (TRL's own check says so on one process; with several,
     # TreeRLTrainer also requires whole forests on every process).

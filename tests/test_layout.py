@@ -1,0 +1,44 @@
+"""The shape of the project that readers rely on: a short reading path in four files, imports that
+run one way (from the run down to tree.py), and a README that stays a front door."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+READING_PATH = ("tree.py", "treerl.py", "rewards.py", "train.py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_reading_path_is_at_most_2000_lines():
+    lines = {name: len((ROOT / name).read_text().splitlines()) for name in READING_PATH}
+    assert sum(lines.values()) <= 2000, lines
+
+
+def test_the_algorithm_knows_no_engine_and_no_verifier():
+    assert imported_modules(ROOT / "tree.py") <= {"__future__", "math", "random", "dataclasses", "typing"}
+    treerl = imported_modules(ROOT / "treerl.py")
+    assert not any(name.startswith(("transformers", "vllm")) for name in treerl), treerl
+    assert not treerl & {"rewards", "packing", "hf_backend", "vllm_backend", "train", "tasks", "policy"}
+
+
+@pytest.mark.parametrize("path", ["trl_treerl.py", "eval/benchmarks.py", "eval/evaluate.py", "eval/common.py",
+                                  "tree.py", "treerl.py", "rewards.py", "sandbox.py", "tasks.py", "policy.py",
+                                  "packing.py", "hf_backend.py", "vllm_backend.py"])
+def test_train_is_an_entry_point_not_a_library(path):
+    assert "train" not in imported_modules(ROOT / path)
+
+
+def test_readme_is_a_front_door():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
