@@ -66,7 +66,6 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
 # --------------------------------------------------------------------------------------------------
 
 
-
 def test_collate_aligns_response_tokens_with_their_predictions():
     seq = tree.TrainSequence([7, 8, 9], [4, 5], [0.0, 0.0], [0.5, -1.0], 1.0, True, None)
     short = tree.TrainSequence([7], [4], [0.0], [2.0], 1.0, True, None)
