@@ -545,6 +545,7 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
     leaves, longest first: trees of about the same length share a forward, and the rows need
     little padding.
     """
+    model.train()  # old and new log-probs in the same mode, so the ratio starts at 1
     device = next(model.parameters()).device
     trees: list[PackedForest] = []    # the units of work: a prompt and one tree below it
     forests: list[list[int]] = []             # per forest, the ids of its trees
@@ -587,7 +588,6 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     steps = 0
-    model.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(forests), generator=generator).tolist()
         for mini in group_by_size(order, forest_leaves, cfg.mini_batch_size or sum(leaves)):

@@ -59,6 +59,7 @@ class RunConfig:
     backend: str = field(default="hf", metadata={"help": "rollout engine: hf (a KV-cache decode loop over the transformers model) or vllm (colocated vLLM engine, needs `pip install vllm`)"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"})
     vllm_kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"})
+    vllm_entropy_top_k: int = field(default=20, metadata={"help": "vllm: log-probs per position the entropy is estimated from (fork_score entropy only; a lower bound, exact when it covers the vocabulary)"})
     vllm_sleep: bool = field(default=True, metadata={"help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"})
     gen_batch_size: int = field(default=256, metadata={"help": "sequences per generation batch (hf backend)"})
     steps: int = field(default=120, metadata={"help": "RL steps"})
@@ -71,7 +72,7 @@ class RunConfig:
     def validate(self) -> None:
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be one of hf, vllm; got {self.backend!r}")
-        for name in ("prompts_per_step", "gen_batch_size"):
+        for name in ("prompts_per_step", "gen_batch_size", "vllm_entropy_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
         for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
@@ -144,7 +145,8 @@ def make_backend(run: RunConfig, model, tokenizer):
         from vllm_backend import VLLMBackend
 
         return VLLMBackend(model, tokenizer.eos_token_id, run.vllm_gpu_memory_utilization,
-                           run.vllm_kv_cache_gb, sleep=run.vllm_sleep, seed=run.seed)
+                           run.vllm_kv_cache_gb, entropy_top_k=run.vllm_entropy_top_k, sleep=run.vllm_sleep,
+                           seed=run.seed)
     from hf_backend import HFBackend
 
     return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
@@ -204,8 +206,7 @@ def train(config: Config) -> dict:
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ucfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant, as in the release
+    optimizer, scheduler = treerl.optimizer_for(model, ucfg, run.steps)
     metrics_path = run_dir / "metrics.jsonl"
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -249,7 +250,8 @@ def train(config: Config) -> dict:
             backend.sleep()
         if result.sequences:
             stats = update(model, optimizer, scheduler, result.sequences, ucfg,
-                           tokenizer.pad_token_id, rcfg.temperature, ref_model, seed=step)
+                           tokenizer.pad_token_id, ucfg.train_temperature or rcfg.temperature, ref_model,
+                           seed=step)
         t1 = time.perf_counter()
         update_peak = gpu_peak.read()
         backend.sync(model)

@@ -19,9 +19,10 @@ the concatenation of the segments on its path below the root::
 EPTree (Section 3.1, Algorithm 1)
 ---------------------------------
 1. Sample M complete responses from the prompt: M trees, each one chain.
-2. Repeat L times: in every tree, pick the N tokens with the highest fork score (entropy of the
-   policy at that position in the paper) and sample T continuations from the prefix that ends just
-   before each chosen token. The chosen token's segment is split there, so the old tail and the T
+2. Repeat L times: in every tree, pick the N tokens with the highest fork score and sample T
+   continuations from the prefix that ends just before each chosen token. Algorithm 1 scores a
+   token by H(y_t) = -log pi(y_t | x, y_<t), the negative log-probability of the token that was
+   sampled (the paper calls it entropy; the release computes the same): `fork_score="nll"`. The chosen token's segment is split there, so the old tail and the T
    new branches become siblings.
 A forest of M trees thus has M * (1 + L * N * T) leaves when every tree has N places to fork.
 
@@ -37,18 +38,17 @@ With r(l) in {0, 1} the verifier's verdict on leaf l and L(s) the leaves under s
 Every token of s is trained with advantage R(s). The 1/sqrt(|L(s)|) factor keeps a prefix shared
 by many leaves (and so repeated in many training sequences) from dominating the gradient.
 
-Where the official release (THUDM/TreeRL) differs, and what this code does:
-- The release centres leaf rewards leave-one-out before computing values; here V is the plain mean
-  of the verifier's rewards, as in the paper's equations.
-- The release divides parent and child values by the square root of their leaf counts separately,
-  and counts only the leaves kept for training. Here R(s) is divided once, as a whole, by
-  sqrt(|L(s)|) over all leaves of the search (Eq. 4 as written), and the optional sub-sampling of
-  leaves (`to_sequences(keep=K)`) happens after the rewards are computed.
-- The release gives truncated responses (no EOS) -1 on every token. Here the caller scores them 0
-  (a wrong answer); `to_sequences(truncated_penalty=-1.0)` reproduces the release.
-- The release ranks fork positions by the sampled token's negative log-probability; the paper
-  speaks of entropy. Both are offered (`fork_score="entropy" | "nll"`), plus `"random"`, the
-  paper's ablation.
+Where the official release (THUDM/TreeRL) computes something else, the paper's equations are the
+default and the release is an option (README, "The paper, mapped to the code", lists them all):
+- leaf rewards centred leave-one-out before the values: `process_rewards(leave_one_out=True)`;
+- the square root over the leaves *kept for training*, applied to the values of a segment and of
+  its parent separately: `process_rewards(reweight="release", selected=...)`;
+- a local advantage of ~0 replaced by the one above it on the path: `fill_in_paths=True`;
+- -1 on every token of a response that never ended: `to_sequences(truncated_penalty=-1.0)`;
+- fork exclusions (`fork_candidates(exclusions="release")`), RLOO with a clamp for ChainRL
+  (`outcome_advantages("rloo", clamp=True)`).
+The fork score of both is the sampled token's NLL; `"entropy"` (of the full next-token
+distribution) is an extension offered here, `"random"` the paper's ablation.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ from typing import Callable, Iterator, Sequence
 class Node:
     """One segment of a search tree: the prompt (root) or the tokens between two forks.
 
-    `logprobs[i]` is the sampler's log-probability of `tokens[i]` and `scores[i]` its fork score
-    (the sampler's entropy at that position). Leaves carry the verifier's `reward` and whether the
-    response ended with the end-of-sequence token (`finished`; the EOS token is then the last token
-    of the leaf's segment).
+    `logprobs[i]` is the sampler's log-probability of `tokens[i]` and `scores[i]` the entropy of
+    the sampler's distribution at that position. Leaves carry the verifier's `reward` and whether
+    the response ended with the end-of-sequence token (`finished`; the EOS token is then the last
+    token of the leaf's segment).
     """
 
     tokens: list[int]
@@ -175,7 +175,7 @@ def trees(root: Node) -> list[Node]:
 @dataclass
 class Sample:
     """What a sampler returns for one continuation: the generated tokens (with EOS last when
-    `finished`), the log-prob of each and the fork score (entropy) at each position."""
+    `finished`), the log-prob of each and the entropy of the distribution it was drawn from."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -189,7 +189,8 @@ SampleFn = Callable[[list[list[int]], int, "list[int] | None"], list[list[Sample
 # answer_start(response_tokens) -> index where the final answer starts, or None if it has none.
 AnswerStartFn = Callable[[list[int]], "int | None"]
 
-FORK_SCORES = ("entropy", "nll", "random")
+FORK_SCORES = ("nll", "entropy", "random")
+FORK_EXCLUSIONS = ("default", "release")
 
 
 @dataclass(frozen=True)
@@ -200,15 +201,26 @@ class Fork:
     index: int
 
 
-def fork_candidates(top: Node, skip_last: int = 4,
-                    answer_start: AnswerStartFn | None = None) -> list[Fork]:
+def fork_candidates(top: Node, skip_last: int = 4, answer_start: AnswerStartFn | None = None,
+                    exclusions: str = "default", stop_word_at: AnswerStartFn | None = None) -> list[Fork]:
     """All tokens of one tree where a fork is allowed.
 
-    Excluded: the first token of every segment (it was just re-sampled, or it is a place already
-    forked: a split always leaves the forked token first in its segment), the EOS token, every token
-    at or after the start of the final answer in any response that contains it, and tokens within
-    `skip_last` tokens of the end of any response that contains them.
+    Always excluded: the first token of every segment (it was just re-sampled, or it is a place
+    already forked: a split always leaves the forked token first in its segment).
+    default: also the EOS token, every token at or after the start of the final answer in any
+             response that contains it (`answer_start`), and tokens within `skip_last` tokens of
+             the end of any response that contains them.
+    release: also, in each segment, the tokens after the first one whose text contains "answer" or
+             "conclusion" (`stop_word_at(segment tokens)` gives its index); EOS and the last tokens
+             of a response stay eligible.
     """
+    if exclusions not in FORK_EXCLUSIONS:
+        raise ValueError(f"exclusions must be one of {FORK_EXCLUSIONS}, got {exclusions!r}")
+    if exclusions == "release":
+        def eligible(node: Node) -> range:
+            stop = stop_word_at(node.tokens) if stop_word_at is not None else None
+            return range(1, len(node.tokens) if stop is None else min(stop + 1, len(node.tokens)))
+        return [Fork(n, i) for n in walk(top) for i in eligible(n)]
     blocked: set[tuple[int, int]] = set()  # (id(node), index) of excluded tokens
     for leaf in leaves(top):
         segments = ancestors(leaf)[1:]  # the whole response, from the end of the prompt
@@ -227,15 +239,16 @@ def fork_candidates(top: Node, skip_last: int = 4,
             if (id(n), i) not in blocked]
 
 
-def select_forks(top: Node, n: int, fork_score: str, rng: random.Random,
-                 skip_last: int = 4, answer_start: AnswerStartFn | None = None) -> list[Fork]:
+def select_forks(top: Node, n: int, fork_score: str, rng: random.Random, skip_last: int = 4,
+                 answer_start: AnswerStartFn | None = None, exclusions: str = "default",
+                 stop_word_at: AnswerStartFn | None = None) -> list[Fork]:
     """The (at most) n eligible tokens of one tree with the highest fork score.
 
-    entropy: the policy's entropy at that position (the paper's description);
-    nll:     -log p of the sampled token (what the official release ranks by);
+    nll:     -log pi(y_t | x, y_<t) of the sampled token (Algorithm 1's H(y_t); the release's);
+    entropy: the entropy of the full next-token distribution there (an extension);
     random:  uniformly random eligible tokens (the paper's ablation).
     """
-    candidates = fork_candidates(top, skip_last, answer_start)
+    candidates = fork_candidates(top, skip_last, answer_start, exclusions, stop_word_at)
     if fork_score == "random":
         return rng.sample(candidates, min(n, len(candidates)))
     if fork_score == "entropy":
@@ -257,27 +270,34 @@ def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
 
 
 def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: int, T: int,
-           fork_score: str = "entropy", skip_last: int = 4,
+           fork_score: str = "nll", skip_last: int = 4,
            answer_start: AnswerStartFn | None = None, seed: int = 0,
-           max_response_tokens: int | None = None) -> Node:
+           max_response_tokens: int | None = None, **options) -> Node:
     """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
 
     M chains first, then L rounds of N forks per tree with T continuations per fork. Each round sends
     every prefix of every tree to `sample_fn` in one batch. L = 0 gives M independent chains:
     ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
     `max_response_tokens` caps every complete response, including the part before a fork.
+    `options` as for eptree_batch.
     """
     return eptree_batch([prompt_ids], sample_fn, M, N, L, T, fork_score, skip_last,
-                        answer_start, seed, max_response_tokens)[0]
+                        answer_start, seed, max_response_tokens, **options)[0]
 
 
 def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, N: int, L: int,
-                 T: int, fork_score: str = "entropy", skip_last: int = 4,
+                 T: int, fork_score: str = "nll", skip_last: int = 4,
                  answer_start: AnswerStartFn | None = None, seed: int = 0,
-                 max_response_tokens: int | None = None) -> list[Node]:
+                 max_response_tokens: int | None = None, exclusions: str = "default",
+                 stop_word_at: AnswerStartFn | None = None,
+                 full_length_branches: bool = False) -> list[Node]:
     """EPTree for many prompts at once: the same search as `eptree`, one forest per prompt, but
     each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
-    stays busy (one call for the chains, then one call per round)."""
+    stays busy (one call for the chains, then one call per round).
+
+    `exclusions` and `stop_word_at` as for fork_candidates. A branch may fill what the response
+    budget leaves below its fork; with `full_length_branches` (the release) it may add
+    `max_response_tokens` tokens of its own, so a forked response can be longer than a chain."""
     for name, value in (("M", M), ("N", N), ("L", L), ("T", T)):
         if int(value) != value or value < (1 if name == "M" else 0):
             raise ValueError(f"eptree: {name} must be an integer >= {1 if name == 'M' else 0}, got {value!r}")
@@ -298,7 +318,8 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
     # the start of the round) are forked T times.
     for _ in range(L):
         forks = [fork for root in roots for top in trees(root)
-                 for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start)]
+                 for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start, exclusions,
+                                          stop_word_at)]
         if not forks:
             break
         # The prefix ends strictly before the forked token, which the sampler draws again.
@@ -306,7 +327,9 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
         # A branch may fill what the response budget leaves below its fork point (at least the
         # forked token itself: fork candidates lie inside responses that fit the budget).
         budgets = None
-        if max_response_tokens is not None:
+        if max_response_tokens is not None and full_length_branches:
+            budgets = [max_response_tokens] * len(forks)
+        elif max_response_tokens is not None:
             budgets = [max_response_tokens - (len(prefix) - len(ancestors(f.node)[0].tokens))
                        for f, prefix in zip(forks, prefixes)]
         continuations = sample_fn(prefixes, T, budgets)
@@ -334,44 +357,70 @@ def leaf_counts(root: Node) -> dict[Node, int]:
     return counts
 
 
-def values(root: Node) -> dict[Node, float]:
-    """V(s): mean reward of the leaves under every node, the root (all M trees) included."""
-    sums: dict[Node, float] = {}
+def values(root: Node, leave_one_out: bool = False) -> dict[Node, float]:
+    """V(s): mean reward of the leaves under every node, the root (all M trees) included.
+
+    With `leave_one_out` (the release) each leaf's reward is first centred on the mean of the
+    *other* leaves of the forest: r'_l = r_l - (S - r_l) / (n - 1), S the sum of all n rewards;
+    then V(root) = 0.
+    """
     counts = leaf_counts(root)
+    rewards = {leaf: leaf.reward for leaf in leaves(root)}
+    if any(r is None for r in rewards.values()):
+        raise ValueError("a leaf has no reward: score every leaf before values()")
+    n, total = len(rewards), sum(rewards.values())
+    if leave_one_out and n > 1:
+        rewards = {leaf: r - (total - r) / (n - 1) for leaf, r in rewards.items()}
+    sums: dict[Node, float] = {}
     for node in reversed(list(walk(root))):
-        if node.is_leaf:
-            if node.reward is None:
-                raise ValueError(f"leaf {node!r} has no reward: score every leaf before values()")
-            sums[node] = float(node.reward)
-        else:
-            sums[node] = sum(sums[c] for c in node.children)
+        sums[node] = float(rewards[node]) if node.is_leaf else sum(sums[c] for c in node.children)
     return {node: sums[node] / counts[node] for node in sums}
 
 
-REWEIGHTS = ("sqrt", "none")
+REWEIGHTS = ("sqrt", "none", "release")
 
 
 def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
-                    use_local: bool = True) -> dict[Node, float]:
+                    use_local: bool = True, leave_one_out: bool = False,
+                    selected: Sequence[Node] | None = None,
+                    fill_in_paths: bool = False) -> dict[Node, float]:
     """R(s) for every non-root node: GA + LA (Eqs. 2-4), over sqrt(|L(s)|) when reweight="sqrt".
 
     `use_global` / `use_local` switch the two terms off one at a time, for the paper's ablations.
+    The release's variants, each on its own:
+    - leave_one_out: values of leave-one-out centred rewards (see `values`);
+    - reweight="release": W(s) = V(s) / sqrt(sel(s)) with sel(s) the `selected` leaves (those kept
+      for training) under s, and GA = W(s) - W(root), LA = W(s) - W(parent): the square root
+      applied to each value separately, not to their sum. (The release writes R = LA + W(s): the
+      same, since its centred V(root) is 0.) A segment with no selected leaf below gets 0;
+    - fill_in_paths: a local advantage with |LA| < 1e-8 is replaced by the (filled) local
+      advantage of the segment above it, except directly under the prompt.
     """
     if reweight not in REWEIGHTS:
         raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
     if not (use_global or use_local):
         raise ValueError("process_rewards needs at least one of the global and local advantages")
-    v = values(root)
+    v = values(root, leave_one_out)
     counts = leaf_counts(root)
-    rewards = {}
-    for node in walk(root):
+    if reweight == "release":
+        chosen = set(leaves(root) if selected is None else selected)
+        kept = {node: sum(leaf in chosen for leaf in leaves(node)) for node in walk(root)}
+        v = {node: v[node] / math.sqrt(kept[node]) if kept[node] else 0.0 for node in v}
+    rewards: dict[Node, float] = {}
+    local: dict[Node, float] = {}
+    for node in walk(root):  # parents before children
         if node is root:
             continue
         global_advantage = v[node] - v[root]          # Eq. 2
         local_advantage = v[node] - v[node.parent]    # Eq. 3
+        if fill_in_paths and abs(local_advantage) < 1e-8 and node.parent is not root:
+            local_advantage = local[node.parent]
+        local[node] = local_advantage
         r = use_global * global_advantage + use_local * local_advantage   # Eq. 4
         if reweight == "sqrt":
             r /= math.sqrt(counts[node])
+        elif reweight == "release" and not kept[node]:
+            r = 0.0
         rewards[node] = r
     return rewards
 
@@ -379,30 +428,36 @@ def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
 ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo")
 
 
-def outcome_advantages(rewards: Sequence[float], kind: str = "grpo", eps: float = 1e-6) -> list[float]:
+def outcome_advantages(rewards: Sequence[float], kind: str = "grpo", eps: float = 1e-6,
+                       clamp: bool = False) -> list[float]:
     """ChainRL's outcome advantages for one group of responses to the same prompt.
 
-    grpo:   (r - mean) / (std + eps)           (Shao et al., 2024)
+    grpo:   (r - mean) / (std + eps)           (Shao et al., 2024; the sample std, n - 1, as in
+                                                DeepSeek's and TRL's GRPO)
     drgrpo: r - mean                            (Dr. GRPO, Liu et al., 2025: no std division)
     rloo:   r - mean of the *other* responses   (REINFORCE leave-one-out, Ahmadian et al., 2024)
+    `clamp` (the release's ChainRL) raises negative advantages to at least -max(A).
     """
     n = len(rewards)
     if n == 0:
         return []
     mean = sum(rewards) / n
     if kind == "grpo":
-        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
-        return [(r - mean) / (std + eps) for r in rewards]
-    if kind == "drgrpo":
-        return [r - mean for r in rewards]
-    if kind == "rloo":
-        if n == 1:
-            return [0.0]
-        return [r - (mean * n - r) / (n - 1) for r in rewards]
-    raise ValueError(f"advantage kind must be one of {ADVANTAGE_KINDS}, got {kind!r}")
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
+        advantages = [(r - mean) / (std + eps) for r in rewards]
+    elif kind == "drgrpo":
+        advantages = [r - mean for r in rewards]
+    elif kind == "rloo":
+        advantages = [r - (mean * n - r) / (n - 1) for r in rewards] if n > 1 else [0.0]
+    else:
+        raise ValueError(f"advantage kind must be one of {ADVANTAGE_KINDS}, got {kind!r}")
+    if clamp:
+        floor = -max(advantages)
+        advantages = [max(a, floor) for a in advantages]
+    return advantages
 
 
-def chain_advantages(root: Node, kind: str = "grpo") -> dict[Node, float]:
+def chain_advantages(root: Node, kind: str = "grpo", clamp: bool = False) -> dict[Node, float]:
     """Outcome advantages as a per-segment map, for a forest of unforked chains (L = 0)."""
     chains = trees(root)
     if any(not c.is_leaf for c in chains):
@@ -410,7 +465,7 @@ def chain_advantages(root: Node, kind: str = "grpo") -> dict[Node, float]:
     for c in chains:
         if c.reward is None:
             raise ValueError(f"leaf {c!r} has no reward: score every leaf first")
-    return dict(zip(chains, outcome_advantages([c.reward for c in chains], kind)))
+    return dict(zip(chains, outcome_advantages([c.reward for c in chains], kind, clamp=clamp)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,16 +486,9 @@ class TrainSequence:
     leaf: Node = field(repr=False)
 
 
-def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = None,
-                 rng: random.Random | None = None,
-                 truncated_penalty: float | None = None) -> list[TrainSequence]:
-    """Flatten a forest into one training sequence per leaf.
-
-    `advantages` maps every non-root segment to the advantage of its tokens (process_rewards or
-    chain_advantages). `keep=K` trains a random subset of K leaves (the release trains 16 of 30),
-    keeping at least one leaf with positive reward when there is one. `truncated_penalty` (the
-    release uses -1.0) replaces the advantage of every token of a response that never ended.
-    """
+def pick_leaves(root: Node, keep: int | None = None, rng: random.Random | None = None) -> list[Node]:
+    """The leaves to train on: all of them, or a random K (`keep`, the release trains 16 of 30)
+    with at least one leaf of positive reward when there is one, in depth-first order."""
     chosen = leaves(root)
     if keep is not None and keep < len(chosen):
         if keep < 1:
@@ -451,6 +499,21 @@ def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = N
         if correct and not any(leaf in correct for leaf in picked):
             picked[rng.randrange(keep)] = rng.choice(correct)
         chosen = [leaf for leaf in chosen if leaf in picked]  # keep depth-first order
+    return chosen
+
+
+def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = None,
+                 rng: random.Random | None = None, truncated_penalty: float | None = None,
+                 chosen: Sequence[Node] | None = None) -> list[TrainSequence]:
+    """Flatten a forest into one training sequence per leaf.
+
+    `advantages` maps every non-root segment to the advantage of its tokens (process_rewards or
+    chain_advantages). The leaves are `chosen` (pick_leaves), or else `pick_leaves(root, keep,
+    rng)`. `truncated_penalty` (the release uses -1.0) replaces the advantage of every token of a
+    response that never ended.
+    """
+    if chosen is None:
+        chosen = pick_leaves(root, keep, rng)
     sequences = []
     for leaf in chosen:
         segments = ancestors(leaf)[1:]

@@ -104,15 +104,20 @@ class TreeConfig:
     N: int = field(default=2, metadata={"help": "EPTree: fork points per tree per round"})
     L: int = field(default=1, metadata={"help": "EPTree: rounds of forking (0: M independent chains)"})
     T: int = field(default=2, metadata={"help": "EPTree: continuations sampled per fork point"})
-    fork_score: str = field(default="entropy", metadata={"help": "entropy (paper), nll (official release) or random (ablation)"})
-    skip_last: int = field(default=4, metadata={"help": "never fork within this many tokens of a response's end"})
-    reweight: str = field(default="sqrt", metadata={"help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA"})
+    fork_score: str = field(default="nll", metadata={"help": "nll: -log-prob of the sampled token (Algorithm 1's H(y_t), and the release's); entropy: entropy of the full next-token distribution (an extension); random: the paper's ablation"})
+    fork_exclusions: str = field(default="default", metadata={"help": "default: no fork at EOS, in the final answer or within skip_last tokens of the end; release: only after a token containing 'answer'/'conclusion' in a segment"})
+    skip_last: int = field(default=4, metadata={"help": "never fork within this many tokens of a response's end (fork_exclusions default)"})
+    full_length_branches: bool = field(default=False, metadata={"help": "a fork's branches may add max_new_tokens of their own (the release) instead of what the response budget leaves"})
+    leave_one_out: bool = field(default=False, metadata={"help": "centre leaf rewards leave-one-out before the values V(s) (the release)"})
+    reweight: str = field(default="sqrt", metadata={"help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA; release: each value over sqrt(its kept leaves) before GA and LA"})
+    fill_in_paths: bool = field(default=False, metadata={"help": "a local advantage of ~0 takes the one of the segment above (the release)"})
     use_global: bool = field(default=True, metadata={"help": "include the global advantage GA (Eq. 2)"})
     use_local: bool = field(default=True, metadata={"help": "include the local advantage LA (Eq. 3)"})
     truncated_penalty: float = field(default=float("nan"), metadata={"help": "advantage of every token of a response with no EOS (nan: reward 0 like a wrong answer; the release uses -1)"})
 
     def validate(self) -> None:
-        choices = {"fork_score": tree.FORK_SCORES, "reweight": tree.REWEIGHTS}
+        choices = {"fork_score": tree.FORK_SCORES, "reweight": tree.REWEIGHTS,
+                   "fork_exclusions": tree.FORK_EXCLUSIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -137,7 +142,9 @@ class RolloutConfig(TreeConfig):
 
     algo: str = field(default="treerl", metadata={"help": "treerl (EPTree + process rewards) or chainrl (i.i.d. chains + outcome advantages)"})
     advantage: str = field(default="grpo", metadata={"help": "ChainRL outcome advantage: grpo, drgrpo or rloo"})
-    keep_leaves: int = field(default=0, metadata={"help": "train on a random subset of this many leaves per prompt (0 = all)"})
+    clamp_advantages: bool = field(default=False, metadata={"help": "ChainRL: raise negative advantages to at least -max A (the release's RLOO)"})
+    keep_leaves: int = field(default=0, metadata={"help": "train on a random subset of this many leaves per prompt, at least one correct when any is (0 = all)"})
+    keep_zero_signal: bool = field(default=False, metadata={"help": "train on forests whose leaves all got the same reward too (their advantages are 0 unless truncated_penalty applies; the release keeps them)"})
     max_new_tokens: int = field(default=64, metadata={"help": "response length limit in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
@@ -191,7 +198,9 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
         forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
                                     fork_score=cfg.fork_score, skip_last=cfg.skip_last,
                                     answer_start=answer_start, seed=seed,
-                                    max_response_tokens=cfg.max_new_tokens)
+                                    max_response_tokens=cfg.max_new_tokens,
+                                    exclusions=cfg.fork_exclusions, stop_word_at=stop_word_fn(decode),
+                                    full_length_branches=cfg.full_length_branches)
     t1 = time.perf_counter()
 
     # Verifier rewards on every leaf; a response that never produced EOS scores 0.
@@ -204,20 +213,16 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
 
     # Per-token advantages, one forest (prompt) at a time.
     sequences, zero_signal = [], 0
-    penalty = None if math.isnan(cfg.truncated_penalty) else cfg.truncated_penalty
     for k, root in enumerate(forests):
-        rewards = {leaf.reward for leaf in tree.leaves(root)}
-        if len(rewards) == 1:
-            # Every leaf agrees: all advantages are 0, the group carries no signal. Skip it.
+        found = tree.leaves(root)
+        if len({leaf.reward for leaf in found}) == 1:
             zero_signal += 1
-            continue
-        if cfg.algo == "treerl":
-            advantages = tree.process_rewards(root, cfg.reweight, cfg.use_global, cfg.use_local)
-        else:
-            advantages = tree.chain_advantages(root, cfg.advantage)
-        keep = cfg.keep_leaves or None
-        sequences += tree.to_sequences(root, advantages, keep=keep, rng=_rng(seed, k),
-                                       truncated_penalty=penalty)
+            # Every leaf agrees: every advantage is 0 and the forest carries no signal, unless
+            # truncated responses are penalised. Skip it (the release keeps it).
+            penalised = not math.isnan(cfg.truncated_penalty) and not all(leaf.finished for leaf in found)
+            if not (penalised or cfg.keep_zero_signal):
+                continue
+        sequences += forest_sequences(root, cfg, _rng(seed, k))
 
     leaf_rewards = [leaf.reward for _, leaf in all_leaves]
     n_leaves = len(all_leaves)
@@ -234,6 +239,19 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
         "time_verify": t2 - t1,
     }
     return Rollout(sequences, forests, stats)
+
+
+def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) -> list[tree.TrainSequence]:
+    """One scored forest as training sequences: the leaves to train on (all, or `keep_leaves` of
+    them drawn with `rng`), the advantage of every segment, every token carrying its segment's."""
+    chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
+    if cfg.algo == "treerl":
+        advantages = tree.process_rewards(root, cfg.reweight, cfg.use_global, cfg.use_local,
+                                          cfg.leave_one_out, chosen, cfg.fill_in_paths)
+    else:
+        advantages = tree.chain_advantages(root, cfg.advantage, cfg.clamp_advantages)
+    penalty = None if math.isnan(cfg.truncated_penalty) else cfg.truncated_penalty
+    return tree.to_sequences(root, advantages, truncated_penalty=penalty, chosen=chosen)
 
 
 def _chain_leaves(root: tree.Node) -> list[tree.Node]:
@@ -255,6 +273,22 @@ def _mean(xs) -> float:
 
 def _rng(seed: int, k: int) -> random.Random:
     return random.Random(seed * 1_000_003 + k)
+
+
+def stop_word_fn(decode: Callable[[list[int]], str], words: Sequence[str] = ("answer", "conclusion")
+                 ) -> tree.AnswerStartFn:
+    """The release's fork exclusion (fork_exclusions="release"): the index of the first token of a
+    segment whose own text contains one of `words` (any case); the tokens after it are not forked.
+    (With a character tokenizer no single token contains a word, so nothing is excluded.)"""
+
+    def stop_word_at(tokens: list[int]) -> int | None:
+        for index, token in enumerate(tokens):
+            text = decode([token]).lower()
+            if any(word in text for word in words):
+                return index
+        return None
+
+    return stop_word_at
 
 
 def answer_start_fn(decode: Callable[[list[int]], str], markers: Sequence[str]) -> tree.AnswerStartFn:
@@ -293,6 +327,10 @@ class UpdateConfig:
     """The clipped policy-gradient update (GRPO-style, with DAPO's asymmetric clip)."""
 
     lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
+    lr_warmup_ratio: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the release: 0.95)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the release: 0.1)"})
+    train_temperature: float = field(default=0.0, metadata={"help": "temperature of the log-probs in the loss (0: the sampling temperature, the distribution sampled from; the release: 1 while sampling at 1.2)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
     clip_high: float = field(default=0.28, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher)"})
     aggregation: str = field(default="token", metadata={"help": "token: mean over all tokens of the batch (DAPO); sequence: mean per response, then over responses (GRPO)"})
@@ -309,11 +347,23 @@ class UpdateConfig:
         for name in ("lr", "micro_batch_size", "ppo_epochs", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0; got {getattr(self, name)}")
-        for name in ("clip_low", "clip_high", "kl_coef", "mini_batch_size"):
+        for name in ("clip_low", "clip_high", "kl_coef", "mini_batch_size", "weight_decay", "train_temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not (0 <= self.lr_warmup_ratio < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("--lr_warmup_ratio and --adam_beta2 must be in [0, 1)")
         if self.clip_low >= 1:
             raise ValueError(f"--clip_low must be < 1 (the ratio is clipped at 1 - clip_low); got {self.clip_low}")
+
+
+def optimizer_for(model, cfg: UpdateConfig, steps: int):
+    """AdamW with cfg's settings, and its learning-rate schedule: a linear warm-up over
+    `lr_warmup_ratio` of `steps` optimizer steps (one per RL step with the defaults), then constant."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.lr_warmup_ratio * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, schedule
 
 
 @dataclass
@@ -438,10 +488,14 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
            pad_token_id: int, temperature: float = 1.0, ref_model=None, seed: int = 0) -> dict[str, float]:
     """One rollout's worth of policy optimisation; returns averaged statistics.
 
-    The old log-probs are recomputed here with the current weights (not taken from the sampler,
-    whose numerics may differ, e.g. vLLM's kernels): the ratio starts at exactly 1.
+    The old log-probs are recomputed here with the current weights, in the mode the update runs in
+    (not taken from the sampler, whose numerics may differ, e.g. vLLM's kernels): the ratio starts
+    at exactly 1. So with one epoch and the whole rollout in one mini-batch (the defaults, and the
+    release's setting) the ratio is 1, the clip never acts, and the step is REINFORCE on the
+    per-token advantages. `temperature` is that of the log-probs (UpdateConfig.train_temperature).
     `packing.update_packed` does the same with tree packing (train.py picks it with --pack_tree).
     """
+    model.train()
     device = next(model.parameters()).device
     batch = collate(sequences, pad_token_id, device)
     micro = cfg.micro_batch_size
@@ -460,7 +514,6 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     steps = 0
-    model.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(batch), generator=generator).to(device)
         for start in range(0, len(batch), mini):

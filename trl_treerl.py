@@ -194,6 +194,8 @@ class TreeRLTrainer(GRPOTrainer):
         self._rollout: _Rollout | None = None  # set only while TRL's step code runs, see below
         decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self._answer_start = treerl.answer_start_fn(decode, args.answer_markers) if args.answer_markers else None
+        self._stop_word_at = treerl.stop_word_fn(decode)  # fork_exclusions="release"
+        self._sampled_tokens = 0  # tokens TRL generated for this step's search
         self.last_forests: list[tree.Node] = []  # this process's forests of the latest step, to inspect
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class TreeRLTrainer(GRPOTrainer):
         prompts = [inputs[i]["prompt"] for i in range(0, len(inputs), G)]
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
 
+        self._sampled_tokens = 0
         forests = self._grow_forests(prompt_ids)
         leaf_rewards = self._score_leaves(inputs, prompts, forests)
         rows, masked, padding = self._rows(forests)
@@ -272,7 +275,8 @@ class TreeRLTrainer(GRPOTrainer):
         forests = tree.eptree_batch(
             prompt_ids, sample_fn, args.M, args.N, args.L, args.T, fork_score=args.fork_score,
             skip_last=args.skip_last, answer_start=self._answer_start, seed=seed,
-            max_response_tokens=self.max_completion_length)
+            max_response_tokens=self.max_completion_length, exclusions=args.fork_exclusions,
+            stop_word_at=self._stop_word_at, full_length_branches=args.full_length_branches)
         if self.accelerator.num_processes > 1:
             # eptree_batch stops early when no tree of this process has a token left to fork at,
             # but generation can be collective (vLLM server mode gathers prompts, ZeRO-3 gathers
@@ -300,6 +304,8 @@ class TreeRLTrainer(GRPOTrainer):
             rows += [list(fallback)] * ((most - len(prefixes)) * n)
         completion_ids, sampler_logps = GRPOTrainer._generate_single_turn(self, rows, None, {}, n)
         completion_ids = [list(map(int, c)) for c in completion_ids]
+        # What TRL generated, before the search cuts a branch to its budget: the cost of the step.
+        self._sampled_tokens += sum(len(completion_ids[i]) for i in range(wanted))
 
         # Fork scores: only needed when forks are chosen by entropy or log-prob.
         logps = scores = None
@@ -376,7 +382,8 @@ class TreeRLTrainer(GRPOTrainer):
         self._pending_extra_logs.clear()
         total = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
         for (_, leaf), value in zip(owners, total.tolist()):
-            leaf.reward = float(value)
+            # As in treerl.rollout (and the paper): a response that never ended scores 0.
+            leaf.reward = float(value) if leaf.finished else 0.0
         return {leaf: per_func[i] for i, (_, leaf) in enumerate(owners)}
 
     def _rows(self, forests) -> tuple[list[tree.TrainSequence], list[bool], list[bool]]:
@@ -385,12 +392,12 @@ class TreeRLTrainer(GRPOTrainer):
         args, G = self.args, self.num_generations
         rows, masked, padding = [], [], []
         for k, root in enumerate(forests):
-            advantages = tree.process_rewards(root, args.reweight, args.use_global, args.use_local)
             found = tree.leaves(root)
-            sequences = tree.to_sequences(
-                root, advantages, keep=G if len(found) > G else None,
-                rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k),
-                truncated_penalty=args.penalty)
+            chosen = tree.pick_leaves(root, keep=G if len(found) > G else None,
+                                      rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k))
+            advantages = tree.process_rewards(root, args.reweight, args.use_global, args.use_local,
+                                              args.leave_one_out, chosen, args.fill_in_paths)
+            sequences = tree.to_sequences(root, advantages, truncated_penalty=args.penalty, chosen=chosen)
             silent = args.mask_zero_signal and len({leaf.reward for leaf in found}) == 1 and (
                 args.penalty is None or all(leaf.finished for leaf in found))
             rows += sequences + sequences[:1] * (G - len(sequences))
@@ -401,12 +408,12 @@ class TreeRLTrainer(GRPOTrainer):
     def _log_tree_metrics(self, forests, advantages, loss_mask, padded: int) -> None:
         found = [leaf for root in forests for leaf in tree.leaves(root)]
         silent = sum(len({leaf.reward for leaf in tree.leaves(root)}) == 1 for root in forests)
-        local = torch.tensor([sum(tree.generated_tokens(root) for root in forests), len(found),
+        local = torch.tensor([self._sampled_tokens, len(found),
                               len(forests), silent, padded, sum(leaf.reward for leaf in found)],
                              dtype=torch.float64, device=self.accelerator.device)
         tokens, leaves, prompts, silent, padded, reward = self.accelerator.gather(local).view(-1, 6).sum(0).tolist()
         metrics = self._metrics["train"]
-        metrics["tree/generated_tokens"].append(tokens)  # the search's token budget, all processes
+        metrics["tree/generated_tokens"].append(tokens)  # sampled by TRL for the search, all processes
         metrics["tree/leaves_per_prompt"].append(leaves / prompts)
         metrics["tree/leaf_reward"].append(reward / leaves)
         metrics["tree/zero_signal_frac"].append(silent / prompts)
@@ -525,6 +532,8 @@ def main(argv: list[str] | None = None):
             model, tokenizer, task = policy.warm_started_policy(
                 policy_cfg, task_cfg, config.seed, Path(config.output_dir) / "warmstart",
                 policy.pick_device(policy_cfg), train_size)
+    if "--answer_markers" not in argv:  # the task's own markers, as train.py uses them
+        config.answer_markers = list(task.answer_markers)
     trainer = TreeRLTrainer(model, reward_funcs=REWARD_FUNCS[task_cfg.task], args=config,
                             train_dataset=task_dataset(task), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=True if script.resume else None)

@@ -149,7 +149,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     resumed = _comparable(tmp_path / "killed" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     assert all("loss" in r for r in straight[1:]), "every step should have updated the model"
-    assert resumed == straight
+    # Equal up to float rounding: a resumed process may sum a statistic in another order (seen: the
+    # mean entropy differing in the 9th digit), while every sample, reward and loss is the same.
+    assert resumed == [pytest.approx(row, rel=1e-6) for row in straight]
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert a["accuracy_after"] == b["accuracy_after"] and a["generated_tokens"] == b["generated_tokens"]

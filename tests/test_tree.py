@@ -98,9 +98,16 @@ def test_all_equal_leaves_give_zero_rewards():
 def test_outcome_advantages():
     rewards = [1.0, 0.0, 0.0, 1.0]
     assert outcome_advantages(rewards, "drgrpo") == pytest.approx([0.5, -0.5, -0.5, 0.5])
-    assert outcome_advantages(rewards, "grpo") == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    # GRPO divides by the sample standard deviation (n - 1), as DeepSeek's and TRL's GRPO do:
+    # sqrt((4 * 0.25) / 3) = 0.57735, so 0.5 / 0.57735 = 0.86603.
+    assert outcome_advantages(rewards, "grpo") == pytest.approx([0.8660254, -0.8660254, -0.8660254, 0.8660254], abs=1e-5)
     # RLOO: 1 - (1/3), 0 - (2/3)
     assert outcome_advantages(rewards, "rloo") == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    # The release's ChainRL clamps negative RLOO advantages at -max A: with one right answer of
+    # four, A = 1 - 0 = 1 for it and 0 - 1/3 for the others (above -1: unchanged); with three
+    # right, the wrong one's -1 is raised to -max A = -(1 - 2/3) = -1/3.
+    assert outcome_advantages([1.0, 0.0, 0.0, 0.0], "rloo", clamp=True) == pytest.approx([1, -1 / 3, -1 / 3, -1 / 3])
+    assert outcome_advantages([1.0, 1.0, 1.0, 0.0], "rloo", clamp=True) == pytest.approx([1 / 3, 1 / 3, 1 / 3, -1 / 3])
     assert outcome_advantages([1.0, 1.0], "grpo") == [0.0, 0.0]
     root = chains(rewards)
     adv = chain_advantages(root, "drgrpo")
@@ -268,7 +275,11 @@ def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
     MARK = 99
     answer_start = lambda response: response.index(MARK) if MARK in response else None  # noqa: E731
     sampler = FakeSampler(length=16, answer_marker=MARK)
-    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start)
+    # Entropy scores: under the NLL scores of this fake sampler a branch may happen to re-sample
+    # the token it was forked at, which repeats a prefix at a new place and would fool the
+    # same-prefix check below (fork.index > 0 covers the rule itself for every score).
+    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start,
+                  fork_score="entropy")
     seen = set()
     for prefixes, _ in sampler.calls[1:]:
         for p in prefixes:
@@ -345,3 +356,63 @@ def test_response_budget_counts_the_prefix_before_a_fork():
         assert len(response_tokens(leaf)) <= 15
         assert not leaf.finished  # every fake response (20 tokens) had to be cut
     assert len(leaves(root)) == 2 * (1 + 2 * 2 * 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The release's variants, each on its own (the whole preset is checked in test_release.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_leave_one_out_values_centre_each_leaf_on_the_others():
+    root, n = paper_forest()
+    v = values(root, leave_one_out=True)
+    # 5 leaves, S = 3 correct: r' = r - (S - r) / 4, i.e. 1 - 2/4 = 1/2 and 0 - 3/4 = -3/4.
+    assert v[n["b"]] == pytest.approx(0.5) and v[n["c"]] == pytest.approx(-0.75)
+    assert v[n["a"]] == pytest.approx((0.5 - 0.75) / 2) and v[root] == pytest.approx(0.0)
+
+
+def test_fill_in_paths_replaces_a_zero_local_advantage_with_the_one_above():
+    root, n = paper_forest()
+    # d and its leaves e, f all have V = 1, so LA(e) = LA(f) = 0; filled, they take LA(d) = 2/5.
+    plain = process_rewards(root, reweight="none")
+    filled = process_rewards(root, reweight="none", fill_in_paths=True)
+    assert plain[n["e"]] == pytest.approx(2 / 5)            # GA only
+    assert filled[n["e"]] == pytest.approx(2 / 5 + 2 / 5)   # GA + LA(d)
+    # Directly under the prompt nothing is filled, and non-zero local advantages stay as they are.
+    assert filled[n["d"]] == plain[n["d"]] and filled[n["b"]] == plain[n["b"]]
+
+
+def test_release_reweight_divides_each_value_by_its_kept_leaves():
+    root, n = paper_forest()
+    kept = [n["b"], n["e"], n["g"]]  # c and f are not trained
+    r = process_rewards(root, reweight="release", selected=kept)
+    W = {"a": (1 / 2) / math.sqrt(1), "b": 1.0, "d": 1 / math.sqrt(1), "e": 1.0, "g": 0.0,
+         "root": (3 / 5) / math.sqrt(3)}
+    # GA = W(s) - W(root), LA = W(s) - W(parent).
+    assert r[n["b"]] == pytest.approx((W["b"] - W["root"]) + (W["b"] - W["a"]))
+    assert r[n["a"]] == pytest.approx(2 * (W["a"] - W["root"]))
+    assert r[n["e"]] == pytest.approx((W["e"] - W["root"]) + (W["e"] - W["d"]))
+    assert r[n["c"]] == 0.0 and r[n["f"]] == 0.0   # no kept leaf below: not trained, 0
+
+
+def test_release_fork_exclusions():
+    root = Node([1, 2])
+    top = root.add([5, 6, 7, 8, 9, EOS], logprobs=[-1.0] * 6, scores=[0.5] * 6)
+    top.reward = 0.0
+    everything = [f.index for f in fork_candidates(top, skip_last=0, exclusions="release")]
+    assert everything == [1, 2, 3, 4, 5]   # EOS and the tail eligible; the first token never
+    default = [f.index for f in fork_candidates(top, skip_last=2)]
+    assert default == [1, 2, 3]            # the last 2 (EOS included) are not
+    # In each segment, tokens after the first one whose text names the answer are not forked.
+    stop_at_7 = lambda tokens: tokens.index(7) if 7 in tokens else None  # noqa: E731
+    assert [f.index for f in fork_candidates(top, exclusions="release", stop_word_at=stop_at_7)] == [1, 2]
+
+
+def test_full_length_branches_get_the_whole_budget():
+    sampler = FakeSampler(length=6)
+    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6,
+                 full_length_branches=True)
+    assert sampler.budgets[1] == [6]
+    sampler = FakeSampler(length=6)
+    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6)
+    assert sampler.budgets[1][0] < 6   # what the response budget leaves below the fork

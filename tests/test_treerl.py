@@ -117,6 +117,29 @@ def test_zero_signal_groups_are_skipped(tiny_model):
     cfg = RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1)
     result = treerl.rollout(backend, [[5, 6]], [None], lambda t, g: [0.0] * len(t), str, cfg)
     assert result.sequences == [] and result.stats["zero_signal_frac"] == 1.0
+    result = treerl.rollout(backend, [[5, 6]], [None], lambda t, g: [0.0] * len(t), str,
+                            RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1, keep_zero_signal=True))
+    assert len(result.sequences) == result.stats["leaves"] and all(a == 0.0 for s in result.sequences for a in s.advantages)
+
+
+class EndlessBackend:
+    """Every continuation runs to its budget without EOS: every leaf is truncated, reward 0."""
+
+    def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
+        budgets = treerl.budgets_per_prefix(max_new_tokens, len(prefixes))
+        return [[tree.Sample([7] * b, [-1.0] * b, [0.5] * b, finished=False) for _ in range(n)] for b in budgets]
+
+    def sync(self, model):
+        pass
+
+
+def test_truncated_leaves_of_an_all_wrong_forest_still_get_the_penalty():
+    """Regression: a forest whose leaves all scored 0 used to be skipped before the truncation
+    penalty applied, so with --truncated_penalty -1 (the release) truncated responses went unpunished."""
+    cfg = RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=6, skip_last=1, truncated_penalty=-1.0)
+    result = treerl.rollout(EndlessBackend(), [[5, 6]], [None], lambda t, g: [0.0] * len(t), str, cfg)
+    assert result.stats["zero_signal_frac"] == 1.0 and len(result.sequences) == 4
+    assert all(a == -1.0 for s in result.sequences for a in s.advantages)
 
 
 def test_invalid_rollout_and_update_settings_are_named():
@@ -128,3 +151,19 @@ def test_invalid_rollout_and_update_settings_are_named():
         UpdateConfig(aggregation="batch").validate()
     with pytest.raises(ValueError, match="--clip_low"):
         UpdateConfig(clip_low=1.5).validate()
+
+
+def test_optimizer_settings_and_warm_up():
+    model = torch.nn.Linear(2, 2)
+    optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, adam_beta2=0.95, weight_decay=0.1,
+                                                                   lr_warmup_ratio=0.05), steps=100)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.1
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])   # 5 warm-up steps of 100
+    optimizer, _ = treerl.optimizer_for(model, UpdateConfig(lr=1.0), steps=100)
+    assert optimizer.param_groups[0]["lr"] == 1.0 and optimizer.param_groups[0]["weight_decay"] == 0.0
