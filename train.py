@@ -40,6 +40,7 @@ import packing
 import policy
 import tasks
 import treerl
+import treeview
 from policy import PolicyConfig
 from tasks import TaskConfig
 from treerl import RolloutConfig, UpdateConfig
@@ -66,6 +67,7 @@ class RunConfig:
     max_generated_tokens: int = field(default=0, metadata={"help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
     eval_every: int = field(default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"})
+    save_trees: bool = field(default=True, metadata={"help": "at every evaluation, draw the forest of the first held-out problem to <run>/trees/step_XXXX.html (treeview.py)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint of this run"})
 
@@ -158,6 +160,20 @@ def evaluate(backend, tokenizer, task: tasks.Task, config: Config) -> dict[str, 
                           config.rollout.temperature, config.rollout.top_p, seed=config.run.seed)
 
 
+def save_tree_page(run_dir: Path, step: int, backend, tokenizer, task: tasks.Task, config: Config) -> None:
+    """With --save_trees: the forest the policy grows now for the first held-out problem, drawn as a
+    page (treeview.py), so a run's pages show its forests change as it learns."""
+    if not config.run.save_trees:
+        return
+    example, rollout = task.eval[0], config.rollout
+    root = treeview.grow_forest(backend, tokenizer, task, example, rollout, seed=config.run.seed)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    title = f"{config.run.run_name}, step {step}: {example.prompt.strip()} (gold {example.gold})"
+    page = treeview.render_html(root, decode, title, rollout.fork_score, **treeview.reward_options(rollout))
+    (run_dir / "trees").mkdir(exist_ok=True)
+    (run_dir / "trees" / f"step_{step:04d}.html").write_text(page, encoding="utf-8")
+
+
 def train(config: Config) -> dict:
     run, pcfg, tcfg, rcfg, ucfg = config.run, config.policy, config.task, config.rollout, config.update
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
@@ -220,6 +236,7 @@ def train(config: Config) -> dict:
         metrics_path.write_text("".join(line + "\n" for line in kept))
     else:
         before = evaluate(backend, tokenizer, task, config)
+        save_tree_page(run_dir, 0, backend, tokenizer, task, config)
         print(f"held-out accuracy before RL: greedy {before['greedy']:.1%}, "
               f"avg@{tcfg.eval_samples} {before['sampled']:.1%}", flush=True)
         start_step, generated, elapsed_before = 0, 0, 0.0
@@ -264,6 +281,7 @@ def train(config: Config) -> dict:
             row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
         if (run.eval_every and step % run.eval_every == 0) or last:
             after = evaluate(backend, tokenizer, task, config)
+            save_tree_page(run_dir, step, backend, tokenizer, task, config)
             row.update(eval_greedy=after["greedy"], eval_sampled=after["sampled"])
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -80,6 +80,8 @@ def test_default_path_smoke_run(tmp_path):
     assert (run_dir / "metrics.png").stat().st_size > 0
     assert (run_dir / "warmstart" / "config.json").exists()
     assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
+    # --save_trees (on by default): a page of the first held-out problem's forest per evaluation.
+    assert sorted(p.name for p in (run_dir / "trees").iterdir()) == ["step_0000.html", "step_0002.html"]
 
 
 def test_pack_tree_trains_with_the_packed_update(tmp_path, monkeypatch):
