@@ -92,7 +92,8 @@ from typing import Sequence
 import torch
 
 import tree
-from treerl import UpdateConfig, clipped_surrogate, k3_kl, step_and_tally, tally_micro_batch, token_stats
+from treerl import (UpdateConfig, clipped_surrogate, k3_kl, one_step_per_rollout, step_and_tally, tally_micro_batch,
+                    token_stats)
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -580,7 +581,9 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
         return torch.nn.utils.rnn.pad_sequence([per_tree[i] for i in ids], batch_first=True)
 
     with torch.no_grad():
-        old_logp = logprobs_per_tree(model)
+        old_logp = None  # one optimizer step on the rollout: old = new, detached (treerl.update)
+        if not one_step_per_rollout(cfg, sum(leaves)):
+            old_logp = logprobs_per_tree(model)
         ref_logp = None
         if ref_model is not None and cfg.kl_coef > 0:
             ref_logp = logprobs_per_tree(ref_model)
@@ -600,7 +603,7 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
                 b = collate(ids)
                 logp = packed_logprobs(model, b, temperature)
                 loss, stats = packed_policy_loss(
-                    logp, padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
+                    logp, logp.detach() if old_logp is None else padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
                     None if ref_logp is None else padded(ref_logp, ids), cfg.kl_coef, denominator)
                 loss.backward()
                 tally_micro_batch(sums, loss, stats, b.n_tokens / max(tokens, 1))

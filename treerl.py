@@ -484,6 +484,12 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
+def one_step_per_rollout(cfg: UpdateConfig, leaves: int) -> bool:
+    """Whether the update takes a single optimizer step on the rollout (one epoch, one mini-batch):
+    then the policy that sampled is the one being differentiated, and the ratio is exactly 1."""
+    return cfg.ppo_epochs == 1 and (cfg.mini_batch_size == 0 or cfg.mini_batch_size >= leaves)
+
+
 def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence], cfg: UpdateConfig,
            pad_token_id: int, temperature: float = 1.0, ref_model=None, seed: int = 0) -> dict[str, float]:
     """One rollout's worth of policy optimisation; returns averaged statistics.
@@ -492,7 +498,9 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
     (not taken from the sampler, whose numerics may differ, e.g. vLLM's kernels): the ratio starts
     at exactly 1. So with one epoch and the whole rollout in one mini-batch (the defaults, and the
     release's setting) the ratio is 1, the clip never acts, and the step is REINFORCE on the
-    per-token advantages. `temperature` is that of the log-probs (UpdateConfig.train_temperature).
+    per-token advantages. In that case the old log-probs *are* the new ones, detached, and the
+    forward pass that would compute them is skipped (a third of the update's work).
+    `temperature` is that of the log-probs (UpdateConfig.train_temperature).
     `packing.update_packed` does the same with tree packing (train.py picks it with --pack_tree).
     """
     model.train()
@@ -505,7 +513,9 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
 
     everyone = torch.arange(len(batch), device=device)
     with torch.no_grad():
-        old_logp = in_micro_batches(lambda b: sequence_logprobs(model, b, temperature), everyone)
+        old_logp = None  # one optimizer step on the rollout: old = new, detached
+        if not one_step_per_rollout(cfg, len(batch)):
+            old_logp = in_micro_batches(lambda b: sequence_logprobs(model, b, temperature), everyone)
         ref_logp = None
         if ref_model is not None and cfg.kl_coef > 0:
             ref_logp = in_micro_batches(lambda b: sequence_logprobs(ref_model, b, temperature), everyone)
@@ -527,7 +537,7 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
                 b = batch.select(sub)
                 logp = sequence_logprobs(model, b, temperature)
                 loss, stats = policy_loss(
-                    logp, old_logp[sub], b.advantages, b.mask, cfg.clip_low, cfg.clip_high,
+                    logp, logp.detach() if old_logp is None else old_logp[sub], b.advantages, b.mask, cfg.clip_low, cfg.clip_high,
                     cfg.aggregation, None if ref_logp is None else ref_logp[sub], cfg.kl_coef,
                     denominator)
                 loss.backward()

@@ -281,3 +281,24 @@ def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
     assert 0 < packed_stats["packed_token_ratio"] < 1
     for p, q in zip(packed_params, flat_params):
         torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
+
+
+def test_one_step_update_is_reinforce_on_the_token_advantages(model, tokenizer):
+    """With one epoch and one mini-batch the old log-probs are the new ones detached (no extra
+    forward): the step must be plain REINFORCE, -sum(A * log pi) / tokens, for both paths."""
+    sequences = random_sequences(2, keep=None, truncated_penalty=None)
+    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    expected = copy.deepcopy(model)
+    expected.train()
+    logp = treerl.sequence_logprobs(expected, batch)
+    (-(batch.advantages * logp * batch.mask).sum() / batch.mask.sum()).backward()
+    with torch.no_grad():
+        for p in expected.parameters():
+            p -= 0.5 * p.grad
+    for update in (treerl.update, packing.update_packed):
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        stats = update(trained, optimizer, None, sequences, UpdateConfig(max_grad_norm=1e9), tokenizer.pad_token_id)
+        assert stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
+        for p, q in zip(trained.parameters(), expected.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
