@@ -40,7 +40,7 @@ class PolicyConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the update"})
     warmup_steps: int = field(default=600, metadata={"help": "supervised steps on worked solutions before RL (0: none)"})
-    warmup_batch_size: int = field(default=64, metadata={"help": "examples per supervised step"})
+    warmup_batch_size: int = field(default=48, metadata={"help": "examples per supervised step"})
     warmup_lr: float = field(default=2e-3, metadata={"help": "learning rate of the supervised stage"})
 
     def validate(self) -> None:

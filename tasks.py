@@ -93,7 +93,7 @@ def arith_train_size(warmup_examples: int, rl_prompts: int) -> int:
     return min(max(warmup_examples, rl_prompts, 1), 50_000)
 
 
-def build_task(cfg: TaskConfig, tokenizer, train_size: int = arith_train_size(600 * 64, 0)) -> Task:
+def build_task(cfg: TaskConfig, tokenizer, train_size: int = arith_train_size(600 * 48, 0)) -> Task:
     """The task named by --task. `train_size`: problems in the arithmetic training pool (by default
     what train.py's default warm start draws); math and code take every row of their file."""
     if cfg.task == "arith":

@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer vs TRL + TreeRL (trl_treerl.py) vs this project's trainer, at equal generated tokens.
 
-    python -m eval.trl_compare [--budget 128000] [--grpo_generations 12] [--seed 0] [--lr 3e-5]
+    python -m eval.trl_compare [--budget 128000] [--grpo_generations 12] [--seed 0] [--lr 4.5e-5]
 
 Needs `pip install -r requirements-trl.txt`. All three start from the same warm-started policy (the
 CPU default's: train.py's tiny model after its 600-step supervised warm start, made and cached by
@@ -11,7 +11,9 @@ train.py) and train on the built-in arithmetic task until each has generated `--
                advantages (scaled by the group's std), no tree
   trl-treerl   trl_treerl.TreeRLTrainer: EPTree (M, N, L, T) = (4, 2, 1, 2), 20 leaves per prompt,
                process advantages R(s) on every token
-  ours-treerl  train.py with its default TreeRL settings (the same search and advantages)
+  ours-treerl-flat    train.py's TreeRL (the same search and advantages), one row per leaf
+  ours-treerl-packed  the same with --pack_tree (each token of a forest through the model once)
+  ours-chainrl        train.py --algo chainrl --M `--grpo_generations` (GRPO advantages, no tree)
 
 Shared settings, as the CPU default: 16 prompts per step, temperature 1, at most 64 new tokens,
 AdamW at a constant learning rate `--lr`, no KL, the clip [0.8, 1.28] with token-level averaging
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import packing
 import policy
 import tasks
 import train
@@ -121,14 +124,19 @@ def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
             "seconds_per_step": sum(meter.seconds) / len(meter.seconds),
             "seconds_per_step_median": statistics.median(meter.seconds),
             "cpu_seconds_per_step": sum(meter.cpu_seconds) / len(meter.cpu_seconds),
+            "cpu_seconds_per_1k_tokens": 1000 * sum(meter.cpu_seconds) / max(sum(meter.tokens), 1),
             "train_reward_first": meter.rewards[0], "train_reward_last": meter.rewards[-1],
             "accuracy_after": after["sampled"], "greedy_accuracy_after": after["greedy"]}
 
 
-def run_ours(args, warm_dir: Path) -> dict:
-    """train.py's default TreeRL from the same warm start, to the same budget. Its CPU time per step
-    is read by wrapping the two calls a step makes, treerl.rollout and treerl.update."""
-    name = "ours-treerl"
+OURS = {"ours-treerl-flat": ["--pack_tree", "false"], "ours-treerl-packed": ["--pack_tree", "true"],
+        "ours-chainrl": ["--algo", "chainrl"]}
+
+
+def run_ours(name: str, args, warm_dir: Path) -> dict:
+    """A train.py run from the same warm start, to the same budget. Its CPU time per step is read
+    by wrapping the calls a step makes: treerl.rollout and the update (flat or packed)."""
+    flags = OURS[name] + (["--M", str(args.grpo_generations)] if name == "ours-chainrl" else [])
     cpu_seconds = []
 
     def timed(fn, starts_step):
@@ -142,14 +150,16 @@ def run_ours(args, warm_dir: Path) -> dict:
                 cpu_seconds[-1] += time.process_time() - started
         return wrapper
 
-    rollout, update = treerl.rollout, treerl.update
+    rollout, update, update_packed = treerl.rollout, treerl.update, packing.update_packed
     treerl.rollout, treerl.update = timed(rollout, True), timed(update, False)
+    packing.update_packed = timed(update_packed, False)
     try:
         train.main(["--model", str(warm_dir), "--output_dir", args.runs_dir, "--run_name", name,
-                    "--seed", str(args.seed), "--lr", str(args.lr), "--steps", "10000",
-                    "--max_generated_tokens", str(args.budget), "--eval_every", "0", "--save_every", "0"])
+                    "--seed", str(args.seed), "--lr", str(args.lr), "--steps", "10000", *flags,
+                    "--max_generated_tokens", str(args.budget), "--eval_every", "0", "--save_every", "0",
+                    "--save_trees", "false"])
     finally:
-        treerl.rollout, treerl.update = rollout, update
+        treerl.rollout, treerl.update, packing.update_packed = rollout, update, update_packed
     run_dir = Path(args.runs_dir) / name
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
@@ -157,6 +167,7 @@ def run_ours(args, warm_dir: Path) -> dict:
     return {"method": name, "steps": len(steps), "generated_tokens": summary["generated_tokens"],
             "seconds_per_step": sum(seconds) / len(steps), "seconds_per_step_median": statistics.median(seconds),
             "cpu_seconds_per_step": sum(cpu_seconds) / len(cpu_seconds),
+            "cpu_seconds_per_1k_tokens": 1000 * sum(cpu_seconds) / summary["generated_tokens"],
             "train_reward_first": steps[0]["reward"],
             "train_reward_last": steps[-1]["reward"], "accuracy_after": summary["accuracy_after"],
             "greedy_accuracy_after": summary["greedy_accuracy_after"]}
@@ -166,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)")
     parser.add_argument("--grpo_generations", type=int, default=12, help="TRL GRPO: completions per prompt (12 chains cost about one TreeRL step's tokens)")
-    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--lr", type=float, default=4.5e-5, help="train.py's default")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="trl-grpo,trl-treerl,ours-treerl")
+    parser.add_argument("--methods", default="trl-grpo,trl-treerl,ours-chainrl,ours-treerl-flat,ours-treerl-packed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time per step then measures work, not contention)")
     parser.add_argument("--runs_dir", default="runs/trl_compare")
     parser.add_argument("--out", default=str(ROOT / "results" / "trl_compare.json"))
@@ -183,21 +194,30 @@ def main(argv: list[str] | None = None) -> dict:
     before = {"accuracy_before": accuracy["sampled"], "greedy_accuracy_before": accuracy["greedy"]}
     rows = []
     for method in args.methods.split(","):
-        rows.append(run_ours(args, warm_dir) if method == "ours-treerl" else run_trl(method, args, warm_dir, config))
+        rows.append(run_ours(method, args, warm_dir) if method in OURS else run_trl(method, args, warm_dir, config))
         print(json.dumps(rows[-1]), flush=True)
 
     import trl
     table = markdown_table(
-        ["method", "steps", "generated tokens", "CPU s / step", "wall s / step (mean, median)", "train reward first → last",
+        ["method", "steps", "generated tokens", "CPU s / 1k tokens", "CPU s / step", "wall s / step (mean, median)", "train reward first → last",
          f"held-out avg@4 ({before['accuracy_before']:.1%} before)", f"greedy ({before['greedy_accuracy_before']:.1%} before)"],
-        [[r["method"], r["steps"], f"{r['generated_tokens']:,}", f"{r['cpu_seconds_per_step']:.2f}", f"{r['seconds_per_step']:.2f}, {r['seconds_per_step_median']:.2f}",
+        [[r["method"], r["steps"], f"{r['generated_tokens']:,}", f"{r['cpu_seconds_per_1k_tokens']:.3f}", f"{r['cpu_seconds_per_step']:.2f}", f"{r['seconds_per_step']:.2f}, {r['seconds_per_step_median']:.2f}",
           f"{r['train_reward_first']:.2f} → {r['train_reward_last']:.2f}", f"{r['accuracy_after']:.1%}",
           f"{r['greedy_accuracy_after']:.1%}"] for r in rows])
     print(table)
+    per_token = {r["method"]: r["cpu_seconds_per_1k_tokens"] for r in rows}
+    ratios = {}  # the targets: ours-chainrl <= 1.0 x trl-grpo; ours TreeRL <= 1.25 x ours-chainrl
+    if "ours-chainrl" in per_token and "trl-grpo" in per_token:
+        ratios["ours-chainrl / trl-grpo"] = per_token["ours-chainrl"] / per_token["trl-grpo"]
+    for name in ("ours-treerl-flat", "ours-treerl-packed"):
+        if name in per_token and "ours-chainrl" in per_token:
+            ratios[f"{name} / ours-chainrl"] = per_token[name] / per_token["ours-chainrl"]
+    for key, value in ratios.items():
+        print(f"CPU time per generated token, {key}: {value:.2f}")
     payload = {"machine": machine(), "threads": args.threads, "trl": trl.__version__, "budget": args.budget, "seed": args.seed,
                "lr": args.lr, "grpo_generations": args.grpo_generations,
                "accuracy_before": before["accuracy_before"], "greedy_accuracy_before": before["greedy_accuracy_before"],
-               "rows": rows, "wall_seconds": time.perf_counter() - started}
+               "rows": rows, "ratios_cpu_time_per_token": ratios, "wall_seconds": time.perf_counter() - started}
     write_json(Path(args.out), payload)
     return payload
 

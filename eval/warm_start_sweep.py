@@ -23,7 +23,7 @@ import tasks
 from eval.common import machine, markdown_table, parse_seeds, write_json
 from hf_backend import HFBackend
 
-DEFAULT_RECIPES = "600x64@2e-3,600x32@2e-3,400x64@3e-3,400x32@3e-3,300x64@4e-3,300x32@4e-3"
+DEFAULT_RECIPES = "600x64@2e-3,600x48@2e-3,500x64@2e-3,600x32@2e-3,400x64@3e-3,300x64@4e-3"
 
 
 def parse_recipe(text: str) -> tuple[int, int, float]:
@@ -38,7 +38,7 @@ def run(recipe: str, seed: int, device: torch.device) -> dict:
     task_cfg = tasks.TaskConfig()
     tokenizer = policy.build_char_tokenizer()
     model = policy.build_tiny_model(cfg, tokenizer, seed).to(device)
-    task = tasks.build_task(task_cfg, tokenizer, tasks.arith_train_size(steps * batch, 120 * 16))
+    task = tasks.build_task(task_cfg, tokenizer, tasks.arith_train_size(steps * batch, 80 * 16))
     started = time.perf_counter()
     policy.warm_start(model, tokenizer, task, cfg, device, seed)
     seconds = time.perf_counter() - started
