@@ -149,6 +149,46 @@ _E_NOTATION = re.compile(r"^([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)[eE]([-+]?\d+)$")
 # Wrappers that turn a word into text in LaTeX; `\text{Evelyn}` and `Evelyn` are the same answer.
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{(.*)\}$")
 
+# `\frac`-like and `\sqrt` commands, an optional root index `[3]`, and one TeX token: a command
+# (`\pi`) or a single character other than a space or a brace.
+_SHORTHAND_COMMAND = re.compile(r"\\(?:[cdt]?frac|sqrt)(?![A-Za-z])")
+_ROOT_INDEX = re.compile(r"\s*\[[^\]]*\]")
+_ONE_TOKEN = re.compile(r"\s*(\\[A-Za-z]+|[^\s{}\\])")
+
+
+def _brace_shorthand(latex: str) -> str:
+    """Brace the brace-less arguments of `\\frac`, `\\dfrac`, `\\tfrac`, `\\cfrac` and `\\sqrt`.
+
+    TeX reads an argument without braces as exactly one token (one character or one command), and
+    so does this: `\\frac12` and `\\frac1{2}` -> `\\frac{1}{2}`, `\\tfrac{1}2` -> `\\tfrac{1}{2}`,
+    `\\frac\\pi2` -> `\\frac{\\pi}{2}`, `\\sqrt[3]2` -> `\\sqrt[3]{2}`, `\\frac123` -> `\\frac{1}{2}3`
+    (3/2, as the answer renders; math-verify's own repair reads 1/23, and misses `\\pi` and `[3]`).
+    Braced arguments are kept. One linear pass; braces are only inserted, nothing is removed.
+    """
+    partners = _brace_partners(latex)
+    inserts: list[tuple[int, str]] = []
+    for command in _SHORTHAND_COMMAND.finditer(latex):
+        position, arguments = command.end(), 2
+        if command.group().endswith("sqrt"):
+            index = _ROOT_INDEX.match(latex, position)
+            position, arguments = (index.end() if index else position), 1
+        for _ in range(arguments):
+            while position < len(latex) and latex[position].isspace():
+                position += 1
+            if position in partners:  # a braced argument: step over it
+                position = partners[position] + 1
+                continue
+            token = _ONE_TOKEN.match(latex, position)
+            if token is None:
+                break
+            inserts += [(token.start(1), "{"), (token.end(1), "}")]
+            position = token.end()
+    pieces, done = [], 0
+    for position, brace in sorted(inserts, key=lambda insert: insert[0]):  # stable: `}{` stays in order
+        pieces += [latex[done:position], brace]
+        done = position
+    return "".join(pieces) + latex[done:]
+
 
 def _strip_math_delimiters(answer: str) -> str:
     """Remove surrounding `$...$`, `\\(...\\)` or `\\[...\\]` and outer whitespace."""
@@ -186,11 +226,56 @@ def _as_boxed_latex(answer: str) -> str:
     Parsing the bare string (e.g. `\\frac12`, `[1,2)`, `\\{1,2\\}`) finds nothing or only a fragment;
     inside `\\boxed{}` the whole answer is one LaTeX expression (checked on MATH500, see the tests).
     """
-    answer = _strip_math_delimiters(answer)
+    answer = _brace_shorthand(_strip_math_delimiters(answer))
     number = _E_NOTATION.match(answer)
     if number:
         answer = f"{number.group(1)}\\times10^{{{int(number.group(2))}}}"
     return "\\boxed{" + answer + "}"
+
+
+# Exact numbers with a power or function value beyond 10^(+-_MAX_DIGITS) (10^{10^{10}}) are equal
+# only to the very same expression: evaluating them exactly could take minutes or all memory.
+_MAX_DIGITS = 10_000
+
+
+def _exact_equal(gold, answer) -> bool | None:
+    """Exact equality of two parsed numbers, or None to leave the pair to math-verify's `verify`.
+
+    Decided here: two finite numbers (integers, fractions, surds, powers, pi, logs, decimals), with
+    no tolerance: 2^{-60} - 2^{-61} is not 0 (math-verify's 15-digit evaluation chops it to 0). A
+    decimal is the exact decimal it writes, so a response that rounds an exact answer is wrong
+    (`0.333333` for 1/3, `3.14` for pi; `0.75` for 3/4 is exact): the problems ask for exact values
+    ("as a common fraction", "in simplest radical form"), a rounding also matches nearby wrong
+    answers, and rewarding it would teach the policy to approximate instead of solving. Left to
+    math-verify (and its tolerance, rounding to 6 places): percentages (50*UnevaluatedExpr(1/100)),
+    symbols, equations, sets, tuples, intervals, matrices. Cheapest test first: the same expression;
+    a rational difference; certified nonzero digits; else sympy's `equals` (minimal polynomials for
+    surds). Sizes are checked innermost first: 9^{9^{9^9}} stops at its first huge level.
+    """
+    import sympy
+
+    values = (gold, answer)
+    not_plain = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan, sympy.UnevaluatedExpr)  # UE: a percent
+    if not all(isinstance(v, sympy.Expr) and v.is_number and not v.has(*not_plain) for v in values):
+        return None
+    if gold == answer:
+        return True
+    bound = sympy.Float(f"1e{_MAX_DIGITS}")
+    for node in [node for v in values for node in sympy.postorder_traversal(v)]:
+        if isinstance(node, (sympy.Pow, sympy.Function)):
+            size = abs(node.evalf(5))  # a Float carries any exponent: cheap even for 10^{10^{10}}
+            if size != 0 and not 1 / bound < size < bound:
+                return False
+    decimals = {f: sympy.Rational(str(f)) for v in values for f in v.atoms(sympy.Float)}
+    difference = (gold - answer).xreplace(decimals).doit()
+    if difference.is_Rational:
+        return difference == 0
+    try:
+        if difference.evalf(15, strict=True) != 0:  # strict: every digit is certified
+            return False
+    except sympy.core.evalf.PrecisionExhausted:  # it cancels too far to tell: decide symbolically
+        pass
+    return difference.equals(0) is True
 
 
 def _math_equal(answer: str, gold: str, seconds: int) -> bool:
@@ -202,8 +287,12 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
     the plain-expression extractor goes through sympy's `parse_expr`, which `eval`s text, and model
     text should never be evaluated. `seconds` is math-verify's own SIGALRM limit for each step; the
     pool's hard limit (a kill) backs it up for work that never returns to the interpreter.
+
+    Two plain numbers are not left to verify's tolerance: `_exact_equal` decides them exactly.
     """
     from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify.grader import is_assignment_relation, is_equation, take_last_relation
+    from math_verify.utils import timeout
 
     if "\\boxed" in gold or "\\fbox" in gold:  # a whole solution was passed as gold
         gold = extract_answer(gold) or ""
@@ -217,6 +306,15 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
     parsed_answer = parse(_as_boxed_latex(answer), extraction_config=config, parsing_timeout=seconds)
     if not parsed_gold or not parsed_answer:
         return False
+    gold_value, answer_value = parsed_gold[0], parsed_answer[0]
+    # as verify reads `x = 3` against `3` (either way round): the right-hand side is the value
+    if is_equation(answer_value) and not is_equation(gold_value):
+        answer_value = take_last_relation(answer_value).rhs
+    elif is_assignment_relation(gold_value) and not is_equation(answer_value):
+        gold_value = take_last_relation(gold_value).rhs
+    exact = timeout(seconds)(_exact_equal)(gold_value, answer_value)
+    if exact is not None:
+        return exact
     return bool(verify(parsed_gold, parsed_answer, timeout_seconds=seconds))
 
 # =====================================================================================================

@@ -339,7 +339,7 @@ class UpdateConfig:
     mini_batch_size: int = field(default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"})
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
-    pack_tree: bool = field(default=False, metadata={"help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; same loss (see packing.py)"})
+    pack_tree: bool = field(default=True, metadata={"help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; the same loss (packing.py). Faster on a CPU (1.45x on the default update); on a GPU it saves memory but ran at 0.9x"})
 
     def validate(self) -> None:
         if self.aggregation not in ("token", "sequence"):
