@@ -63,7 +63,7 @@ class RunConfig:
     vllm_entropy_top_k: int = field(default=20, metadata={"help": "vllm: log-probs per position the entropy is estimated from (fork_score entropy only; a lower bound, exact when it covers the vocabulary)"})
     vllm_sleep: bool = field(default=True, metadata={"help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"})
     gen_batch_size: int = field(default=256, metadata={"help": "sequences per generation batch (hf backend)"})
-    steps: int = field(default=80, metadata={"help": "RL steps"})
+    steps: int = field(default=120, metadata={"help": "RL steps"})
     max_generated_tokens: int = field(default=0, metadata={"help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
     eval_every: int = field(default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"})

@@ -326,7 +326,7 @@ def answer_start_fn(decode: Callable[[list[int]], str], markers: Sequence[str]) 
 class UpdateConfig:
     """The clipped policy-gradient update (GRPO-style, with DAPO's asymmetric clip)."""
 
-    lr: float = field(default=4.5e-5, metadata={"help": "AdamW learning rate of the RL stage"})
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
     lr_warmup_ratio: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the release: 0.95)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the release: 0.1)"})

@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer vs TRL + TreeRL (trl_treerl.py) vs this project's trainer, at equal generated tokens.
 
-    python -m eval.trl_compare [--budget 128000] [--grpo_generations 12] [--seed 0] [--lr 4.5e-5]
+    python -m eval.trl_compare [--budget 128000] [--grpo_generations 12] [--seed 0] [--lr 3e-5]
 
 Needs `pip install -r requirements-trl.txt`. All three start from the same warm-started policy (the
 CPU default's: train.py's tiny model after its 600-step supervised warm start, made and cached by
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)")
     parser.add_argument("--grpo_generations", type=int, default=12, help="TRL GRPO: completions per prompt (12 chains cost about one TreeRL step's tokens)")
-    parser.add_argument("--lr", type=float, default=4.5e-5, help="train.py's default")
+    parser.add_argument("--lr", type=float, default=3e-5, help="train.py's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="trl-grpo,trl-treerl,ours-chainrl,ours-treerl-flat,ours-treerl-packed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time per step then measures work, not contention)")

@@ -38,7 +38,7 @@ def run(recipe: str, seed: int, device: torch.device) -> dict:
     task_cfg = tasks.TaskConfig()
     tokenizer = policy.build_char_tokenizer()
     model = policy.build_tiny_model(cfg, tokenizer, seed).to(device)
-    task = tasks.build_task(task_cfg, tokenizer, tasks.arith_train_size(steps * batch, 80 * 16))
+    task = tasks.build_task(task_cfg, tokenizer, tasks.arith_train_size(steps * batch, 120 * 16))
     started = time.perf_counter()
     policy.warm_start(model, tokenizer, task, cfg, device, seed)
     seconds = time.perf_counter() - started
