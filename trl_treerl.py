@@ -44,7 +44,8 @@ the same reward carry no signal (every R(s) is 0) and are masked out of the loss
 
 With L = 0 (no forks) the forest is M independent chains and R = GA + LA = 2 (r - mean): exactly
 twice TRL's advantage with Dr. GRPO's settings (`scale_rewards="none"`), and exactly TRL's with
-`use_local=False` (tests/test_trl_treerl.py checks both).
+`use_local=False` (tests/test_trl_treerl.py checks both), given the same rewards: a leaf that never
+ended scores 0 here (as in train.py), whatever the reward function says.
 
 What is not supported (a clear error says so): tools, environments, `rollout_func`, images. The
 evaluation loop (`eval_strategy`) keeps TRL's plain sampling and GRPO advantages.

@@ -100,7 +100,8 @@ def test_a_few_training_steps_run_and_change_the_weights(ttr, tokenizer, tmp_pat
 # --------------------------------------------------------------------------------------------------
 
 # A scripted sampler, so the forest is fixed. Keys: the response so far; values: the continuations
-# it returns, each with the index of its one high-entropy token (where EPTree will fork), or None.
+# it returns, each with the index of its one high-entropy token (where EPTree forks with
+# fork_score="entropy"), or None.
 SCRIPT = {
     "": [("1+2=3\n3+3=6\nAnswer: 6", 4),          # right; forks before its first result digit
          ("1+2=4\n4+3=7\nAnswer: 7", 10)],        # wrong; forks before its second result digit
@@ -153,7 +154,7 @@ def test_loss_receives_the_process_rewards_of_the_forest_token_by_token(ttr, tok
     assert any(len(set(adv)) > 1 for adv in expected.values())
 
     trainer = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=ttr.arith_reward_func,
-                                args=config(ttr, tmp_path), train_dataset=dataset([PROMPT], [GOLD]),
+                                args=config(ttr, tmp_path, fork_score="entropy"), train_dataset=dataset([PROMPT], [GOLD]),
                                 processing_class=tokenizer)
     trainer._sample = sample  # the only change: the scripted sampler instead of TRL's generate
     received = []
@@ -185,7 +186,7 @@ def test_short_forests_are_padded_and_silent_forests_masked(ttr, tokenizer, tmp_
     other = "Compute 9-1-1.\n"  # gold 7: every scripted leaf is wrong there, no signal
     sample = scripted_sampler(tokenizer, prompt_ids, first="@")
     trainer = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=ttr.arith_reward_func,
-                                args=config(ttr, tmp_path, per_device_train_batch_size=6),
+                                args=config(ttr, tmp_path, per_device_train_batch_size=6, fork_score="entropy"),
                                 train_dataset=dataset([PROMPT, other], [GOLD, "7"]), processing_class=tokenizer)
     trainer._sample = sample
     G = trainer.num_generations
@@ -210,14 +211,21 @@ def test_without_forks_the_advantages_are_dr_grpos_up_to_the_documented_factor(t
     from trl import GRPOConfig, GRPOTrainer
 
     drgrpo = dict(loss_type="dr_grpo", scale_rewards="none", per_device_train_batch_size=8,
-                  gradient_accumulation_steps=1, max_completion_length=24, report_to="none",
+                  gradient_accumulation_steps=1, max_completion_length=96, report_to="none",
                   bf16=False, use_cpu=True, seed=0, output_dir=str(tmp_path))
     prompts = [("Compute 1+2+3.\n", "6"), ("Compute 5-2+4.\n", "7")]
     data = dataset(*zip(*prompts))
     inputs = [{"prompt": p, "answer": a} for p, a in prompts for _ in range(4)]
-    plain = GRPOTrainer(tiny_model(tokenizer), reward_funcs=digit_share, processing_class=tokenizer,
+
+    def digit_share_if_ended(completions, completion_ids, **kwargs):
+        """digit_share, 0 for a completion that never ended: what TreeRLTrainer gives such a leaf
+        whatever the reward function says, so plain TRL must see the same rewards."""
+        ended = [len(ids) > 0 and ids[-1] == tokenizer.eos_token_id for ids in completion_ids]
+        return [r if e else 0.0 for r, e in zip(digit_share(completions), ended)]
+
+    plain = GRPOTrainer(tiny_model(tokenizer), reward_funcs=digit_share_if_ended, processing_class=tokenizer,
                         args=GRPOConfig(num_generations=4, **drgrpo), train_dataset=data)
-    ours = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=digit_share, processing_class=tokenizer,
+    ours = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=digit_share_if_ended, processing_class=tokenizer,
                              args=ttr.TreeRLConfig(M=4, L=0, mask_zero_signal=False, **drgrpo), train_dataset=data)
     assert ours.num_generations == 4
 
