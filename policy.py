@@ -196,16 +196,15 @@ def warm_started_policy(cfg: PolicyConfig, task_cfg: TaskConfig, seed: int, warm
     settings = {**vars(cfg), **vars(task_cfg), "seed": seed}
     recipe = {name: settings[name] for name in WARM_START_FIELDS}
     recipe_file = Path(warm_dir) / "recipe.json"
-    sized = {} if train_size is None else {"train_size": train_size}
     if cfg.warmup_steps > 0 and recipe_file.exists():
         if json.loads(recipe_file.read_text()) == recipe:
             print(f"warm start: reusing {warm_dir}", flush=True)
             model, tokenizer = load_policy(str(warm_dir), cfg, device)
-            return model, tokenizer, build_task(task_cfg, tokenizer, **sized)
+            return model, tokenizer, build_task(task_cfg, tokenizer, train_size)
         print(f"warm start: settings differ from the cached one in {warm_dir}; redoing it", flush=True)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(cfg, tokenizer, seed).to(device)
-    task = build_task(task_cfg, tokenizer, **sized)
+    task = build_task(task_cfg, tokenizer, train_size)
     if cfg.warmup_steps > 0:
         warm_start(model, tokenizer, task, cfg, device, seed)
         Path(warm_dir).mkdir(parents=True, exist_ok=True)

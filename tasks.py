@@ -93,11 +93,11 @@ def arith_train_size(warmup_examples: int, rl_prompts: int) -> int:
     return min(max(warmup_examples, rl_prompts, 1), 50_000)
 
 
-def build_task(cfg: TaskConfig, tokenizer, train_size: int = arith_train_size(600 * 48, 0)) -> Task:
-    """The task named by --task. `train_size`: problems in the arithmetic training pool (by default
-    what train.py's default warm start draws); math and code take every row of their file."""
+def build_task(cfg: TaskConfig, tokenizer, train_size: int | None = None) -> Task:
+    """The task named by --task. `train_size`: problems in the arithmetic training pool (None: what
+    train.py's default warm start draws); math and code take every row of their file."""
     if cfg.task == "arith":
-        return arith_task(cfg, train_size)
+        return arith_task(cfg, train_size or arith_train_size(600 * 48, 0))
     rows = load_rows(cfg.data)
     held_out = load_rows(cfg.eval_data) if cfg.eval_data else rows[-cfg.eval_size:]
     if not cfg.eval_data:

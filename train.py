@@ -169,7 +169,7 @@ def save_tree_page(run_dir: Path, step: int, backend, tokenizer, task: tasks.Tas
     root = treeview.grow_forest(backend, tokenizer, task, example, rollout, seed=config.run.seed)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     title = f"{config.run.run_name}, step {step}: {example.prompt.strip()} (gold {example.gold})"
-    page = treeview.render_html(root, decode, title, rollout.fork_score, **treeview.reward_options(rollout))
+    page = treeview.render_html(root, decode, title, rollout)
     (run_dir / "trees").mkdir(exist_ok=True)
     (run_dir / "trees" / f"step_{step:04d}.html").write_text(page, encoding="utf-8")
 

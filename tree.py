@@ -349,11 +349,16 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
 # --------------------------------------------------------------------------------------------------
 
 
-def leaf_counts(root: Node) -> dict[Node, int]:
-    """|L(s)|: the number of leaves under every node (a leaf counts itself)."""
+def leaf_counts(root: Node, among: Sequence[Node] | None = None) -> dict[Node, int]:
+    """|L(s)|: the number of leaves under every node (a leaf counts itself); with `among`, only
+    the leaves in it (the release's sel(s), leaves kept for training)."""
+    counted = None if among is None else set(among)
     counts: dict[Node, int] = {}
     for node in reversed(list(walk(root))):  # children before parents
-        counts[node] = 1 if node.is_leaf else sum(counts[c] for c in node.children)
+        if node.is_leaf:
+            counts[node] = int(counted is None or node in counted)
+        else:
+            counts[node] = sum(counts[c] for c in node.children)
     return counts
 
 
@@ -403,8 +408,7 @@ def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
     v = values(root, leave_one_out)
     counts = leaf_counts(root)
     if reweight == "release":
-        chosen = set(leaves(root) if selected is None else selected)
-        kept = {node: sum(leaf in chosen for leaf in leaves(node)) for node in walk(root)}
+        kept = leaf_counts(root, selected)
         v = {node: v[node] / math.sqrt(kept[node]) if kept[node] else 0.0 for node in v}
     rewards: dict[Node, float] = {}
     local: dict[Node, float] = {}

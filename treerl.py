@@ -134,6 +134,17 @@ class TreeConfig:
         """Leaves of a full forest: M chains, plus T new leaves per fork, N forks per tree, L rounds."""
         return self.M * (1 + self.L * self.N * self.T)
 
+    @property
+    def penalty(self) -> float | None:
+        """`truncated_penalty` as tree.to_sequences takes it (None: no penalty)."""
+        return None if math.isnan(self.truncated_penalty) else self.truncated_penalty
+
+    def process_rewards(self, root: tree.Node, selected: Sequence[tree.Node] | None = None) -> dict[tree.Node, float]:
+        """R(s) of every segment of a scored forest (Eqs. 2-4) with these settings; `selected` are
+        the leaves kept for training (used by reweight="release")."""
+        return tree.process_rewards(root, self.reweight, self.use_global, self.use_local,
+                                    self.leave_one_out, selected, self.fill_in_paths)
+
 
 @dataclass
 class RolloutConfig(TreeConfig):
@@ -219,7 +230,7 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
             zero_signal += 1
             # Every leaf agrees: every advantage is 0 and the forest carries no signal, unless
             # truncated responses are penalised. Skip it (the release keeps it).
-            penalised = not math.isnan(cfg.truncated_penalty) and not all(leaf.finished for leaf in found)
+            penalised = cfg.penalty is not None and not all(leaf.finished for leaf in found)
             if not (penalised or cfg.keep_zero_signal):
                 continue
         sequences += forest_sequences(root, cfg, _rng(seed, k))
@@ -246,12 +257,10 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
     them drawn with `rng`), the advantage of every segment, every token carrying its segment's."""
     chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
     if cfg.algo == "treerl":
-        advantages = tree.process_rewards(root, cfg.reweight, cfg.use_global, cfg.use_local,
-                                          cfg.leave_one_out, chosen, cfg.fill_in_paths)
+        advantages = cfg.process_rewards(root, chosen)
     else:
         advantages = tree.chain_advantages(root, cfg.advantage, cfg.clamp_advantages)
-    penalty = None if math.isnan(cfg.truncated_penalty) else cfg.truncated_penalty
-    return tree.to_sequences(root, advantages, truncated_penalty=penalty, chosen=chosen)
+    return tree.to_sequences(root, advantages, truncated_penalty=cfg.penalty, chosen=chosen)
 
 
 def _chain_leaves(root: tree.Node) -> list[tree.Node]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import tree
+import treerl
+from treerl import TreeConfig
 
 BOX_WIDTH, CHARS_PER_LINE, LINE_HEIGHT, COLUMN_GAP, ROW_GAP = 300, 38, 15, 36, 12
 
@@ -43,14 +45,14 @@ class Segment:
     R: float
 
 
-def describe(root: tree.Node, decode: Callable[[list[int]], str], fork_score: str = "nll",
-             **reward_options) -> list[Segment]:
+def describe(root: tree.Node, decode: Callable[[list[int]], str], cfg: TreeConfig | None = None) -> list[Segment]:
     """Every non-root segment of a scored forest, depth first, with its numbers.
 
-    `reward_options` go to tree.process_rewards (reweight, use_global, ...), so R(s) is what the
-    run trained with; V, GA and LA are the paper's plain values (Eqs. 2 and 3)."""
+    R(s) is computed with the run's settings `cfg` (default: the paper's), so it is what the run
+    trained with; V, GA and LA are the paper's plain values (Eqs. 2 and 3)."""
+    cfg = cfg or TreeConfig()
     v = tree.values(root)
-    rewards = tree.process_rewards(root, **reward_options)
+    rewards = cfg.process_rewards(root)
     depth = {root: 0}
     segments = []
     for node in tree.walk(root):
@@ -61,7 +63,7 @@ def describe(root: tree.Node, decode: Callable[[list[int]], str], fork_score: st
         first = node.parent.children[0] if forked else None  # the continuation that was there first
         score = 0.0
         if first is not None and first.tokens:
-            score = -first.logprobs[0] if fork_score == "nll" else first.scores[0]
+            score = -first.logprobs[0] if cfg.fork_score == "nll" else first.scores[0]
         segments.append(Segment(
             node=node, depth=depth[node],
             text=decode(node.tokens[1:] if forked else node.tokens),
@@ -80,11 +82,10 @@ def verdict(node: tree.Node) -> str:
     return "correct" if (node.reward or 0) > 0 else "wrong"
 
 
-def render_text(root: tree.Node, decode: Callable[[list[int]], str], fork_score: str = "nll",
-                **reward_options) -> str:
+def render_text(root: tree.Node, decode: Callable[[list[int]], str], cfg: TreeConfig | None = None) -> str:
     """The forest as indented text: one line per segment, its numbers, then its text."""
     lines = [f"prompt {decode(root.tokens)!r}  V(root) = {tree.values(root)[root]:.3f}"]
-    for s in describe(root, decode, fork_score, **reward_options):
+    for s in describe(root, decode, cfg):
         fork = f" fork at {s.fork_token!r} (p={s.fork_probability:.2f}, score {s.fork_score:.2f})" if s.fork_token is not None else ""
         mark = f" [{verdict(s.node)}]" if s.node.is_leaf else ""
         text = (s.fork_token or "") + s.text
@@ -110,11 +111,13 @@ def _colour(r: float, scale: float) -> str:
 
 
 def render_html(root: tree.Node, decode: Callable[[list[int]], str], title: str = "EPTree forest",
-                fork_score: str = "nll", **reward_options) -> str:
+                cfg: TreeConfig | None = None) -> str:
     """A self-contained HTML page: the forest drawn left to right, prompt at the root."""
-    segments = describe(root, decode, fork_score, **reward_options)
+    cfg = cfg or TreeConfig()
+    segments = describe(root, decode, cfg)
     scale = max((abs(s.R) for s in segments), default=1.0)
-    heights = {s.node: (len(_wrap(s.text)) + 3) * LINE_HEIGHT + 8 for s in segments}
+    text_lines = {s.node: _wrap(s.text) for s in segments}
+    heights = {s.node: (len(text_lines[s.node]) + 3) * LINE_HEIGHT + 8 for s in segments}
     # Leaves take rows top to bottom; a parent sits at the middle of its children's rows.
     y: dict[tree.Node, float] = {}
     cursor = 0.0
@@ -154,7 +157,7 @@ def render_html(root: tree.Node, decode: Callable[[list[int]], str], title: str 
         if s.fork_token is not None:
             fork = f"fork: {s.fork_token!r} p={s.fork_probability:.2f}, score {s.fork_score:.2f}"
             parts.append(f'<text x="{x + 6}" y="{top_y + 2 * LINE_HEIGHT}" class="fork">{html.escape(fork)}</text>')
-        for i, line in enumerate(_wrap(s.text)):
+        for i, line in enumerate(text_lines[s.node]):
             parts.append(f'<text x="{x + 6}" y="{top_y + (i + 3) * LINE_HEIGHT}" class="mono">{html.escape(line)}</text>')
         if mark:
             parts.append(f'<text x="{x + BOX_WIDTH - 6}" y="{top_y + LINE_HEIGHT}" class="verdict {mark}" '
@@ -162,9 +165,9 @@ def render_html(root: tree.Node, decode: Callable[[list[int]], str], title: str 
         parts.append("</g>")
     legend = (f"V(s): mean correctness of the leaves under s. GA = V(s) − V(root) (Eq. 2); LA = V(s) − "
               f"V(parent) (Eq. 3); R(s): the advantage of every token of s (Eq. 4: GA + LA, here with "
-              f"reweight={reward_options.get('reweight', 'sqrt')}). Colour: green for R &gt; 0, red for R &lt; 0, "
+              f"reweight={cfg.reweight}). Colour: green for R &gt; 0, red for R &lt; 0, "
               f"stronger for larger |R|. A box that starts at a fork shows the re-sampled token, its "
-              f"probability and the fork score ({fork_score}) of the position; ⏎ is a newline.")
+              f"probability and the fork score ({cfg.fork_score}) of the position; ⏎ is a newline.")
     style = ("body{font-family:sans-serif;margin:16px} .mono{font-family:monospace;font-size:12px} "
              ".head{font-family:sans-serif;font-size:11px;font-weight:bold} .fork{font-family:monospace;"
              "font-size:11px;fill:#1f4fbf} .box{stroke:#555;stroke-width:1} .box.correct{stroke:#1a7f37;"
@@ -180,17 +183,9 @@ def render_html(root: tree.Node, decode: Callable[[list[int]], str], title: str 
 def grow_forest(backend, tokenizer, task, example, cfg, seed: int = 0) -> tree.Node:
     """One forest for one problem, grown and scored as in training (treerl.rollout with the run's
     rollout settings `cfg`); its leaves carry their rewards."""
-    import treerl
-
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     result = treerl.rollout(backend, [prompt], [example.gold], task.score, decode, cfg, seed=seed,
                             answer_start=answer_start)
     return result.forests[0]
-
-
-def reward_options(cfg) -> dict:
-    """The process-reward settings of a treerl.RolloutConfig, as tree.process_rewards takes them."""
-    return dict(reweight=cfg.reweight, use_global=cfg.use_global, use_local=cfg.use_local,
-                leave_one_out=cfg.leave_one_out, fill_in_paths=cfg.fill_in_paths)

@@ -140,11 +140,6 @@ class TreeRLConfig(GRPOConfig, treerl.TreeConfig):
             self.num_generations = self.forest_size
         super().__post_init__()  # TRL derives the generation batch from num_generations
 
-    @property
-    def penalty(self) -> float | None:
-        """`truncated_penalty` as tree.to_sequences takes it (None: no penalty)."""
-        return None if math.isnan(self.truncated_penalty) else self.truncated_penalty
-
 
 # --------------------------------------------------------------------------------------------------
 # The trainer
@@ -396,8 +391,7 @@ class TreeRLTrainer(GRPOTrainer):
             found = tree.leaves(root)
             chosen = tree.pick_leaves(root, keep=G if len(found) > G else None,
                                       rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k))
-            advantages = tree.process_rewards(root, args.reweight, args.use_global, args.use_local,
-                                              args.leave_one_out, chosen, args.fill_in_paths)
+            advantages = args.process_rewards(root, chosen)
             sequences = tree.to_sequences(root, advantages, truncated_penalty=args.penalty, chosen=chosen)
             silent = args.mask_zero_signal and len({leaf.reward for leaf in found}) == 1 and (
                 args.penalty is None or all(leaf.finished for leaf in found))

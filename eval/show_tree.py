@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> str:
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     root = treeview.grow_forest(backend, tokenizer, task, example, rollout_cfg, seed=args.seed)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    options = treeview.reward_options(rollout_cfg)
-    text = treeview.render_text(root, decode, rollout_cfg.fork_score, **options)
+    text = treeview.render_text(root, decode, rollout_cfg)
     title = f"{Path(folder).name}: {example.prompt.strip()} (gold {example.gold})"
-    page = treeview.render_html(root, decode, title, rollout_cfg.fork_score, **options)
+    page = treeview.render_html(root, decode, title, rollout_cfg)
     out = Path(args.out or (Path(args.run) / "trees" / "forest.html" if args.run else "forest.html"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
