@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,24 +13,18 @@ import policy
 import tasks
 
 
-@dataclass
-class _Seed:
-    seed: int = 0
-
-
-def warm_started_policy(output_dir: str, train_args: list[str]) -> Path:
-    """The folder of the CPU default's warm-started policy, with the policy and task flags of
-    train.py found in `train_args` (e.g. a smaller model; other flags are ignored here). It is made
-    once in `output_dir/warm-start/warmstart` (policy.warm_started_policy caches it there, as
-    `train.py --output_dir output_dir --run_name warm-start` would) and reused while the settings
-    match."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((policy.PolicyConfig, tasks.TaskConfig, _Seed))
-    policy_cfg, task_cfg, seed, _ = parser.parse_args_into_dataclasses(train_args, return_remaining_strings=True)
+def warm_started_policy(output_dir: str, policy_cfg: policy.PolicyConfig | None = None,
+                        task_cfg: tasks.TaskConfig | None = None, seed: int = 0) -> Path:
+    """The folder of a warm-started tiny policy for these policy and task settings (default: the
+    CPU default's). It is made once in `output_dir/warm-start/warmstart` (policy.warm_started_policy
+    caches it there, as `train.py --output_dir output_dir --run_name warm-start` would) and reused
+    while the settings match. Scripts that read train.py's flags pass `train.parse_config(...)`'s
+    parts, so a `--config` preset applies here too."""
+    policy_cfg = policy_cfg or policy.PolicyConfig()
+    task_cfg = task_cfg or tasks.TaskConfig()
     warm_dir = Path(output_dir) / "warm-start" / "warmstart"
     train_size = tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
-    policy.warm_started_policy(policy_cfg, task_cfg, seed.seed, warm_dir, policy.pick_device(policy_cfg), train_size)
+    policy.warm_started_policy(policy_cfg, task_cfg, seed, warm_dir, policy.pick_device(policy_cfg), train_size)
     return warm_dir
 
 

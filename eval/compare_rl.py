@@ -1,30 +1,45 @@
 """Experiment 2 of the paper: does TreeRL train better than ChainRL for the same generation cost?
 
-    python -m eval.compare_rl [--seeds 0,1,2] [--budget 200000] [--methods all] [--quick] [train.py flags]
+    python -m eval.compare_rl --config configs/cpu_long.yaml --out results/long --runs_dir runs/long \
+        [--seeds 0,1,2,3,4] [--budget 600000] [--methods treerl,chainrl-grpo,chainrl-release,treerl-random]
+        [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seed 100] [--lrs treerl=3e-5,...] [--quick] [train.py flags]
 
-Every method starts from the same warm-started policy (the CPU default's, made and cached by
-train.py) and trains until it has generated `--budget` tokens: generation is what a tree search
-saves, so methods are compared at equal generated tokens, not equal steps. Methods:
+Every method starts from the same warm-started policy (made and cached by train.py's warm start for
+the task of the flags) and trains until it has generated `--budget` tokens: generation is what a
+tree search saves, so methods are compared at equal generated tokens, not equal steps. Methods:
 
-  treerl             EPTree (M=4, N=2, L=1, T=2; entropy forks) + process rewards (GA + LA, 1/sqrt)
+  treerl             EPTree (M=4, N=2, L=1, T=2; NLL forks) + process rewards (GA + LA, 1/sqrt): the paper
   chainrl-grpo       12 independent chains per prompt (about a TreeRL step's tokens), GRPO advantages
-  chainrl-drgrpo     the same with Dr. GRPO advantages (no division by the group's std)
-  treerl-random      ablation: fork at random tokens instead of the most uncertain ones
+  chainrl-release    ChainRL as the authors' release runs it: RLOO advantages with the lower clamp
+                     (a wrong answer's advantage is at least -1) and -1 for a truncated answer
+  chainrl-drgrpo     12 chains with Dr. GRPO advantages (no division by the group's std)
+  treerl-random      ablation: fork at random tokens instead of the least likely ones
   treerl-ga-only     ablation: global advantage V(s) - V(root) only (Eq. 2)
   treerl-la-only     ablation: local advantage V(s) - V(parent) only (Eq. 3)
   treerl-no-sqrt     ablation: no 1/sqrt(|L(s)|) re-weighting
 
-Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json);
-held-out accuracy is avg@k at temperature 1 on the same held-out problems for every seed.
-Writes results/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
-accuracy) and a PNG of accuracy against generated tokens (mean over seeds, band = ± sd), and
-prints a Markdown table of the final accuracies. Unknown flags go to every train.py run.
+The learning rate is chosen, not inherited: `--lr_sweep` first trains every method once per rate on
+`--sweep_seed` (a seed the comparison does not use) and keeps, per method, the rate with the best
+final avg@k among those that do not lose greedy accuracy (final greedy >= start greedy - 2 points;
+if none, the best avg@k). `--lrs method=rate,...` sets rates by hand; otherwise `--lr` is used.
+
+Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
+and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
+the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
+Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out problems for every run. The summary gives, per method, start and
+final accuracy (mean ± sd over seeds), and the differences TreeRL - ChainRL of the final accuracies
+as a mean with a bootstrap 95% interval over seeds (each method's seeds resampled independently).
+Writes <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
+accuracy, greedy_accuracy) and a PNG of accuracy against generated tokens (mean over seeds, band =
+± sd), and prints Markdown tables. Unknown flags go to every train.py run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,60 +47,131 @@ from pathlib import Path
 import train
 from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
 
+CHAINS = ["--algo", "chainrl", "--M", "12"]
 METHODS = {
     "treerl": [],
-    "chainrl-grpo": ["--algo", "chainrl", "--M", "12", "--advantage", "grpo"],
-    "chainrl-drgrpo": ["--algo", "chainrl", "--M", "12", "--advantage", "drgrpo"],
+    "chainrl-grpo": [*CHAINS, "--advantage", "grpo"],
+    "chainrl-release": [*CHAINS, "--advantage", "rloo", "--clamp_advantages", "true", "--truncated_penalty", "-1"],
+    "chainrl-drgrpo": [*CHAINS, "--advantage", "drgrpo"],
     "treerl-random": ["--fork_score", "random"],
     "treerl-ga-only": ["--use_local", "false"],
     "treerl-la-only": ["--use_global", "false"],
     "treerl-no-sqrt": ["--reweight", "none"],
 }
+DEFAULT_METHODS = "treerl,chainrl-grpo,chainrl-release,treerl-random"
+GREEDY_TOLERANCE = 0.02  # the sweep keeps rates whose final greedy accuracy is within this of the start
 
 
-def train_one(method: str, seed: int, args, warm_dir: Path, train_args: list[str]) -> list[dict]:
-    """One train.py run from the warm start; returns its evaluation points. A finished run with
-    the same budget and learning rate is read back instead of trained again (re-running the script
-    after an interruption continues where it stopped)."""
-    run_name = f"{method}-seed{seed}"
+def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[dict]]:
+    """The runs an earlier invocation already wrote to <out>/compare_rl.json with the same budget and
+    train.py flags, by (method, seed, lr): the JSON is the record, so a comparison can continue on
+    another machine (or after the run folders are gone) without training them again."""
+    path = out / "compare_rl.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("budget_tokens") != args.budget or saved.get("train_args") != train_args:
+        return {}
+    runs = {}
+    for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []):
+        runs.setdefault((r["method"], r["seed"], r["lr"]), []).append(r)
+    return runs
+
+
+def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_args: list[str],
+              run_name: str | None = None) -> list[dict]:
+    """One train.py run from the warm start; returns its evaluation points. A run already recorded
+    in the results, or finished in its folder, with the same budget and learning rate is read back
+    instead of trained again; an unfinished one resumes from its last checkpoint, and one made with
+    other settings is started afresh."""
+    if (method, seed, lr) in args.recorded:
+        return args.recorded[method, seed, lr]
+    run_name = run_name or f"{method}-seed{seed}"
     run_dir = Path(args.runs_dir) / run_name
-    summary = run_dir / "summary.json"
-    done = summary.exists() and all(
-        json.loads(summary.read_text())["config"][key] == value
-        for key, value in (("max_generated_tokens", args.budget), ("lr", args.lr)))
-    if not done:
-            train.main([*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
-                    "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(args.lr),
+    wanted = {"max_generated_tokens": args.budget, "lr": lr}
+    config_file = run_dir / "config.json"
+    if config_file.exists() and any(json.loads(config_file.read_text()).get(k) != v for k, v in wanted.items()):
+        shutil.rmtree(run_dir)
+    if not (run_dir / "summary.json").exists():
+        train.main([*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
+                    "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(lr),
                     "--steps", "100000", "--max_generated_tokens", str(args.budget),
-                    "--eval_every", str(args.eval_every), "--save_every", "0"])
+                    "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
+                    "--save_trees", "false", "--resume", "true"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
-    return [{"method": method, "seed": seed, "step": m["step"],
+    return [{"method": method, "seed": seed, "lr": lr, "step": m["step"],
              "generated_tokens": m.get("generated_tokens_total", 0), "accuracy": m["eval_sampled"],
              "greedy_accuracy": m["eval_greedy"], "seconds_per_step": seconds / max(len(steps), 1)}
             for m in metrics if "eval_sampled" in m]
 
 
+def choose_lr(method: str, rates: list[float], args, warm_dir: Path, train_args: list[str],
+              record=lambda rows: None) -> tuple[float, list[dict]]:
+    """Train `method` once per rate on the sweep seed; return the chosen rate and every run's points
+    (`record` gets them after each run, to save them)."""
+    rows, finals = [], {}
+    for lr in rates:
+        points = train_one(method, args.sweep_seed, lr, args, warm_dir, train_args,
+                           run_name=f"sweep-{method}-lr{lr:g}-seed{args.sweep_seed}")
+        rows += points
+        record(points)
+        finals[lr] = points[-1]
+        start = points[0]
+    keeps_greedy = [lr for lr in rates if finals[lr]["greedy_accuracy"] >= start["greedy_accuracy"] - GREEDY_TOLERANCE]
+    best = max(keeps_greedy or rates, key=lambda lr: finals[lr]["accuracy"])
+    return best, rows
+
+
+def bootstrap_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its bootstrap 95% interval, resampling each list's seeds independently."""
+    rng = random.Random(seed)
+    diffs = sorted(sum(rng.choices(a, k=len(a))) / len(a) - sum(rng.choices(b, k=len(b))) / len(b)
+                   for _ in range(resamples))
+    return sum(a) / len(a) - sum(b) / len(b), diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]
+
+
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Per method: start and final accuracy (mean, sd over seeds), gain, steps, seconds per step."""
+    """Per method: start and final avg@k and greedy accuracy (mean, sd over seeds), gains, cost."""
     table = []
     for method in methods:
         runs = {}
         for r in rows:
             if r["method"] == method:
                 runs.setdefault(r["seed"], []).append(r)
-        first = [points[0]["accuracy"] for points in runs.values()]
-        last = [points[-1]["accuracy"] for points in runs.values()]
-        (start, _), (final, final_sd) = mean_std(first), mean_std(last)
-        gains = mean_std([b - a for a, b in zip(first, last)])
-        table.append({"method": method, "seeds": len(runs), "accuracy_start": start,
-                      "accuracy_final": final, "accuracy_final_std": final_sd,
-                      "gain": gains[0], "gain_std": gains[1],
-                      "steps": mean_std([points[-1]["step"] for points in runs.values()])[0],
-                      "generated_tokens": mean_std([points[-1]["generated_tokens"] for points in runs.values()])[0],
-                      "seconds_per_step": mean_std([points[-1]["seconds_per_step"] for points in runs.values()])[0]})
+        entry = {"method": method, "seeds": len(runs), "lr": next(iter(runs.values()))[0]["lr"]}
+        for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
+            first = [points[0][key] for points in runs.values()]
+            last = [points[-1][key] for points in runs.values()]
+            entry[f"{name}_start"] = mean_std(first)[0]
+            entry[f"{name}_final"], entry[f"{name}_final_std"] = mean_std(last)
+            entry[f"{name}_gain"], entry[f"{name}_gain_std"] = mean_std([b - a for a, b in zip(first, last)])
+        for key in ("step", "generated_tokens", "seconds_per_step"):
+            entry[key if key != "step" else "steps"] = mean_std([points[-1][key] for points in runs.values()])[0]
+        table.append(entry)
     return table
+
+
+def differences(rows: list[dict], methods: list[str]) -> list[dict]:
+    """TreeRL - each ChainRL method: final avg@k and greedy accuracy, mean and bootstrap 95% interval."""
+    def finals(method, key):
+        runs = {}
+        for r in rows:
+            if r["method"] == method:
+                runs[r["seed"]] = r[key]  # rows are in step order, so the last one stays
+        return list(runs.values())
+
+    out = []
+    for chain in (m for m in methods if m.startswith("chainrl")):
+        if "treerl" not in methods:
+            break
+        entry = {"comparison": f"treerl - {chain}"}
+        for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
+            a, b = finals("treerl", key), finals(chain, key)
+            entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_difference(a, b)
+        out.append(entry)
+    return out
 
 
 def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
@@ -95,35 +181,54 @@ def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
     import numpy as np
 
     grid = np.linspace(0, budget, 21)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for method in methods:
-        curves = []
-        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
-            points = [r for r in rows if r["method"] == method and r["seed"] == seed]
-            curves.append(np.interp(grid, [p["generated_tokens"] for p in points], [p["accuracy"] for p in points]))
-        curves = np.array(curves)
-        mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(grid))
-        style = "-" if method in ("treerl", "chainrl-grpo", "chainrl-drgrpo") else "--"
-        ax.plot(grid, mean, style, label=method)
-        ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
-    ax.set_xlabel("generated tokens (RL)")
-    ax.set_ylabel("held-out accuracy (avg@k, temperature 1)")
-    ax.set_title("TreeRL vs ChainRL at equal generated tokens (mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "accuracy", "held-out avg@k (rollout temperature)"),
+                           (axes[1], "greedy_accuracy", "held-out greedy accuracy")):
+        for method in methods:
+            curves = []
+            for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+                points = [r for r in rows if r["method"] == method and r["seed"] == seed]
+                curves.append(np.interp(grid, [p["generated_tokens"] for p in points], [p[key] for p in points]))
+            curves = np.array(curves)
+            mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(grid))
+            style = "-" if method in ("treerl", "chainrl-grpo", "chainrl-release") else "--"
+            ax.plot(grid, mean, style, label=method)
+            ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
+        ax.set_xlabel("generated tokens (RL)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("TreeRL vs ChainRL at equal generated tokens (mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
+def parse_rates(parser, text: str, methods: list[str]) -> dict[str, float]:
+    """--lrs "treerl=3e-5,chainrl-grpo=1e-5" as {method: rate}."""
+    rates = {}
+    for item in filter(None, text.split(",")):
+        method, _, rate = item.partition("=")
+        if method not in METHODS:
+            parser.error(f"--lrs: unknown method {method!r}")
+        try:
+            rates[method] = float(rate)
+        except ValueError:
+            parser.error(f"--lrs: {item!r} is not method=rate")
+    return rates
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Other flags are passed to every train.py run.")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated RL seeds")
     parser.add_argument("--budget", type=int, default=200_000, help="generated tokens per run")
-    parser.add_argument("--methods", default="all", help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--lr", type=float, default=1e-4, help="RL learning rate for every method")
-    parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every this many steps")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated or 'all', from: {', '.join(METHODS)}")
+    parser.add_argument("--lr", type=float, default=3e-5, help="RL learning rate where neither --lrs nor --lr_sweep sets one")
+    parser.add_argument("--lrs", default="", help="per-method rates, e.g. treerl=3e-5,chainrl-grpo=1e-5")
+    parser.add_argument("--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seed")
+    parser.add_argument("--sweep_seed", type=int, default=100, help="the seed of the learning-rate sweep (not a comparison seed)")
+    parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation (and checkpoint) every this many steps")
     parser.add_argument("--out", default="results", help="folder for compare_rl.json/.png")
     parser.add_argument("--runs_dir", default="runs/experiments", help="folder of the warm start and the runs")
     parser.add_argument("--quick", action="store_true",
@@ -134,6 +239,13 @@ def parse_args(argv):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    args.lrs = parse_rates(parser, args.lrs, args.methods)
+    try:
+        args.lr_sweep = [float(x) for x in args.lr_sweep.split(",") if x]
+    except ValueError:
+        parser.error(f"--lr_sweep must be comma-separated numbers, got {args.lr_sweep!r}")
+    if args.sweep_seed in args.seeds and args.lr_sweep:
+        parser.error(f"--sweep_seed {args.sweep_seed} is also a comparison seed; choose one outside --seeds")
     if args.quick:
         args.methods, args.seeds, args.budget = ["treerl", "chainrl-grpo"], args.seeds[:1], args.budget // 10
     if args.budget < 1:
@@ -145,24 +257,48 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, train_args = parse_args(argv)
     started = time.perf_counter()
-    warm_dir = warm_started_policy(args.runs_dir, train_args)
-    rows, out = [], Path(args.out)
+    config = train.parse_config(train_args)
+    warm_dir = warm_started_policy(args.runs_dir, config.policy, config.task, config.run.seed)
+    out = Path(args.out)
+    args.recorded = recorded_runs(out, args, train_args)
+    sweep_rows, rows, rates = [], [], dict(args.lrs)
+
+    def save() -> dict:
+        """Write the results so far (after every run: an interrupted comparison keeps them)."""
+        methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+        result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
+                  "train_args": train_args, "budget_tokens": args.budget,
+                  "learning_rates": {m: rates[m] for m in args.methods if m in rates},
+                  "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
+                  "seeds": sorted({r["seed"] for r in rows}),
+                  "summary": summarise(rows, methods), "differences": differences(rows, methods),
+                  "rows": rows, "wall_seconds": time.perf_counter() - started}
+        write_json(out / "compare_rl.json", result)
+        if rows:
+            plot(rows, methods, args.budget, out / "compare_rl.png")
+        return result
+
+    for method in args.methods:
+        if method not in rates and args.lr_sweep:
+            rates[method], _ = choose_lr(method, args.lr_sweep, args, warm_dir, train_args,
+                                         record=lambda points: (sweep_rows.extend(points), save()))
+    rates = {m: rates.get(m, args.lr) for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            rows += train_one(method, seed, args, warm_dir, train_args)
-            # Written after every run, so an interrupted comparison still leaves its results.
-            methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
-            table = summarise(rows, methods)
-            result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
-                      "budget_tokens": args.budget, "lr": args.lr, "seeds": sorted({r["seed"] for r in rows}),
-                      "summary": table, "rows": rows, "wall_seconds": time.perf_counter() - started}
-            write_json(out / "compare_rl.json", result)
-            plot(rows, methods, args.budget, out / "compare_rl.png")
+            rows += train_one(method, seed, rates[method], args, warm_dir, train_args)
+            result = save()
     print(markdown_table(
-        ["method", "seeds", "start", "final (mean ± sd)", "gain (mean ± sd)", "steps", "s/step"],
-        [[t["method"], t["seeds"], f"{t['accuracy_start']:.3f}",
-          f"{t['accuracy_final']:.3f} ± {t['accuracy_final_std']:.3f}", f"{t['gain']:+.3f} ± {t['gain_std']:.3f}",
-          f"{t['steps']:.0f}", f"{t['seconds_per_step']:.2f}"] for t in table]))
+        ["method", "lr", "seeds", "avg@k start", "avg@k final", "avg@k gain", "greedy start", "greedy final",
+         "steps", "s/step"],
+        [[t["method"], f"{t['lr']:g}", t["seeds"], f"{t['accuracy_start']:.3f}",
+          f"{t['accuracy_final']:.3f} ± {t['accuracy_final_std']:.3f}", f"{t['accuracy_gain']:+.3f} ± {t['accuracy_gain_std']:.3f}",
+          f"{t['greedy_start']:.3f}", f"{t['greedy_final']:.3f} ± {t['greedy_final_std']:.3f}",
+          f"{t['steps']:.0f}", f"{t['seconds_per_step']:.2f}"] for t in result["summary"]]))
+    if result["differences"]:
+        print(markdown_table(["difference of final accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
+                             [[d["comparison"], f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
+                               f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]"]
+                              for d in result["differences"]]))
     print(f"budget {args.budget} generated tokens per run, {result['wall_seconds']:.0f} s; "
           f"wrote {out / 'compare_rl.json'} and .png")
     return result

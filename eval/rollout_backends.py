@@ -73,7 +73,7 @@ def nudge(model, scale: float = 1e-4) -> None:
 
 def measure(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    model_dir = args.model or str(warm_started_policy(args.runs_dir, []))
+    model_dir = args.model or str(warm_started_policy(args.runs_dir))
     model, tokenizer = policy.load_policy(model_dir, policy.PolicyConfig(device="cpu"), torch.device("cpu"))
     model.eval()
     task = tasks.build_task(tasks.TaskConfig(), tokenizer)

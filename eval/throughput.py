@@ -246,7 +246,7 @@ def table_rows(name: str, r: dict) -> list[list[str]]:
     for t in r["tree_vs_chain"]:
         rows.append([name, f"EPTree vs chains, {t['prompts']} prompts", f"{t['forest_tokens_per_s']:.0f} tok/s",
                      f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain']:.2f}"])
-        rows.append([name, f"same, forks re-read their prefix", f"{t['forest_no_reuse_tokens_per_s']:.0f} tok/s",
+        rows.append([name, "same, forks re-read their prefix", f"{t['forest_no_reuse_tokens_per_s']:.0f} tok/s",
                      f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain_no_reuse']:.2f}"])
     for u in r["update"]:
         rows.append([name, f"update, L={u['L']} ({u['leaves']} leaves, unique/flat {u['unique_over_flat']:.2f})",

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    warm_dir = warm_started_policy(args.runs_dir, ["--seed", str(args.seed)])
+    warm_dir = warm_started_policy(args.runs_dir, seed=args.seed)
     config = train.parse_config(["--seed", str(args.seed)])
     model, tokenizer = policy.load_policy(str(warm_dir), config.policy, torch.device("cpu"))
     accuracy = held_out_accuracy(model, tokenizer, tasks.build_task(config.task, tokenizer), config)

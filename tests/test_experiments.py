@@ -18,20 +18,39 @@ def coin_verifier(monkeypatch):
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
 
 
-def test_search_efficiency_quick(tmp_path, coin_verifier):
-    result = search_efficiency.main(["--quick", "--prompts", "6", "--out", str(tmp_path / "out"),
-                                     "--runs_dir", str(tmp_path / "runs"), *TINY])
+def test_search_efficiency_quick(tmp_path, coin_verifier, monkeypatch):
+    argv = ["--quick", "--prompts", "6", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
+            "--chain_lengths", "2,3:3,3", *TINY]
+    result = search_efficiency.main(argv)
     saved = json.loads((tmp_path / "out" / "search_efficiency.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
-    assert (tmp_path / "out" / "search_efficiency.png").stat().st_size > 0
+    for png in ("search_efficiency.png", "search_efficiency_chain_length.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 0
     rows = {(r["method"], r["M"]): r for r in saved["rows"]}
     assert set(m for m, _ in rows) == {"chains", "eptree-entropy", "eptree-nll", "eptree-random"}
     for (method, m), row in rows.items():
         assert row["leaves"] == (m if method == "chains" else m * (1 + 2 * 2))
-        assert 0 <= row["pass_rate"] <= row["pass_at_budget"] <= 1
+        assert 0 <= row["correct_fraction"] <= row["pass_rate"] <= 1
         assert row["budget_tokens"] > 0
-    assert rows[("chains", 8)]["budget_tokens"] > rows[("chains", 4)]["budget_tokens"]
-    assert any(0 < r["pass_rate"] < 1 for r in saved["rows"])
+    assert rows[("chains", 3)]["budget_tokens"] > rows[("chains", 2)]["budget_tokens"]
+    assert any(0 < r["correct_fraction"] < 1 for r in saved["rows"])
+    # One short task per chain length, each with its own warm start, chains against eptree-nll only.
+    lengths = saved["chain_length"]["rows"]
+    assert list(lengths) == ["2,3", "3,3"]
+    assert {r["method"] for r in lengths["3,3"]} == {"chains", "eptree-nll"}
+    assert (tmp_path / "runs" / "operands-3-3" / "warm-start" / "warmstart" / "recipe.json").exists()
+
+    # Every point was saved as it was measured: a second run measures nothing and reports the same.
+    monkeypatch.setattr(search_efficiency, "search", lambda *a, **k: pytest.fail("measured again"))
+    again = search_efficiency.main(argv)
+    assert again["rows"] == result["rows"] and again["chain_length"] == result["chain_length"]
+
+
+def test_chains_at_interpolates_in_log_tokens():
+    chains = [{"tokens": 100.0, "pass_rate": 0.4}, {"tokens": 400.0, "pass_rate": 0.8}]
+    assert search_efficiency.chains_at(200.0, chains) == pytest.approx(0.6)  # halfway in log-tokens
+    assert search_efficiency.chains_at(100.0, chains) == pytest.approx(0.4)
+    assert search_efficiency.chains_at(99.0, chains) is None and search_efficiency.chains_at(401.0, chains) is None
 
 
 def test_compare_rl_quick(tmp_path, coin_verifier):
@@ -48,13 +67,47 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
         assert all(t < 300 for t in tokens[:-1])  # stops at the first step past the budget
         assert all(0 <= p["accuracy"] <= 1 for p in points)
     # Both start from the same warm start and are evaluated on the same held-out problems.
-    starts = {r["accuracy"] for r in saved["rows"] if r["step"] == 0}
+    starts = {(r["accuracy"], r["greedy_accuracy"]) for r in saved["rows"] if r["step"] == 0}
     assert len(starts) == 1
+    [difference] = saved["differences"]
+    assert difference["comparison"] == "treerl - chainrl-grpo"
+    assert difference["accuracy_low"] <= difference["accuracy"] <= difference["accuracy_high"]
+    assert {t["method"]: t["lr"] for t in saved["summary"]} == {"treerl": 3e-5, "chainrl-grpo": 3e-5}
 
 
-def test_compare_rl_rejects_unknown_method():
+def test_compare_rl_rejects_bad_flags():
     with pytest.raises(SystemExit):
         compare_rl.parse_args(["--methods", "treerl,ppo"])
+    with pytest.raises(SystemExit):
+        compare_rl.parse_args(["--lrs", "treerl=fast"])
+    with pytest.raises(SystemExit):  # the sweep's seed must not be one of the compared seeds
+        compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seed", "1"])
+
+
+def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy(monkeypatch, tmp_path):
+    # start: 30% avg@k, 80% greedy. 1e-4 has the best avg@k but loses 10 greedy points; 3e-5 is
+    # the best of the rates that keep greedy accuracy within 2 points.
+    finals = {1e-5: (0.33, 0.81), 3e-5: (0.36, 0.79), 1e-4: (0.40, 0.70)}
+
+    def fake_run(method, seed, lr, args, warm_dir, train_args, run_name=None):
+        assert seed == args.sweep_seed and run_name.startswith(f"sweep-{method}-")
+        return [{"accuracy": 0.30, "greedy_accuracy": 0.80},
+                {"accuracy": finals[lr][0], "greedy_accuracy": finals[lr][1]}]
+
+    monkeypatch.setattr(compare_rl, "train_one", fake_run)
+    args, _ = compare_rl.parse_args(["--lr_sweep", "1e-5,3e-5,1e-4"])
+    lr, rows = compare_rl.choose_lr("treerl", args.lr_sweep, args, tmp_path, [])
+    assert lr == 3e-5 and len(rows) == 6
+    finals = {1e-5: (0.33, 0.60), 3e-5: (0.36, 0.50)}  # none keeps it: the best avg@k
+    assert compare_rl.choose_lr("treerl", [1e-5, 3e-5], args, tmp_path, [])[0] == 3e-5
+
+
+def test_bootstrap_difference():
+    mean, low, high = compare_rl.bootstrap_difference([0.5, 0.5, 0.5], [0.4, 0.4, 0.4])
+    assert mean == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    mean, low, high = compare_rl.bootstrap_difference([0.50, 0.54, 0.46, 0.52, 0.48], [0.40, 0.42, 0.38, 0.41, 0.39])
+    assert mean == pytest.approx(0.1)
+    assert low < mean < high and 0.05 < low and high < 0.15 and high - low < 0.07
 
 
 def test_throughput_writes_every_ratio(tmp_path):
