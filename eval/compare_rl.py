@@ -2,7 +2,7 @@
 
     python -m eval.compare_rl --config configs/cpu_long.yaml --out results/long --runs_dir runs/long \
         [--seeds 0,1,2,3,4] [--budget 600000] [--methods treerl,chainrl-grpo,chainrl-release,treerl-random]
-        [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seed 100] [--lrs treerl=3e-5,...] [--quick] [train.py flags]
+        [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seed 100] [--lrs treerl=3e-5,...] [--jobs 2] [--quick] [train.py flags]
 
 Every method starts from the same warm-started policy (made and cached by train.py's warm start for
 the task of the flags) and trains until it has generated `--budget` tokens: generation is what a
@@ -107,21 +107,38 @@ def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_arg
             for m in metrics if "eval_sampled" in m]
 
 
-def choose_lr(method: str, rates: list[float], args, warm_dir: Path, train_args: list[str],
-              record=lambda rows: None) -> tuple[float, list[dict]]:
-    """Train `method` once per rate on the sweep seed; return the chosen rate and every run's points
-    (`record` gets them after each run, to save them)."""
-    rows, finals = [], {}
-    for lr in rates:
-        points = train_one(method, args.sweep_seed, lr, args, warm_dir, train_args,
-                           run_name=f"sweep-{method}-lr{lr:g}-seed{args.sweep_seed}")
-        rows += points
-        record(points)
-        finals[lr] = points[-1]
-        start = points[0]
-    keeps_greedy = [lr for lr in rates if finals[lr]["greedy_accuracy"] >= start["greedy_accuracy"] - GREEDY_TOLERANCE]
-    best = max(keeps_greedy or rates, key=lambda lr: finals[lr]["accuracy"])
-    return best, rows
+def choose_lr(sweep_rows: list[dict], method: str) -> float:
+    """The sweep's choice for `method`: the best final avg@k among the rates that keep greedy
+    accuracy (final >= start - GREEDY_TOLERANCE); if no rate does, the best final avg@k."""
+    runs = {}
+    for r in sweep_rows:
+        if r["method"] == method:
+            runs.setdefault(r["lr"], []).append(r)
+    keeps_greedy = [lr for lr, points in runs.items()
+                    if points[-1]["greedy_accuracy"] >= points[0]["greedy_accuracy"] - GREEDY_TOLERANCE]
+    return max(keeps_greedy or runs, key=lambda lr: runs[lr][-1]["accuracy"])
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def run_all(jobs: list[tuple], args, warm_dir: Path, train_args: list[str]):
+    """Yield each job's evaluation points, (method, seed, lr, run_name) per job, as runs finish:
+    one after another, or `--jobs` at once in worker processes with one torch thread each."""
+    if args.jobs == 1:
+        for method, seed, lr, run_name in jobs:
+            yield train_one(method, seed, lr, args, warm_dir, train_args, run_name)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = [pool.submit(train_one, method, seed, lr, args, warm_dir, train_args, run_name)
+                   for method, seed, lr, run_name in jobs]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def bootstrap_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -228,6 +245,7 @@ def parse_args(argv):
     parser.add_argument("--lrs", default="", help="per-method rates, e.g. treerl=3e-5,chainrl-grpo=1e-5")
     parser.add_argument("--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seed")
     parser.add_argument("--sweep_seed", type=int, default=100, help="the seed of the learning-rate sweep (not a comparison seed)")
+    parser.add_argument("--jobs", type=int, default=1, help="train.py runs at once, each in its own process with one torch thread")
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation (and checkpoint) every this many steps")
     parser.add_argument("--out", default="results", help="folder for compare_rl.json/.png")
     parser.add_argument("--runs_dir", default="runs/experiments", help="folder of the warm start and the runs")
@@ -250,6 +268,8 @@ def parse_args(argv):
         args.methods, args.seeds, args.budget = ["treerl", "chainrl-grpo"], args.seeds[:1], args.budget // 10
     if args.budget < 1:
         parser.error(f"--budget must be >= 1, got {args.budget}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args, train_args
 
 
@@ -264,7 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
     sweep_rows, rows, rates = [], [], dict(args.lrs)
 
     def save() -> dict:
-        """Write the results so far (after every run: an interrupted comparison keeps them)."""
+        """Write the results so far (after every run: an interrupted comparison keeps them), in
+        method, seed (or rate), step order whatever order the runs finished in."""
+        rows.sort(key=lambda r: (args.methods.index(r["method"]), r["seed"], r["step"]))
+        sweep_rows.sort(key=lambda r: (args.methods.index(r["method"]), r["lr"], r["step"]))
         methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
         result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
                   "train_args": train_args, "budget_tokens": args.budget,
@@ -278,15 +301,18 @@ def main(argv: list[str] | None = None) -> dict:
             plot(rows, methods, args.budget, out / "compare_rl.png")
         return result
 
-    for method in args.methods:
-        if method not in rates and args.lr_sweep:
-            rates[method], _ = choose_lr(method, args.lr_sweep, args, warm_dir, train_args,
-                                         record=lambda points: (sweep_rows.extend(points), save()))
+    to_sweep = [m for m in args.methods if m not in rates] if args.lr_sweep else []
+    sweep_jobs = [(m, args.sweep_seed, lr, f"sweep-{m}-lr{lr:g}-seed{args.sweep_seed}")
+                  for m in to_sweep for lr in args.lr_sweep]
+    for points in run_all(sweep_jobs, args, warm_dir, train_args):
+        sweep_rows += points
+        save()
+    rates.update({m: choose_lr(sweep_rows, m) for m in to_sweep})
     rates = {m: rates.get(m, args.lr) for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
-            rows += train_one(method, seed, rates[method], args, warm_dir, train_args)
-            result = save()
+    jobs = [(m, seed, rates[m], None) for seed in args.seeds for m in args.methods]
+    for points in run_all(jobs, args, warm_dir, train_args):
+        rows += points
+        result = save()
     print(markdown_table(
         ["method", "lr", "seeds", "avg@k start", "avg@k final", "avg@k gain", "greedy start", "greedy final",
          "steps", "s/step"],

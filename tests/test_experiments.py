@@ -75,6 +75,23 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
     assert {t["method"]: t["lr"] for t in saved["summary"]} == {"treerl": 3e-5, "chainrl-grpo": 3e-5}
 
 
+def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, coin_verifier, monkeypatch):
+    argv = ["--quick", "--budget", "2000", "--eval_every", "1", "--lr_sweep", "1e-5,1e-3", "--jobs", "2",
+            "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), "--prompts_per_step", "3", *TINY]
+    result = compare_rl.main(argv)
+    sweep = result["lr_sweep"]["rows"]
+    assert {(r["method"], r["lr"], r["seed"]) for r in sweep} == {
+        (m, lr, 100) for m in ("treerl", "chainrl-grpo") for lr in (1e-5, 1e-3)}
+    assert result["learning_rates"] == {m: compare_rl.choose_lr(sweep, m) for m in ("treerl", "chainrl-grpo")}
+    assert {t["method"]: t["lr"] for t in result["summary"]} == result["learning_rates"]
+    # The results file is the record: with the run folders gone, nothing is trained again.
+    monkeypatch.setattr(compare_rl.train, "main", lambda argv: pytest.fail("trained again"))
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "treerl-seed0")
+    again = compare_rl.main([*argv, "--jobs", "1"])
+    assert again["rows"] == result["rows"] and again["lr_sweep"] == result["lr_sweep"]
+
+
 def test_compare_rl_rejects_bad_flags():
     with pytest.raises(SystemExit):
         compare_rl.parse_args(["--methods", "treerl,ppo"])
@@ -84,22 +101,15 @@ def test_compare_rl_rejects_bad_flags():
         compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seed", "1"])
 
 
-def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy(monkeypatch, tmp_path):
+def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy():
     # start: 30% avg@k, 80% greedy. 1e-4 has the best avg@k but loses 10 greedy points; 3e-5 is
     # the best of the rates that keep greedy accuracy within 2 points.
-    finals = {1e-5: (0.33, 0.81), 3e-5: (0.36, 0.79), 1e-4: (0.40, 0.70)}
+    def sweep(finals):
+        return [{"method": "treerl", "lr": lr, "accuracy": a, "greedy_accuracy": g}
+                for lr, (avg, greedy) in finals.items() for a, g in ((0.30, 0.80), (avg, greedy))]
 
-    def fake_run(method, seed, lr, args, warm_dir, train_args, run_name=None):
-        assert seed == args.sweep_seed and run_name.startswith(f"sweep-{method}-")
-        return [{"accuracy": 0.30, "greedy_accuracy": 0.80},
-                {"accuracy": finals[lr][0], "greedy_accuracy": finals[lr][1]}]
-
-    monkeypatch.setattr(compare_rl, "train_one", fake_run)
-    args, _ = compare_rl.parse_args(["--lr_sweep", "1e-5,3e-5,1e-4"])
-    lr, rows = compare_rl.choose_lr("treerl", args.lr_sweep, args, tmp_path, [])
-    assert lr == 3e-5 and len(rows) == 6
-    finals = {1e-5: (0.33, 0.60), 3e-5: (0.36, 0.50)}  # none keeps it: the best avg@k
-    assert compare_rl.choose_lr("treerl", [1e-5, 3e-5], args, tmp_path, [])[0] == 3e-5
+    assert compare_rl.choose_lr(sweep({1e-5: (0.33, 0.81), 3e-5: (0.36, 0.79), 1e-4: (0.40, 0.70)}), "treerl") == 3e-5
+    assert compare_rl.choose_lr(sweep({1e-5: (0.33, 0.60), 3e-5: (0.36, 0.50)}), "treerl") == 3e-5  # none keeps it
 
 
 def test_bootstrap_difference():
