@@ -62,15 +62,20 @@ DEFAULT_METHODS = "treerl,chainrl-grpo,chainrl-release,treerl-random"
 GREEDY_TOLERANCE = 0.02  # the sweep keeps rates whose final greedy accuracy is within this of the start
 
 
+def settings(train_args: list[str]) -> dict:
+    """What train.py makes of the flags given to every run (a --config preset read in full)."""
+    return json.loads(json.dumps(train.parse_config(train_args).as_dict()))
+
+
 def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[dict]]:
     """The runs an earlier invocation already wrote to <out>/compare_rl.json with the same budget and
-    train.py flags, by (method, seed, lr): the JSON is the record, so a comparison can continue on
+    train.py settings, by (method, seed, lr): the JSON is the record, so a comparison can continue on
     another machine (or after the run folders are gone) without training them again."""
     path = out / "compare_rl.json"
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("budget_tokens") != args.budget or saved.get("train_args") != train_args:
+    if saved.get("budget_tokens") != args.budget or json.dumps(saved.get("settings")) != json.dumps(settings(train_args)):
         return {}
     runs = {}
     for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []):
@@ -81,23 +86,25 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
 def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_args: list[str],
               run_name: str | None = None) -> list[dict]:
     """One train.py run from the warm start; returns its evaluation points. A run already recorded
-    in the results, or finished in its folder, with the same budget and learning rate is read back
+    in the results, or finished in its folder, with the same train.py command is read back
     instead of trained again; an unfinished one resumes from its last checkpoint, and one made with
     other settings is started afresh."""
     if (method, seed, lr) in args.recorded:
         return args.recorded[method, seed, lr]
     run_name = run_name or f"{method}-seed{seed}"
     run_dir = Path(args.runs_dir) / run_name
-    wanted = {"max_generated_tokens": args.budget, "lr": lr}
-    config_file = run_dir / "config.json"
-    if config_file.exists() and any(json.loads(config_file.read_text()).get(k) != v for k, v in wanted.items()):
+    argv = [*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
+            "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(lr),
+            "--steps", "100000", "--max_generated_tokens", str(args.budget),
+            "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
+            "--save_trees", "false", "--resume", "true"]
+    made_with = run_dir / "compare_rl_argv.json"  # what the folder's run was started with
+    if run_dir.exists() and (not made_with.exists() or json.loads(made_with.read_text()) != argv):
         shutil.rmtree(run_dir)
     if not (run_dir / "summary.json").exists():
-        train.main([*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
-                    "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(lr),
-                    "--steps", "100000", "--max_generated_tokens", str(args.budget),
-                    "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-                    "--save_trees", "false", "--resume", "true"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        made_with.write_text(json.dumps(argv))
+        train.main(argv)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_rows.sort(key=lambda r: (args.methods.index(r["method"]), r["lr"], r["step"]))
         methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
         result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
-                  "train_args": train_args, "budget_tokens": args.budget,
+                  "train_args": train_args, "settings": settings(train_args), "budget_tokens": args.budget,
                   "learning_rates": {m: rates[m] for m in args.methods if m in rates},
                   "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
                   "seeds": sorted({r["seed"] for r in rows}),
