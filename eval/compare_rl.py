@@ -21,7 +21,8 @@ tree search saves, so methods are compared at equal generated tokens, not equal 
 The learning rate is chosen, not inherited: `--lr_sweep` first trains every method once per rate on
 `--sweep_seed` (a seed the comparison does not use) and keeps, per method, the rate with the best
 final avg@k among those that do not lose greedy accuracy (final greedy >= start greedy - 2 points;
-if none, the best avg@k). `--lrs method=rate,...` sets rates by hand; otherwise `--lr` is used.
+if none, the rate that loses the least greedy accuracy). `--lrs method=rate,...` sets rates by
+hand; otherwise `--lr` is used.
 
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
 and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
@@ -116,14 +117,16 @@ def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_arg
 
 def choose_lr(sweep_rows: list[dict], method: str) -> float:
     """The sweep's choice for `method`: the best final avg@k among the rates that keep greedy
-    accuracy (final >= start - GREEDY_TOLERANCE); if no rate does, the best final avg@k."""
+    accuracy (final >= start - GREEDY_TOLERANCE); if no rate does, the one that loses least of it."""
     runs = {}
     for r in sweep_rows:
         if r["method"] == method:
             runs.setdefault(r["lr"], []).append(r)
     keeps_greedy = [lr for lr, points in runs.items()
                     if points[-1]["greedy_accuracy"] >= points[0]["greedy_accuracy"] - GREEDY_TOLERANCE]
-    return max(keeps_greedy or runs, key=lambda lr: runs[lr][-1]["accuracy"])
+    if not keeps_greedy:
+        return max(runs, key=lambda lr: runs[lr][-1]["greedy_accuracy"])
+    return max(keeps_greedy, key=lambda lr: runs[lr][-1]["accuracy"])
 
 
 def _one_thread() -> None:
