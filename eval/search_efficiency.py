@@ -28,7 +28,8 @@ sizes around it (per seed; the ratio's mean and sd are over seeds).
 
 `--chain_lengths 3,4:5,6:7,8` adds the teaching figure: the same comparison (chains against
 eptree-nll) on tasks with short, medium and long worked solutions, each with its own warm start
-(cached under --runs_dir/operands-A-B) and max_new_tokens of 16 per operand. The tree's advantage at
+(cached under --runs_dir/operands-A-B, or the main one for the main task) and max_new_tokens of 16
+per operand. The tree's advantage at
 equal tokens grows with the chain length: the longer the chain, the more places it can slip, and a
 fork re-samples one slipped step instead of the whole chain.
 
@@ -211,7 +212,7 @@ def plot_chain_length(by_length: dict[str, list[dict]], out: Path) -> None:
         if kept:
             ax.errorbar([i for i, _ in kept], [r["pass_rate_ratio"] for _, r in kept],
                         yerr=[r["pass_rate_ratio_std"] for _, r in kept], marker="o", capsize=3,
-                        label=f"EPTree, {m} tree(s) (~{kept[0][1]['budget_tokens']:.0f}+ tokens)")
+                        label=f"EPTree, {m} tree{'s' if m > 1 else ''} ({5 * m} leaves)")
     ax.axhline(1.0, color="grey", lw=1)
     ax.set_xticks(range(len(lengths)), [f"{length.replace(',', '-')} operands" for length in lengths])
     ax.set_ylabel("PassRate of EPTree / chains at equal tokens")
@@ -277,9 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
         most = int(operands.split(",")[-1])
         length_config = train.parse_config([*train_args, "--arith_operands", operands,
                                             "--max_new_tokens", str(TOKENS_PER_OPERAND * most)])
+        same_task = json.dumps(length_config.as_dict()) == json.dumps(config.as_dict())  # the main warm start
+        runs_dir = Path(args.runs_dir) / ("" if same_task else f"operands-{operands.replace(',', '-')}")
         by_length[operands] = measure(length_config, args,
                                       methods(args.length_chain_sizes, args.length_tree_sizes, ("nll",)),
-                                      Path(args.runs_dir) / f"operands-{operands.replace(',', '-')}", cache)
+                                      runs_dir, cache)
     if by_length:
         result["chain_length"] = {"tokens_per_operand": TOKENS_PER_OPERAND, "rows": by_length}
 
