@@ -97,6 +97,8 @@ def test_compare_rl_rejects_bad_flags():
         compare_rl.parse_args(["--methods", "treerl,ppo"])
     with pytest.raises(SystemExit):
         compare_rl.parse_args(["--lrs", "treerl=fast"])
+    with pytest.raises(SystemExit, match="lr_warmup_ratio"):  # a share of steps the budget leaves open
+        compare_rl.main(["--lr_warmup_ratio", "0.1"])
     with pytest.raises(SystemExit):  # the sweep's seed must not be one of the compared seeds
         compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seed", "1"])
 
