@@ -23,9 +23,14 @@ def warm_started_policy(output_dir: str, policy_cfg: policy.PolicyConfig | None 
     policy_cfg = policy_cfg or policy.PolicyConfig()
     task_cfg = task_cfg or tasks.TaskConfig()
     warm_dir = Path(output_dir) / "warm-start" / "warmstart"
-    train_size = tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
-    policy.warm_started_policy(policy_cfg, task_cfg, seed, warm_dir, policy.pick_device(policy_cfg), train_size)
+    policy.warm_started_policy(policy_cfg, task_cfg, seed, warm_dir, policy.pick_device(policy_cfg),
+                               warm_start_pool(policy_cfg))
     return warm_dir
+
+
+def warm_start_pool(policy_cfg: policy.PolicyConfig) -> int:
+    """Problems in the arithmetic training pool of a warm start made here (what it draws)."""
+    return tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
 
 
 def parse_seeds(parser, text: str) -> list[int]:

@@ -56,7 +56,8 @@ import tasks
 import train
 import tree
 import treerl
-from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
+from eval.common import (machine, markdown_table, mean_std, parse_seeds, warm_start_pool, warm_started_policy,
+                         write_json)
 from hf_backend import HFBackend
 from treerl import RolloutConfig
 
@@ -132,8 +133,7 @@ def measure(config: train.Config, args, points, runs_dir: Path, cache: Path) -> 
                 if model is None:  # loaded only when something is left to measure
                     device = policy.pick_device(config.policy)
                     model, tokenizer = policy.load_policy(str(model_dir), config.policy, device)
-                    warmup_examples = config.policy.warmup_steps * config.policy.warmup_batch_size
-                    task = tasks.build_task(config.task, tokenizer, tasks.arith_train_size(warmup_examples, 0))
+                    task = tasks.build_task(config.task, tokenizer, warm_start_pool(config.policy))
                     held_out = task.eval[: args.prompts]
                     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in held_out]
                     golds = [e.gold for e in held_out]
