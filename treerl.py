@@ -337,6 +337,7 @@ class UpdateConfig:
 
     lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
     lr_warmup_ratio: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up over this many optimizer steps, then constant: the warm-up of a run stopped by --max_generated_tokens, whose --steps is only a cap (not with --lr_warmup_ratio)"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the release: 0.95)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the release: 0.1)"})
     train_temperature: float = field(default=0.0, metadata={"help": "temperature of the log-probs in the loss (0: the sampling temperature, the distribution sampled from; the release: 1 while sampling at 1.2)"})
@@ -361,16 +362,24 @@ class UpdateConfig:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
         if not (0 <= self.lr_warmup_ratio < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("--lr_warmup_ratio and --adam_beta2 must be in [0, 1)")
+        if self.lr_warmup_steps < 0 or (self.lr_warmup_steps and self.lr_warmup_ratio):
+            raise ValueError(f"--lr_warmup_steps must be >= 0 and not set with --lr_warmup_ratio; got "
+                             f"{self.lr_warmup_steps} steps, ratio {self.lr_warmup_ratio}")
         if self.clip_low >= 1:
             raise ValueError(f"--clip_low must be < 1 (the ratio is clipped at 1 - clip_low); got {self.clip_low}")
 
 
 def optimizer_for(model, cfg: UpdateConfig, steps: int):
     """AdamW with cfg's settings, and its learning-rate schedule: a linear warm-up over
-    `lr_warmup_ratio` of `steps` optimizer steps (one per RL step with the defaults), then constant."""
+    `lr_warmup_steps` optimizer steps, or `lr_warmup_ratio` of `steps` (one optimizer step per RL
+    step with the defaults), then constant.
+
+    Why warm up: Adam's first steps move every weight by about the full learning rate whatever the
+    gradient's noise (its moment estimates hold one or a few noisy gradients), and a policy-gradient
+    estimate from a few dozen prompts is mostly noise."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    warmup = math.ceil(cfg.lr_warmup_ratio * steps)
+    warmup = cfg.lr_warmup_steps or math.ceil(cfg.lr_warmup_ratio * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return optimizer, schedule
 

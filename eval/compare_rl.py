@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     config = train.parse_config(train_args)
     if config.update.lr_warmup_ratio > 0:  # a share of --steps, which a token budget leaves open-ended
-        raise SystemExit("compare_rl: --lr_warmup_ratio needs a fixed --steps; runs here stop at a token budget")
+        raise SystemExit("compare_rl: --lr_warmup_ratio needs a fixed --steps; runs here stop at a token "
+                         "budget (use --lr_warmup_steps)")
     warm_dir = warm_started_policy(args.runs_dir, config.policy, config.task, config.run.seed)
     out = Path(args.out)
     args.recorded = recorded_runs(out, args, train_args)

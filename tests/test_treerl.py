@@ -165,5 +165,14 @@ def test_optimizer_settings_and_warm_up():
         optimizer.step()
         schedule.step()
     assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])   # 5 warm-up steps of 100
+    optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, lr_warmup_steps=4), steps=100_000)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])   # 4 steps, whatever --steps is
+    with pytest.raises(ValueError, match="--lr_warmup_steps"):
+        UpdateConfig(lr_warmup_steps=4, lr_warmup_ratio=0.05).validate()
     optimizer, _ = treerl.optimizer_for(model, UpdateConfig(lr=1.0), steps=100)
     assert optimizer.param_groups[0]["lr"] == 1.0 and optimizer.param_groups[0]["weight_decay"] == 0.0
