@@ -372,11 +372,8 @@ class UpdateConfig:
 def optimizer_for(model, cfg: UpdateConfig, steps: int):
     """AdamW with cfg's settings, and its learning-rate schedule: a linear warm-up over
     `lr_warmup_steps` optimizer steps, or `lr_warmup_ratio` of `steps` (one optimizer step per RL
-    step with the defaults), then constant.
-
-    Why warm up: Adam's first steps move every weight by about the full learning rate whatever the
-    gradient's noise (its moment estimates hold one or a few noisy gradients), and a policy-gradient
-    estimate from a few dozen prompts is mostly noise."""
+    step with the defaults), then constant. A warm-up keeps Adam's first steps, whose moment
+    estimates hold only one or a few noisy gradients, from moving every weight by the full rate."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     warmup = cfg.lr_warmup_steps or math.ceil(cfg.lr_warmup_ratio * steps)
