@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import rewards
-from eval import compare_rl, search_efficiency
+import policy
+from eval import compare_rl, greedy_flips, search_efficiency
+from eval.common import warm_started_policy
 
 TINY = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "20",
         "--warmup_batch_size", "16", "--eval_size", "8", "--eval_samples", "2", "--max_new_tokens", "40"]
@@ -121,6 +123,52 @@ def test_bootstrap_difference():
     mean, low, high = compare_rl.bootstrap_difference([0.50, 0.54, 0.46, 0.52, 0.48], [0.40, 0.42, 0.38, 0.41, 0.39])
     assert mean == pytest.approx(0.1)
     assert low < mean < high and 0.05 < low and high < 0.15 and high - low < 0.07
+
+
+def test_greedy_flips_first_slip_and_counts():
+    assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1        # 16 written as 17
+    assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1     # -10 written as -9
+    assert greedy_flips.first_slip("3+4=7\nAnswer: 7") is None
+    result = greedy_flips.compare([1, 1, 0, 0, 1], [0, 1, 1, 0, 0], ["1+1=3", "", "", "", "no steps"])
+    assert (result["right_to_wrong"], result["wrong_to_right"], result["broken"], result["fixed"]) == (2, 1, [0, 4], [2])
+    assert result["first_slip_magnitude"] == {"1": 1, "None": 1}
+    assert (result["accuracy_before"], result["accuracy_after"]) == (0.6, 0.4)
+
+
+def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
+    # A stand-in verdict that depends on the answer and the problem: a barely trained model gives
+    # the same answer everywhere, and some problems count it right.
+    monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float((sum(map(ord, response)) + int(gold)) % 2 == 0))
+    sample = greedy_flips.HFBackend.sample
+
+    def all_finished(self, *args, **kwargs):  # an untrained model never ends its answer
+        groups = sample(self, *args, **kwargs)
+        for group in groups:
+            for s in group:
+                s.finished = True
+        return groups
+
+    monkeypatch.setattr(greedy_flips.HFBackend, "sample", all_finished)
+    cfg = policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, warmup_steps=20, warmup_batch_size=16)
+    before = warm_started_policy(str(tmp_path), cfg)
+    model, tokenizer = policy.load_policy(str(before), cfg, torch.device("cpu"))
+    for name, noise in (("same", 0.0), ("other", 0.5)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    flags = ["--eval_size", "16", "--max_new_tokens", "12"]
+    same = greedy_flips.main(["--before", str(before), "--after", str(tmp_path / "same"), *flags])
+    assert (same["right_to_wrong"], same["wrong_to_right"]) == (0, 0) and same["problems"] == 16
+    other = greedy_flips.main(["--before", str(before), "--after", str(tmp_path / "other"),
+                               "--out", str(tmp_path / "out"), *flags])
+    assert other["right_to_wrong"] + other["wrong_to_right"] > 0   # other weights answer differently
+    net = (other["wrong_to_right"] - other["right_to_wrong"]) / other["problems"]
+    assert other["accuracy_after"] - other["accuracy_before"] == pytest.approx(net)
+    assert json.loads((tmp_path / "out" / "greedy_flips.json").read_text())["broken"] == other["broken"]
+    with pytest.raises(SystemExit):
+        greedy_flips.main(["--before", str(tmp_path / "missing"), "--after", str(tmp_path / "same")])
 
 
 def test_throughput_writes_every_ratio(tmp_path):
