@@ -324,19 +324,25 @@ def arith_dataset(
 # --------------------------------------------------------------------------------------------------
 
 
+def held_out_answers(backend, tokenizer, task: Task, k: int, max_new_tokens: int, temperature: float,
+                     top_p: float = 1.0) -> tuple[list[str], list[float]]:
+    """k responses to every held-out problem (problem by problem; temperature 0: greedy) and their
+    verdicts. A response that never ended scores 0."""
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
+    groups = backend.sample(prompts, k, max_new_tokens, temperature, top_p)
+    texts = [tokenizer.decode(s.tokens, skip_special_tokens=True) for g in groups for s in g]
+    verdicts = task.score(texts, [e.gold for e in task.eval for _ in range(k)])
+    return texts, [v * s.finished for v, s in zip(verdicts, (s for g in groups for s in g))]
+
+
 def evaluate(backend, tokenizer, task: Task, samples: int, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Held-out accuracy: greedy (one response per problem) and avg@k over k = `samples` sampled
     responses at `temperature` (the mean accuracy, the metric RL directly optimises). A response
     that never ended scores 0."""
-    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
-    golds = [e.gold for e in task.eval]
     result = {}
     for name, temp, k in (("greedy", 0.0, 1), ("sampled", temperature, samples)):
         torch.manual_seed(seed)
-        groups = backend.sample(prompts, k, max_new_tokens, temp, top_p)
-        texts = [tokenizer.decode(s.tokens, skip_special_tokens=True) for g in groups for s in g]
-        verdicts = task.score(texts, [gold for gold in golds for _ in range(k)])
-        finished = [s.finished for g in groups for s in g]
-        result[name] = sum(v * f for v, f in zip(verdicts, finished)) / len(verdicts)
+        _, verdicts = held_out_answers(backend, tokenizer, task, k, max_new_tokens, temp, top_p)
+        result[name] = sum(verdicts) / len(verdicts)
     return result

@@ -37,12 +37,8 @@ def greedy_answers(path: str, config, device) -> tuple[tasks.Task, list[str], li
     model.eval()
     task = tasks.build_task(config.task, tokenizer)
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
-    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
-    groups = backend.sample(prompts, 1, config.rollout.max_new_tokens, 0.0, 1.0)
-    texts = [tokenizer.decode(g[0].tokens, skip_special_tokens=True) for g in groups]
-    verdicts = task.score(texts, [e.gold for e in task.eval])
-    finished = [g[0].finished for g in groups]
-    return task, texts, [v * f for v, f in zip(verdicts, finished)]
+    texts, verdicts = tasks.held_out_answers(backend, tokenizer, task, 1, config.rollout.max_new_tokens, 0.0)
+    return task, texts, verdicts
 
 
 def first_slip(response: str) -> int | None:

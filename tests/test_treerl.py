@@ -153,25 +153,25 @@ def test_invalid_rollout_and_update_settings_are_named():
         UpdateConfig(clip_low=1.5).validate()
 
 
+def rates(optimizer, schedule, steps: int) -> list[float]:
+    """The learning rate of each of the next `steps` optimizer steps."""
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return seen
+
+
 def test_optimizer_settings_and_warm_up():
     model = torch.nn.Linear(2, 2)
     optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, adam_beta2=0.95, weight_decay=0.1,
                                                                    lr_warmup_ratio=0.05), steps=100)
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.1
-    rates = []
-    for _ in range(7):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])   # 5 warm-up steps of 100
+    assert rates(optimizer, schedule, 7) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])   # 5 warm-up steps of 100
     optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, lr_warmup_steps=4), steps=100_000)
-    rates = []
-    for _ in range(6):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])   # 4 steps, whatever --steps is
+    assert rates(optimizer, schedule, 6) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])   # 4 steps, whatever --steps is
     with pytest.raises(ValueError, match="--lr_warmup_steps"):
         UpdateConfig(lr_warmup_steps=4, lr_warmup_ratio=0.05).validate()
     optimizer, _ = treerl.optimizer_for(model, UpdateConfig(lr=1.0), steps=100)
