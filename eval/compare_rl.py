@@ -31,7 +31,8 @@ Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on th
 final accuracy (mean ± sd over seeds), and the differences TreeRL - ChainRL of the final accuracies
 as a mean with a bootstrap 95% interval over seeds (each method's seeds resampled independently).
 Writes <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
-accuracy, greedy_accuracy) and a PNG of accuracy against generated tokens (mean over seeds, band =
+accuracy, greedy_accuracy, run_seconds; run_seconds also summed per experiment: the cost of the
+runs however many invocations they took, where wall_seconds is the last invocation's) and a PNG of accuracy against generated tokens (mean over seeds, band =
 ± sd), and prints Markdown tables. Unknown flags go to every train.py run.
 """
 
@@ -109,10 +110,18 @@ def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_arg
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
+    run_seconds = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]  # summed over resumes
     return [{"method": method, "seed": seed, "lr": lr, "step": m["step"],
              "generated_tokens": m.get("generated_tokens_total", 0), "accuracy": m["eval_sampled"],
-             "greedy_accuracy": m["eval_greedy"], "seconds_per_step": seconds / max(len(steps), 1)}
+             "greedy_accuracy": m["eval_greedy"], "seconds_per_step": seconds / max(len(steps), 1),
+             "run_seconds": run_seconds}
             for m in metrics if "eval_sampled" in m]
+
+
+def total_run_seconds(rows: list[dict]) -> float:
+    """The wall time of the runs behind `rows`, each counted once: what the experiment cost, however
+    many invocations it took (wall_seconds is only the last invocation's)."""
+    return sum({(r["method"], r["seed"], r["lr"]): r["run_seconds"] for r in rows}.values())
 
 
 def choose_lr(sweep_rows: list[dict], method: str) -> float:
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
                   "seeds": sorted({r["seed"] for r in rows}),
                   "summary": summarise(rows, methods), "differences": differences(rows, methods),
-                  "rows": rows, "wall_seconds": time.perf_counter() - started}
+                  "rows": rows, "wall_seconds": time.perf_counter() - started,
+                  "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)}}
         write_json(out / "compare_rl.json", result)
         if rows:
             plot(rows, methods, args.budget, out / "compare_rl.png")
@@ -338,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                              [[d["comparison"], f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
                                f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]"]
                               for d in result["differences"]]))
-    print(f"budget {args.budget} generated tokens per run, {result['wall_seconds']:.0f} s; "
+    print(f"budget {args.budget} generated tokens per run; {result['wall_seconds']:.0f} s of wall time now, "
+          f"{result['run_seconds']['comparison']:.0f} s in the comparison's runs; "
           f"wrote {out / 'compare_rl.json'} and .png")
     return result
 

@@ -75,6 +75,10 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
     assert difference["comparison"] == "treerl - chainrl-grpo"
     assert difference["accuracy_low"] <= difference["accuracy"] <= difference["accuracy_high"]
     assert {t["method"]: t["lr"] for t in saved["summary"]} == {"treerl": 3e-5, "chainrl-grpo": 3e-5}
+    # The cost is the runs' own wall time (train.py's, summed over resumes), each run counted once.
+    run_walls = [json.loads((tmp_path / "runs" / f"{m}-seed0" / "summary.json").read_text())["wall_seconds"]
+                 for m in ("treerl", "chainrl-grpo")]
+    assert saved["run_seconds"] == {"comparison": pytest.approx(sum(run_walls)), "lr_sweep": 0}
 
 
 def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, coin_verifier, monkeypatch):
