@@ -28,7 +28,7 @@ Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.pn
 and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
 the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
 Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out problems for every run. The summary gives, per method, start and
-final accuracy (mean ± sd over seeds), and the differences TreeRL - ChainRL of the final accuracies
+final accuracy (mean ± sd over seeds), and the differences TreeRL - each other method of the final accuracies
 as a mean with a bootstrap 95% interval over seeds (each method's seeds resampled independently).
 Writes <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
 accuracy, greedy_accuracy, run_seconds; run_seconds also summed per experiment: the cost of the
@@ -190,7 +190,8 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 
 
 def differences(rows: list[dict], methods: list[str]) -> list[dict]:
-    """TreeRL - each ChainRL method: final avg@k and greedy accuracy, mean and bootstrap 95% interval."""
+    """TreeRL - each other method (the ChainRL baselines, then the ablations): final avg@k and greedy
+    accuracy, mean and bootstrap 95% interval."""
     def finals(method, key):
         runs = {}
         for r in rows:
@@ -199,12 +200,11 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
         return list(runs.values())
 
     out = []
-    for chain in (m for m in methods if m.startswith("chainrl")):
-        if "treerl" not in methods:
-            break
-        entry = {"comparison": f"treerl - {chain}"}
+    others = sorted((m for m in methods if m != "treerl"), key=lambda m: not m.startswith("chainrl"))
+    for other in others if "treerl" in methods else []:
+        entry = {"comparison": f"treerl - {other}"}
         for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
-            a, b = finals("treerl", key), finals(chain, key)
+            a, b = finals("treerl", key), finals(other, key)
             entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_difference(a, b)
         out.append(entry)
     return out

@@ -129,6 +129,19 @@ def test_bootstrap_difference():
     assert low < mean < high and 0.05 < low and high < 0.15 and high - low < 0.07
 
 
+def test_differences_compare_treerl_with_every_other_method():
+    # Final points only matter: TreeRL ends at 0.5 on both seeds; the others end lower.
+    finals = {"treerl": 0.5, "treerl-random": 0.45, "chainrl-grpo": 0.4, "chainrl-release": 0.3}
+    rows = [{"method": m, "seed": seed, "step": step, "accuracy": acc if step else 0.2,
+             "greedy_accuracy": 0.8} for m, acc in finals.items() for seed in (0, 1) for step in (0, 10)]
+    methods = ["treerl", "treerl-random", "chainrl-grpo", "chainrl-release"]
+    diffs = compare_rl.differences(rows, methods)
+    assert [d["comparison"] for d in diffs] == [  # the baselines first, then the ablation
+        "treerl - chainrl-grpo", "treerl - chainrl-release", "treerl - treerl-random"]
+    assert [d["accuracy"] for d in diffs] == pytest.approx([0.1, 0.2, 0.05])
+    assert all(d["greedy"] == 0 for d in diffs)
+    assert compare_rl.differences(rows, ["chainrl-grpo", "chainrl-release"]) == []  # no TreeRL, nothing to compare
+
 def test_greedy_flips_first_slip_and_counts():
     assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1        # 16 written as 17
     assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1     # -10 written as -9
