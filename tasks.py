@@ -329,10 +329,10 @@ def held_out_answers(backend, tokenizer, task: Task, k: int, max_new_tokens: int
     """k responses to every held-out problem (problem by problem; temperature 0: greedy) and their
     verdicts. A response that never ended scores 0."""
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
-    groups = backend.sample(prompts, k, max_new_tokens, temperature, top_p)
-    texts = [tokenizer.decode(s.tokens, skip_special_tokens=True) for g in groups for s in g]
+    responses = [s for group in backend.sample(prompts, k, max_new_tokens, temperature, top_p) for s in group]
+    texts = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in responses]
     verdicts = task.score(texts, [e.gold for e in task.eval for _ in range(k)])
-    return texts, [v * s.finished for v, s in zip(verdicts, (s for g in groups for s in g))]
+    return texts, [v * s.finished for v, s in zip(verdicts, responses)]
 
 
 def evaluate(backend, tokenizer, task: Task, samples: int, max_new_tokens: int, temperature: float,

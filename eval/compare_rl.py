@@ -27,13 +27,15 @@ hand; otherwise `--lr` is used.
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
 and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
 the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
-Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out problems for every run. The summary gives, per method, start and
-final accuracy (mean ± sd over seeds), and the differences TreeRL - each other method of the final accuracies
-as a mean with a bootstrap 95% interval over seeds (each method's seeds resampled independently).
-Writes <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
-accuracy, greedy_accuracy, run_seconds; run_seconds also summed per experiment: the cost of the
-runs however many invocations they took, where wall_seconds is the last invocation's) and a PNG of accuracy against generated tokens (mean over seeds, band =
-± sd), and prints Markdown tables. Unknown flags go to every train.py run.
+Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out
+problems for every run. The summary gives, per method, start and final accuracy (mean ± sd over
+seeds), and the differences TreeRL - each other method of the final accuracies as a mean with a
+bootstrap 95% interval over seeds (each method's seeds resampled independently). Writes
+<out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens, accuracy,
+greedy_accuracy, run_seconds; run_seconds is also summed per experiment: the cost of the runs
+however many invocations they took, where wall_seconds is the last invocation's) and a PNG of
+accuracy against generated tokens (mean over seeds, band = ± sd), and prints Markdown tables.
+Unknown flags go to every train.py run.
 """
 
 from __future__ import annotations
@@ -199,9 +201,11 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
                 runs[r["seed"]] = r[key]  # rows are in step order, so the last one stays
         return list(runs.values())
 
+    if "treerl" not in methods:
+        return []
     out = []
     others = sorted((m for m in methods if m != "treerl"), key=lambda m: not m.startswith("chainrl"))
-    for other in others if "treerl" in methods else []:
+    for other in others:
         entry = {"comparison": f"treerl - {other}"}
         for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
             a, b = finals("treerl", key), finals(other, key)

@@ -54,6 +54,8 @@ def first_slip(response: str) -> int | None:
 
 
 def compare(before: list[float], after: list[float], after_texts: list[str]) -> dict:
+    """Problems (by index) that went right -> wrong and wrong -> right between two verdict lists,
+    and the first-slip magnitudes of the broken ones (None: no wrong worked step was found)."""
     broken = [i for i, (x, y) in enumerate(zip(before, after)) if x and not y]
     fixed = [i for i, (x, y) in enumerate(zip(before, after)) if y and not x]
     slips = Counter(first_slip(after_texts[i]) for i in broken)

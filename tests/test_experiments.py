@@ -142,6 +142,7 @@ def test_differences_compare_treerl_with_every_other_method():
     assert all(d["greedy"] == 0 for d in diffs)
     assert compare_rl.differences(rows, ["chainrl-grpo", "chainrl-release"]) == []  # no TreeRL, nothing to compare
 
+
 def test_greedy_flips_first_slip_and_counts():
     assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1        # 16 written as 17
     assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1     # -10 written as -9
