@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -55,8 +55,9 @@ class HFBackend:
 
     COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
-                 reuse_prefixes: bool | None = None):
+    def __init__(
+        self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256, reuse_prefixes: bool | None = None
+    ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
@@ -89,8 +90,7 @@ class HFBackend:
         if any(not p for p in prefixes):
             raise ValueError("HFBackend.sample: every prefix needs at least one token")
         # KV states already computed for all but the last token of each prefix, where kept.
-        stored = [self.prefix_store.find(p[:-1]) if self.prefix_store and len(p) > 1 else None
-                  for p in prefixes]
+        stored = [self.prefix_store.find(p[:-1]) if self.prefix_store and len(p) > 1 else None for p in prefixes]
         self.stats["prompt_tokens"] += sum(map(len, prefixes))
         self.stats["cached_prompt_tokens"] += sum(s.count for s in stored if s is not None)
         # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
@@ -104,12 +104,18 @@ class HFBackend:
             start = 0
             while start < len(order):
                 resumed = stored[order[start]] is not None
-                chunk = [k for k in order[start:start + per_batch] if (stored[k] is not None) == resumed]
+                chunk = [k for k in order[start : start + per_batch] if (stored[k] is not None) == resumed]
                 start += len(chunk)
-                samples = self._generate([list(prefixes[k]) for k in chunk], n, [budgets[k] for k in chunk],
-                                         temperature, top_p, [stored[k] for k in chunk] if resumed else None)
+                samples = self._generate(
+                    [list(prefixes[k]) for k in chunk],
+                    n,
+                    [budgets[k] for k in chunk],
+                    temperature,
+                    top_p,
+                    [stored[k] for k in chunk] if resumed else None,
+                )
                 for j, k in enumerate(chunk):
-                    groups[k] = samples[j * n:(j + 1) * n]
+                    groups[k] = samples[j * n : (j + 1) * n]
         finally:
             self.model.train(was_training)
         return groups
@@ -132,8 +138,14 @@ class HFBackend:
             _load_states(cache, stored, width - 1)
             input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
             positions = positions[:, -1:]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.past_key_values, out.logits[:, -1], mask, positions[:, -1] + 1
 
     def _generate(self, prefixes, n, budgets, temperature, top_p, stored=None) -> list[Sample]:
@@ -152,7 +164,7 @@ class HFBackend:
         entropies = torch.zeros(rows, steps, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        row = torch.arange(rows, device=device)        # which output row each batch row fills
+        row = torch.arange(rows, device=device)  # which output row each batch row fills
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         keep_states = self.prefix_store is not None and isinstance(cache.layers[0], _BufferedLayer)
 
@@ -164,8 +176,12 @@ class HFBackend:
             rows_out = row[batch_rows]
             firsts = (mask.shape[1] - mask[batch_rows].sum(-1)).tolist()  # each row's left padding
             # One transfer of the rows' tokens, not one per row (each is a device sync on a GPU).
-            paths = [(prefixes[r // n] + sampled[:length - 1], first) for r, sampled, length, first
-                     in zip(rows_out.tolist(), tokens[rows_out].tolist(), lengths[rows_out].tolist(), firsts)]
+            paths = [
+                (prefixes[r // n] + sampled[: length - 1], first)
+                for r, sampled, length, first in zip(
+                    rows_out.tolist(), tokens[rows_out].tolist(), lengths[rows_out].tolist(), firsts
+                )
+            ]
             self.prefix_store.add(_snapshot(cache, batch_rows), paths)
 
         greedy = temperature == 0
@@ -190,14 +206,20 @@ class HFBackend:
                 stopped = stopped[keep]
                 mask = _trim_left_padding(cache, mask)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                             past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, logits, position = out.past_key_values, out.logits[:, -1], position + 1
         store(torch.arange(len(row), device=device))
 
         samples = []
-        for toks, lps, ents, length, done in zip(tokens.tolist(), logprobs.tolist(), entropies.tolist(),
-                                                 lengths.tolist(), finished.tolist()):
+        for toks, lps, ents, length, done in zip(
+            tokens.tolist(), logprobs.tolist(), entropies.tolist(), lengths.tolist(), finished.tolist()
+        ):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
 
@@ -214,7 +236,7 @@ class _Stored:
 
     def states(self) -> torch.Tensor:
         """[layers, 2, heads, count, head_dim]"""
-        return self.snapshot[:, :, self.row, :, self.first:self.first + self.count]
+        return self.snapshot[:, :, self.row, :, self.first : self.first + self.count]
 
 
 class _PrefixStore:
@@ -249,7 +271,7 @@ class _PrefixStore:
             self.sorted = True
         key = tuple(tokens)
         i = bisect.bisect_left(self.entries, key, key=lambda entry: entry[0])
-        if i < len(self.entries) and self.entries[i][0][:len(key)] == key:
+        if i < len(self.entries) and self.entries[i][0][: len(key)] == key:
             _, snapshot, row, first = self.entries[i]
             return _Stored(snapshot, row, first, len(key))
         return None
@@ -267,7 +289,7 @@ def _load_states(cache, stored: Sequence[_Stored], width: int) -> None:
     layers, _, _, heads, _, dim = first.shape
     states = first.new_zeros(layers, 2, len(stored), heads, width, dim)
     for b, s in enumerate(stored):
-        states[:, :, b, :, width - s.count:] = s.states()
+        states[:, :, b, :, width - s.count :] = s.states()
     for k, layer in enumerate(cache.layers):
         layer.load(states[k, 0], states[k, 1])
 
@@ -298,8 +320,8 @@ class _BufferedLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:
             raise RuntimeError(f"KV buffer of {self.key_buffer.shape[-2]} positions overflowed ({end})")
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
         self.length = end
         self._refresh()
         return self.keys, self.values
@@ -313,8 +335,8 @@ class _BufferedLayer(DynamicLayer):
         self.update(keys, values)
 
     def _refresh(self) -> None:
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)

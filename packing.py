@@ -85,15 +85,22 @@ of memory for it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
 import tree
-from treerl import (UpdateConfig, clipped_surrogate, k3_kl, one_step_per_rollout, step_and_tally, tally_micro_batch,
-                    token_stats)
+from treerl import (
+    UpdateConfig,
+    clipped_surrogate,
+    k3_kl,
+    one_step_per_rollout,
+    step_and_tally,
+    tally_micro_batch,
+    token_stats,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -109,18 +116,18 @@ class PackedForest:
     """
 
     input_ids: list[int]
-    position_ids: list[int]        # length of the path before the token (as in the flat row)
-    source: list[int]              # row index of the token whose logits predict this one
-    segment: list[int]             # index of the token's segment (0 = the prompt)
-    lineage: list[list[int]]       # per segment: itself and its ancestor segments
-    weight: list[float]            # sum of w_l over the trained leaves containing the token
-    count: list[int]               # how many trained leaves contain the token
-    advantage: list[list[float]]   # [sum of w_l * A_l where A_l > 0, same where A_l < 0]
-    count_by_sign: list[list[int]] # [leaves where A_l > 0, leaves where A_l < 0]
+    position_ids: list[int]  # length of the path before the token (as in the flat row)
+    source: list[int]  # row index of the token whose logits predict this one
+    segment: list[int]  # index of the token's segment (0 = the prompt)
+    lineage: list[list[int]]  # per segment: itself and its ancestor segments
+    weight: list[float]  # sum of w_l over the trained leaves containing the token
+    count: list[int]  # how many trained leaves contain the token
+    advantage: list[list[float]]  # [sum of w_l * A_l where A_l > 0, same where A_l < 0]
+    count_by_sign: list[list[int]]  # [leaves where A_l > 0, leaves where A_l < 0]
     sequence_tokens: list[list[int]]  # per training sequence: row index of each response token
-    n_tokens: int                  # response tokens of its sequences, flat (token denominator)
-    n_sequences: int               # its training sequences (sequence denominator)
-    aggregation: str               # "token" or "sequence": what the weights were made for
+    n_tokens: int  # response tokens of its sequences, flat (token denominator)
+    n_sequences: int  # its training sequences (sequence denominator)
+    aggregation: str  # "token" or "sequence": what the weights were made for
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -131,12 +138,16 @@ class PackedForest:
     @cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
         """The per-token lists as tensors."""
-        return {"input_ids": torch.tensor(self.input_ids), "position_ids": torch.tensor(self.position_ids),
-                "source": torch.tensor(self.source), "segment": torch.tensor(self.segment),
-                "weight": torch.tensor(self.weight, dtype=torch.float32),
-                "count": torch.tensor(self.count, dtype=torch.float32),
-                "advantage": torch.tensor(self.advantage, dtype=torch.float32).reshape(-1, 2),
-                "count_by_sign": torch.tensor(self.count_by_sign, dtype=torch.float32).reshape(-1, 2)}
+        return {
+            "input_ids": torch.tensor(self.input_ids),
+            "position_ids": torch.tensor(self.position_ids),
+            "source": torch.tensor(self.source),
+            "segment": torch.tensor(self.segment),
+            "weight": torch.tensor(self.weight, dtype=torch.float32),
+            "count": torch.tensor(self.count, dtype=torch.float32),
+            "advantage": torch.tensor(self.advantage, dtype=torch.float32).reshape(-1, 2),
+            "count_by_sign": torch.tensor(self.count_by_sign, dtype=torch.float32).reshape(-1, 2),
+        }
 
     @cached_property
     def related(self) -> torch.Tensor:
@@ -152,8 +163,10 @@ class PackedForest:
         and everything below it), in row order. Trees share nothing but the prompt."""
         top = torch.tensor([line[1] if len(line) > 1 else 0 for line in self.lineage])  # segment -> tree
         of_token = top[self.tensors["segment"]]
-        return ((of_token == 0).nonzero().flatten(),
-                [(of_token == t).nonzero().flatten() for t in of_token.unique().tolist() if t != 0])
+        return (
+            (of_token == 0).nonzero().flatten(),
+            [(of_token == t).nonzero().flatten() for t in of_token.unique().tolist() if t != 0],
+        )
 
 
 def forests_of(sequences: Sequence[tree.TrainSequence]) -> list[list[int]]:
@@ -162,8 +175,10 @@ def forests_of(sequences: Sequence[tree.TrainSequence]) -> list[list[int]]:
     groups: dict[int, list[int]] = {}
     for k, seq in enumerate(sequences):
         if seq.leaf is None:
-            raise ValueError("tree packing needs sequences made by tree.to_sequences (each with its "
-                             f"leaf); sequence {k} has leaf=None")
+            raise ValueError(
+                "tree packing needs sequences made by tree.to_sequences (each with its "
+                f"leaf); sequence {k} has leaf=None"
+            )
         root = tree.ancestors(seq.leaf)[0]
         groups.setdefault(id(root), []).append(k)
     return list(groups.values())
@@ -194,9 +209,9 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
 
     # 2. The row: tokens, their positions, and where each one is predicted from.
     input_ids, position_ids, source, segment = [], [], [], []
-    first: dict[tree.Node, int] = {}   # row index of the segment's first token
-    end: dict[tree.Node, int] = {}     # row index of the last token on the path to the segment's end
-    depth: dict[tree.Node, int] = {}   # number of tokens on that path (the next position id)
+    first: dict[tree.Node, int] = {}  # row index of the segment's first token
+    end: dict[tree.Node, int] = {}  # row index of the last token on the path to the segment's end
+    depth: dict[tree.Node, int] = {}  # number of tokens on that path (the next position id)
     for node in nodes:
         start = 0 if node is root else depth[node.parent]
         first[node] = len(input_ids)
@@ -206,11 +221,11 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
             position_ids.append(start + k)
             segment.append(number[node])
             if k > 0:
-                source.append(i - 1)              # the previous token of the same segment
+                source.append(i - 1)  # the previous token of the same segment
             elif node is root:
-                source.append(i)                  # the first prompt token: never trained
+                source.append(i)  # the first prompt token: never trained
             else:
-                source.append(end[node.parent])   # the last token of the path above it
+                source.append(end[node.parent])  # the last token of the path above it
         depth[node] = start + len(node.tokens)
         end[node] = len(input_ids) - 1 if node.tokens else end[node.parent]
 
@@ -224,8 +239,10 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
     for seq in sequences:
         rows = [first[node] + k for node in tree.ancestors(seq.leaf)[1:] for k in range(len(node.tokens))]
         if list(seq.prompt_ids) != root.tokens or [input_ids[i] for i in rows] != list(seq.response_ids):
-            raise ValueError("a training sequence no longer matches its leaf's path in the tree "
-                             "(was the tree changed after to_sequences?)")
+            raise ValueError(
+                "a training sequence no longer matches its leaf's path in the tree "
+                "(was the tree changed after to_sequences?)"
+            )
         if len(seq.advantages) != len(rows):
             raise ValueError(f"a training sequence has {len(seq.advantages)} advantages for {len(rows)} tokens")
         w = 1.0 if aggregation == "token" else 1.0 / max(len(rows), 1)
@@ -239,11 +256,20 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
         sequence_tokens.append(rows)
 
     return PackedForest(
-        input_ids, position_ids, source, segment, lineage, weight, count, advantage, count_by_sign,
+        input_ids,
+        position_ids,
+        source,
+        segment,
+        lineage,
+        weight,
+        count,
+        advantage,
+        count_by_sign,
         sequence_tokens,
         n_tokens=sum(len(s.response_ids) for s in sequences),
         n_sequences=len(sequences),
-        aggregation=aggregation)
+        aggregation=aggregation,
+    )
 
 
 def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[PackedForest]:
@@ -291,19 +317,20 @@ def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> lis
     return runs
 
 
-def group_by_length(items: Sequence[int], lengths: Sequence[int], sizes: Sequence[int], limit: int,
-                    overhead: int = 256) -> list[list[int]]:
+def group_by_length(
+    items: Sequence[int], lengths: Sequence[int], sizes: Sequence[int], limit: int, overhead: int = 256
+) -> list[list[int]]:
     """Runs of `items` for micro-batches whose rows are padded to their longest: items sorted
     longest first, then cut into consecutive runs of at most `limit` in `sizes` (an item larger
     than the limit gets a run of its own) so as to minimise the padded tokens, sum over runs of
     (items x longest length), plus `overhead` tokens per run (the fixed cost of one more forward).
     Exact, by dynamic programming over the cut points."""
     order = sorted(items, key=lambda i: -lengths[i])
-    best = [0.0] + [float("inf")] * len(order)   # best[j]: cost of the first j items
-    cut = [0] * (len(order) + 1)                 # where the last run of that best starts
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j items
+    cut = [0] * (len(order) + 1)  # where the last run of that best starts
     for j in range(1, len(order) + 1):
         total = 0
-        for i in range(j - 1, -1, -1):           # the last run: order[i:j], longest order[i]
+        for i in range(j - 1, -1, -1):  # the last run: order[i:j], longest order[i]
             total += sizes[order[i]]
             if total > limit and i < j - 1:
                 break
@@ -312,7 +339,7 @@ def group_by_length(items: Sequence[int], lengths: Sequence[int], sizes: Sequenc
                 best[j], cut[j] = cost, i
     runs, j = [], len(order)
     while j:
-        runs.append(order[cut[j]:j])
+        runs.append(order[cut[j] : j])
         j = cut[j]
     return runs[::-1]
 
@@ -381,7 +408,7 @@ def tree_attention_mask(forest: PackedForest, width: int, dtype: torch.dtype) ->
     """
     related = torch.block_diag(forest.related, torch.ones(1, 1, dtype=torch.bool))
     segments = torch.full((1, width), len(forest.lineage), dtype=torch.long)
-    segments[0, :len(forest)] = forest.tensors["segment"]
+    segments[0, : len(forest)] = forest.tensors["segment"]
     return attention_mask(segments, related, dtype)[0]
 
 
@@ -395,22 +422,28 @@ class PackedBatch:
     per row): what goes through the model. `predictor` links the two.
     """
 
-    input_ids: torch.Tensor        # [B, S]
-    weight: torch.Tensor           # [B, S] 0 on prompt and padding
-    count: torch.Tensor            # [B, S]
-    advantage: torch.Tensor        # [B, S, 2] positive part, negative part
-    count_by_sign: torch.Tensor    # [B, S, 2]
-    row_ids: torch.Tensor          # [R, W] the model's input
-    row_positions: torch.Tensor    # [R, W] position ids (tree positions)
-    attention_mask: torch.Tensor   # [R, 1, W, W] boolean, True where a query may attend to a key
-    predictor: torch.Tensor        # [B, S] index into the R * W row positions: whose logits score token i
-    n_tokens: int                  # flat response tokens of these forests' sequences
+    input_ids: torch.Tensor  # [B, S]
+    weight: torch.Tensor  # [B, S] 0 on prompt and padding
+    count: torch.Tensor  # [B, S]
+    advantage: torch.Tensor  # [B, S, 2] positive part, negative part
+    count_by_sign: torch.Tensor  # [B, S, 2]
+    row_ids: torch.Tensor  # [R, W] the model's input
+    row_positions: torch.Tensor  # [R, W] position ids (tree positions)
+    attention_mask: torch.Tensor  # [R, 1, W, W] boolean, True where a query may attend to a key
+    predictor: torch.Tensor  # [B, S] index into the R * W row positions: whose logits score token i
+    n_tokens: int  # flat response tokens of these forests' sequences
     n_sequences: int
     aggregation: str
 
-    def to(self, device) -> "PackedBatch":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+    def to(self, device) -> PackedBatch:
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
 
 def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="cpu") -> PackedBatch:
@@ -420,8 +453,9 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
     tensors = [f.tensors for f in forests]
 
     def padded(name, fill=0):  # the per-forest layout [B, S, ...]
-        return torch.nn.utils.rnn.pad_sequence([t[name] for t in tensors], batch_first=True,
-                                                padding_value=fill).to(device)
+        return torch.nn.utils.rnn.pad_sequence([t[name] for t in tensors], batch_first=True, padding_value=fill).to(
+            device
+        )
 
     # Every token of the batch gets a number g, forest after forest (start[b] + i); number n is
     # padding. Per number: its token, position, segment (numbered across forests: `related` is
@@ -439,20 +473,23 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
     # The model's rows, as token numbers [R, W].
     grid = torch.nn.utils.rnn.pad_sequence(
         [torch.cat([start[b] + piece for b, piece in row]) for row in layout_rows(forests)],
-        batch_first=True, padding_value=n)
+        batch_first=True,
+        padding_value=n,
+    )
     rows, width = grid.shape
     # Where each token is predicted from, as a flat index into the R * W row positions: the row
     # position of its source *in its own row* (a tree's first token is predicted at its row's copy
     # of the prompt). A prompt token is in several rows; the first one's copy is used.
     r = torch.arange(rows)[:, None].expand_as(grid)
-    at = torch.zeros(rows, n + 1, dtype=torch.long)         # at[r, g]: row position of g in row r
+    at = torch.zeros(rows, n + 1, dtype=torch.long)  # at[r, g]: row position of g in row r
     at[r, grid] = r * width + torch.arange(width)
     predicted_at = at[r, source[grid]]
     predictor = torch.zeros(n + 1, dtype=torch.long)
-    for k in reversed(range(rows)):                         # the first row containing g wins
+    for k in reversed(range(rows)):  # the first row containing g wins
         predictor[grid[k]] = predicted_at[k]
-    numbers = torch.nn.utils.rnn.pad_sequence([torch.arange(len(f)) + g for f, g in zip(forests, start)],
-                                              batch_first=True, padding_value=n)
+    numbers = torch.nn.utils.rnn.pad_sequence(
+        [torch.arange(len(f)) + g for f, g in zip(forests, start)], batch_first=True, padding_value=n
+    )
 
     return PackedBatch(
         input_ids=padded("input_ids", pad_token_id),
@@ -466,7 +503,9 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
         predictor=predictor[numbers].to(device),
         n_tokens=sum(f.n_tokens for f in forests),
         n_sequences=sum(f.n_sequences for f in forests),
-        aggregation=forests[0].aggregation)
+        aggregation=forests[0].aggregation,
+    )
+
 
 # --------------------------------------------------------------------------------------------------
 # The packed forward, loss and update
@@ -492,10 +531,16 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torc
     return token_stats(logits.flatten(0, 1)[batch.predictor], batch.input_ids, temperature)[0]
 
 
-def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: PackedBatch,
-                       clip_low: float = 0.2, clip_high: float = 0.28,
-                       ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                       denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def packed_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    batch: PackedBatch,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """`treerl.policy_loss` on packed forests: the same number, each unique token counted once.
 
     A token stands for all the (leaf, token) pairs of the flat batch that it is made of. Its
@@ -530,9 +575,17 @@ def packed_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: Packed
     return loss, stats
 
 
-def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
-                  cfg: UpdateConfig, pad_token_id: int, temperature: float = 1.0, ref_model=None,
-                  seed: int = 0) -> dict[str, float]:
+def update_packed(
+    model,
+    optimizer,
+    scheduler,
+    sequences: Sequence[tree.TrainSequence],
+    cfg: UpdateConfig,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    ref_model=None,
+    seed: int = 0,
+) -> dict[str, float]:
     """`treerl.update` with tree packing: every token of a forest goes through the model once (its
     prompt once per tree), not once per leaf. The sequences find their forest through their
     leaves (`TrainSequence.leaf`).
@@ -548,8 +601,8 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
     """
     model.train()  # old and new log-probs in the same mode, so the ratio starts at 1
     device = next(model.parameters()).device
-    trees: list[PackedForest] = []    # the units of work: a prompt and one tree below it
-    forests: list[list[int]] = []             # per forest, the ids of its trees
+    trees: list[PackedForest] = []  # the units of work: a prompt and one tree below it
+    forests: list[list[int]] = []  # per forest, the ids of its trees
     for forest in pack_trees(sequences, cfg.aggregation):
         forests.append(list(range(len(trees), len(trees) + len(forest))))
         trees += forest
@@ -574,7 +627,7 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
         for ids in micro_batches(range(len(trees))):
             logp = packed_logprobs(m, collate(ids), temperature)
             for row, i in enumerate(ids):
-                out[i] = logp[row, :len(trees[i])]
+                out[i] = logp[row, : len(trees[i])]
         return out
 
     def padded(per_tree, ids):  # per-tree log-probs laid out like collate(ids)
@@ -603,8 +656,15 @@ def update_packed(model, optimizer, scheduler, sequences: Sequence[tree.TrainSeq
                 b = collate(ids)
                 logp = packed_logprobs(model, b, temperature)
                 loss, stats = packed_policy_loss(
-                    logp, logp.detach() if old_logp is None else padded(old_logp, ids), b, cfg.clip_low, cfg.clip_high,
-                    None if ref_logp is None else padded(ref_logp, ids), cfg.kl_coef, denominator)
+                    logp,
+                    logp.detach() if old_logp is None else padded(old_logp, ids),
+                    b,
+                    cfg.clip_low,
+                    cfg.clip_high,
+                    None if ref_logp is None else padded(ref_logp, ids),
+                    cfg.kl_coef,
+                    denominator,
+                )
                 loss.backward()
                 tally_micro_batch(sums, loss, stats, b.n_tokens / max(tokens, 1))
             step_and_tally(model, optimizer, scheduler, cfg, sums, totals)

@@ -32,14 +32,18 @@ from tasks import Task, TaskConfig, build_task
 class PolicyConfig:
     """The model trained, and the supervised warm start of the tiny one."""
 
-    model: str = field(default="", metadata={"help": "hub id or local path of a causal LM; empty: build the tiny CPU model in code"})
+    model: str = field(
+        default="", metadata={"help": "hub id or local path of a causal LM; empty: build the tiny CPU model in code"}
+    )
     hidden_size: int = field(default=128, metadata={"help": "tiny model: hidden size"})
     num_layers: int = field(default=4, metadata={"help": "tiny model: decoder layers"})
     num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads"})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the update"})
-    warmup_steps: int = field(default=600, metadata={"help": "supervised steps on worked solutions before RL (0: none)"})
+    warmup_steps: int = field(
+        default=600, metadata={"help": "supervised steps on worked solutions before RL (0: none)"}
+    )
     warmup_batch_size: int = field(default=48, metadata={"help": "examples per supervised step"})
     warmup_lr: float = field(default=2e-3, metadata={"help": "learning rate of the supervised stage"})
 
@@ -76,8 +80,7 @@ def build_char_tokenizer():
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()  # join characters back without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def build_tiny_model(cfg: PolicyConfig, tokenizer, seed: int = 0):
@@ -91,11 +94,18 @@ def build_tiny_model(cfg: PolicyConfig, tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=3 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=3 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -151,11 +161,16 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
     """Next-token cross-entropy on prompt + solution + EOS, the loss on the solution tokens only."""
     examples = [e for e in task.train if e.solution]
     if not examples:
-        raise ValueError(f"--warmup_steps {cfg.warmup_steps}: task {task.name!r} has no worked solutions; use --warmup_steps 0")
+        raise ValueError(
+            f"--warmup_steps {cfg.warmup_steps}: task {task.name!r} has no worked solutions; use --warmup_steps 0"
+        )
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+
     # Linear warm-up over the first 10% and cosine decay: stable and fast for a small model.
-    schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps // 10, 1)) * 0.5 * (1 + math.cos(math.pi * s / cfg.warmup_steps))  # noqa: E731
+    def schedule(s: int) -> float:
+        return min(1.0, (s + 1) / max(cfg.warmup_steps // 10, 1)) * 0.5 * (1 + math.cos(math.pi * s / cfg.warmup_steps))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     progress = progress_bar(range(cfg.warmup_steps), desc="warm start (supervised)")
@@ -163,10 +178,10 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
         batch = [rng.choice(examples) for _ in range(cfg.warmup_batch_size)]
         prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
         solutions = [task.teacher(e, rng) if task.teacher else e.solution for e in batch]
-        answers = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for s in solutions]
-        sequences = [tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None)
-                     for p, a in zip(prompts, answers)]
+        answers = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for s in solutions]
+        sequences = [
+            tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None) for p, a in zip(prompts, answers)
+        ]
         b = treerl.collate(sequences, tokenizer.pad_token_id, device)
         logp = treerl.sequence_logprobs(model, b)
         loss = -(logp * b.mask).sum() / b.mask.sum()
@@ -180,13 +195,26 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
 
 # The settings a cached warm start depends on (the held-out set, excluded from its data, is drawn
 # from data_seed and eval_size).
-WARM_START_FIELDS = ("seed", "data_seed", "hidden_size", "num_layers", "num_heads", "dtype", "arith_operands",
-                     "arith_digits", "eval_size", "warmup_steps", "warmup_batch_size", "warmup_lr",
-                     "warmup_slip_rate")
+WARM_START_FIELDS = (
+    "seed",
+    "data_seed",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "dtype",
+    "arith_operands",
+    "arith_digits",
+    "eval_size",
+    "warmup_steps",
+    "warmup_batch_size",
+    "warmup_lr",
+    "warmup_slip_rate",
+)
 
 
-def warm_started_policy(cfg: PolicyConfig, task_cfg: TaskConfig, seed: int, warm_dir: Path, device,
-                        train_size: int | None = None):
+def warm_started_policy(
+    cfg: PolicyConfig, task_cfg: TaskConfig, seed: int, warm_dir: Path, device, train_size: int | None = None
+):
     """The tiny model and character tokenizer after the supervised warm start, and the task.
 
     The warm start runs once and is saved in `warm_dir` (save_pretrained, with its settings in

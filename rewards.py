@@ -317,6 +317,7 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
         return exact
     return bool(verify(parsed_gold, parsed_answer, timeout_seconds=seconds))
 
+
 # =====================================================================================================
 # 3. The rewards
 # =====================================================================================================
@@ -332,9 +333,7 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
     return sandbox.MathVerifierPool(__file__, "_math_equal", workers)
 
 
-def math_rewards(
-    responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT
-) -> list[float]:
+def math_rewards(responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT) -> list[float]:
     """Score many responses at once: 1.0 where the extracted answer is equivalent to the gold, else 0.0.
 
     The checks run in parallel on the pool's 2 workers; each has a hard wall-clock limit of `timeout`

@@ -239,8 +239,15 @@ class MathVerifierPool:
                         job = pending.pop()
                         answer, gold = pairs[job]
                         try:
-                            worker.send({"id": job, "answer": answer, "gold": gold, "seconds": inner_seconds,
-                                         "cpu_seconds": math.ceil(timeout) + 1})
+                            worker.send(
+                                {
+                                    "id": job,
+                                    "answer": answer,
+                                    "gold": gold,
+                                    "seconds": inner_seconds,
+                                    "cpu_seconds": math.ceil(timeout) + 1,
+                                }
+                            )
                         except OSError:  # it died while idle: put the job back, restart the worker
                             pending.append(job)
                             self._replace(slot)
@@ -270,8 +277,10 @@ class MathVerifierPool:
             messages = worker.read_lines()
             if messages is None:  # the worker died (e.g. killed by the kernel): the check scores 0.0
                 if not worker.ready:
-                    raise RuntimeError("a math verifier worker exited during start-up (try "
-                                       f"`{sys.executable} -c 'import math_verify'`)")
+                    raise RuntimeError(
+                        "a math verifier worker exited during start-up (try "
+                        f"`{sys.executable} -c 'import math_verify'`)"
+                    )
                 worker.job = None
                 self._replace(slot)
                 continue
@@ -465,7 +474,7 @@ def _decode_value(data):
     if type(data) is list:
         return [_decode_value(item) for item in data]
     if type(data) is dict and len(data) == 1:
-        (tag, payload), = data.items()
+        ((tag, payload),) = data.items()
         if tag == "tuple":
             return tuple(_decode_value(item) for item in payload)
         if tag == "set":
@@ -742,8 +751,10 @@ def _bwrap_usable() -> bool:
                     )
                 usable = probe.returncode == 0
                 if not usable:
-                    logger.warning("bwrap is installed but cannot start a sandbox here: %s",
-                                   probe.stderr.decode(errors="replace").strip()[:300])
+                    logger.warning(
+                        "bwrap is installed but cannot start a sandbox here: %s",
+                        probe.stderr.decode(errors="replace").strip()[:300],
+                    )
             _SANDBOX_CACHE["bwrap"] = usable
         return bool(_SANDBOX_CACHE["bwrap"])
 
@@ -758,7 +769,7 @@ def _announce(mode: str, message: str) -> None:
 
 
 def _resolve_mode(sandbox: str) -> str:
-    """"auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit"."""
+    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit"."""
     if sandbox == "auto":
         sandbox = os.environ.get("TREERL_SANDBOX", "auto") or "auto"
     if sandbox not in ("auto", "bwrap", "rlimit"):
@@ -768,10 +779,18 @@ def _resolve_mode(sandbox: str) -> str:
         return "bwrap"
     if sandbox == "bwrap":
         raise RuntimeError("sandbox='bwrap' was requested but bubblewrap is not installed or not usable")
-    _announce("rlimit", "code sandbox: rlimit fallback (" + ("requested" if sandbox == "rlimit" else
-                        "no usable bubblewrap") + "): resource limits, own process "
-                        "group" + (", private uid and network namespace" if os.geteuid() == 0 else
-                                   "; not root, so no private uid: install bubblewrap for real isolation"))
+    _announce(
+        "rlimit",
+        "code sandbox: rlimit fallback ("
+        + ("requested" if sandbox == "rlimit" else "no usable bubblewrap")
+        + "): resource limits, own process "
+        "group"
+        + (
+            ", private uid and network namespace"
+            if os.geteuid() == 0
+            else "; not root, so no private uid: install bubblewrap for real isolation"
+        ),
+    )
     return "rlimit"
 
 
@@ -820,17 +839,25 @@ def _interpreter_for(uid: int | None) -> str | None:
                 if not os.path.exists(candidate):
                     continue
                 try:
-                    probe = subprocess.run([candidate, "-I", "-c", "import json, heapq, collections"],
-                                           user=uid, group=uid, extra_groups=[], cwd="/",
-                                           capture_output=True, timeout=60)
+                    probe = subprocess.run(
+                        [candidate, "-I", "-c", "import json, heapq, collections"],
+                        user=uid,
+                        group=uid,
+                        extra_groups=[],
+                        cwd="/",
+                        capture_output=True,
+                        timeout=60,
+                    )
                 except (OSError, subprocess.SubprocessError):  # e.g. not executable by that uid
                     continue
                 if probe.returncode == 0:
                     chosen = candidate
                     break
             if chosen is None:
-                logger.warning("no Python interpreter is usable by an unprivileged uid; the rlimit "
-                               "sandbox will run programs as root (install bubblewrap)")
+                logger.warning(
+                    "no Python interpreter is usable by an unprivileged uid; the rlimit "
+                    "sandbox will run programs as root (install bubblewrap)"
+                )
             _SANDBOX_CACHE["interpreter"] = chosen
         return _SANDBOX_CACHE["interpreter"]
 
@@ -841,8 +868,18 @@ def _bwrap_command(python: str, box: str, tmp: str | None) -> list[str]:
     --unshare-all would also create a user namespace, in which the harness could not switch to its
     private uid; so the namespaces are listed one by one: IPC, PID, network, UTS, cgroup.
     """
-    command = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    command = [
+        "bwrap",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+    ]
     if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     bound: list[str] = []
@@ -874,9 +911,24 @@ def _bwrap_command(python: str, box: str, tmp: str | None) -> list[str]:
     command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox"]
     if tmp is not None:
         command += ["--bind", tmp, "/tmp"]
-    command += ["--chdir", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
-                "--setenv", "HOME", "/sandbox", "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
-                python]
+    command += [
+        "--chdir",
+        "/",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        "/sandbox",
+        "--setenv",
+        "TMPDIR",
+        "/tmp",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        python,
+    ]
     return command
 
 
@@ -924,13 +976,19 @@ def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
     return run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _harness_source() -> str:
-    return _source_of(_encode_value, _decode_value, _sandbox_unshare_network, _sandbox_serve_calls,
-                      _sandbox_main, entry="_sandbox_main")
+    return _source_of(
+        _encode_value,
+        _decode_value,
+        _sandbox_unshare_network,
+        _sandbox_serve_calls,
+        _sandbox_main,
+        entry="_sandbox_main",
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _judge_source() -> str:
     return _source_of(_encode_value, _decode_value, _judge_main, entry="_judge_main")
 
@@ -954,19 +1012,31 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
         del rlimits["RLIMIT_NPROC"]  # root without a private uid: the kernel ignores it anyway
     elif run.uid is None:  # it counts every process of our user, so leave room for those
         rlimits["RLIMIT_NPROC"] += _process_count_of(os.getuid())
-    config = {"mode": kind, "rlimits": rlimits, "uid": run.uid, "program": "solution.py",
-              "cwd": "/sandbox" if run.mode == "bwrap" else run.box,
-              "unshare_net": run.mode == "rlimit" and os.geteuid() == 0}
+    config = {
+        "mode": kind,
+        "rlimits": rlimits,
+        "uid": run.uid,
+        "program": "solution.py",
+        "cwd": "/sandbox" if run.mode == "bwrap" else run.box,
+        "unshare_net": run.mode == "rlimit" and os.geteuid() == 0,
+    }
     tail = ["-I", "-c", _harness_source(), json.dumps(config)]
     if run.mode == "bwrap":
         command = _bwrap_command(_base_interpreter(), run.box, os.path.join(run.workdir, "tmp")) + tail
         env = {}
     else:
         command = [_interpreter_for(run.uid)] + tail
-        env = {"PATH": "/usr/bin:/bin", "HOME": run.box, "TMPDIR": os.path.join(run.workdir, "tmp"),
-               "LANG": "C.UTF-8"}
-    process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, cwd=run.workdir,
-                               env=env, process_group=0, close_fds=True)
+        env = {"PATH": "/usr/bin:/bin", "HOME": run.box, "TMPDIR": os.path.join(run.workdir, "tmp"), "LANG": "C.UTF-8"}
+    process = subprocess.Popen(
+        command,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        cwd=run.workdir,
+        env=env,
+        process_group=0,
+        close_fds=True,
+    )
     run.processes.append(process)
     return process
 
@@ -1254,8 +1324,11 @@ def _run_call_tests(
         streams.add("err", process.stderr)
         loaded = next_reply(time.monotonic() + limits.timeout)
         if not isinstance(loaded, dict) or not loaded.get("loaded"):
-            failure = (failure_for(loaded) if not isinstance(loaded, dict)
-                       else TestOutcome(False, "runtime_error", f"loading failed: {loaded.get('error', '')}"))
+            failure = (
+                failure_for(loaded)
+                if not isinstance(loaded, dict)
+                else TestOutcome(False, "runtime_error", f"loading failed: {loaded.get('error', '')}")
+            )
             return [failure] * len(tests), run
         for index, test in enumerate(tests):
             deadline = time.monotonic() + limits.timeout
@@ -1292,8 +1365,12 @@ def _run_check_test(program: str, test: dict, mode: str, limits: SandboxLimits) 
         runner = _launch(run, "calls", stdin=to_runner_r, stdout=from_runner_w)
         judge = subprocess.Popen(
             [sys.executable, "-I", "-c", _judge_source(), str(to_runner_w), str(from_runner_r)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            pass_fds=(to_runner_w, from_runner_r), process_group=0, cwd=run.workdir,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(to_runner_w, from_runner_r),
+            process_group=0,
+            cwd=run.workdir,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         run.processes.append(judge)
@@ -1301,8 +1378,12 @@ def _run_check_test(program: str, test: dict, mode: str, limits: SandboxLimits) 
             os.close(fd)
         pipes = []
         deadline = time.monotonic() + limits.timeout
-        job = {"setup": test.get("setup", ""), "check": test["check"], "entry_point": test["entry_point"],
-               "max_line": limits.output_bytes}
+        job = {
+            "setup": test.get("setup", ""),
+            "check": test["check"],
+            "entry_point": test["entry_point"],
+            "max_line": limits.output_bytes,
+        }
         _write_all(judge.stdin, json.dumps(job).encode(), deadline)
         judge.stdin.close()
         streams.add("verdict", judge.stdout)
@@ -1402,5 +1483,11 @@ def run_tests(
         outcomes[index], run = runner(program, tests[index], mode, limits)
         runs.append(run)
     passed = sum(outcome.passed for outcome in outcomes)
-    return TestReport(passed=passed, total=len(tests), outcomes=list(outcomes), sandbox=mode,
-                      uid=runs[-1].uid if runs else None, workdirs=[run.workdir for run in runs])
+    return TestReport(
+        passed=passed,
+        total=len(tests),
+        outcomes=list(outcomes),
+        sandbox=mode,
+        uid=runs[-1].uid if runs else None,
+        workdirs=[run.workdir for run in runs],
+    )

@@ -17,10 +17,10 @@ import gzip
 import json
 import random
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -32,15 +32,27 @@ class TaskConfig:
     """What the policy learns and is scored on."""
 
     task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
-    data: str = field(default="", metadata={"help": "math/code: training JSONL file (or hub dataset id with `datasets` installed)"})
-    eval_data: str = field(default="", metadata={"help": "math/code: held-out JSONL file (default: the last eval_size rows of --data)"})
+    data: str = field(
+        default="", metadata={"help": "math/code: training JSONL file (or hub dataset id with `datasets` installed)"}
+    )
+    eval_data: str = field(
+        default="", metadata={"help": "math/code: held-out JSONL file (default: the last eval_size rows of --data)"}
+    )
     problem_field: str = field(default="problem", metadata={"help": "field holding the question"})
     answer_field: str = field(default="answer", metadata={"help": "math: field holding the gold answer"})
     tests_field: str = field(default="tests", metadata={"help": "code: field holding the tests"})
-    data_seed: int = field(default=0, metadata={"help": "arith: seed of the problem sets (held-out and training pool), kept fixed across --seed so every seed is scored on the same held-out problems"})
+    data_seed: int = field(
+        default=0,
+        metadata={
+            "help": "arith: seed of the problem sets (held-out and training pool), kept fixed across --seed so every seed is scored on the same held-out problems"
+        },
+    )
     arith_operands: str = field(default="3,4", metadata={"help": "arith: min,max number of operands"})
     arith_digits: int = field(default=1, metadata={"help": "arith: digits per operand"})
-    warmup_slip_rate: float = field(default=0.2, metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"})
+    warmup_slip_rate: float = field(
+        default=0.2,
+        metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"},
+    )
     eval_size: int = field(default=200, metadata={"help": "held-out problems (never used for training)"})
     eval_samples: int = field(default=4, metadata={"help": "sampled responses per held-out problem for avg@k"})
 
@@ -69,8 +81,8 @@ class TaskConfig:
 @dataclass
 class Example:
     prompt: str
-    gold: object                  # the gold answer (math, arith) or the tests (code)
-    solution: str | None = None   # a worked solution, for the warm start
+    gold: object  # the gold answer (math, arith) or the tests (code)
+    solution: str | None = None  # a worked solution, for the warm start
 
 
 @dataclass
@@ -78,7 +90,7 @@ class Task:
     name: str
     train: list[Example]
     eval: list[Example]
-    score: Callable[[list[str], list], list[float]]   # batch verifier: responses, golds -> rewards
+    score: Callable[[list[str], list], list[float]]  # batch verifier: responses, golds -> rewards
     answer_markers: tuple[str, ...]
     # Worked solution for the warm start, drawn afresh each time (a noisy teacher); None: e.solution.
     teacher: Callable[[Example, random.Random], str] | None = None
@@ -99,23 +111,32 @@ def build_task(cfg: TaskConfig, tokenizer, train_size: int | None = None) -> Tas
     if cfg.task == "arith":
         return arith_task(cfg, train_size or arith_train_size(600 * 48, 0))
     rows = load_rows(cfg.data)
-    held_out = load_rows(cfg.eval_data) if cfg.eval_data else rows[-cfg.eval_size:]
+    held_out = load_rows(cfg.eval_data) if cfg.eval_data else rows[-cfg.eval_size :]
     if not cfg.eval_data:
-        rows = rows[:-cfg.eval_size]
+        rows = rows[: -cfg.eval_size]
     if cfg.task == "math":
-        make = lambda row: Example(chat_prompt(tokenizer, f"{row[cfg.problem_field]}\n{MATH_INSTRUCTION}"),  # noqa: E731
-                                   str(row[cfg.answer_field]))
+
+        def make(row):
+            return Example(
+                chat_prompt(tokenizer, f"{row[cfg.problem_field]}\n{MATH_INSTRUCTION}"), str(row[cfg.answer_field])
+            )
+
         needed, score, markers = (cfg.problem_field, cfg.answer_field), rewards.math_rewards, ("\\boxed{",)
     else:
-        make = lambda row: Example(chat_prompt(tokenizer, row[cfg.problem_field]), row[cfg.tests_field])  # noqa: E731
+
+        def make(row):
+            return Example(chat_prompt(tokenizer, row[cfg.problem_field]), row[cfg.tests_field])
+
         needed, score, markers = (cfg.problem_field, cfg.tests_field), code_rewards, ()
     source = cfg.eval_data or cfg.data
     for where, part in ((cfg.data, rows), (source, held_out)):
         for line, row in part:
             missing = [k for k in needed if k not in row]
             if missing:
-                raise ValueError(f"{where}:{line}: row has no field {missing[0]!r} "
-                                 f"(rename with --problem_field/--answer_field/--tests_field)")
+                raise ValueError(
+                    f"{where}:{line}: row has no field {missing[0]!r} "
+                    f"(rename with --problem_field/--answer_field/--tests_field)"
+                )
     if not rows:
         raise ValueError(f"{cfg.data}: no training rows left after holding out {cfg.eval_size}")
     return Task(cfg.task, [make(r) for _, r in rows], [make(r) for _, r in held_out], score, markers)
@@ -125,18 +146,22 @@ def arith_task(cfg: TaskConfig, train_size: int) -> Task:
     """The built-in task: multi-step integer arithmetic with a worked chain of steps. The held-out
     set is drawn first and excluded from everything the model trains on."""
     operands = cfg.operand_range()
-    held_out = arith_dataset(cfg.eval_size, seed=10_000 + cfg.data_seed, n_operands=operands,
-                             digits=cfg.arith_digits)
+    held_out = arith_dataset(cfg.eval_size, seed=10_000 + cfg.data_seed, n_operands=operands, digits=cfg.arith_digits)
     exclude = {p.prompt for p in held_out}
-    train = arith_dataset(train_size, seed=cfg.data_seed, n_operands=operands, digits=cfg.arith_digits,
-                          exclude=exclude)
+    train = arith_dataset(train_size, seed=cfg.data_seed, n_operands=operands, digits=cfg.arith_digits, exclude=exclude)
     as_example = lambda p: Example(p.prompt, p.answer, p.solution)  # noqa: E731
     score = lambda responses, golds: [rewards.arith_reward(r, g) for r, g in zip(responses, golds)]  # noqa: E731
     teacher = None
     if cfg.warmup_slip_rate > 0:
         teacher = lambda e, rng: arith_teacher_solution(e.prompt, rng, cfg.warmup_slip_rate)  # noqa: E731
-    return Task("arith", [as_example(p) for p in train], [as_example(p) for p in held_out], score,
-                rewards.ANSWER_MARKERS, teacher)
+    return Task(
+        "arith",
+        [as_example(p) for p in train],
+        [as_example(p) for p in held_out],
+        score,
+        rewards.ANSWER_MARKERS,
+        teacher,
+    )
 
 
 def load_rows(source: str) -> list[tuple[int, dict]]:
@@ -148,7 +173,9 @@ def load_rows(source: str) -> list[tuple[int, dict]]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"{source!r} is not a file, and loading a hub dataset needs `pip install datasets`") from None
+            raise ValueError(
+                f"{source!r} is not a file, and loading a hub dataset needs `pip install datasets`"
+            ) from None
         return [(i + 1, dict(row)) for i, row in enumerate(datasets.load_dataset(source, split="train"))]
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
@@ -169,16 +196,16 @@ def load_rows(source: str) -> list[tuple[int, dict]]:
 def chat_prompt(tokenizer, text: str) -> str:
     """The tokenizer's chat template when it has one, else the plain text."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text + "\n"
 
 
 def code_rewards(responses: list[str], tests: list) -> list[float]:
     """Run every program in the sandbox, two at a time (each run is its own process)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda r, t: rewards.code_reward(rewards.extract_program(r), t),
-                             responses, tests))
+        return list(pool.map(lambda r, t: rewards.code_reward(rewards.extract_program(r), t), responses, tests))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,8 +264,9 @@ def arith_problem(rng: random.Random, n_operands: tuple[int, int] = (3, 4), digi
     return ArithProblem(prompt=f"Compute {expression}.\n", solution=solution, answer=answer)
 
 
-def _worked_solution(operands: list[int], operators: list[str], rng: random.Random | None = None,
-                     slip_rate: float = 0.0) -> tuple[str, int]:
+def _worked_solution(
+    operands: list[int], operators: list[str], rng: random.Random | None = None, slip_rate: float = 0.0
+) -> tuple[str, int]:
     """The chain "a+b=r / r-c=s / Answer: s" and its final value. With `slip_rate` > 0, each step's
     result is off by 1 or 2 with that probability, and the chain carries on from the wrong value."""
     steps, total = [], operands[0]
@@ -324,8 +352,9 @@ def arith_dataset(
 # --------------------------------------------------------------------------------------------------
 
 
-def held_out_answers(backend, tokenizer, task: Task, k: int, max_new_tokens: int, temperature: float,
-                     top_p: float = 1.0) -> tuple[list[str], list[float]]:
+def held_out_answers(
+    backend, tokenizer, task: Task, k: int, max_new_tokens: int, temperature: float, top_p: float = 1.0
+) -> tuple[list[str], list[float]]:
     """k responses to every held-out problem (problem by problem; temperature 0: greedy) and their
     verdicts. A response that never ended scores 0."""
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval]
@@ -335,8 +364,16 @@ def held_out_answers(backend, tokenizer, task: Task, k: int, max_new_tokens: int
     return texts, [v * s.finished for v, s in zip(verdicts, responses)]
 
 
-def evaluate(backend, tokenizer, task: Task, samples: int, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, seed: int = 0) -> dict[str, float]:
+def evaluate(
+    backend,
+    tokenizer,
+    task: Task,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
     """Held-out accuracy: greedy (one response per problem) and avg@k over k = `samples` sampled
     responses at `temperature` (the mean accuracy, the metric RL directly optimises). A response
     that never ended scores 0."""

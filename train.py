@@ -57,17 +57,52 @@ class RunConfig:
     run_name: str = field(default="default", metadata={"help": "results go to <output_dir>/<run_name>/"})
     output_dir: str = field(default="runs", metadata={"help": "parent folder of all runs"})
     seed: int = field(default=0, metadata={"help": "seed of model init, data order and sampling"})
-    backend: str = field(default="hf", metadata={"help": "rollout engine: hf (a KV-cache decode loop over the transformers model) or vllm (colocated vLLM engine, needs `pip install vllm`)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"})
-    vllm_kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"})
-    vllm_entropy_top_k: int = field(default=20, metadata={"help": "vllm: log-probs per position the entropy is estimated from (fork_score entropy only; a lower bound, exact when it covers the vocabulary)"})
-    vllm_sleep: bool = field(default=True, metadata={"help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"})
+    backend: str = field(
+        default="hf",
+        metadata={
+            "help": "rollout engine: hf (a KV-cache decode loop over the transformers model) or vllm (colocated vLLM engine, needs `pip install vllm`)"
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"
+        },
+    )
+    vllm_kv_cache_gb: float = field(
+        default=0.0,
+        metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"},
+    )
+    vllm_entropy_top_k: int = field(
+        default=20,
+        metadata={
+            "help": "vllm: log-probs per position the entropy is estimated from (fork_score entropy only; a lower bound, exact when it covers the vocabulary)"
+        },
+    )
+    vllm_sleep: bool = field(
+        default=True,
+        metadata={
+            "help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"
+        },
+    )
     gen_batch_size: int = field(default=256, metadata={"help": "sequences per generation batch (hf backend)"})
     steps: int = field(default=120, metadata={"help": "RL steps"})
-    max_generated_tokens: int = field(default=0, metadata={"help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"})
+    max_generated_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"
+        },
+    )
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
-    eval_every: int = field(default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"})
-    save_trees: bool = field(default=True, metadata={"help": "at every evaluation, draw the forest of the first held-out problem to <run>/trees/step_XXXX.html (treeview.py)"})
+    eval_every: int = field(
+        default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"}
+    )
+    save_trees: bool = field(
+        default=True,
+        metadata={
+            "help": "at every evaluation, draw the forest of the first held-out problem to <run>/trees/step_XXXX.html (treeview.py)"
+        },
+    )
     save_every: int = field(default=20, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint of this run"})
 
@@ -98,8 +133,11 @@ class Config:
     update: UpdateConfig
 
     def as_dict(self) -> dict:
-        return {key: value for part in (self.run, self.policy, self.task, self.rollout, self.update)
-                for key, value in asdict(part).items()}
+        return {
+            key: value
+            for part in (self.run, self.policy, self.task, self.rollout, self.update)
+            for key, value in asdict(part).items()
+        }
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -114,7 +152,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--config", default="", help="YAML preset (flags after it override it)")
     if known.config:
         parser.set_defaults(**load_preset(known.config))
-    config = Config(*parser.parse_args_into_dataclasses(args=rest)[:len(CONFIG_CLASSES)])
+    config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
     for part in (config.run, config.policy, config.task, config.rollout, config.update):
         part.validate()
     return config
@@ -146,9 +184,15 @@ def make_backend(run: RunConfig, model, tokenizer):
     if run.backend == "vllm":
         from vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, tokenizer.eos_token_id, run.vllm_gpu_memory_utilization,
-                           run.vllm_kv_cache_gb, entropy_top_k=run.vllm_entropy_top_k, sleep=run.vllm_sleep,
-                           seed=run.seed)
+        return VLLMBackend(
+            model,
+            tokenizer.eos_token_id,
+            run.vllm_gpu_memory_utilization,
+            run.vllm_kv_cache_gb,
+            entropy_top_k=run.vllm_entropy_top_k,
+            sleep=run.vllm_sleep,
+            seed=run.seed,
+        )
     from hf_backend import HFBackend
 
     return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
@@ -156,8 +200,16 @@ def make_backend(run: RunConfig, model, tokenizer):
 
 def evaluate(backend, tokenizer, task: tasks.Task, config: Config) -> dict[str, float]:
     """Held-out accuracy, greedy and avg@k at the training temperature (tasks.evaluate)."""
-    return tasks.evaluate(backend, tokenizer, task, config.task.eval_samples, config.rollout.max_new_tokens,
-                          config.rollout.temperature, config.rollout.top_p, seed=config.run.seed)
+    return tasks.evaluate(
+        backend,
+        tokenizer,
+        task,
+        config.task.eval_samples,
+        config.rollout.max_new_tokens,
+        config.rollout.temperature,
+        config.rollout.top_p,
+        seed=config.run.seed,
+    )
 
 
 def save_tree_page(run_dir: Path, step: int, backend, tokenizer, task: tasks.Task, config: Config) -> None:
@@ -177,8 +229,10 @@ def save_tree_page(run_dir: Path, step: int, backend, tokenizer, task: tasks.Tas
 def train(config: Config) -> dict:
     run, pcfg, tcfg, rcfg, ucfg = config.run, config.policy, config.task, config.rollout, config.update
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
-        raise SystemExit("train.py: error: --backend vllm needs vLLM: pip install -r requirements-gpu.txt "
-                         "(GPU) or requirements-cpu-vllm.txt (CPU), see docs/gpu.md")
+        raise SystemExit(
+            "train.py: error: --backend vllm needs vLLM: pip install -r requirements-gpu.txt "
+            "(GPU) or requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
+        )
     started = time.perf_counter()
     run_dir = Path(run.output_dir) / run.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,8 +249,7 @@ def train(config: Config) -> dict:
     if run.resume and checkpoint is None:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
-    train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size,
-                                        run.steps * run.prompts_per_step)
+    train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
     state = {}
     if checkpoint is None and not pcfg.model:
         model, tokenizer, task = policy.warm_started_policy(pcfg, tcfg, run.seed, warm_dir, device, train_size)
@@ -206,8 +259,11 @@ def train(config: Config) -> dict:
             state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         model, tokenizer = policy.load_policy(str(checkpoint or pcfg.model), pcfg, device)
         task = tasks.build_task(tcfg, tokenizer, train_size)
-    print(f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; "
-          f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+    print(
+        f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; "
+        f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
+        flush=True,
+    )
 
     backend = make_backend(run, model, tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -237,19 +293,27 @@ def train(config: Config) -> dict:
     else:
         before = evaluate(backend, tokenizer, task, config)
         save_tree_page(run_dir, 0, backend, tokenizer, task, config)
-        print(f"held-out accuracy before RL: greedy {before['greedy']:.1%}, "
-              f"avg@{tcfg.eval_samples} {before['sampled']:.1%}", flush=True)
+        print(
+            f"held-out accuracy before RL: greedy {before['greedy']:.1%}, "
+            f"avg@{tcfg.eval_samples} {before['sampled']:.1%}",
+            flush=True,
+        )
         start_step, generated, elapsed_before = 0, 0, 0.0
-        metrics_path.write_text(json.dumps({"step": 0, "eval_greedy": before["greedy"],
-                                            "eval_sampled": before["sampled"], "generated_tokens": 0}) + "\n")
+        metrics_path.write_text(
+            json.dumps(
+                {"step": 0, "eval_greedy": before["greedy"], "eval_sampled": before["sampled"], "generated_tokens": 0}
+            )
+            + "\n"
+        )
     resumed_at = time.perf_counter()
 
     # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
     update = packing.update_packed if ucfg.pack_tree else treerl.update
     budget_spent = run.max_generated_tokens and generated >= run.max_generated_tokens
     last_step = start_step if budget_spent else run.steps
-    progress = policy.progress_bar(range(start_step + 1, last_step + 1), desc=f"RL ({rcfg.algo})",
-                            initial=start_step, total=run.steps)
+    progress = policy.progress_bar(
+        range(start_step + 1, last_step + 1), desc=f"RL ({rcfg.algo})", initial=start_step, total=run.steps
+    )
     after = before
     for step in progress:
         # Each step's prompts and sampling noise depend only on (seed, step): resume-safe.
@@ -258,25 +322,47 @@ def train(config: Config) -> dict:
         examples = [task.train[i] for i in picked]
         prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
         gpu_peak = policy.GpuPeak(device)
-        result = treerl.rollout(backend, prompts, [e.gold for e in examples], task.score, decode,
-                                rcfg, seed=run.seed * 1_000_003 + step, answer_start=answer_start)
+        result = treerl.rollout(
+            backend,
+            prompts,
+            [e.gold for e in examples],
+            task.score,
+            decode,
+            rcfg,
+            seed=run.seed * 1_000_003 + step,
+            answer_start=answer_start,
+        )
         rollout_peak = gpu_peak.read()
         t0 = time.perf_counter()
         stats = {}
         if hasattr(backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
             backend.sleep()
         if result.sequences:
-            stats = update(model, optimizer, scheduler, result.sequences, ucfg,
-                           tokenizer.pad_token_id, ucfg.train_temperature or rcfg.temperature, ref_model,
-                           seed=step)
+            stats = update(
+                model,
+                optimizer,
+                scheduler,
+                result.sequences,
+                ucfg,
+                tokenizer.pad_token_id,
+                ucfg.train_temperature or rcfg.temperature,
+                ref_model,
+                seed=step,
+            )
         t1 = time.perf_counter()
         update_peak = gpu_peak.read()
         backend.sync(model)
         generated += result.stats["generated_tokens"]
         last = step == run.steps or (run.max_generated_tokens and generated >= run.max_generated_tokens)
-        row = {"step": step, **result.stats, **stats, "sequences": len(result.sequences),
-               "time_update": t1 - t0, "time_sync": time.perf_counter() - t1,
-               "generated_tokens_total": generated}
+        row = {
+            "step": step,
+            **result.stats,
+            **stats,
+            "sequences": len(result.sequences),
+            "time_update": t1 - t0,
+            "time_sync": time.perf_counter() - t1,
+            "generated_tokens_total": generated,
+        }
         if device.type == "cuda":
             row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
         if (run.eval_every and step % run.eval_every == 0) or last:
@@ -287,19 +373,32 @@ def train(config: Config) -> dict:
             f.write(json.dumps(row) + "\n")
         progress.set_postfix(reward=f"{result.stats['reward']:.2f}", eval=f"{after['sampled']:.2f}", refresh=False)
         if (run.save_every and step % run.save_every == 0) or last:
-            save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, {
-                "accuracy_before": before, "generated_tokens": generated,
-                "wall_seconds": elapsed_before + time.perf_counter() - resumed_at})
+            save_checkpoint(
+                run_dir,
+                step,
+                model,
+                tokenizer,
+                optimizer,
+                scheduler,
+                {
+                    "accuracy_before": before,
+                    "generated_tokens": generated,
+                    "wall_seconds": elapsed_before + time.perf_counter() - resumed_at,
+                },
+            )
         if last:
             break
     progress.close()
 
     wall = elapsed_before + (time.perf_counter() - (resumed_at if checkpoint is not None else started))
     summary = {
-        "accuracy_before": before["sampled"], "accuracy_after": after["sampled"],
-        "greedy_accuracy_before": before["greedy"], "greedy_accuracy_after": after["greedy"],
+        "accuracy_before": before["sampled"],
+        "accuracy_after": after["sampled"],
+        "greedy_accuracy_before": before["greedy"],
+        "greedy_accuracy_after": after["greedy"],
         "accuracy_metric": f"held-out avg@{tcfg.eval_samples} at temperature {rcfg.temperature}",
-        "generated_tokens": generated, "wall_seconds": wall,
+        "generated_tokens": generated,
+        "wall_seconds": wall,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": config.as_dict(),
     }
@@ -307,9 +406,12 @@ def train(config: Config) -> dict:
     if hasattr(backend, "close"):  # vLLM: shut the engine down and free its memory
         backend.close()
     plot_metrics(metrics_path, run_dir / "metrics.png", title=f"{rcfg.algo} - {run.run_name}")
-    print(f"held-out accuracy (avg@{tcfg.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
-          f"greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}; {wall:.0f} s; "
-          f"peak memory {summary['peak_memory_mb']:.0f} MB; results in {run_dir}", flush=True)
+    print(
+        f"held-out accuracy (avg@{tcfg.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
+        f"greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}; {wall:.0f} s; "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB; results in {run_dir}",
+        flush=True,
+    )
     return summary
 
 
@@ -326,12 +428,20 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({
-        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        **extra,
-    }, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            **extra,
+        },
+        tmp / "trainer_state.pt",
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted((run_dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
@@ -346,19 +456,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def plot_metrics(metrics_path: Path, out: Path, title: str = "") -> None:
     """Training curves: leaf reward, held-out accuracy, policy entropy and response length."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    panels = [("reward", "mean leaf reward"), (("eval_sampled", "eval_greedy"), "held-out accuracy"),
-              ("entropy", "mean token entropy"), ("response_length", "response length (tokens)")]
+    panels = [
+        ("reward", "mean leaf reward"),
+        (("eval_sampled", "eval_greedy"), "held-out accuracy"),
+        ("entropy", "mean token entropy"),
+        ("response_length", "response length (tokens)"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, (keys, label) in zip(axes, panels):
-        for key in (keys if isinstance(keys, tuple) else (keys,)):
+        for key in keys if isinstance(keys, tuple) else (keys,):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, ms=3,
-                        label=key.replace("eval_", ""))
+                ax.plot(
+                    *zip(*points), marker="o" if key.startswith("eval") else None, ms=3, label=key.replace("eval_", "")
+                )
         ax.set_title(label)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)

@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 # --------------------------------------------------------------------------------------------------
 # The tree
@@ -92,8 +92,13 @@ class Node:
                 f"tokens, {len(self.logprobs)} log-probs, {len(self.scores)} scores"
             )
 
-    def add(self, tokens: Sequence[int], logprobs: Sequence[float] = (),
-            scores: Sequence[float] = (), finished: bool = False) -> Node:
+    def add(
+        self,
+        tokens: Sequence[int],
+        logprobs: Sequence[float] = (),
+        scores: Sequence[float] = (),
+        finished: bool = False,
+    ) -> Node:
         """Append a child segment and return it."""
         child = Node(list(tokens), list(logprobs), list(scores), parent=self, finished=finished)
         self.children.append(child)
@@ -104,8 +109,9 @@ class Node:
         new child, and return that child. New branches from the same prefix become its siblings."""
         if not 0 < i < len(self.tokens):
             raise ValueError(f"can only split strictly inside a segment of {len(self.tokens)} tokens, got {i}")
-        tail = Node(self.tokens[i:], self.logprobs[i:], self.scores[i:], parent=self,
-                    reward=self.reward, finished=self.finished)
+        tail = Node(
+            self.tokens[i:], self.logprobs[i:], self.scores[i:], parent=self, reward=self.reward, finished=self.finished
+        )
         tail.children = self.children
         for child in tail.children:
             child.parent = tail
@@ -201,8 +207,13 @@ class Fork:
     index: int
 
 
-def fork_candidates(top: Node, skip_last: int = 4, answer_start: AnswerStartFn | None = None,
-                    exclusions: str = "default", stop_word_at: AnswerStartFn | None = None) -> list[Fork]:
+def fork_candidates(
+    top: Node,
+    skip_last: int = 4,
+    answer_start: AnswerStartFn | None = None,
+    exclusions: str = "default",
+    stop_word_at: AnswerStartFn | None = None,
+) -> list[Fork]:
     """All tokens of one tree where a fork is allowed.
 
     Always excluded: the first token of every segment (it was just re-sampled, or it is a place
@@ -217,9 +228,11 @@ def fork_candidates(top: Node, skip_last: int = 4, answer_start: AnswerStartFn |
     if exclusions not in FORK_EXCLUSIONS:
         raise ValueError(f"exclusions must be one of {FORK_EXCLUSIONS}, got {exclusions!r}")
     if exclusions == "release":
+
         def eligible(node: Node) -> range:
             stop = stop_word_at(node.tokens) if stop_word_at is not None else None
             return range(1, len(node.tokens) if stop is None else min(stop + 1, len(node.tokens)))
+
         return [Fork(n, i) for n in walk(top) for i in eligible(n)]
     blocked: set[tuple[int, int]] = set()  # (id(node), index) of excluded tokens
     for leaf in leaves(top):
@@ -235,13 +248,19 @@ def fork_candidates(top: Node, skip_last: int = 4, answer_start: AnswerStartFn |
         for s in segments:
             blocked.update((id(s), i) for i in range(max(cut - offset, 0), len(s.tokens)))
             offset += len(s.tokens)
-    return [Fork(n, i) for n in walk(top) for i in range(1, len(n.tokens))
-            if (id(n), i) not in blocked]
+    return [Fork(n, i) for n in walk(top) for i in range(1, len(n.tokens)) if (id(n), i) not in blocked]
 
 
-def select_forks(top: Node, n: int, fork_score: str, rng: random.Random, skip_last: int = 4,
-                 answer_start: AnswerStartFn | None = None, exclusions: str = "default",
-                 stop_word_at: AnswerStartFn | None = None) -> list[Fork]:
+def select_forks(
+    top: Node,
+    n: int,
+    fork_score: str,
+    rng: random.Random,
+    skip_last: int = 4,
+    answer_start: AnswerStartFn | None = None,
+    exclusions: str = "default",
+    stop_word_at: AnswerStartFn | None = None,
+) -> list[Fork]:
     """The (at most) n eligible tokens of one tree with the highest fork score.
 
     nll:     -log pi(y_t | x, y_<t) of the sampled token (Algorithm 1's H(y_t); the release's);
@@ -269,10 +288,20 @@ def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
     return parent.add(sample.tokens, sample.logprobs, sample.scores, finished=sample.finished)
 
 
-def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: int, T: int,
-           fork_score: str = "nll", skip_last: int = 4,
-           answer_start: AnswerStartFn | None = None, seed: int = 0,
-           max_response_tokens: int | None = None, **options) -> Node:
+def eptree(
+    prompt_ids: Sequence[int],
+    sample_fn: SampleFn,
+    M: int,
+    N: int,
+    L: int,
+    T: int,
+    fork_score: str = "nll",
+    skip_last: int = 4,
+    answer_start: AnswerStartFn | None = None,
+    seed: int = 0,
+    max_response_tokens: int | None = None,
+    **options,
+) -> Node:
     """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
 
     M chains first, then L rounds of N forks per tree with T continuations per fork. Each round sends
@@ -281,16 +310,27 @@ def eptree(prompt_ids: Sequence[int], sample_fn: SampleFn, M: int, N: int, L: in
     `max_response_tokens` caps every complete response, including the part before a fork.
     `options` as for eptree_batch.
     """
-    return eptree_batch([prompt_ids], sample_fn, M, N, L, T, fork_score, skip_last,
-                        answer_start, seed, max_response_tokens, **options)[0]
+    return eptree_batch(
+        [prompt_ids], sample_fn, M, N, L, T, fork_score, skip_last, answer_start, seed, max_response_tokens, **options
+    )[0]
 
 
-def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, N: int, L: int,
-                 T: int, fork_score: str = "nll", skip_last: int = 4,
-                 answer_start: AnswerStartFn | None = None, seed: int = 0,
-                 max_response_tokens: int | None = None, exclusions: str = "default",
-                 stop_word_at: AnswerStartFn | None = None,
-                 full_length_branches: bool = False) -> list[Node]:
+def eptree_batch(
+    prompts: Sequence[Sequence[int]],
+    sample_fn: SampleFn,
+    M: int,
+    N: int,
+    L: int,
+    T: int,
+    fork_score: str = "nll",
+    skip_last: int = 4,
+    answer_start: AnswerStartFn | None = None,
+    seed: int = 0,
+    max_response_tokens: int | None = None,
+    exclusions: str = "default",
+    stop_word_at: AnswerStartFn | None = None,
+    full_length_branches: bool = False,
+) -> list[Node]:
     """EPTree for many prompts at once: the same search as `eptree`, one forest per prompt, but
     each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
     stays busy (one call for the chains, then one call per round).
@@ -317,9 +357,12 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
     # Step 2: L rounds; in each, the top-N tokens of every tree (chosen on the tree as it stands at
     # the start of the round) are forked T times.
     for _ in range(L):
-        forks = [fork for root in roots for top in trees(root)
-                 for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start, exclusions,
-                                          stop_word_at)]
+        forks = [
+            fork
+            for root in roots
+            for top in trees(root)
+            for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start, exclusions, stop_word_at)
+        ]
         if not forks:
             break
         # The prefix ends strictly before the forked token, which the sampler draws again.
@@ -330,8 +373,10 @@ def eptree_batch(prompts: Sequence[Sequence[int]], sample_fn: SampleFn, M: int, 
         if max_response_tokens is not None and full_length_branches:
             budgets = [max_response_tokens] * len(forks)
         elif max_response_tokens is not None:
-            budgets = [max_response_tokens - (len(prefix) - len(ancestors(f.node)[0].tokens))
-                       for f, prefix in zip(forks, prefixes)]
+            budgets = [
+                max_response_tokens - (len(prefix) - len(ancestors(f.node)[0].tokens))
+                for f, prefix in zip(forks, prefixes)
+            ]
         continuations = sample_fn(prefixes, T, budgets)
         # Split each segment at its fork points from the last to the first, so earlier indices
         # stay valid; the branches forked at index i become siblings of the tail split off there.
@@ -385,10 +430,15 @@ def values(root: Node, leave_one_out: bool = False) -> dict[Node, float]:
 REWEIGHTS = ("sqrt", "none", "release")
 
 
-def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
-                    use_local: bool = True, leave_one_out: bool = False,
-                    selected: Sequence[Node] | None = None,
-                    fill_in_paths: bool = False) -> dict[Node, float]:
+def process_rewards(
+    root: Node,
+    reweight: str = "sqrt",
+    use_global: bool = True,
+    use_local: bool = True,
+    leave_one_out: bool = False,
+    selected: Sequence[Node] | None = None,
+    fill_in_paths: bool = False,
+) -> dict[Node, float]:
     """R(s) for every non-root node: GA + LA (Eqs. 2-4), over sqrt(|L(s)|) when reweight="sqrt".
 
     `use_global` / `use_local` switch the two terms off one at a time, for the paper's ablations.
@@ -415,12 +465,12 @@ def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
     for node in walk(root):  # parents before children
         if node is root:
             continue
-        global_advantage = v[node] - v[root]          # Eq. 2
-        local_advantage = v[node] - v[node.parent]    # Eq. 3
+        global_advantage = v[node] - v[root]  # Eq. 2
+        local_advantage = v[node] - v[node.parent]  # Eq. 3
         if fill_in_paths and abs(local_advantage) < 1e-8 and node.parent is not root:
             local_advantage = local[node.parent]
         local[node] = local_advantage
-        r = use_global * global_advantage + use_local * local_advantage   # Eq. 4
+        r = use_global * global_advantage + use_local * local_advantage  # Eq. 4
         if reweight == "sqrt":
             r /= math.sqrt(counts[node])
         elif reweight == "release" and not kept[node]:
@@ -432,8 +482,9 @@ def process_rewards(root: Node, reweight: str = "sqrt", use_global: bool = True,
 ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo")
 
 
-def outcome_advantages(rewards: Sequence[float], kind: str = "grpo", eps: float = 1e-6,
-                       clamp: bool = False) -> list[float]:
+def outcome_advantages(
+    rewards: Sequence[float], kind: str = "grpo", eps: float = 1e-6, clamp: bool = False
+) -> list[float]:
     """ChainRL's outcome advantages for one group of responses to the same prompt.
 
     grpo:   (r - mean) / (std + eps)           (Shao et al., 2024; the sample std, n - 1, as in
@@ -483,9 +534,9 @@ class TrainSequence:
 
     prompt_ids: list[int]
     response_ids: list[int]
-    logprobs: list[float]      # the sampler's log-probs of the response tokens
-    advantages: list[float]    # one per response token
-    reward: float              # the leaf's outcome reward
+    logprobs: list[float]  # the sampler's log-probs of the response tokens
+    advantages: list[float]  # one per response token
+    reward: float  # the leaf's outcome reward
     finished: bool
     leaf: Node = field(repr=False)
 
@@ -506,9 +557,14 @@ def pick_leaves(root: Node, keep: int | None = None, rng: random.Random | None =
     return chosen
 
 
-def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = None,
-                 rng: random.Random | None = None, truncated_penalty: float | None = None,
-                 chosen: Sequence[Node] | None = None) -> list[TrainSequence]:
+def to_sequences(
+    root: Node,
+    advantages: dict[Node, float],
+    keep: int | None = None,
+    rng: random.Random | None = None,
+    truncated_penalty: float | None = None,
+    chosen: Sequence[Node] | None = None,
+) -> list[TrainSequence]:
     """Flatten a forest into one training sequence per leaf.
 
     `advantages` maps every non-root segment to the advantage of its tokens (process_rewards or
@@ -525,13 +581,15 @@ def to_sequences(root: Node, advantages: dict[Node, float], keep: int | None = N
             token_advantages = [truncated_penalty] * sum(len(s.tokens) for s in segments)
         else:
             token_advantages = [advantages[s] for s in segments for _ in s.tokens]
-        sequences.append(TrainSequence(
-            prompt_ids=list(root.tokens),
-            response_ids=[t for s in segments for t in s.tokens],
-            logprobs=[lp for s in segments for lp in s.logprobs],
-            advantages=token_advantages,
-            reward=float(leaf.reward if leaf.reward is not None else 0.0),
-            finished=leaf.finished,
-            leaf=leaf,
-        ))
+        sequences.append(
+            TrainSequence(
+                prompt_ids=list(root.tokens),
+                response_ids=[t for s in segments for t in s.tokens],
+                logprobs=[lp for s in segments for lp in s.logprobs],
+                advantages=token_advantages,
+                reward=float(leaf.reward if leaf.reward is not None else 0.0),
+                finished=leaf.finished,
+                leaf=leaf,
+            )
+        )
     return sequences

@@ -27,8 +27,9 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,14 @@ class Backend(Protocol):
     `close()`, to shut it down at the end of a run (VLLMBackend has both).
     """
 
-    def sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int | Sequence[int],
-               temperature: float = 1.0, top_p: float = 1.0) -> list[list[Sample]]:
+    def sample(
+        self,
+        prefixes: list[list[int]],
+        n: int,
+        max_new_tokens: int | Sequence[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[list[Sample]]:
         """For each prefix, n independent continuations (EOS included as last token when one was
         produced), each token's log-prob and the entropy of its sampling distribution.
         `max_new_tokens` is one limit for all prefixes or one per prefix (a fork's branches may
@@ -60,8 +67,7 @@ class Backend(Protocol):
         """Make the engine sample from `model`'s current weights (called after every update)."""
 
 
-def token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `tokens` and entropy of the distribution softmax(logits / temperature).
 
     Both are of the temperature-scaled distribution before top-p truncation, the distribution the
@@ -100,24 +106,56 @@ class TreeConfig:
     """EPTree (Algorithm 1) and its process rewards (Eqs. 2-4): the settings train.py and
     trl_treerl.py share."""
 
-    M: int = field(default=4, metadata={"help": "EPTree: initial chains (trees) per prompt; ChainRL: responses per prompt"})
+    M: int = field(
+        default=4, metadata={"help": "EPTree: initial chains (trees) per prompt; ChainRL: responses per prompt"}
+    )
     N: int = field(default=2, metadata={"help": "EPTree: fork points per tree per round"})
     L: int = field(default=1, metadata={"help": "EPTree: rounds of forking (0: M independent chains)"})
     T: int = field(default=2, metadata={"help": "EPTree: continuations sampled per fork point"})
-    fork_score: str = field(default="nll", metadata={"help": "nll: -log-prob of the sampled token (Algorithm 1's H(y_t), and the release's); entropy: entropy of the full next-token distribution (an extension); random: the paper's ablation"})
-    fork_exclusions: str = field(default="default", metadata={"help": "default: no fork at EOS, in the final answer or within skip_last tokens of the end; release: only after a token containing 'answer'/'conclusion' in a segment"})
-    skip_last: int = field(default=4, metadata={"help": "never fork within this many tokens of a response's end (fork_exclusions default)"})
-    full_length_branches: bool = field(default=False, metadata={"help": "a fork's branches may add max_new_tokens of their own (the release) instead of what the response budget leaves"})
-    leave_one_out: bool = field(default=False, metadata={"help": "centre leaf rewards leave-one-out before the values V(s) (the release)"})
-    reweight: str = field(default="sqrt", metadata={"help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA; release: each value over sqrt(its kept leaves) before GA and LA"})
-    fill_in_paths: bool = field(default=False, metadata={"help": "a local advantage of ~0 takes the one of the segment above (the release)"})
+    fork_score: str = field(
+        default="nll",
+        metadata={
+            "help": "nll: -log-prob of the sampled token (Algorithm 1's H(y_t), and the release's); entropy: entropy of the full next-token distribution (an extension); random: the paper's ablation"
+        },
+    )
+    fork_exclusions: str = field(
+        default="default",
+        metadata={
+            "help": "default: no fork at EOS, in the final answer or within skip_last tokens of the end; release: only after a token containing 'answer'/'conclusion' in a segment"
+        },
+    )
+    skip_last: int = field(
+        default=4, metadata={"help": "never fork within this many tokens of a response's end (fork_exclusions default)"}
+    )
+    full_length_branches: bool = field(
+        default=False,
+        metadata={
+            "help": "a fork's branches may add max_new_tokens of their own (the release) instead of what the response budget leaves"
+        },
+    )
+    leave_one_out: bool = field(
+        default=False, metadata={"help": "centre leaf rewards leave-one-out before the values V(s) (the release)"}
+    )
+    reweight: str = field(
+        default="sqrt",
+        metadata={
+            "help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA; release: each value over sqrt(its kept leaves) before GA and LA"
+        },
+    )
+    fill_in_paths: bool = field(
+        default=False, metadata={"help": "a local advantage of ~0 takes the one of the segment above (the release)"}
+    )
     use_global: bool = field(default=True, metadata={"help": "include the global advantage GA (Eq. 2)"})
     use_local: bool = field(default=True, metadata={"help": "include the local advantage LA (Eq. 3)"})
-    truncated_penalty: float = field(default=float("nan"), metadata={"help": "advantage of every token of a response with no EOS (nan: reward 0 like a wrong answer; the release uses -1)"})
+    truncated_penalty: float = field(
+        default=float("nan"),
+        metadata={
+            "help": "advantage of every token of a response with no EOS (nan: reward 0 like a wrong answer; the release uses -1)"
+        },
+    )
 
     def validate(self) -> None:
-        choices = {"fork_score": tree.FORK_SCORES, "reweight": tree.REWEIGHTS,
-                   "fork_exclusions": tree.FORK_EXCLUSIONS}
+        choices = {"fork_score": tree.FORK_SCORES, "reweight": tree.REWEIGHTS, "fork_exclusions": tree.FORK_EXCLUSIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -142,8 +180,9 @@ class TreeConfig:
     def process_rewards(self, root: tree.Node, selected: Sequence[tree.Node] | None = None) -> dict[tree.Node, float]:
         """R(s) of every segment of a scored forest (Eqs. 2-4) with these settings; `selected` are
         the leaves kept for training (used by reweight="release")."""
-        return tree.process_rewards(root, self.reweight, self.use_global, self.use_local,
-                                    self.leave_one_out, selected, self.fill_in_paths)
+        return tree.process_rewards(
+            root, self.reweight, self.use_global, self.use_local, self.leave_one_out, selected, self.fill_in_paths
+        )
 
 
 @dataclass
@@ -151,11 +190,26 @@ class RolloutConfig(TreeConfig):
     """How responses are sampled and turned into per-token advantages: the search settings above,
     the algorithm, and sampling."""
 
-    algo: str = field(default="treerl", metadata={"help": "treerl (EPTree + process rewards) or chainrl (i.i.d. chains + outcome advantages)"})
+    algo: str = field(
+        default="treerl",
+        metadata={"help": "treerl (EPTree + process rewards) or chainrl (i.i.d. chains + outcome advantages)"},
+    )
     advantage: str = field(default="grpo", metadata={"help": "ChainRL outcome advantage: grpo, drgrpo or rloo"})
-    clamp_advantages: bool = field(default=False, metadata={"help": "ChainRL: raise negative advantages to at least -max A (the release's RLOO)"})
-    keep_leaves: int = field(default=0, metadata={"help": "train on a random subset of this many leaves per prompt, at least one correct when any is (0 = all)"})
-    keep_zero_signal: bool = field(default=False, metadata={"help": "train on forests whose leaves all got the same reward too (their advantages are 0 unless truncated_penalty applies; the release keeps them)"})
+    clamp_advantages: bool = field(
+        default=False, metadata={"help": "ChainRL: raise negative advantages to at least -max A (the release's RLOO)"}
+    )
+    keep_leaves: int = field(
+        default=0,
+        metadata={
+            "help": "train on a random subset of this many leaves per prompt, at least one correct when any is (0 = all)"
+        },
+    )
+    keep_zero_signal: bool = field(
+        default=False,
+        metadata={
+            "help": "train on forests whose leaves all got the same reward too (their advantages are 0 unless truncated_penalty applies; the release keeps them)"
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "response length limit in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
@@ -190,9 +244,16 @@ class Rollout:
     stats: dict[str, float]
 
 
-def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Callable[[list[str], list], list[float]],
-            decode: Callable[[list[int]], str], cfg: RolloutConfig, seed: int = 0,
-            answer_start: tree.AnswerStartFn | None = None) -> Rollout:
+def rollout(
+    backend: Backend,
+    prompts: list[list[int]],
+    golds: list,
+    score: Callable[[list[str], list], list[float]],
+    decode: Callable[[list[int]], str],
+    cfg: RolloutConfig,
+    seed: int = 0,
+    answer_start: tree.AnswerStartFn | None = None,
+) -> Rollout:
     """Sample forests (or chains) for a batch of prompts, score the leaves, compute advantages.
 
     score(responses, golds) -> rewards in [0, 1] (a batch call, so verifiers can run in parallel).
@@ -206,12 +267,22 @@ def rollout(backend: Backend, prompts: list[list[int]], golds: list, score: Call
     # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes).
     reusing = getattr(backend, "reusing_prefixes", contextlib.nullcontext)
     with reusing():
-        forests = tree.eptree_batch(prompts, sample_fn, cfg.M, cfg.N, cfg.rounds, cfg.T,
-                                    fork_score=cfg.fork_score, skip_last=cfg.skip_last,
-                                    answer_start=answer_start, seed=seed,
-                                    max_response_tokens=cfg.max_new_tokens,
-                                    exclusions=cfg.fork_exclusions, stop_word_at=stop_word_fn(decode),
-                                    full_length_branches=cfg.full_length_branches)
+        forests = tree.eptree_batch(
+            prompts,
+            sample_fn,
+            cfg.M,
+            cfg.N,
+            cfg.rounds,
+            cfg.T,
+            fork_score=cfg.fork_score,
+            skip_last=cfg.skip_last,
+            answer_start=answer_start,
+            seed=seed,
+            max_response_tokens=cfg.max_new_tokens,
+            exclusions=cfg.fork_exclusions,
+            stop_word_at=stop_word_fn(decode),
+            full_length_branches=cfg.full_length_branches,
+        )
     t1 = time.perf_counter()
 
     # Verifier rewards on every leaf; a response that never produced EOS scores 0.
@@ -284,8 +355,9 @@ def _rng(seed: int, k: int) -> random.Random:
     return random.Random(seed * 1_000_003 + k)
 
 
-def stop_word_fn(decode: Callable[[list[int]], str], words: Sequence[str] = ("answer", "conclusion")
-                 ) -> tree.AnswerStartFn:
+def stop_word_fn(
+    decode: Callable[[list[int]], str], words: Sequence[str] = ("answer", "conclusion")
+) -> tree.AnswerStartFn:
     """The release's fork exclusion (fork_exclusions="release"): the index of the first token of a
     segment whose own text contains one of `words` (any case); the tokens after it are not forked.
     (With a character tokenizer no single token contains a word, so nothing is excluded.)"""
@@ -336,20 +408,54 @@ class UpdateConfig:
     """The clipped policy-gradient update (GRPO-style, with DAPO's asymmetric clip)."""
 
     lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
-    lr_warmup_ratio: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up over this many optimizer steps, then constant: the warm-up of a run stopped by --max_generated_tokens, whose --steps is only a cap (not with --lr_warmup_ratio)"})
+    lr_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"
+        },
+    )
+    lr_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "linear learning-rate warm-up over this many optimizer steps, then constant: the warm-up of a run stopped by --max_generated_tokens, whose --steps is only a cap (not with --lr_warmup_ratio)"
+        },
+    )
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the release: 0.95)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the release: 0.1)"})
-    train_temperature: float = field(default=0.0, metadata={"help": "temperature of the log-probs in the loss (0: the sampling temperature, the distribution sampled from; the release: 1 while sampling at 1.2)"})
+    train_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "temperature of the log-probs in the loss (0: the sampling temperature, the distribution sampled from; the release: 1 while sampling at 1.2)"
+        },
+    )
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
     clip_high: float = field(default=0.28, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher)"})
-    aggregation: str = field(default="token", metadata={"help": "token: mean over all tokens of the batch (DAPO); sequence: mean per response, then over responses (GRPO)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of the k3 KL to a frozen reference model (0: no reference is loaded, as in the release)"})
+    aggregation: str = field(
+        default="token",
+        metadata={
+            "help": "token: mean over all tokens of the batch (DAPO); sequence: mean per response, then over responses (GRPO)"
+        },
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the k3 KL to a frozen reference model (0: no reference is loaded, as in the release)"
+        },
+    )
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
-    mini_batch_size: int = field(default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"})
+    mini_batch_size: int = field(
+        default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"}
+    )
+    micro_batch_size: int = field(
+        default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
-    pack_tree: bool = field(default=True, metadata={"help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; the same loss (packing.py). Faster on a CPU (1.45x on the default update); on a GPU it saves memory but ran at 0.9x"})
+    pack_tree: bool = field(
+        default=True,
+        metadata={
+            "help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; the same loss (packing.py). Faster on a CPU (1.45x on the default update); on a GPU it saves memory but ran at 0.9x"
+        },
+    )
 
     def validate(self) -> None:
         if self.aggregation not in ("token", "sequence"):
@@ -363,8 +469,10 @@ class UpdateConfig:
         if not (0 <= self.lr_warmup_ratio < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("--lr_warmup_ratio and --adam_beta2 must be in [0, 1)")
         if self.lr_warmup_steps < 0 or (self.lr_warmup_steps and self.lr_warmup_ratio):
-            raise ValueError(f"--lr_warmup_steps must be >= 0 and not set with --lr_warmup_ratio; got "
-                             f"{self.lr_warmup_steps} steps, ratio {self.lr_warmup_ratio}")
+            raise ValueError(
+                f"--lr_warmup_steps must be >= 0 and not set with --lr_warmup_ratio; got "
+                f"{self.lr_warmup_steps} steps, ratio {self.lr_warmup_ratio}"
+            )
         if self.clip_low >= 1:
             raise ValueError(f"--clip_low must be < 1 (the ratio is clipped at 1 - clip_low); got {self.clip_low}")
 
@@ -374,8 +482,9 @@ def optimizer_for(model, cfg: UpdateConfig, steps: int):
     `lr_warmup_steps` optimizer steps, or `lr_warmup_ratio` of `steps` (one optimizer step per RL
     step with the defaults), then constant. A warm-up keeps Adam's first steps, whose moment
     estimates hold only one or a few noisy gradients, from moving every weight by the full rate."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
     warmup = cfg.lr_warmup_steps or math.ceil(cfg.lr_warmup_ratio * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return optimizer, schedule
@@ -386,17 +495,16 @@ class Batch:
     """Right-padded sequences; every per-token tensor is aligned with the *targets*
     input_ids[:, 1:], so position t holds the quantities of the token predicted at step t."""
 
-    input_ids: torch.Tensor       # [B, W]
+    input_ids: torch.Tensor  # [B, W]
     attention_mask: torch.Tensor  # [B, W]
-    mask: torch.Tensor            # [B, W-1] 1 on response tokens
-    advantages: torch.Tensor      # [B, W-1]
+    mask: torch.Tensor  # [B, W-1] 1 on response tokens
+    advantages: torch.Tensor  # [B, W-1]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index) -> "Batch":
-        return Batch(self.input_ids[index], self.attention_mask[index], self.mask[index],
-                     self.advantages[index])
+    def select(self, index) -> Batch:
+        return Batch(self.input_ids[index], self.attention_mask[index], self.mask[index], self.advantages[index])
 
 
 def collate(sequences: Sequence[tree.TrainSequence], pad_token_id: int, device="cpu") -> Batch:
@@ -407,11 +515,11 @@ def collate(sequences: Sequence[tree.TrainSequence], pad_token_id: int, device="
     advantages = torch.zeros((len(sequences), width - 1))
     for row, s in enumerate(sequences):
         p, r = len(s.prompt_ids), len(s.response_ids)
-        ids[row, :p + r] = torch.tensor(s.prompt_ids + s.response_ids)
-        attention[row, :p + r] = 1
+        ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
+        attention[row, : p + r] = 1
         # Response token j sits at input position p + j and is predicted from position p + j - 1.
-        mask[row, p - 1:p + r - 1] = 1
-        advantages[row, p - 1:p + r - 1] = torch.tensor(s.advantages)
+        mask[row, p - 1 : p + r - 1] = 1
+        advantages[row, p - 1 : p + r - 1] = torch.tensor(s.advantages)
     return Batch(ids.to(device), attention.to(device), mask.to(device), advantages.to(device))
 
 
@@ -421,8 +529,9 @@ def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Te
     return token_stats(logits, batch.input_ids[:, 1:], temperature)[0]
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)), and where the clipped
     branch is the larger one (the gradient is cut there)."""
     unclipped = -advantages * ratio
@@ -436,11 +545,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
-                aggregation: str = "token", ref_logp: torch.Tensor | None = None,
-                kl_coef: float = 0.0, denominator: float | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    aggregation: str = "token",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate on per-token advantages (PPO's objective with GRPO's group advantages).
 
     per token:  max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)),  rho = pi / pi_old,
@@ -482,8 +598,9 @@ def tally_micro_batch(sums: dict[str, float], loss: torch.Tensor, stats: dict[st
         sums[key] += stats[key] * share
 
 
-def step_and_tally(model, optimizer, scheduler, cfg: "UpdateConfig", sums: dict[str, float],
-                    totals: dict[str, float]) -> None:
+def step_and_tally(
+    model, optimizer, scheduler, cfg: UpdateConfig, sums: dict[str, float], totals: dict[str, float]
+) -> None:
     """Take the optimizer step of a mini-batch and add its statistics to the update's totals."""
     sums["grad_norm"] = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
     for key, value in sums.items():
@@ -505,8 +622,17 @@ def one_step_per_rollout(cfg: UpdateConfig, leaves: int) -> bool:
     return cfg.ppo_epochs == 1 and (cfg.mini_batch_size == 0 or cfg.mini_batch_size >= leaves)
 
 
-def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence], cfg: UpdateConfig,
-           pad_token_id: int, temperature: float = 1.0, ref_model=None, seed: int = 0) -> dict[str, float]:
+def update(
+    model,
+    optimizer,
+    scheduler,
+    sequences: Sequence[tree.TrainSequence],
+    cfg: UpdateConfig,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    ref_model=None,
+    seed: int = 0,
+) -> dict[str, float]:
     """One rollout's worth of policy optimisation; returns averaged statistics.
 
     The old log-probs are recomputed here with the current weights, in the mode the update runs in
@@ -524,7 +650,7 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
     micro = cfg.micro_batch_size
 
     def in_micro_batches(fn, rows):
-        return torch.cat([fn(batch.select(rows[i:i + micro])) for i in range(0, len(rows), micro)])
+        return torch.cat([fn(batch.select(rows[i : i + micro])) for i in range(0, len(rows), micro)])
 
     everyone = torch.arange(len(batch), device=device)
     with torch.no_grad():
@@ -542,19 +668,27 @@ def update(model, optimizer, scheduler, sequences: Sequence[tree.TrainSequence],
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(batch), generator=generator).to(device)
         for start in range(0, len(batch), mini):
-            rows = order[start:start + mini]
+            rows = order[start : start + mini]
             part = batch.select(rows)
             denominator = float(part.mask.sum()) if cfg.aggregation == "token" else float(len(rows))
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
             for i in range(0, len(rows), micro):
-                sub = rows[i:i + micro]
+                sub = rows[i : i + micro]
                 b = batch.select(sub)
                 logp = sequence_logprobs(model, b, temperature)
                 loss, stats = policy_loss(
-                    logp, logp.detach() if old_logp is None else old_logp[sub], b.advantages, b.mask, cfg.clip_low, cfg.clip_high,
-                    cfg.aggregation, None if ref_logp is None else ref_logp[sub], cfg.kl_coef,
-                    denominator)
+                    logp,
+                    logp.detach() if old_logp is None else old_logp[sub],
+                    b.advantages,
+                    b.mask,
+                    cfg.clip_low,
+                    cfg.clip_high,
+                    cfg.aggregation,
+                    None if ref_logp is None else ref_logp[sub],
+                    cfg.kl_coef,
+                    denominator,
+                )
                 loss.backward()
                 tally_micro_batch(sums, loss, stats, float(b.mask.sum()) / max(float(part.mask.sum()), 1.0))
             step_and_tally(model, optimizer, scheduler, cfg, sums, totals)

@@ -94,16 +94,25 @@ TESTED_TRL = "1.16.0"
 
 # The TRL methods this module overrides or calls. They are private, so check they exist up front
 # rather than fail in the middle of a run.
-_TRL_HOOKS = ("_generate_and_score_completions", "_generate_single_turn", "_tokenize_prompts",
-              "_calculate_rewards", "_get_per_token_logps_and_entropies")
+_TRL_HOOKS = (
+    "_generate_and_score_completions",
+    "_generate_single_turn",
+    "_tokenize_prompts",
+    "_calculate_rewards",
+    "_get_per_token_logps_and_entropies",
+)
 _missing = [name for name in _TRL_HOOKS if not hasattr(GRPOTrainer, name)]
 if _missing:
     raise ImportError(
         f"trl {trl.__version__} has no GRPOTrainer.{_missing[0]}, which trl_treerl relies on; "
-        f"install the tested version: pip install -r requirements-trl.txt (trl=={TESTED_TRL})")
+        f"install the tested version: pip install -r requirements-trl.txt (trl=={TESTED_TRL})"
+    )
 if trl.__version__ != TESTED_TRL:
-    warnings.warn(f"trl_treerl was tested with trl=={TESTED_TRL}; you have {trl.__version__}. It overrides "
-                  "private GRPOTrainer methods, so check tests/test_trl_treerl.py passes.", stacklevel=2)
+    warnings.warn(
+        f"trl_treerl was tested with trl=={TESTED_TRL}; you have {trl.__version__}. It overrides "
+        "private GRPOTrainer methods, so check tests/test_trl_treerl.py passes.",
+        stacklevel=2,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,10 +131,23 @@ class TreeRLConfig(GRPOConfig, treerl.TreeConfig):
     ended gets.
     """
 
-    answer_markers: list[str] = field(default_factory=lambda: list(rewards.ANSWER_MARKERS), metadata={"help": "text after which the final answer starts; EPTree never forks inside it"})
-    mask_zero_signal: bool = field(default=True, metadata={"help": "leave forests whose leaves all have the same reward out of the loss (their advantages are all 0), as treerl.rollout does"})
+    answer_markers: list[str] = field(
+        default_factory=lambda: list(rewards.ANSWER_MARKERS),
+        metadata={"help": "text after which the final answer starts; EPTree never forks inside it"},
+    )
+    mask_zero_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "leave forests whose leaves all have the same reward out of the loss (their advantages are all 0), as treerl.rollout does"
+        },
+    )
     # Redefined: TRL's default is 8; here it defaults to the size of a full forest.
-    num_generations: int | None = field(default=None, metadata={"help": "training rows per prompt, i.e. leaves kept per forest (default M*(1+L*N*T), the whole forest)"})
+    num_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "training rows per prompt, i.e. leaves kept per forest (default M*(1+L*N*T), the whole forest)"
+        },
+    )
 
     def __post_init__(self):
         for name in ("M", "N", "L", "T", "skip_last"):
@@ -176,14 +198,16 @@ class TreeRLTrainer(GRPOTrainer):
             raise TypeError(f"TreeRLTrainer needs args=TreeRLConfig(...), got {type(args).__name__}")
         for name in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(name):
-                raise NotImplementedError(f"TreeRLTrainer does not support `{name}`: EPTree forks plain "
-                                          "single-turn completions")
+                raise NotImplementedError(
+                    f"TreeRLTrainer does not support `{name}`: EPTree forks plain single-turn completions"
+                )
         per_process = args.per_device_train_batch_size * args.steps_per_generation
         if per_process % args.num_generations:
             raise ValueError(
                 f"TreeRLTrainer grows each prompt's forest on one process, so every process needs whole "
                 f"groups: per_device_train_batch_size * steps_per_generation ({per_process}) must be a "
-                f"multiple of num_generations ({args.num_generations})")
+                f"multiple of num_generations ({args.num_generations})"
+            )
         super().__init__(model, reward_funcs=reward_funcs, args=args, **kwargs)
         if self._is_vlm:
             raise NotImplementedError("TreeRLTrainer does not support vision-language processors")
@@ -231,7 +255,7 @@ class TreeRLTrainer(GRPOTrainer):
         device = output["completion_ids"].device
         advantages = torch.zeros(output["completion_ids"].shape, device=device)
         for i, row in enumerate(rows):
-            advantages[i, :len(row.advantages)] = torch.tensor(row.advantages, device=device)
+            advantages[i, : len(row.advantages)] = torch.tensor(row.advantages, device=device)
         keep = torch.tensor([not m for m in masked], device=device).unsqueeze(1)
         output["completion_mask"] = output["completion_mask"] * keep
         output["advantages"] = advantages * keep
@@ -269,10 +293,21 @@ class TreeRLTrainer(GRPOTrainer):
 
         seed = (args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
         forests = tree.eptree_batch(
-            prompt_ids, sample_fn, args.M, args.N, args.L, args.T, fork_score=args.fork_score,
-            skip_last=args.skip_last, answer_start=self._answer_start, seed=seed,
-            max_response_tokens=self.max_completion_length, exclusions=args.fork_exclusions,
-            stop_word_at=self._stop_word_at, full_length_branches=args.full_length_branches)
+            prompt_ids,
+            sample_fn,
+            args.M,
+            args.N,
+            args.L,
+            args.T,
+            fork_score=args.fork_score,
+            skip_last=args.skip_last,
+            answer_start=self._answer_start,
+            seed=seed,
+            max_response_tokens=self.max_completion_length,
+            exclusions=args.fork_exclusions,
+            stop_word_at=self._stop_word_at,
+            full_length_branches=args.full_length_branches,
+        )
         if self.accelerator.num_processes > 1:
             # eptree_batch stops early when no tree of this process has a token left to fork at,
             # but generation can be collective (vLLM server mode gathers prompts, ZeRO-3 gathers
@@ -316,13 +351,20 @@ class TreeRLTrainer(GRPOTrainer):
                 lps = logps[i]
             else:
                 lps = [0.0] * len(ids)
-            samples.append(tree.Sample(ids, lps, scores[i] if scores is not None else [0.0] * len(ids),
-                                       finished=bool(ids) and ids[-1] in self.eos_token_ids))
-        return [samples[k * n:(k + 1) * n] for k in range(len(prefixes))]
+            samples.append(
+                tree.Sample(
+                    ids,
+                    lps,
+                    scores[i] if scores is not None else [0.0] * len(ids),
+                    finished=bool(ids) and ids[-1] in self.eos_token_ids,
+                )
+            )
+        return [samples[k * n : (k + 1) * n] for k in range(len(prefixes))]
 
     @torch.no_grad()
-    def _score_tokens(self, rows: list[list[int]], completion_ids: list[list[int]]
-                      ) -> tuple[list[list[float]], list[list[float]]]:
+    def _score_tokens(
+        self, rows: list[list[int]], completion_ids: list[list[int]]
+    ) -> tuple[list[list[float]], list[list[float]]]:
         """Log-prob of every sampled token and entropy of the distribution it was drawn from, both
         of softmax(logits / temperature) (the distribution TRL's loss uses), by TRL's own fused head."""
         width = max((len(c) for c in completion_ids), default=0)
@@ -331,17 +373,34 @@ class TreeRLTrainer(GRPOTrainer):
         pad_id, device = self._tokenizer.pad_token_id, self.accelerator.device
         as_tensors = lambda seqs: [torch.tensor(s, dtype=torch.long) for s in seqs]  # noqa: E731
         ones = lambda seqs: [torch.ones(len(s), dtype=torch.long) for s in seqs]  # noqa: E731
-        input_ids = torch.cat([pad(as_tensors(rows), padding_value=pad_id, padding_side="left"),
-                               pad(as_tensors(completion_ids), padding_value=pad_id, padding_side="right")], 1)
-        attention = torch.cat([pad(ones(rows), padding_value=0, padding_side="left"),
-                               pad(ones(completion_ids), padding_value=0, padding_side="right")], 1)
+        input_ids = torch.cat(
+            [
+                pad(as_tensors(rows), padding_value=pad_id, padding_side="left"),
+                pad(as_tensors(completion_ids), padding_value=pad_id, padding_side="right"),
+            ],
+            1,
+        )
+        attention = torch.cat(
+            [
+                pad(ones(rows), padding_value=0, padding_side="left"),
+                pad(ones(completion_ids), padding_value=0, padding_side="right"),
+            ],
+            1,
+        )
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                self.model, input_ids.to(device), attention.to(device), width,
-                batch_size=self.args.per_device_train_batch_size, compute_entropy=True)
+                self.model,
+                input_ids.to(device),
+                attention.to(device),
+                width,
+                batch_size=self.args.per_device_train_batch_size,
+                compute_entropy=True,
+            )
         logps, entropies = logps.float().cpu(), entropies.float().cpu()
-        return ([logps[i, :len(c)].tolist() for i, c in enumerate(completion_ids)],
-                [entropies[i, :len(c)].tolist() for i, c in enumerate(completion_ids)])
+        return (
+            [logps[i, : len(c)].tolist() for i, c in enumerate(completion_ids)],
+            [entropies[i, : len(c)].tolist() for i, c in enumerate(completion_ids)],
+        )
 
     # ---- rewards and rows -------------------------------------------------------------------------
 
@@ -372,7 +431,7 @@ class TreeRLTrainer(GRPOTrainer):
             completions, ids = completions + completions[:1] * extra, ids + ids[:1] * extra
         per_func = GRPOTrainer._calculate_rewards(self, rows, row_prompts, completions, ids)
         start = self.accelerator.process_index * most
-        per_func = per_func[start:start + count]
+        per_func = per_func[start : start + count]
         # Per-row columns logged by reward functions (log_extra) would not line up with the rows
         # TRL logs later: drop them.
         self._pending_extra_logs.clear()
@@ -389,12 +448,18 @@ class TreeRLTrainer(GRPOTrainer):
         rows, masked, padding = [], [], []
         for k, root in enumerate(forests):
             found = tree.leaves(root)
-            chosen = tree.pick_leaves(root, keep=G if len(found) > G else None,
-                                      rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k))
+            chosen = tree.pick_leaves(
+                root,
+                keep=G if len(found) > G else None,
+                rng=random.Random((args.seed * 1_000_003 + self.state.global_step) * 1_009 + k),
+            )
             advantages = args.process_rewards(root, chosen)
             sequences = tree.to_sequences(root, advantages, truncated_penalty=args.penalty, chosen=chosen)
-            silent = args.mask_zero_signal and len({leaf.reward for leaf in found}) == 1 and (
-                args.penalty is None or all(leaf.finished for leaf in found))
+            silent = (
+                args.mask_zero_signal
+                and len({leaf.reward for leaf in found}) == 1
+                and (args.penalty is None or all(leaf.finished for leaf in found))
+            )
             rows += sequences + sequences[:1] * (G - len(sequences))
             masked += [silent] * len(sequences) + [True] * (G - len(sequences))
             padding += [False] * len(sequences) + [True] * (G - len(sequences))
@@ -403,9 +468,11 @@ class TreeRLTrainer(GRPOTrainer):
     def _log_tree_metrics(self, forests, advantages, loss_mask, padded: int) -> None:
         found = [leaf for root in forests for leaf in tree.leaves(root)]
         silent = sum(len({leaf.reward for leaf in tree.leaves(root)}) == 1 for root in forests)
-        local = torch.tensor([self._sampled_tokens, len(found),
-                              len(forests), silent, padded, sum(leaf.reward for leaf in found)],
-                             dtype=torch.float64, device=self.accelerator.device)
+        local = torch.tensor(
+            [self._sampled_tokens, len(found), len(forests), silent, padded, sum(leaf.reward for leaf in found)],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
         tokens, leaves, prompts, silent, padded, reward = self.accelerator.gather(local).view(-1, 6).sum(0).tolist()
         metrics = self._metrics["train"]
         metrics["tree/generated_tokens"].append(tokens)  # sampled by TRL for the search, all processes
@@ -468,8 +535,12 @@ def task_dataset(task, split: str = "train"):
 
     examples = task.train if split == "train" else task.eval
     gold = "tests" if task.name == "code" else "answer"
-    return Dataset.from_dict({"prompt": [e.prompt for e in examples],
-                              gold: [e.gold if task.name == "code" else str(e.gold) for e in examples]})
+    return Dataset.from_dict(
+        {
+            "prompt": [e.prompt for e in examples],
+            gold: [e.gold if task.name == "code" else str(e.gold) for e in examples],
+        }
+    )
 
 
 @dataclass
@@ -477,8 +548,16 @@ class ScriptArguments:
     """The policy; the task is tasks.TaskConfig's flags (--task, --data, --problem_field, ...), and
     everything about training is TreeRLConfig (TRL's flags plus EPTree's)."""
 
-    model: str = field(default="", metadata={"help": "hub id or local path of a causal LM; empty: train.py's tiny CPU model, warm-started"})
-    warm_start_steps: int = field(default=600, metadata={"help": "tiny model only: supervised warm-start steps (train.py's --warmup_steps; TRL's --warmup_steps is the learning-rate warm-up)"})
+    model: str = field(
+        default="",
+        metadata={"help": "hub id or local path of a causal LM; empty: train.py's tiny CPU model, warm-started"},
+    )
+    warm_start_steps: int = field(
+        default=600,
+        metadata={
+            "help": "tiny model only: supervised warm-start steps (train.py's --warmup_steps; TRL's --warmup_steps is the learning-rate warm-up)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
 
 
@@ -488,10 +567,17 @@ class ScriptArguments:
 # turns it on by default; for this model it only halves the speed). Used for the tiny model, for
 # every flag the command line does not give.
 CPU_DEFAULT_FLAGS = {
-    "--output_dir": "runs/trl_treerl", "--learning_rate": "3e-5", "--lr_scheduler_type": "constant",
-    "--epsilon_high": "0.28", "--max_completion_length": "64", "--max_steps": "120",
-    "--per_device_train_batch_size": "80", "--gradient_accumulation_steps": "4",
-    "--logging_steps": "1", "--save_steps": "20", "--gradient_checkpointing": "false",
+    "--output_dir": "runs/trl_treerl",
+    "--learning_rate": "3e-5",
+    "--lr_scheduler_type": "constant",
+    "--epsilon_high": "0.28",
+    "--max_completion_length": "64",
+    "--max_steps": "120",
+    "--per_device_train_batch_size": "80",
+    "--gradient_accumulation_steps": "4",
+    "--logging_steps": "1",
+    "--save_steps": "20",
+    "--gradient_checkpointing": "false",
     "--seed": "0",  # train.py's (TRL's is 42); the warm start and data depend on it
 }
 
@@ -512,7 +598,8 @@ def main(argv: list[str] | None = None):
         if flag not in argv:
             argv += [flag, value]
     script, config, rest = HfArgumentParser((ScriptArguments, TreeRLConfig)).parse_args_into_dataclasses(
-        argv, return_remaining_strings=True)
+        argv, return_remaining_strings=True
+    )
     # The task's flags, parsed from what TRL left (TRL's --data_seed is its own; the task's stays 0).
     (task_cfg,) = HfArgumentParser(tasks.TaskConfig).parse_args_into_dataclasses(rest)
     task_cfg.validate()
@@ -525,12 +612,22 @@ def main(argv: list[str] | None = None):
     else:  # the main process warm-starts and caches; the others then load the cache
         with config.main_process_first(desc="warm start"):
             model, tokenizer, task = policy.warm_started_policy(
-                policy_cfg, task_cfg, config.seed, Path(config.output_dir) / "warmstart",
-                policy.pick_device(policy_cfg), train_size)
+                policy_cfg,
+                task_cfg,
+                config.seed,
+                Path(config.output_dir) / "warmstart",
+                policy.pick_device(policy_cfg),
+                train_size,
+            )
     if "--answer_markers" not in argv:  # the task's own markers, as train.py uses them
         config.answer_markers = list(task.answer_markers)
-    trainer = TreeRLTrainer(model, reward_funcs=REWARD_FUNCS[task_cfg.task], args=config,
-                            train_dataset=task_dataset(task), processing_class=tokenizer)
+    trainer = TreeRLTrainer(
+        model,
+        reward_funcs=REWARD_FUNCS[task_cfg.task],
+        args=config,
+        train_dataset=task_dataset(task),
+        processing_class=tokenizer,
+    )
     trainer.train(resume_from_checkpoint=True if script.resume else None)
     trainer.save_model()
     return trainer

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -92,10 +92,19 @@ class VLLMBackend:
     no-ops: the trainer shares its threads.
     """
 
-    def __init__(self, model, eos_token_id: int, gpu_memory_utilization: float = 0.3,
-                 kv_cache_gb: float = 0.0, entropy_top_k: int = 20, sleep: bool | None = None,
-                 seed: int = 0, max_model_len: int | None = None, block_size: int | None = None,
-                 path: str | None = None):
+    def __init__(
+        self,
+        model,
+        eos_token_id: int,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_gb: float = 0.0,
+        entropy_top_k: int = 20,
+        sleep: bool | None = None,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        block_size: int | None = None,
+        path: str | None = None,
+    ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         device = next(model.parameters()).device
         on_gpu = device.type == "cuda"
@@ -104,15 +113,27 @@ class VLLMBackend:
         self.asleep = False
         self.workdir = tempfile.mkdtemp(prefix="treerl-vllm-")
         # Running totals, for the benchmark and the logs.
-        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0,
-                      "syncs": 0, "sync_seconds": 0.0, "fallback_syncs": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "generated_tokens": 0,
+            "syncs": 0,
+            "sync_seconds": 0.0,
+            "fallback_syncs": 0,
+        }
         self.engine_args = dict(
-            dtype=str(model.dtype).removeprefix("torch."), seed=seed, skip_tokenizer_init=True,
-            enable_prefix_caching=True, max_logprobs=entropy_top_k,
-            logprobs_mode="processed_logprobs", generation_config="vllm",
-            max_model_len=max_model_len, enable_sleep_mode=self.sleep_enabled,
+            dtype=str(model.dtype).removeprefix("torch."),
+            seed=seed,
+            skip_tokenizer_init=True,
+            enable_prefix_caching=True,
+            max_logprobs=entropy_top_k,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            max_model_len=max_model_len,
+            enable_sleep_mode=self.sleep_enabled,
             # CUDA graphs on a GPU; eager on the CPU build (no graph to capture, no compile time).
-            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=not on_gpu,
+            gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=int((kv_cache_gb or (0.0 if on_gpu else 0.25)) * 2**30) or None,
             # Only whole KV blocks are cached. vLLM's CPU default (128 tokens) is longer than a
             # whole response of the CPU task; 32 is the smallest size its CPU kernels prefer.
@@ -120,7 +141,8 @@ class VLLMBackend:
             # On the CPU build, a prompt whose prefill is split over two engine steps ("chunked
             # prefill") crashes seeded sampling (vLLM rewinds the request's torch.Generator with
             # set_offset, which CPU generators lack); so on CPU every prefill runs in one step.
-            enable_chunked_prefill=None if on_gpu else False)
+            enable_chunked_prefill=None if on_gpu else False,
+        )
         if path is not None:  # a saved checkpoint of `model` (save_pretrained): read it
             self.llm = self._start_engine(path, load_format="auto")
         else:
@@ -132,8 +154,10 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError as error:
-            raise ImportError("the vllm backend needs vLLM: `pip install -r requirements-gpu.txt` on a "
-                              "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see docs/gpu.md)") from error
+            raise ImportError(
+                "the vllm backend needs vLLM: `pip install -r requirements-gpu.txt` on a "
+                "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see docs/gpu.md)"
+            ) from error
         _quiet_rotary_reload_warning()
         return LLM(model=path, load_format=load_format, **self.engine_args)
 
@@ -151,19 +175,28 @@ class VLLMBackend:
         rows = [list(p) for p in prefixes for _ in range(copies)]
         budgets = [b for b in budgets_per_prefix(max_new_tokens, len(prefixes)) for _ in range(copies)]
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
-        params = [SamplingParams(
-            n=per_request, max_tokens=budget, temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p, seed=None if greedy else seed,
-            ignore_eos=True, stop_token_ids=[self.eos], logprobs=self.top_k, detokenize=False,
-            flat_logprobs=True)  # top-k log-probs as flat lists, not one dict per token
-            for seed, budget in zip(seeds, budgets)]
+        params = [
+            SamplingParams(
+                n=per_request,
+                max_tokens=budget,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                seed=None if greedy else seed,
+                ignore_eos=True,
+                stop_token_ids=[self.eos],
+                logprobs=self.top_k,
+                detokenize=False,
+                flat_logprobs=True,
+            )  # top-k log-probs as flat lists, not one dict per token
+            for seed, budget in zip(seeds, budgets)
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         samples = []
         for row, out in zip(rows, outputs):
             self.stats["prompt_tokens"] += len(row)
             self.stats["cached_prompt_tokens"] += out.num_cached_tokens or 0
             samples += [self._to_sample(c) for c in out.outputs]
-        return [samples[i * n:(i + 1) * n] for i in range(len(prefixes))]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prefixes))]
 
     def _to_sample(self, completion) -> Sample:
         """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, fork scores."""
@@ -195,9 +228,12 @@ class VLLMBackend:
         try:
             self._load_in_place(model)
         except Exception as error:  # noqa: BLE001 - any failure: fall back to the slow path
-            logger.warning("vLLM: in-place weight loading failed (%s: %s); falling back to saving "
-                           "the model and restarting the engine from it (slow)",
-                           type(error).__name__, error)
+            logger.warning(
+                "vLLM: in-place weight loading failed (%s: %s); falling back to saving "
+                "the model and restarting the engine from it (slow)",
+                type(error).__name__,
+                error,
+            )
             self._restart_from_disk(model)
             self.stats["fallback_syncs"] += 1
         if self.asleep:
@@ -221,8 +257,7 @@ class VLLMBackend:
         (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tensors are handed over by reference, not copied.
         """
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
     def _restart_from_disk(self, model) -> None:
         """The fallback: save the model, shut the engine down and start a new one that reads it."""
@@ -241,8 +276,8 @@ class VLLMBackend:
     def _stop_engine(self) -> None:
         import gc
 
-        from vllm.distributed.parallel_state import (destroy_distributed_environment,
-                                                     destroy_model_parallel)
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
         llm = getattr(self, "llm", None)
         if llm is None:
             return
@@ -268,8 +303,11 @@ def _positions(logprobs):
             for i, token in enumerate(logprobs.token_ids[lo:hi], start=lo):
                 first.setdefault(token, i)
             keep = list(first.values())
-            yield ([logprobs.token_ids[i] for i in keep], [logprobs.logprobs[i] for i in keep],
-                   [logprobs.ranks[i] for i in keep])
+            yield (
+                [logprobs.token_ids[i] for i in keep],
+                [logprobs.logprobs[i] for i in keep],
+                [logprobs.ranks[i] for i in keep],
+            )
     else:
         for top in logprobs:
             yield list(top), [lp.logprob for lp in top.values()], [lp.rank for lp in top.values()]
@@ -282,8 +320,10 @@ def _quiet_rotary_reload_warning() -> None:
     the outputs with transformers')."""
     reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     if not any(getattr(f, "treerl", False) for f in reload_logger.filters):
+
         def keep(record: logging.LogRecord) -> bool:
             return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load" in record.getMessage())
+
         keep.treerl = True
         reload_logger.addFilter(keep)
 

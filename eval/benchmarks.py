@@ -33,10 +33,10 @@ from __future__ import annotations
 import ast
 import builtins
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import rewards
 from tasks import MATH_INSTRUCTION, chat_prompt, load_rows
@@ -50,12 +50,12 @@ class Problem:
     """One benchmark problem, ready to be prompted and graded."""
 
     bench: str
-    index: int                 # 0-based position in the benchmark (after --limit)
-    id: str                    # the dataset's own id where it has one (unique_id, task_id, ...)
-    kind: str                  # "math" or "code"
-    question: str              # what the model is asked, before the chat template
-    gold: object               # math: the answer (str); code: tests for sandbox.run_tests
-    entry_point: str = ""      # code: the function the tests call
+    index: int  # 0-based position in the benchmark (after --limit)
+    id: str  # the dataset's own id where it has one (unique_id, task_id, ...)
+    kind: str  # "math" or "code"
+    question: str  # what the model is asked, before the chat template
+    gold: object  # math: the answer (str); code: tests for sandbox.run_tests
+    entry_point: str = ""  # code: the function the tests call
     completion_prefix: str = ""  # HumanEval: the signature + docstring the program completes
     row: dict = field(default_factory=dict, repr=False)  # the raw data row
 
@@ -63,9 +63,9 @@ class Problem:
 @dataclass(frozen=True)
 class Bench:
     name: str
-    kind: str                              # "math" or "code"
-    filename: str                          # default file under the data directory
-    parse: Callable[[dict], dict]          # row -> Problem fields; a KeyError names a missing field
+    kind: str  # "math" or "code"
+    filename: str  # default file under the data directory
+    parse: Callable[[dict], dict]  # row -> Problem fields; a KeyError names a missing field
     select: Callable[[list[dict]], list[dict]] = lambda rows: rows  # which rows form the benchmark
 
 
@@ -96,12 +96,18 @@ def gsm8k_gold(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def math_parser(question=("problem", "question"), answer="answer", id_field="",
-                gold: Callable[[object], str] = number_text) -> Callable[[dict], dict]:
+def math_parser(
+    question=("problem", "question"), answer="answer", id_field="", gold: Callable[[object], str] = number_text
+) -> Callable[[dict], dict]:
     """A parser for a math row: question text, gold answer (through `gold`), optional id field."""
+
     def parse(row: dict) -> dict:
-        return {"question": str(_first_field(row, question)), "gold": gold(row[answer]),
-                "id": str(row[id_field]) if id_field else ""}
+        return {
+            "question": str(_first_field(row, question)),
+            "gold": gold(row[answer]),
+            "id": str(row[id_field]) if id_field else "",
+        }
+
     return parse
 
 
@@ -112,8 +118,13 @@ def parse_humaneval(row: dict) -> dict:
     define helpers the check uses) and the check, and every call of `candidate` goes to the
     sandboxed program."""
     test = {"check": row["test"], "entry_point": row["entry_point"], "setup": row["prompt"]}
-    return {"question": row["prompt"], "gold": [test], "id": str(row["task_id"]),
-            "entry_point": row["entry_point"], "completion_prefix": row["prompt"]}
+    return {
+        "question": row["prompt"],
+        "gold": [test],
+        "id": str(row["task_id"]),
+        "entry_point": row["entry_point"],
+        "completion_prefix": row["prompt"],
+    }
 
 
 class _CallsTo(ast.NodeTransformer):
@@ -130,8 +141,12 @@ def mbpp_entry_point(asserts: list[str]) -> str:
     """The function an MBPP task asks for: the first called name in its asserts that is not a
     built-in (`assert set(similar_elements(a, b)) == ...` -> similar_elements); when every called
     name is a built-in, the first one (task 126 asks for a function called `sum`)."""
-    called = [node.func.id for text in asserts for node in ast.walk(ast.parse(text))
-              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    called = [
+        node.func.id
+        for text in asserts
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    ]
     if not called:
         raise ValueError(f"no function call in the MBPP tests {asserts!r}")
     return next((name for name in called if not hasattr(builtins, name)), called[0])
@@ -157,11 +172,12 @@ def parse_mbpp(row: dict) -> dict:
     knows the function's name); graded by those asserts."""
     asserts = list(row["test_list"])
     entry = mbpp_entry_point(asserts)
-    test = {"check": mbpp_check(asserts, entry), "entry_point": entry,
-            "setup": row.get("test_setup_code") or ""}
-    question = (f"You are an expert Python programmer, and here is your task: {row['text']} "
-                f"Your code should pass these tests:\n\n" + "\n".join(asserts) + "\n\n"
-                "Write the function in a ```python code block.")
+    test = {"check": mbpp_check(asserts, entry), "entry_point": entry, "setup": row.get("test_setup_code") or ""}
+    question = (
+        f"You are an expert Python programmer, and here is your task: {row['text']} "
+        f"Your code should pass these tests:\n\n" + "\n".join(asserts) + "\n\n"
+        "Write the function in a ```python code block."
+    )
     return {"question": question, "gold": [test], "id": str(row["task_id"]), "entry_point": entry}
 
 
@@ -194,7 +210,7 @@ def custom_math_bench(name: str) -> Bench:
 
 
 def parse_bench_list(text: str) -> list[str]:
-    """"math500,aime24" -> ["math500", "aime24"]; "all" -> every built-in bench."""
+    """ "math500,aime24" -> ["math500", "aime24"]; "all" -> every built-in bench."""
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError("--bench is empty; give one or more of " + ", ".join(BENCHES))
@@ -221,11 +237,15 @@ def resolve_bench(name: str, sources: dict[str, str], data_dir: Path | None) -> 
     if name in sources:
         return BENCHES.get(name) or custom_math_bench(name), sources[name]
     if name not in BENCHES:
-        raise ValueError(f"unknown bench {name!r}: choose from {', '.join(BENCHES)} "
-                         f"(or give a file for a new math bench with --bench_file {name}=FILE.jsonl)")
+        raise ValueError(
+            f"unknown bench {name!r}: choose from {', '.join(BENCHES)} "
+            f"(or give a file for a new math bench with --bench_file {name}=FILE.jsonl)"
+        )
     if data_dir is None:
-        raise ValueError(f"no data directory for {name!r}: {DEFAULT_DATA_DIR} does not exist; "
-                         f"pass --data_dir or --bench_file {name}=FILE.jsonl")
+        raise ValueError(
+            f"no data directory for {name!r}: {DEFAULT_DATA_DIR} does not exist; "
+            f"pass --data_dir or --bench_file {name}=FILE.jsonl"
+        )
     path = data_dir / BENCHES[name].filename
     if not path.exists():
         raise ValueError(f"{name}: data file not found: {path} (pass --data_dir or --bench_file {name}=FILE.jsonl)")
@@ -239,8 +259,9 @@ def read_hub(dataset_id: str) -> list[tuple[int, dict]]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{dataset_id!r} is not a local file, and reading a hub dataset needs "
-                         f"`pip install datasets`") from None
+        raise ValueError(
+            f"{dataset_id!r} is not a local file, and reading a hub dataset needs `pip install datasets`"
+        ) from None
     return [(i + 1, dict(row)) for i, row in enumerate(datasets.load_dataset(name, split=split or "test"))]
 
 
@@ -267,7 +288,9 @@ def load_problems(bench: Bench, source: str, limit: int = 0) -> list[Problem]:
         try:
             fields = bench.parse(row)
         except KeyError as missing:
-            raise ValueError(f"{source}:{line_of[id(row)]}: {bench.name} row has no field {missing.args[0]!r}") from None
+            raise ValueError(
+                f"{source}:{line_of[id(row)]}: {bench.name} row has no field {missing.args[0]!r}"
+            ) from None
         except (ValueError, SyntaxError) as error:
             raise ValueError(f"{source}:{line_of[id(row)]}: {bench.name}: {error}") from None
         problems.append(Problem(bench=bench.name, index=index, kind=bench.kind, row=row, **fields))
@@ -290,11 +313,11 @@ def prompt_for(problem: Problem, tokenizer) -> str:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if problem.kind == "math":
         return chat_prompt(tokenizer, f"{problem.question}\n{MATH_INSTRUCTION}")
-    if problem.completion_prefix:                                     # HumanEval
+    if problem.completion_prefix:  # HumanEval
         if not has_template:
             return problem.completion_prefix
         return chat_prompt(tokenizer, f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{problem.completion_prefix}```")
-    return chat_prompt(tokenizer, problem.question)                    # MBPP
+    return chat_prompt(tokenizer, problem.question)  # MBPP
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,8 +340,9 @@ def program_for(problem: Problem, response: str) -> str:
     return problem.completion_prefix + code
 
 
-def grade(problems: list[Problem], responses: list[str], code_timeout: float = 10.0,
-          code_workers: int = 2) -> tuple[list[str | None], list[float]]:
+def grade(
+    problems: list[Problem], responses: list[str], code_timeout: float = 10.0, code_workers: int = 2
+) -> tuple[list[str | None], list[float]]:
     """(extracted answer or program, correctness 0/1) for each (problem, response) pair.
 
     Math answers are checked in a batch through the verifier pool of `rewards.py`; programs run in

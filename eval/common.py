@@ -13,8 +13,12 @@ import policy
 import tasks
 
 
-def warm_started_policy(output_dir: str, policy_cfg: policy.PolicyConfig | None = None,
-                        task_cfg: tasks.TaskConfig | None = None, seed: int = 0) -> Path:
+def warm_started_policy(
+    output_dir: str,
+    policy_cfg: policy.PolicyConfig | None = None,
+    task_cfg: tasks.TaskConfig | None = None,
+    seed: int = 0,
+) -> Path:
     """The folder of a warm-started tiny policy for these policy and task settings (default: the
     CPU default's). It is made once in `output_dir/warm-start/warmstart` (policy.warm_started_policy
     caches it there, as `train.py --output_dir output_dir --run_name warm-start` would) and reused
@@ -23,8 +27,9 @@ def warm_started_policy(output_dir: str, policy_cfg: policy.PolicyConfig | None 
     policy_cfg = policy_cfg or policy.PolicyConfig()
     task_cfg = task_cfg or tasks.TaskConfig()
     warm_dir = Path(output_dir) / "warm-start" / "warmstart"
-    policy.warm_started_policy(policy_cfg, task_cfg, seed, warm_dir, policy.pick_device(policy_cfg),
-                               warm_start_pool(policy_cfg))
+    policy.warm_started_policy(
+        policy_cfg, task_cfg, seed, warm_dir, policy.pick_device(policy_cfg), warm_start_pool(policy_cfg)
+    )
     return warm_dir
 
 

@@ -79,7 +79,9 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("budget_tokens") != args.budget or json.dumps(saved.get("settings")) != json.dumps(settings(train_args)):
+    if saved.get("budget_tokens") != args.budget or json.dumps(saved.get("settings")) != json.dumps(
+        settings(train_args)
+    ):
         return {}
     runs = {}
     for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []):
@@ -87,8 +89,9 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
     return runs
 
 
-def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_args: list[str],
-              run_name: str | None = None) -> list[dict]:
+def train_one(
+    method: str, seed: int, lr: float, args, warm_dir: Path, train_args: list[str], run_name: str | None = None
+) -> list[dict]:
     """One train.py run from the warm start; returns its evaluation points. A run already recorded
     in the results, or finished in its folder, with the same train.py command is read back
     instead of trained again; an unfinished one resumes from its last checkpoint, and one made with
@@ -97,11 +100,32 @@ def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_arg
         return args.recorded[method, seed, lr]
     run_name = run_name or f"{method}-seed{seed}"
     run_dir = Path(args.runs_dir) / run_name
-    argv = [*train_args, *METHODS[method], "--model", str(warm_dir), "--seed", str(seed),
-            "--output_dir", args.runs_dir, "--run_name", run_name, "--lr", str(lr),
-            "--steps", "100000", "--max_generated_tokens", str(args.budget),
-            "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-            "--save_trees", "false", "--resume", "true"]
+    argv = [
+        *train_args,
+        *METHODS[method],
+        "--model",
+        str(warm_dir),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        args.runs_dir,
+        "--run_name",
+        run_name,
+        "--lr",
+        str(lr),
+        "--steps",
+        "100000",
+        "--max_generated_tokens",
+        str(args.budget),
+        "--eval_every",
+        str(args.eval_every),
+        "--save_every",
+        str(args.eval_every),
+        "--save_trees",
+        "false",
+        "--resume",
+        "true",
+    ]
     made_with = run_dir / "compare_rl_argv.json"  # what the folder's run was started with
     if run_dir.exists() and (not made_with.exists() or json.loads(made_with.read_text()) != argv):
         shutil.rmtree(run_dir)
@@ -113,11 +137,21 @@ def train_one(method: str, seed: int, lr: float, args, warm_dir: Path, train_arg
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
     run_seconds = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]  # summed over resumes
-    return [{"method": method, "seed": seed, "lr": lr, "step": m["step"],
-             "generated_tokens": m.get("generated_tokens_total", 0), "accuracy": m["eval_sampled"],
-             "greedy_accuracy": m["eval_greedy"], "seconds_per_step": seconds / max(len(steps), 1),
-             "run_seconds": run_seconds}
-            for m in metrics if "eval_sampled" in m]
+    return [
+        {
+            "method": method,
+            "seed": seed,
+            "lr": lr,
+            "step": m["step"],
+            "generated_tokens": m.get("generated_tokens_total", 0),
+            "accuracy": m["eval_sampled"],
+            "greedy_accuracy": m["eval_greedy"],
+            "seconds_per_step": seconds / max(len(steps), 1),
+            "run_seconds": run_seconds,
+        }
+        for m in metrics
+        if "eval_sampled" in m
+    ]
 
 
 def total_run_seconds(rows: list[dict]) -> float:
@@ -133,8 +167,11 @@ def choose_lr(sweep_rows: list[dict], method: str) -> float:
     for r in sweep_rows:
         if r["method"] == method:
             runs.setdefault(r["lr"], []).append(r)
-    keeps_greedy = [lr for lr, points in runs.items()
-                    if points[-1]["greedy_accuracy"] >= points[0]["greedy_accuracy"] - GREEDY_TOLERANCE]
+    keeps_greedy = [
+        lr
+        for lr, points in runs.items()
+        if points[-1]["greedy_accuracy"] >= points[0]["greedy_accuracy"] - GREEDY_TOLERANCE
+    ]
     if not keeps_greedy:
         return max(runs, key=lambda lr: runs[lr][-1]["greedy_accuracy"])
     return max(keeps_greedy, key=lambda lr: runs[lr][-1]["accuracy"])
@@ -142,6 +179,7 @@ def choose_lr(sweep_rows: list[dict], method: str) -> float:
 
 def _one_thread() -> None:
     import torch
+
     torch.set_num_threads(1)
 
 
@@ -155,18 +193,25 @@ def run_all(jobs: list[tuple], args, warm_dir: Path, train_args: list[str]):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
-        futures = [pool.submit(train_one, method, seed, lr, args, warm_dir, train_args, run_name)
-                   for method, seed, lr, run_name in jobs]
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+    ) as pool:
+        futures = [
+            pool.submit(train_one, method, seed, lr, args, warm_dir, train_args, run_name)
+            for method, seed, lr, run_name in jobs
+        ]
         for future in as_completed(futures):
             yield future.result()
 
 
-def bootstrap_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_difference(
+    a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
     """mean(a) - mean(b) and its bootstrap 95% interval, resampling each list's seeds independently."""
     rng = random.Random(seed)
-    diffs = sorted(sum(rng.choices(a, k=len(a))) / len(a) - sum(rng.choices(b, k=len(b))) / len(b)
-                   for _ in range(resamples))
+    diffs = sorted(
+        sum(rng.choices(a, k=len(a))) / len(a) - sum(rng.choices(b, k=len(b))) / len(b) for _ in range(resamples)
+    )
     return sum(a) / len(a) - sum(b) / len(b), diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]
 
 
@@ -194,6 +239,7 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 def differences(rows: list[dict], methods: list[str]) -> list[dict]:
     """TreeRL - each other method (the ChainRL baselines, then the ablations): final avg@k and greedy
     accuracy, mean and bootstrap 95% interval."""
+
     def finals(method, key):
         runs = {}
         for r in rows:
@@ -216,14 +262,17 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
 
 def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
     grid = np.linspace(0, budget, 21)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "accuracy", "held-out avg@k (rollout temperature)"),
-                           (axes[1], "greedy_accuracy", "held-out greedy accuracy")):
+    for ax, key, label in (
+        (axes[0], "accuracy", "held-out avg@k (rollout temperature)"),
+        (axes[1], "greedy_accuracy", "held-out greedy accuracy"),
+    ):
         for method in methods:
             curves = []
             for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
@@ -259,21 +308,35 @@ def parse_rates(parser, text: str, methods: list[str]) -> dict[str, float]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Other flags are passed to every train.py run.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Other flags are passed to every train.py run."
+    )
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated RL seeds")
     parser.add_argument("--budget", type=int, default=200_000, help="generated tokens per run")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated or 'all', from: {', '.join(METHODS)}")
-    parser.add_argument("--lr", type=float, default=3e-5, help="RL learning rate where neither --lrs nor --lr_sweep sets one")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated or 'all', from: {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=3e-5, help="RL learning rate where neither --lrs nor --lr_sweep sets one"
+    )
     parser.add_argument("--lrs", default="", help="per-method rates, e.g. treerl=3e-5,chainrl-grpo=1e-5")
-    parser.add_argument("--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seed")
-    parser.add_argument("--sweep_seed", type=int, default=100, help="the seed of the learning-rate sweep (not a comparison seed)")
-    parser.add_argument("--jobs", type=int, default=1, help="train.py runs at once, each in its own process with one torch thread")
-    parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation (and checkpoint) every this many steps")
+    parser.add_argument(
+        "--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seed"
+    )
+    parser.add_argument(
+        "--sweep_seed", type=int, default=100, help="the seed of the learning-rate sweep (not a comparison seed)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="train.py runs at once, each in its own process with one torch thread"
+    )
+    parser.add_argument(
+        "--eval_every", type=int, default=10, help="held-out evaluation (and checkpoint) every this many steps"
+    )
     parser.add_argument("--out", default="results", help="folder for compare_rl.json/.png")
     parser.add_argument("--runs_dir", default="runs/experiments", help="folder of the warm start and the runs")
-    parser.add_argument("--quick", action="store_true",
-                        help="treerl and chainrl-grpo, one seed, 1/10 of the budget (for tests)")
+    parser.add_argument(
+        "--quick", action="store_true", help="treerl and chainrl-grpo, one seed, 1/10 of the budget (for tests)"
+    )
     args, train_args = parser.parse_known_args(argv)
     args.seeds = parse_seeds(parser, args.seeds)
     args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
@@ -302,8 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     config = train.parse_config(train_args)
     if config.update.lr_warmup_ratio > 0:  # a share of --steps, which a token budget leaves open-ended
-        raise SystemExit("compare_rl: --lr_warmup_ratio needs a fixed --steps; runs here stop at a token "
-                         "budget (use --lr_warmup_steps)")
+        raise SystemExit(
+            "compare_rl: --lr_warmup_ratio needs a fixed --steps; runs here stop at a token "
+            "budget (use --lr_warmup_steps)"
+        )
     warm_dir = warm_started_policy(args.runs_dir, config.policy, config.task, config.run.seed)
     out = Path(args.out)
     args.recorded = recorded_runs(out, args, train_args)
@@ -315,22 +380,30 @@ def main(argv: list[str] | None = None) -> dict:
         rows.sort(key=lambda r: (args.methods.index(r["method"]), r["seed"], r["step"]))
         sweep_rows.sort(key=lambda r: (args.methods.index(r["method"]), r["lr"], r["step"]))
         methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
-        result = {"command": "python -m eval.compare_rl " + " ".join(argv), "machine": machine(),
-                  "train_args": train_args, "settings": settings(train_args), "budget_tokens": args.budget,
-                  "learning_rates": {m: rates[m] for m in args.methods if m in rates},
-                  "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
-                  "seeds": sorted({r["seed"] for r in rows}),
-                  "summary": summarise(rows, methods), "differences": differences(rows, methods),
-                  "rows": rows, "wall_seconds": time.perf_counter() - started,
-                  "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)}}
+        result = {
+            "command": "python -m eval.compare_rl " + " ".join(argv),
+            "machine": machine(),
+            "train_args": train_args,
+            "settings": settings(train_args),
+            "budget_tokens": args.budget,
+            "learning_rates": {m: rates[m] for m in args.methods if m in rates},
+            "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
+            "seeds": sorted({r["seed"] for r in rows}),
+            "summary": summarise(rows, methods),
+            "differences": differences(rows, methods),
+            "rows": rows,
+            "wall_seconds": time.perf_counter() - started,
+            "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)},
+        }
         write_json(out / "compare_rl.json", result)
         if rows:
             plot(rows, methods, args.budget, out / "compare_rl.png")
         return result
 
     to_sweep = [m for m in args.methods if m not in rates] if args.lr_sweep else []
-    sweep_jobs = [(m, args.sweep_seed, lr, f"sweep-{m}-lr{lr:g}-seed{args.sweep_seed}")
-                  for m in to_sweep for lr in args.lr_sweep]
+    sweep_jobs = [
+        (m, args.sweep_seed, lr, f"sweep-{m}-lr{lr:g}-seed{args.sweep_seed}") for m in to_sweep for lr in args.lr_sweep
+    ]
     for points in run_all(sweep_jobs, args, warm_dir, train_args):
         sweep_rows += points
         save()
@@ -340,21 +413,56 @@ def main(argv: list[str] | None = None) -> dict:
     for points in run_all(jobs, args, warm_dir, train_args):
         rows += points
         result = save()
-    print(markdown_table(
-        ["method", "lr", "seeds", "avg@k start", "avg@k final", "avg@k gain", "greedy start", "greedy final",
-         "steps", "s/step"],
-        [[t["method"], f"{t['lr']:g}", t["seeds"], f"{t['accuracy_start']:.3f}",
-          f"{t['accuracy_final']:.3f} ± {t['accuracy_final_std']:.3f}", f"{t['accuracy_gain']:+.3f} ± {t['accuracy_gain_std']:.3f}",
-          f"{t['greedy_start']:.3f}", f"{t['greedy_final']:.3f} ± {t['greedy_final_std']:.3f}",
-          f"{t['steps']:.0f}", f"{t['seconds_per_step']:.2f}"] for t in result["summary"]]))
+    print(
+        markdown_table(
+            [
+                "method",
+                "lr",
+                "seeds",
+                "avg@k start",
+                "avg@k final",
+                "avg@k gain",
+                "greedy start",
+                "greedy final",
+                "steps",
+                "s/step",
+            ],
+            [
+                [
+                    t["method"],
+                    f"{t['lr']:g}",
+                    t["seeds"],
+                    f"{t['accuracy_start']:.3f}",
+                    f"{t['accuracy_final']:.3f} ± {t['accuracy_final_std']:.3f}",
+                    f"{t['accuracy_gain']:+.3f} ± {t['accuracy_gain_std']:.3f}",
+                    f"{t['greedy_start']:.3f}",
+                    f"{t['greedy_final']:.3f} ± {t['greedy_final_std']:.3f}",
+                    f"{t['steps']:.0f}",
+                    f"{t['seconds_per_step']:.2f}",
+                ]
+                for t in result["summary"]
+            ],
+        )
+    )
     if result["differences"]:
-        print(markdown_table(["difference of final accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
-                             [[d["comparison"], f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
-                               f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]"]
-                              for d in result["differences"]]))
-    print(f"budget {args.budget} generated tokens per run; {result['wall_seconds']:.0f} s of wall time now, "
-          f"{result['run_seconds']['comparison']:.0f} s in the comparison's runs; "
-          f"wrote {out / 'compare_rl.json'} and .png")
+        print(
+            markdown_table(
+                ["difference of final accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
+                [
+                    [
+                        d["comparison"],
+                        f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
+                        f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]",
+                    ]
+                    for d in result["differences"]
+                ],
+            )
+        )
+    print(
+        f"budget {args.budget} generated tokens per run; {result['wall_seconds']:.0f} s of wall time now, "
+        f"{result['run_seconds']['comparison']:.0f} s in the comparison's runs; "
+        f"wrote {out / 'compare_rl.json'} and .png"
+    )
     return result
 
 

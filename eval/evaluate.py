@@ -34,9 +34,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from eval import benchmarks
 from eval.benchmarks import Problem
@@ -97,10 +97,20 @@ class EvalConfig:
     """Every setting is a flag: `python -m eval.evaluate --help`."""
 
     model: str = field(default="", metadata={"help": "hub id or local path (save_pretrained folder) of a causal LM"})
-    bench: str = field(default="math500", metadata={"help": "comma-separated: " + ",".join(benchmarks.BENCHES) + ", or all"})
+    bench: str = field(
+        default="math500", metadata={"help": "comma-separated: " + ",".join(benchmarks.BENCHES) + ", or all"}
+    )
     samples: int = field(default=1, metadata={"help": "k: sampled responses per problem"})
-    data_dir: str = field(default="", metadata={"help": "folder with the benchmark files (default: ../shared/data next to the repository)"})
-    bench_file: list[str] = field(default_factory=list, metadata={"help": "NAME=FILE.jsonl or NAME=org/dataset[:split]: read bench NAME from there; a new NAME is a math bench with problem/answer fields"})
+    data_dir: str = field(
+        default="",
+        metadata={"help": "folder with the benchmark files (default: ../shared/data next to the repository)"},
+    )
+    bench_file: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "NAME=FILE.jsonl or NAME=org/dataset[:split]: read bench NAME from there; a new NAME is a math bench with problem/answer fields"
+        },
+    )
     limit: int = field(default=0, metadata={"help": "only the first N problems of each bench (0: all)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (0: greedy)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
@@ -108,7 +118,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed (reset before each bench)"})
     backend: str = field(default="hf", metadata={"help": "generation engine: hf (transformers generate)"})
     batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     code_timeout: float = field(default=10.0, metadata={"help": "seconds per sandboxed test run (code benches)"})
     out: str = field(default="", metadata={"help": "output folder (default: results/eval/<model name>)"})
@@ -117,22 +129,35 @@ class EvalConfig:
         if need_model and not self.model:
             raise ValueError("--model is required (a hub id or a local save_pretrained folder)")
         k_values(self.samples)
-        checks = {"--batch_size": self.batch_size >= 1, "--max_new_tokens": self.max_new_tokens >= 1,
-                  "--limit": self.limit >= 0, "--temperature": self.temperature >= 0,
-                  "--top_p": 0 < self.top_p <= 1, "--code_timeout": self.code_timeout > 0}
+        checks = {
+            "--batch_size": self.batch_size >= 1,
+            "--max_new_tokens": self.max_new_tokens >= 1,
+            "--limit": self.limit >= 0,
+            "--temperature": self.temperature >= 0,
+            "--top_p": 0 < self.top_p <= 1,
+            "--code_timeout": self.code_timeout > 0,
+        }
         for flag, ok in checks.items():
             if not ok:
                 raise ValueError(f"{flag} has an invalid value: {getattr(self, flag[2:])!r}")
-        choices = {"backend": BACKENDS, "dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("auto", "cpu", "cuda")}
+        choices = {
+            "backend": BACKENDS,
+            "dtype": ("auto", "float32", "bfloat16", "float16"),
+            "device": ("auto", "cpu", "cuda"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     def sampling(self) -> dict:
         """The settings that decide what is sampled (recorded with every bench's result)."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "backend": self.backend}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "backend": self.backend,
+        }
 
 
 def parse_config(argv: list[str] | None = None, need_model: bool = True) -> EvalConfig:
@@ -152,11 +177,11 @@ def parse_config(argv: list[str] | None = None, need_model: bool = True) -> Eval
 @dataclass
 class Generation:
     text: str
-    num_tokens: int = 0      # generated tokens, the end-of-sequence token included
-    finished: bool = True    # False: cut off at --max_new_tokens
+    num_tokens: int = 0  # generated tokens, the end-of-sequence token included
+    finished: bool = True  # False: cut off at --max_new_tokens
 
 
-Responder = Callable[[list[str], int], list[list[Generation]]]   # (prompts, n) -> n per prompt
+Responder = Callable[[list[str], int], list[list[Generation]]]  # (prompts, n) -> n per prompt
 
 
 def load_model(config: EvalConfig):
@@ -205,10 +230,17 @@ def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         out = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-            do_sample=not greedy, temperature=None if greedy else config.temperature,
-            top_p=None if greedy else config.top_p, top_k=None if greedy else 0, repetition_penalty=1.0,
-            eos_token_id=stops, pad_token_id=pad)
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else config.temperature,
+            top_p=None if greedy else config.top_p,
+            top_k=None if greedy else 0,
+            repetition_penalty=1.0,
+            eos_token_id=stops,
+            pad_token_id=pad,
+        )
         generations = []
         for tokens in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
@@ -220,8 +252,8 @@ def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
         rows = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts for _ in range(n)]
         flat = []
         for start in range(0, len(rows), config.batch_size):
-            flat += generate(rows[start:start + config.batch_size])
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+            flat += generate(rows[start : start + config.batch_size])
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     return respond
 
@@ -242,14 +274,15 @@ def make_responder(config: EvalConfig) -> tuple[Responder, object]:
 @dataclass
 class BenchResult:
     name: str
-    metrics: dict          # n, samples, avg@k, pass@k..., lengths, settings
-    records: list[dict]    # one per sampled response
+    metrics: dict  # n, samples, avg@k, pass@k..., lengths, settings
+    records: list[dict]  # one per sampled response
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:
         import torch
+
         torch.manual_seed(seed)
     except ImportError:
         pass
@@ -259,38 +292,58 @@ def generate_all(prompts: list[str], responder: Responder, config: EvalConfig, d
     """All responses, in batches of about --batch_size sequences, with a progress bar."""
     from policy import progress_bar
 
-    per_batch = max(1, config.batch_size // config.samples)   # prompts per batch
+    per_batch = max(1, config.batch_size // config.samples)  # prompts per batch
     groups: list[list[Generation]] = []
     for start in progress_bar(range(0, len(prompts), per_batch), desc=desc, unit="batch"):
-        chunk = prompts[start:start + per_batch]
+        chunk = prompts[start : start + per_batch]
         answered = responder(chunk, config.samples)
         if len(answered) != len(chunk) or any(len(g) != config.samples for g in answered):
-            raise RuntimeError(f"the responder returned {[len(g) for g in answered]} responses for "
-                               f"{len(chunk)} prompts x {config.samples} samples")
+            raise RuntimeError(
+                f"the responder returned {[len(g) for g in answered]} responses for "
+                f"{len(chunk)} prompts x {config.samples} samples"
+            )
         groups += answered
     return groups
 
 
-def evaluate_bench(name: str, problems: list[Problem], responder: Responder, tokenizer,
-                   config: EvalConfig) -> BenchResult:
+def evaluate_bench(
+    name: str, problems: list[Problem], responder: Responder, tokenizer, config: EvalConfig
+) -> BenchResult:
     """Sample, grade and score one benchmark."""
     started = time.time()
-    seed_everything(config.seed)   # the same seed for each bench: results do not depend on order
+    seed_everything(config.seed)  # the same seed for each bench: results do not depend on order
     prompts = [benchmarks.prompt_for(p, tokenizer) for p in problems]
     groups = generate_all(prompts, responder, config, desc=f"{name} ({len(problems)} x {config.samples})")
     flat = [(p, prompt, j, g) for p, prompt, group in zip(problems, prompts, groups) for j, g in enumerate(group)]
-    extracted, correct = benchmarks.grade([p for p, *_ in flat], [g.text for *_, g in flat],
-                                          code_timeout=config.code_timeout)
+    extracted, correct = benchmarks.grade(
+        [p for p, *_ in flat], [g.text for *_, g in flat], code_timeout=config.code_timeout
+    )
     records = [
-        {"bench": name, "index": p.index, "id": p.id, "sample": j, "prompt": prompt, "response": g.text,
-         "extracted": answer, "gold": p.gold, "correct": score, "finished": g.finished,
-         "num_tokens": g.num_tokens}
-        for (p, prompt, j, g), answer, score in zip(flat, extracted, correct)]
-    per_problem = [correct[i * config.samples:(i + 1) * config.samples] for i in range(len(problems))]
-    metrics = {"n": len(problems), "samples": config.samples, **bench_metrics(per_problem),
-               "mean_response_tokens": sum(g.num_tokens for *_, g in flat) / len(flat),
-               "truncated": sum(not g.finished for *_, g in flat) / len(flat),
-               "seconds": round(time.time() - started, 2), "sampling": config.sampling()}
+        {
+            "bench": name,
+            "index": p.index,
+            "id": p.id,
+            "sample": j,
+            "prompt": prompt,
+            "response": g.text,
+            "extracted": answer,
+            "gold": p.gold,
+            "correct": score,
+            "finished": g.finished,
+            "num_tokens": g.num_tokens,
+        }
+        for (p, prompt, j, g), answer, score in zip(flat, extracted, correct)
+    ]
+    per_problem = [correct[i * config.samples : (i + 1) * config.samples] for i in range(len(problems))]
+    metrics = {
+        "n": len(problems),
+        "samples": config.samples,
+        **bench_metrics(per_problem),
+        "mean_response_tokens": sum(g.num_tokens for *_, g in flat) / len(flat),
+        "truncated": sum(not g.finished for *_, g in flat) / len(flat),
+        "seconds": round(time.time() - started, 2),
+        "sampling": config.sampling(),
+    }
     return BenchResult(name, metrics, records)
 
 
@@ -301,8 +354,14 @@ def markdown_table(results: list[BenchResult]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         m = result.metrics
-        cells = [result.name, str(m["n"]), str(m["samples"]), *(f"{100 * m[k]:.1f}" for k in metric_names),
-                 f"{m['mean_response_tokens']:.0f}", f"{100 * m['truncated']:.1f}%"]
+        cells = [
+            result.name,
+            str(m["n"]),
+            str(m["samples"]),
+            *(f"{100 * m[k]:.1f}" for k in metric_names),
+            f"{m['mean_response_tokens']:.0f}",
+            f"{100 * m['truncated']:.1f}%",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,8 +386,11 @@ def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> 
 def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) -> dict:
     """Load every bench first (so a missing file fails before a model is loaded), then sample,
     grade, and write the outputs. `responder` replaces the model when given."""
-    data_dir = Path(config.data_dir) if config.data_dir else (
-        benchmarks.DEFAULT_DATA_DIR if benchmarks.DEFAULT_DATA_DIR.is_dir() else None)
+    data_dir = (
+        Path(config.data_dir)
+        if config.data_dir
+        else (benchmarks.DEFAULT_DATA_DIR if benchmarks.DEFAULT_DATA_DIR.is_dir() else None)
+    )
     if config.data_dir and not data_dir.is_dir():
         raise ValueError(f"--data_dir {config.data_dir}: no such folder")
     names = benchmarks.parse_bench_list(config.bench)

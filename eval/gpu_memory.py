@@ -30,9 +30,9 @@ import policy
 import train
 import tree
 import treerl
-from hf_backend import HFBackend
 from eval.common import machine, markdown_table, write_json
 from eval.throughput import QWEN_1_5B
+from hf_backend import HFBackend
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,9 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
         return [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]
 
     response = rollout.max_new_tokens
-    sequences = [tree.TrainSequence(prompt(), [rng.randrange(1, vocab) for _ in range(response)],
-                                    [-1.0] * response, [rng.uniform(-1, 1)] * response, 0.0, True, None)
-                 for _ in range(2 * update.micro_batch_size)]
+    sequences = [
+        tree.TrainSequence(
+            prompt(),
+            [rng.randrange(1, vocab) for _ in range(response)],
+            [-1.0] * response,
+            [rng.uniform(-1, 1)] * response,
+            0.0,
+            True,
+            None,
+        )
+        for _ in range(2 * update.micro_batch_size)
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=update.lr, weight_decay=0.0)
     started = time.perf_counter()
     treerl.update(model, optimizer, None, sequences, update, pad_token_id=0, temperature=rollout.temperature)
@@ -91,25 +100,52 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"rollout: peak {rollout_peak:.1f} GB, {rollout_s:.0f} s", flush=True)
 
     payload = {
-        "command": "python -m eval.gpu_memory " + " ".join(argv), "machine": machine(),
-        "device": torch.cuda.get_device_name(), "device_memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9,
-        "parameters": params, "dtype": model_cfg.dtype, "gradient_checkpointing": model_cfg.gradient_checkpointing,
+        "command": "python -m eval.gpu_memory " + " ".join(argv),
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(),
+        "device_memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9,
+        "parameters": params,
+        "dtype": model_cfg.dtype,
+        "gradient_checkpointing": model_cfg.gradient_checkpointing,
         "weights_gb": weights,
-        "rollout": {"rows": run.gen_batch_size, "prompt_tokens": args.prompt_tokens,
-                    "new_tokens": rollout.max_new_tokens, "generated": rollout_tokens,
-                    "seconds": rollout_s, "peak_gb": rollout_peak},
-        "update": {"sequences": len(sequences), "micro_batch_size": update.micro_batch_size,
-                   "tokens_per_sequence": args.prompt_tokens + response, "seconds": update_s,
-                   "peak_gb": update_peak},
+        "rollout": {
+            "rows": run.gen_batch_size,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": rollout.max_new_tokens,
+            "generated": rollout_tokens,
+            "seconds": rollout_s,
+            "peak_gb": rollout_peak,
+        },
+        "update": {
+            "sequences": len(sequences),
+            "micro_batch_size": update.micro_batch_size,
+            "tokens_per_sequence": args.prompt_tokens + response,
+            "seconds": update_s,
+            "peak_gb": update_peak,
+        },
     }
     write_json(Path(args.out) / "gpu_memory.json", payload)
-    print(markdown_table(["phase", "shape", "seconds", "peak allocated"], [
-        ["weights", f"{params / 1e9:.2f}B parameters, {model_cfg.dtype}", "", f"{weights:.1f} GB"],
-        ["rollout", f"{run.gen_batch_size} rows x ({args.prompt_tokens} + {rollout.max_new_tokens}) tokens",
-         f"{rollout_s:.0f}", f"{rollout_peak:.1f} GB"],
-        ["update", f"{len(sequences)} sequences of {args.prompt_tokens + response} tokens, "
-                   f"micro-batch {update.micro_batch_size}, AdamW", f"{update_s:.0f}", f"{update_peak:.1f} GB"],
-    ]))
+    print(
+        markdown_table(
+            ["phase", "shape", "seconds", "peak allocated"],
+            [
+                ["weights", f"{params / 1e9:.2f}B parameters, {model_cfg.dtype}", "", f"{weights:.1f} GB"],
+                [
+                    "rollout",
+                    f"{run.gen_batch_size} rows x ({args.prompt_tokens} + {rollout.max_new_tokens}) tokens",
+                    f"{rollout_s:.0f}",
+                    f"{rollout_peak:.1f} GB",
+                ],
+                [
+                    "update",
+                    f"{len(sequences)} sequences of {args.prompt_tokens + response} tokens, "
+                    f"micro-batch {update.micro_batch_size}, AdamW",
+                    f"{update_s:.0f}",
+                    f"{update_peak:.1f} GB",
+                ],
+            ],
+        )
+    )
     return payload
 
 

@@ -59,14 +59,24 @@ def compare(before: list[float], after: list[float], after_texts: list[str]) -> 
     broken = [i for i, (x, y) in enumerate(zip(before, after)) if x and not y]
     fixed = [i for i, (x, y) in enumerate(zip(before, after)) if y and not x]
     slips = Counter(first_slip(after_texts[i]) for i in broken)
-    return {"problems": len(before), "accuracy_before": sum(before) / len(before),
-            "accuracy_after": sum(after) / len(after), "right_to_wrong": len(broken),
-            "wrong_to_right": len(fixed), "broken": broken, "fixed": fixed,
-            "first_slip_magnitude": {str(k): v for k, v in sorted(slips.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}}
+    return {
+        "problems": len(before),
+        "accuracy_before": sum(before) / len(before),
+        "accuracy_after": sum(after) / len(after),
+        "right_to_wrong": len(broken),
+        "wrong_to_right": len(fixed),
+        "broken": broken,
+        "fixed": fixed,
+        "first_slip_magnitude": {
+            str(k): v for k, v in sorted(slips.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py's config.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py's config."
+    )
     parser.add_argument("--before", required=True, help="policy folder (save_pretrained), e.g. the warm start")
     parser.add_argument("--after", required=True, help="policy folder, e.g. a checkpoint of an RL run")
     parser.add_argument("--out", default="", help="folder for greedy_flips.json (none: print only)")
@@ -82,11 +92,26 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"before": args.before, "after": args.after, **compare(before, after, after_texts)}
     for i in result["broken"]:
         print(f"{task.eval[i].prompt.strip()!r}: {before_texts[i]!r} -> {after_texts[i]!r}")
-    print(markdown_table(["greedy accuracy before", "after", "right -> wrong", "wrong -> right",
-                          "first wrong step of the broken, |wrong| - |right|: count"],
-                         [[f"{result['accuracy_before']:.3f}", f"{result['accuracy_after']:.3f}",
-                           result["right_to_wrong"], result["wrong_to_right"],
-                           ", ".join(f"{k}: {v}" for k, v in result["first_slip_magnitude"].items())]]))
+    print(
+        markdown_table(
+            [
+                "greedy accuracy before",
+                "after",
+                "right -> wrong",
+                "wrong -> right",
+                "first wrong step of the broken, |wrong| - |right|: count",
+            ],
+            [
+                [
+                    f"{result['accuracy_before']:.3f}",
+                    f"{result['accuracy_after']:.3f}",
+                    result["right_to_wrong"],
+                    result["wrong_to_right"],
+                    ", ".join(f"{k}: {v}" for k, v in result["first_slip_magnitude"].items()),
+                ]
+            ],
+        )
+    )
     if args.out:
         write_json(Path(args.out) / "greedy_flips.json", result)
     return result

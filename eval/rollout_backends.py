@@ -42,8 +42,8 @@ import rewards
 import tasks
 import tree
 import treerl
-from hf_backend import HFBackend
 from eval.common import machine, markdown_table, warm_started_policy, write_json
+from hf_backend import HFBackend
 
 SHAPE = dict(M=4, N=2, L=1, T=2)
 MAX_NEW_TOKENS = 64
@@ -58,8 +58,16 @@ def grow_forests(backend, prompts, answer_start, seed: int) -> tuple[int, float]
 
     started = time.perf_counter()
     with getattr(backend, "reusing_prefixes", contextlib.nullcontext)():  # as treerl.rollout does
-        forests = tree.eptree_batch(prompts, sample_fn, **SHAPE, fork_score="entropy", skip_last=4,
-                                    answer_start=answer_start, seed=seed, max_response_tokens=MAX_NEW_TOKENS)
+        forests = tree.eptree_batch(
+            prompts,
+            sample_fn,
+            **SHAPE,
+            fork_score="entropy",
+            skip_last=4,
+            answer_start=answer_start,
+            seed=seed,
+            max_response_tokens=MAX_NEW_TOKENS,
+        )
     seconds = time.perf_counter() - started
     return sum(tree.generated_tokens(root) for root in forests), seconds
 
@@ -77,7 +85,7 @@ def measure(args) -> dict:
     model, tokenizer = policy.load_policy(model_dir, policy.PolicyConfig(device="cpu"), torch.device("cpu"))
     model.eval()
     task = tasks.build_task(tasks.TaskConfig(), tokenizer)
-    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval[:args.prompts]]
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval[: args.prompts]]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS)
 
@@ -118,7 +126,8 @@ def measure(args) -> dict:
             "forest_seconds": statistics.median(t["seconds"]),
             "sync_seconds": statistics.median(t["sync"]),
             "start_seconds": start_seconds[name],
-            "prefix_cached_share": backends[name].stats["cached_prompt_tokens"] / max(backends[name].stats["prompt_tokens"], 1),
+            "prefix_cached_share": backends[name].stats["cached_prompt_tokens"]
+            / max(backends[name].stats["prompt_tokens"], 1),
             "fallback_syncs": backends[name].stats["fallback_syncs"] if name == "vllm" else 0,
         }
     if "vllm" in backends:
@@ -138,28 +147,50 @@ def measure(args) -> dict:
 def table(payload: dict) -> str:
     rows = []
     for name, r in payload["backends"].items():
-        rows.append([name, f"{r['tokens_per_second']:,.0f}", f"{r['tokens_per_second_median']:,.0f}",
-                     f"{r['generated_tokens_per_batch']:,.0f}",
-                     f"{r['forest_seconds']:.2f}", f"{r['sync_seconds'] * 1000:.1f}",
-                     f"{r['prefix_cached_share']:.1%}",
-                     f"{r['start_seconds']:.1f}"])
-    return markdown_table(["backend", "tokens/s (best)", "tokens/s (median)", "tokens per batch", "forest s (median)", "sync ms",
-                           "prefix tokens cached", "start s"], rows)
+        rows.append(
+            [
+                name,
+                f"{r['tokens_per_second']:,.0f}",
+                f"{r['tokens_per_second_median']:,.0f}",
+                f"{r['generated_tokens_per_batch']:,.0f}",
+                f"{r['forest_seconds']:.2f}",
+                f"{r['sync_seconds'] * 1000:.1f}",
+                f"{r['prefix_cached_share']:.1%}",
+                f"{r['start_seconds']:.1f}",
+            ]
+        )
+    return markdown_table(
+        [
+            "backend",
+            "tokens/s (best)",
+            "tokens/s (median)",
+            "tokens per batch",
+            "forest s (median)",
+            "sync ms",
+            "prefix tokens cached",
+            "start s",
+        ],
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16, help="prompts per batch (train.py's prompts_per_step)")
     parser.add_argument("--repeats", type=int, default=3, help="measured batches per backend, after one warm-up")
-    parser.add_argument("--model", default="", help="save_pretrained folder of the policy (default: the CPU default's warm start)")
+    parser.add_argument(
+        "--model", default="", help="save_pretrained folder of the policy (default: the CPU default's warm start)"
+    )
     parser.add_argument("--runs_dir", default="runs/experiments", help="where the warm start is cached")
     parser.add_argument("--skip_vllm", action="store_true", help="transformers only (no vLLM installed)")
     parser.add_argument("--out", default="results", help="folder for rollout_backends.json")
     args = parser.parse_args(argv)
     payload = measure(args)
     write_json(Path(args.out) / "rollout_backends.json", payload)
-    print(f"\n{payload['prompts']} prompts x {payload['leaves_per_prompt']} leaves, EPTree {payload['shape']}; "
-          f"{payload['parameters'] / 1e6:.2f}M-parameter policy; {payload['machine']}")
+    print(
+        f"\n{payload['prompts']} prompts x {payload['leaves_per_prompt']} leaves, EPTree {payload['shape']}; "
+        f"{payload['parameters'] / 1e6:.2f}M-parameter policy; {payload['machine']}"
+    )
     print(table(payload))
     return payload
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import resource
 import statistics
@@ -58,9 +59,16 @@ MODELS = {  # name -> (hidden size, layers, heads); the character vocabulary of 
 }
 # Qwen2.5-1.5B's shapes (its config.json), for a GPU: the 151,936-token vocabulary makes the LM
 # head and the per-token statistics part of what is measured.
-QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
-                 tie_word_embeddings=True)
+QWEN_1_5B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 PROMPT_TOKENS = 16
 RESPONSE_TOKENS = 64
 
@@ -70,9 +78,9 @@ class Subject:
     """A model to measure, with what the measurements need of its tokenizer."""
 
     model: torch.nn.Module
-    vocab: int        # token ids are drawn from [3, vocab)
+    vocab: int  # token ids are drawn from [3, vocab)
     pad: int
-    never: int        # an EOS id the model cannot emit: random weights then never stop early
+    never: int  # an EOS id the model cannot emit: random weights then never stop early
     update_prompts: int  # prompts whose forests the update is timed on
 
 
@@ -80,6 +88,7 @@ def build(name: str, device: str = "cpu") -> Subject:
     torch.manual_seed(0)
     if name == "qwen2.5-1.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
+
         with torch.device(device):  # 1.5B random weights initialise much faster on a GPU
             model = Qwen2ForCausalLM(Qwen2Config(**QWEN_1_5B, pad_token_id=0)).to(torch.bfloat16)
         subject = Subject(model, QWEN_1_5B["vocab_size"], 0, QWEN_1_5B["vocab_size"], 16)
@@ -89,8 +98,7 @@ def build(name: str, device: str = "cpu") -> Subject:
         tokenizer = policy.build_char_tokenizer()
         model = policy.build_tiny_model(cfg, tokenizer)
         # The 30M model's update is timed on fewer forests: on 2 CPU cores, 16 take minutes.
-        subject = Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer),
-                          16 if name == "default" else 4)
+        subject = Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer), 16 if name == "default" else 4)
     subject.model = subject.model.to(device).eval()
     return subject
 
@@ -140,13 +148,18 @@ def backend_for(subject: Subject, batch: int) -> hf_backend.HFBackend:
 def measure_generation(subject: Subject, batch: int, repeats: int) -> dict:
     rows = prompts(batch, subject.vocab)
     device = next(subject.model.parameters()).device
-    limit_s, tokens = timed(lambda: bare_decode(subject.model, torch.tensor(rows, device=device), RESPONSE_TOKENS), repeats)
+    limit_s, tokens = timed(
+        lambda: bare_decode(subject.model, torch.tensor(rows, device=device), RESPONSE_TOKENS), repeats
+    )
     backend = backend_for(subject, batch)
     backend_s, groups = timed(lambda: backend.sample(rows, 1, RESPONSE_TOKENS), repeats)
     backend_tokens = sum(len(s.tokens) for g in groups for s in g)
-    return {"batch": batch, "limit_tokens_per_s": tokens / limit_s,
-            "backend_tokens_per_s": backend_tokens / backend_s,
-            "gen_vs_limit": (backend_tokens / backend_s) / (tokens / limit_s)}
+    return {
+        "batch": batch,
+        "limit_tokens_per_s": tokens / limit_s,
+        "backend_tokens_per_s": backend_tokens / backend_s,
+        "gen_vs_limit": (backend_tokens / backend_s) / (tokens / limit_s),
+    }
 
 
 def grow(backend, rows, M, N, L, T, seed=0, reuse=True) -> tuple[list[tree.Node], dict[str, float]]:
@@ -188,13 +201,18 @@ def measure_tree_vs_chain(subject: Subject, prompts_per_step: int, batch: int, r
     chains = max(1, round(result["forest_tokens"] / (len(rows) * RESPONSE_TOKENS)))
     chain_s, groups = timed(lambda: backend.sample(rows, chains, RESPONSE_TOKENS), repeats)
     chain_tokens = sum(len(s.tokens) for g in groups for s in g)
-    result.update({
-        "chains_per_prompt": chains, "chain_tokens": chain_tokens, "chain_tokens_per_s": chain_tokens / chain_s,
-        "tree_vs_chain": result["forest_tokens_per_s"] / (chain_tokens / chain_s),
-        "tree_vs_chain_no_reuse": result["forest_no_reuse_tokens_per_s"] / (chain_tokens / chain_s),
-        # The share of the fork round that re-reading the prefixes costs.
-        "fork_prefill_share": 1 - result["forest_fork_round_seconds"] / result["forest_no_reuse_fork_round_seconds"],
-    })
+    result.update(
+        {
+            "chains_per_prompt": chains,
+            "chain_tokens": chain_tokens,
+            "chain_tokens_per_s": chain_tokens / chain_s,
+            "tree_vs_chain": result["forest_tokens_per_s"] / (chain_tokens / chain_s),
+            "tree_vs_chain_no_reuse": result["forest_no_reuse_tokens_per_s"] / (chain_tokens / chain_s),
+            # The share of the fork round that re-reading the prefixes costs.
+            "fork_prefill_share": 1
+            - result["forest_fork_round_seconds"] / result["forest_no_reuse_fork_round_seconds"],
+        }
+    )
     return result
 
 
@@ -223,15 +241,20 @@ def measure_update(subject: Subject, depth: int, batch: int, repeats: int) -> di
     forests, _ = grow(backend_for(subject, batch), rows, 4, 2, depth, 2)
     sequences = training_sequences(forests)
     leaf_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
-    result = {"L": depth, "prompts": len(rows), "leaves": len(sequences), "leaf_path_tokens": leaf_tokens,
-              "unique_over_flat": packing.token_ratio(sequences)}
+    result = {
+        "L": depth,
+        "prompts": len(rows),
+        "leaves": len(sequences),
+        "leaf_path_tokens": leaf_tokens,
+        "unique_over_flat": packing.token_ratio(sequences),
+    }
     for name, pack in (("flat", False), ("packed", True)):
         cfg = UpdateConfig(lr=1e-6)
         update = packing.update_packed if pack else treerl.update
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, _ = timed(lambda: update(model, optimizer, None, sequences, cfg, subject.pad), repeats)
+        seconds, _ = timed(functools.partial(update, model, optimizer, None, sequences, cfg, subject.pad), repeats)
         model.zero_grad(set_to_none=True)
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
         result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)
@@ -241,29 +264,61 @@ def measure_update(subject: Subject, depth: int, batch: int, repeats: int) -> di
 
 def table_rows(name: str, r: dict) -> list[list[str]]:
     g = r["generation"]
-    rows = [[name, "generation (batch %d)" % g["batch"], f"{g['backend_tokens_per_s']:.0f} tok/s",
-             f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)", f"{g['gen_vs_limit']:.2f}"]]
+    rows = [
+        [
+            name,
+            f"generation (batch {g['batch']})",
+            f"{g['backend_tokens_per_s']:.0f} tok/s",
+            f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)",
+            f"{g['gen_vs_limit']:.2f}",
+        ]
+    ]
     for t in r["tree_vs_chain"]:
-        rows.append([name, f"EPTree vs chains, {t['prompts']} prompts", f"{t['forest_tokens_per_s']:.0f} tok/s",
-                     f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain']:.2f}"])
-        rows.append([name, "same, forks re-read their prefix", f"{t['forest_no_reuse_tokens_per_s']:.0f} tok/s",
-                     f"{t['chain_tokens_per_s']:.0f} tok/s (chains)", f"{t['tree_vs_chain_no_reuse']:.2f}"])
+        rows.append(
+            [
+                name,
+                f"EPTree vs chains, {t['prompts']} prompts",
+                f"{t['forest_tokens_per_s']:.0f} tok/s",
+                f"{t['chain_tokens_per_s']:.0f} tok/s (chains)",
+                f"{t['tree_vs_chain']:.2f}",
+            ]
+        )
+        rows.append(
+            [
+                name,
+                "same, forks re-read their prefix",
+                f"{t['forest_no_reuse_tokens_per_s']:.0f} tok/s",
+                f"{t['chain_tokens_per_s']:.0f} tok/s (chains)",
+                f"{t['tree_vs_chain_no_reuse']:.2f}",
+            ]
+        )
     for u in r["update"]:
-        rows.append([name, f"update, L={u['L']} ({u['leaves']} leaves, unique/flat {u['unique_over_flat']:.2f})",
-                     f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
-                     f"{u['flat_leaf_tokens_per_s']:.0f} tok/s (flat)", f"{u['packed_speedup']:.2f}"])
+        rows.append(
+            [
+                name,
+                f"update, L={u['L']} ({u['leaves']} leaves, unique/flat {u['unique_over_flat']:.2f})",
+                f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
+                f"{u['flat_leaf_tokens_per_s']:.0f} tok/s (flat)",
+                f"{u['packed_speedup']:.2f}",
+            ]
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="default,30m",
-                        help=f"comma-separated, from: {', '.join([*MODELS, 'qwen2.5-1.5b'])}")
+    parser.add_argument(
+        "--models", default="default,30m", help=f"comma-separated, from: {', '.join([*MODELS, 'qwen2.5-1.5b'])}"
+    )
     parser.add_argument("--batch", type=int, default=256, help="generation batch (train.py's gen_batch_size)")
     parser.add_argument("--prompts", default="16,64", help="prompts per step for the tree-vs-chain comparison")
-    parser.add_argument("--update_prompts", type=int, default=0,
-                        help="prompts whose forests the update is timed on (0: 16, or 4 for the 30M model)")
+    parser.add_argument(
+        "--update_prompts",
+        type=int,
+        default=0,
+        help="prompts whose forests the update is timed on (0: 16, or 4 for the 30M model)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="results")
@@ -279,9 +334,14 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError:
         parser.error(f"--prompts must be comma-separated integers, got {args.prompts!r}")
     started = time.perf_counter()
-    payload = {"command": "python -m eval.throughput " + " ".join(argv), "machine": machine(),
-               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "prompt_tokens": PROMPT_TOKENS, "response_tokens": RESPONSE_TOKENS, "models": {}}
+    payload = {
+        "command": "python -m eval.throughput " + " ".join(argv),
+        "machine": machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "prompt_tokens": PROMPT_TOKENS,
+        "response_tokens": RESPONSE_TOKENS,
+        "models": {},
+    }
     table = []
     for name in names:
         subject = build(name, args.device)
@@ -305,9 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
             report(f"update L={depth}: packed_speedup {result['update'][-1]['packed_speedup']:.2f}")
         payload["models"][name] = result
         if name == names[0]:  # the headline ratios: the first model, train.py's step where it applies
-            payload.update(gen_vs_limit=result["generation"]["gen_vs_limit"],
-                           tree_vs_chain=result["tree_vs_chain"][0]["tree_vs_chain"],
-                           packed_speedup=result["update"][0]["packed_speedup"])
+            payload.update(
+                gen_vs_limit=result["generation"]["gen_vs_limit"],
+                tree_vs_chain=result["tree_vs_chain"][0]["tree_vs_chain"],
+                packed_speedup=result["update"][0]["packed_speedup"],
+            )
         payload["wall_seconds"] = time.perf_counter() - started
         write_json(Path(args.out) / "throughput.json", payload)  # after every model: a cut run keeps the rest
         table += table_rows(name, result)

@@ -54,19 +54,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shared_settings(args, output_dir: str) -> dict:
     """TRL settings that mirror the CPU default's update (see the module docstring)."""
-    return dict(output_dir=output_dir, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
-                loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, max_grad_norm=1.0,
-                temperature=1.0, top_p=1.0, top_k=0, max_completion_length=64, gradient_accumulation_steps=4,
-                max_steps=10_000, seed=args.seed, bf16=False, use_cpu=True, report_to="none",
-                gradient_checkpointing=False,  # TRL's default is on; train.py's is off (and it halves the speed here)
-                save_strategy="no", logging_steps=1, disable_tqdm=True)
+    return dict(
+        output_dir=output_dir,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=64,
+        gradient_accumulation_steps=4,
+        max_steps=10_000,
+        seed=args.seed,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        gradient_checkpointing=False,  # TRL's default is on; train.py's is off (and it halves the speed here)
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
 
 
 def held_out_accuracy(model, tokenizer, task, config: train.Config) -> dict[str, float]:
     """train.py's held-out evaluation (tasks.evaluate with the run's settings)."""
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
-    return tasks.evaluate(backend, tokenizer, task, config.task.eval_samples, config.rollout.max_new_tokens,
-                          config.rollout.temperature, config.rollout.top_p, seed=config.run.seed)
+    return tasks.evaluate(
+        backend,
+        tokenizer,
+        task,
+        config.task.eval_samples,
+        config.rollout.max_new_tokens,
+        config.rollout.temperature,
+        config.rollout.top_p,
+        seed=config.run.seed,
+    )
 
 
 def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
@@ -82,13 +109,18 @@ def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
     out = str(Path(args.runs_dir) / name)
     prompts = run.prompts_per_step
     if name == "trl-treerl":
-        settings = trl_treerl.TreeRLConfig(M=4, N=2, L=1, T=2, per_device_train_batch_size=prompts * 20 // 4,
-                                           **shared_settings(args, out))
+        settings = trl_treerl.TreeRLConfig(
+            M=4, N=2, L=1, T=2, per_device_train_batch_size=prompts * 20 // 4, **shared_settings(args, out)
+        )
         cls = trl_treerl.TreeRLTrainer
     else:
         G = args.grpo_generations
-        settings = GRPOConfig(num_generations=G, per_device_train_batch_size=prompts * G // 4,
-                              scale_rewards="group", **shared_settings(args, out))
+        settings = GRPOConfig(
+            num_generations=G,
+            per_device_train_batch_size=prompts * G // 4,
+            scale_rewards="group",
+            **shared_settings(args, out),
+        )
         cls = GRPOTrainer
 
     class Meter(TrainerCallback):
@@ -116,21 +148,36 @@ def run_trl(name: str, args, warm_dir: Path, config: train.Config) -> dict:
                 control.should_training_stop = True
 
     meter = Meter()
-    trainer = cls(model, reward_funcs=trl_treerl.arith_reward_func, args=settings,
-                  train_dataset=trl_treerl.task_dataset(task), processing_class=tokenizer, callbacks=[meter])
+    trainer = cls(
+        model,
+        reward_funcs=trl_treerl.arith_reward_func,
+        args=settings,
+        train_dataset=trl_treerl.task_dataset(task),
+        processing_class=tokenizer,
+        callbacks=[meter],
+    )
     trainer.train()
     after = held_out_accuracy(model, tokenizer, task, config)
-    return {"method": name, "steps": len(meter.seconds), "generated_tokens": int(sum(meter.tokens)),
-            "seconds_per_step": sum(meter.seconds) / len(meter.seconds),
-            "seconds_per_step_median": statistics.median(meter.seconds),
-            "cpu_seconds_per_step": sum(meter.cpu_seconds) / len(meter.cpu_seconds),
-            "cpu_seconds_per_1k_tokens": 1000 * sum(meter.cpu_seconds) / max(sum(meter.tokens), 1),
-            "train_reward_first": meter.rewards[0], "train_reward_last": meter.rewards[-1],
-            "accuracy_after": after["sampled"], "greedy_accuracy_after": after["greedy"]}
+    return {
+        "method": name,
+        "steps": len(meter.seconds),
+        "generated_tokens": int(sum(meter.tokens)),
+        "seconds_per_step": sum(meter.seconds) / len(meter.seconds),
+        "seconds_per_step_median": statistics.median(meter.seconds),
+        "cpu_seconds_per_step": sum(meter.cpu_seconds) / len(meter.cpu_seconds),
+        "cpu_seconds_per_1k_tokens": 1000 * sum(meter.cpu_seconds) / max(sum(meter.tokens), 1),
+        "train_reward_first": meter.rewards[0],
+        "train_reward_last": meter.rewards[-1],
+        "accuracy_after": after["sampled"],
+        "greedy_accuracy_after": after["greedy"],
+    }
 
 
-OURS = {"ours-treerl-flat": ["--pack_tree", "false"], "ours-treerl-packed": ["--pack_tree", "true"],
-        "ours-chainrl": ["--algo", "chainrl"]}
+OURS = {
+    "ours-treerl-flat": ["--pack_tree", "false"],
+    "ours-treerl-packed": ["--pack_tree", "true"],
+    "ours-chainrl": ["--algo", "chainrl"],
+}
 
 
 def run_ours(name: str, args, warm_dir: Path) -> dict:
@@ -148,39 +195,76 @@ def run_ours(name: str, args, warm_dir: Path) -> dict:
                 if starts_step:
                     cpu_seconds.append(0.0)
                 cpu_seconds[-1] += time.process_time() - started
+
         return wrapper
 
     rollout, update, update_packed = treerl.rollout, treerl.update, packing.update_packed
     treerl.rollout, treerl.update = timed(rollout, True), timed(update, False)
     packing.update_packed = timed(update_packed, False)
     try:
-        train.main(["--model", str(warm_dir), "--output_dir", args.runs_dir, "--run_name", name,
-                    "--seed", str(args.seed), "--lr", str(args.lr), "--steps", "10000", *flags,
-                    "--max_generated_tokens", str(args.budget), "--eval_every", "0", "--save_every", "0",
-                    "--save_trees", "false"])
+        train.main(
+            [
+                "--model",
+                str(warm_dir),
+                "--output_dir",
+                args.runs_dir,
+                "--run_name",
+                name,
+                "--seed",
+                str(args.seed),
+                "--lr",
+                str(args.lr),
+                "--steps",
+                "10000",
+                *flags,
+                "--max_generated_tokens",
+                str(args.budget),
+                "--eval_every",
+                "0",
+                "--save_every",
+                "0",
+                "--save_trees",
+                "false",
+            ]
+        )
     finally:
         treerl.rollout, treerl.update, packing.update_packed = rollout, update, update_packed
     run_dir = Path(args.runs_dir) / name
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
     seconds = [m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps]
-    return {"method": name, "steps": len(steps), "generated_tokens": summary["generated_tokens"],
-            "seconds_per_step": sum(seconds) / len(steps), "seconds_per_step_median": statistics.median(seconds),
-            "cpu_seconds_per_step": sum(cpu_seconds) / len(cpu_seconds),
-            "cpu_seconds_per_1k_tokens": 1000 * sum(cpu_seconds) / summary["generated_tokens"],
-            "train_reward_first": steps[0]["reward"],
-            "train_reward_last": steps[-1]["reward"], "accuracy_after": summary["accuracy_after"],
-            "greedy_accuracy_after": summary["greedy_accuracy_after"]}
+    return {
+        "method": name,
+        "steps": len(steps),
+        "generated_tokens": summary["generated_tokens"],
+        "seconds_per_step": sum(seconds) / len(steps),
+        "seconds_per_step_median": statistics.median(seconds),
+        "cpu_seconds_per_step": sum(cpu_seconds) / len(cpu_seconds),
+        "cpu_seconds_per_1k_tokens": 1000 * sum(cpu_seconds) / summary["generated_tokens"],
+        "train_reward_first": steps[0]["reward"],
+        "train_reward_last": steps[-1]["reward"],
+        "accuracy_after": summary["accuracy_after"],
+        "greedy_accuracy_after": summary["greedy_accuracy_after"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)")
-    parser.add_argument("--grpo_generations", type=int, default=12, help="TRL GRPO: completions per prompt (12 chains cost about one TreeRL step's tokens)")
+    parser.add_argument(
+        "--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)"
+    )
+    parser.add_argument(
+        "--grpo_generations",
+        type=int,
+        default=12,
+        help="TRL GRPO: completions per prompt (12 chains cost about one TreeRL step's tokens)",
+    )
     parser.add_argument("--lr", type=float, default=3e-5, help="train.py's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="trl-grpo,trl-treerl,ours-chainrl,ours-treerl-flat,ours-treerl-packed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time per step then measures work, not contention)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: CPU time per step then measures work, not contention)"
+    )
     parser.add_argument("--runs_dir", default="runs/trl_compare")
     parser.add_argument("--out", default=str(ROOT / "results" / "trl_compare.json"))
     args = parser.parse_args(argv)
@@ -198,12 +282,34 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]), flush=True)
 
     import trl
+
     table = markdown_table(
-        ["method", "steps", "generated tokens", "CPU s / 1k tokens", "CPU s / step", "wall s / step (mean, median)", "train reward first → last",
-         f"held-out avg@4 ({before['accuracy_before']:.1%} before)", f"greedy ({before['greedy_accuracy_before']:.1%} before)"],
-        [[r["method"], r["steps"], f"{r['generated_tokens']:,}", f"{r['cpu_seconds_per_1k_tokens']:.3f}", f"{r['cpu_seconds_per_step']:.2f}", f"{r['seconds_per_step']:.2f}, {r['seconds_per_step_median']:.2f}",
-          f"{r['train_reward_first']:.2f} → {r['train_reward_last']:.2f}", f"{r['accuracy_after']:.1%}",
-          f"{r['greedy_accuracy_after']:.1%}"] for r in rows])
+        [
+            "method",
+            "steps",
+            "generated tokens",
+            "CPU s / 1k tokens",
+            "CPU s / step",
+            "wall s / step (mean, median)",
+            "train reward first → last",
+            f"held-out avg@4 ({before['accuracy_before']:.1%} before)",
+            f"greedy ({before['greedy_accuracy_before']:.1%} before)",
+        ],
+        [
+            [
+                r["method"],
+                r["steps"],
+                f"{r['generated_tokens']:,}",
+                f"{r['cpu_seconds_per_1k_tokens']:.3f}",
+                f"{r['cpu_seconds_per_step']:.2f}",
+                f"{r['seconds_per_step']:.2f}, {r['seconds_per_step_median']:.2f}",
+                f"{r['train_reward_first']:.2f} → {r['train_reward_last']:.2f}",
+                f"{r['accuracy_after']:.1%}",
+                f"{r['greedy_accuracy_after']:.1%}",
+            ]
+            for r in rows
+        ],
+    )
     print(table)
     per_token = {r["method"]: r["cpu_seconds_per_1k_tokens"] for r in rows}
     ratios = {}  # the targets: ours-chainrl <= 1.0 x trl-grpo; ours TreeRL <= 1.25 x ours-chainrl
@@ -214,10 +320,20 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"{name} / ours-chainrl"] = per_token[name] / per_token["ours-chainrl"]
     for key, value in ratios.items():
         print(f"CPU time per generated token, {key}: {value:.2f}")
-    payload = {"machine": machine(), "threads": args.threads, "trl": trl.__version__, "budget": args.budget, "seed": args.seed,
-               "lr": args.lr, "grpo_generations": args.grpo_generations,
-               "accuracy_before": before["accuracy_before"], "greedy_accuracy_before": before["greedy_accuracy_before"],
-               "rows": rows, "ratios_cpu_time_per_token": ratios, "wall_seconds": time.perf_counter() - started}
+    payload = {
+        "machine": machine(),
+        "threads": args.threads,
+        "trl": trl.__version__,
+        "budget": args.budget,
+        "seed": args.seed,
+        "lr": args.lr,
+        "grpo_generations": args.grpo_generations,
+        "accuracy_before": before["accuracy_before"],
+        "greedy_accuracy_before": before["greedy_accuracy_before"],
+        "rows": rows,
+        "ratios_cpu_time_per_token": ratios,
+        "wall_seconds": time.perf_counter() - started,
+    }
     write_json(Path(args.out), payload)
     return payload
 

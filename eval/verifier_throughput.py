@@ -35,8 +35,9 @@ DATA = ROOT.parent / "shared" / "data"
 PATHOLOGICAL = {
     "10^(10^10)": r"\boxed{10^{10^{10}}}",
     "9^(9^(9^9))": r"\boxed{9^{9^{9^{9}}}}",
-    "100k-character garbage":
-        r"\boxed{" + "".join(random.Random(1).choice(string.printable) for _ in range(100_000)) + "}",
+    "100k-character garbage": r"\boxed{"
+    + "".join(random.Random(1).choice(string.printable) for _ in range(100_000))
+    + "}",
     "200-deep nested braces": r"\boxed{" + "{" * 200 + "3" + "}" * 200 + "}",
 }
 
@@ -50,8 +51,11 @@ def math_pairs(count: int) -> tuple[list[str], list[str], str]:
         return [r["solution"] for r in rows], [r["answer"] for r in rows], "MATH500 gold solution vs answer"
     rng = random.Random(0)
     pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(count)]
-    return ([rf"so the answer is \boxed{{\frac{{{a}}}{{{b}}}}}" for a, b in pairs],
-            [str(a / b) for a, b in pairs], "generated fractions vs decimals")
+    return (
+        [rf"so the answer is \boxed{{\frac{{{a}}}{{{b}}}}}" for a, b in pairs],
+        [str(a / b) for a, b in pairs],
+        "generated fractions vs decimals",
+    )
 
 
 def measure_math(count: int) -> dict:
@@ -67,8 +71,14 @@ def measure_math(count: int) -> dict:
         single_started = time.perf_counter()
         rewards.math_reward(rf"\boxed{{\frac{{{a}}}{{{b}}}}}", f"{a}/{b}")
         single.append(time.perf_counter() - single_started)
-    return {"checks": count, "source": source, "seconds": elapsed, "checks_per_second": count / elapsed,
-            "agreement": sum(scores) / count, "single_call_median_ms": 1000 * statistics.median(single)}
+    return {
+        "checks": count,
+        "source": source,
+        "seconds": elapsed,
+        "checks_per_second": count / elapsed,
+        "agreement": sum(scores) / count,
+        "single_call_median_ms": 1000 * statistics.median(single),
+    }
 
 
 def measure_pathological(repeats: int, timeout: float) -> dict:
@@ -93,7 +103,8 @@ def measure_code(runs: int, sandbox: str) -> dict:
     for label, (source, kind_tests) in {"stdio": (program, tests), "check": (check_program, check)}.items():
         started = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
-            scores = list(pool.map(lambda _: rewards.code_reward(source, kind_tests, sandbox=sandbox), range(runs)))
+            futures = [pool.submit(rewards.code_reward, source, kind_tests, sandbox=sandbox) for _ in range(runs)]
+            scores = [future.result() for future in futures]
         elapsed = time.perf_counter() - started
         assert all(score == 1.0 for score in scores), f"{sandbox}/{label}: a correct program failed"
         result[label] = {"runs": runs, "seconds": elapsed, "runs_per_second": runs / elapsed}
@@ -105,30 +116,38 @@ def main() -> None:
     parser.add_argument("--math-checks", type=int, default=500)
     parser.add_argument("--code-runs", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each pathological input")
-    parser.add_argument("--timeout", type=float, default=rewards.DEFAULT_MATH_TIMEOUT,
-                        help="per-check limit for the pathological inputs (seconds)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=rewards.DEFAULT_MATH_TIMEOUT,
+        help="per-check limit for the pathological inputs (seconds)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "verifier_throughput.json")
     args = parser.parse_args()
 
     modes = ["bwrap", "rlimit"] if sandbox._bwrap_usable() else ["rlimit"]
     report = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "math": measure_math(args.math_checks),
         "pathological_math": measure_pathological(args.repeats, args.timeout),
         "code": {mode: measure_code(args.code_runs, mode) for mode in modes},
     }
 
     math = report["math"]
-    lines = ["| verifier | measure | value |", "|---|---|---|",
-             f"| math (pool of 2) | checks/s, {math['source']} | {math['checks_per_second']:.0f} |",
-             f"| math (pool of 2) | one check per call, median latency (ms) | {math['single_call_median_ms']:.1f} |"]
+    lines = [
+        "| verifier | measure | value |",
+        "|---|---|---|",
+        f"| math (pool of 2) | checks/s, {math['source']} | {math['checks_per_second']:.0f} |",
+        f"| math (pool of 2) | one check per call, median latency (ms) | {math['single_call_median_ms']:.1f} |",
+    ]
     for mode, kinds in report["code"].items():
         for kind, numbers in kinds.items():
             lines.append(f"| code ({mode}, 2 in flight) | {kind} runs/s | {numbers['runs_per_second']:.1f} |")
     for name, numbers in report["pathological_math"]["inputs"].items():
-        lines.append(f"| math, pathological: {name} | median / worst latency (s), limit "
-                     f"{args.timeout:g} s | {numbers['median_s']:.2f} / {numbers['worst_s']:.2f} |")
+        lines.append(
+            f"| math, pathological: {name} | median / worst latency (s), limit "
+            f"{args.timeout:g} s | {numbers['median_s']:.2f} / {numbers['worst_s']:.2f} |"
+        )
     print("\n".join(lines))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

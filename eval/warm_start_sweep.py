@@ -44,9 +44,17 @@ def run(recipe: str, seed: int, device: torch.device) -> dict:
     seconds = time.perf_counter() - started
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     accuracy = tasks.evaluate(backend, tokenizer, task, samples=4, max_new_tokens=64, temperature=1.0, seed=seed)
-    return {"recipe": recipe, "seed": seed, "steps": steps, "batch": batch, "lr": lr,
-            "examples": steps * batch, "seconds": seconds, "greedy": accuracy["greedy"],
-            "avg@4": accuracy["sampled"]}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "examples": steps * batch,
+        "seconds": seconds,
+        "greedy": accuracy["greedy"],
+        "avg@4": accuracy["sampled"],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -62,11 +70,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in parse_seeds(parser, args.seeds):
             rows.append(run(recipe, seed, device))
             print(rows[-1], flush=True)
-            write_json(Path(args.out), {"command": "python -m eval.warm_start_sweep " + " ".join(sys.argv[1:] if argv is None else argv),
-                                        "machine": machine(), "device": str(device), "rows": rows})
-    print(markdown_table(["recipe", "seed", "examples", "seconds", "greedy", "avg@4"],
-                         [[r["recipe"], r["seed"], r["examples"], f"{r['seconds']:.0f}", f"{r['greedy']:.1%}",
-                           f"{r['avg@4']:.1%}"] for r in rows]))
+            write_json(
+                Path(args.out),
+                {
+                    "command": "python -m eval.warm_start_sweep " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "machine": machine(),
+                    "device": str(device),
+                    "rows": rows,
+                },
+            )
+    print(
+        markdown_table(
+            ["recipe", "seed", "examples", "seconds", "greedy", "avg@4"],
+            [
+                [
+                    r["recipe"],
+                    r["seed"],
+                    r["examples"],
+                    f"{r['seconds']:.0f}",
+                    f"{r['greedy']:.1%}",
+                    f"{r['avg@4']:.1%}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     return rows
 
 

@@ -23,14 +23,17 @@ needs_data = pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="s
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 2, 0.7),          # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (5, 2, 1, 0.4),          # pass@1 = c/n
-    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
-    (5, 0, 3, 0.0),          # nothing correct
-    (5, 4, 2, 1.0),          # n - c = 1 < k: every pair holds a correct sample
-    (4, 4, 4, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (5, 2, 1, 0.4),  # pass@1 = c/n
+        (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
+        (5, 0, 3, 0.0),  # nothing correct
+        (5, 4, 2, 1.0),  # n - c = 1 < k: every pair holds a correct sample
+        (4, 4, 4, 1.0),
+    ],
+)
 def test_pass_at_k_hand_computed(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -41,7 +44,7 @@ def test_pass_at_k_matches_the_binomial_formula_and_stays_finite_for_large_n():
             for k in range(1, n + 1):
                 exact = 1 - math.comb(n - c, k) / math.comb(n, k)
                 assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-9)
-    assert 0 < pass_at_k(10_000, 3, 1_000) < 1   # C(10000, 1000) would overflow a float
+    assert 0 < pass_at_k(10_000, 3, 1_000) < 1  # C(10000, 1000) would overflow a float
 
 
 @pytest.mark.parametrize("n, c, k", [(5, 2, 0), (5, 2, 6), (5, 6, 1), (5, -1, 1)])
@@ -83,14 +86,22 @@ def test_gold_answers_gsm8k_and_amc():
 def test_mbpp_asserts_become_a_check_on_the_candidate():
     asserts = ["assert set(similar_elements((3, 4), (4, 5))) == set((4,))"]
     assert benchmarks.mbpp_entry_point(asserts) == "similar_elements"
-    assert benchmarks.mbpp_entry_point(["assert sum(10,15) == 6"]) == "sum"   # MBPP 126 shadows a built-in
-    check = benchmarks.mbpp_check(["assert check(70) == False"], "check")      # MBPP 56: a function named check
+    assert benchmarks.mbpp_entry_point(["assert sum(10,15) == 6"]) == "sum"  # MBPP 126 shadows a built-in
+    check = benchmarks.mbpp_check(["assert check(70) == False"], "check")  # MBPP 56: a function named check
     assert check == "def check(candidate):\n    assert candidate(70) == False\n"
 
 
 def test_humaneval_program_is_the_prompt_completed_or_replaced():
-    problem = benchmarks.Problem("humaneval", 0, "HumanEval/x", "code", "", [], entry_point="add",
-                                 completion_prefix="import math\ndef add(a, b):\n    \"\"\"Add.\"\"\"\n")
+    problem = benchmarks.Problem(
+        "humaneval",
+        0,
+        "HumanEval/x",
+        "code",
+        "",
+        [],
+        entry_point="add",
+        completion_prefix='import math\ndef add(a, b):\n    """Add."""\n',
+    )
     body = "    return a + b\n"
     assert benchmarks.program_for(problem, body) == problem.completion_prefix + body
     chat = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\n"
@@ -111,15 +122,18 @@ def no_model(prompts, n):
     raise AssertionError("no generation expected: the error must come first")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--bench", "math501"], "unknown bench 'math501'"),
-    (["--samples", "0"], "--samples"),
-    (["--temperature", "-1"], "--temperature"),
-    (["--backend", "vllm"], "--backend must be one of hf"),
-    (["--bench", "math500", "--bench_file", "math500"], "NAME=FILE"),
-    (["--bench", "math500", "--bench_file", "gsm8k=x.jsonl"], "--bench does not list"),
-    (["--bench", "mine", "--bench_file", "mine=missing.jsonl"], "data file not found: missing.jsonl"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bench", "math501"], "unknown bench 'math501'"),
+        (["--samples", "0"], "--samples"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--backend", "vllm"], "--backend must be one of hf"),
+        (["--bench", "math500", "--bench_file", "math500"], "NAME=FILE"),
+        (["--bench", "math500", "--bench_file", "gsm8k=x.jsonl"], "--bench does not list"),
+        (["--bench", "mine", "--bench_file", "mine=missing.jsonl"], "data file not found: missing.jsonl"),
+    ],
+)
 def test_bad_input_fails_with_a_clear_message(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         evaluate.main(["--data_dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra], responder=no_model)
@@ -162,18 +176,28 @@ def responder_from(texts: dict[str, str]):
 
 def test_custom_math_bench_from_a_file_end_to_end(tmp_path):
     """Needs no shared data: a user's own JSONL file, one right and one wrong answer."""
-    source = write_jsonl(tmp_path / "mine.jsonl", [{"problem": "What is 1/2 + 1/4?", "answer": "3/4"},
-                                                   {"question": "2+2?", "answer": 4.0}])
+    source = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [{"problem": "What is 1/2 + 1/4?", "answer": "3/4"}, {"question": "2+2?", "answer": 4.0}],
+    )
     answers = {"What is 1/2 + 1/4?": "so \\boxed{\\frac{3}{4}}", "2+2?": "\\boxed{5}"}
     texts = {f"{q}\n{tasks.MATH_INSTRUCTION}\n": a for q, a in answers.items()}
-    summary = evaluate.main(["--bench", "mine", "--bench_file", f"mine={source}", "--samples", "3",
-                             "--out", str(tmp_path / "out")], responder=responder_from(texts))
+    summary = evaluate.main(
+        ["--bench", "mine", "--bench_file", f"mine={source}", "--samples", "3", "--out", str(tmp_path / "out")],
+        responder=responder_from(texts),
+    )
     metrics = summary["benches"]["mine"]
     assert metrics["n"] == 2 and metrics["samples"] == 3
     assert metrics["avg@3"] == pytest.approx(0.5) and metrics["pass@2"] == pytest.approx(0.5)
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert [(r["index"], r["sample"], r["correct"]) for r in rows] == [(0, 0, 1.0), (0, 1, 1.0), (0, 2, 1.0),
-                                                                        (1, 0, 0.0), (1, 1, 0.0), (1, 2, 0.0)]
+    assert [(r["index"], r["sample"], r["correct"]) for r in rows] == [
+        (0, 0, 1.0),
+        (0, 1, 1.0),
+        (0, 2, 1.0),
+        (1, 0, 0.0),
+        (1, 1, 0.0),
+        (1, 2, 0.0),
+    ]
     assert rows[0]["extracted"] == "\\frac{3}{4}" and rows[3]["gold"] == "4"
 
 
@@ -218,8 +242,26 @@ def test_tiny_random_model_over_every_bench(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"
-    summary = evaluate.main(["--model", str(tmp_path / "tiny"), "--bench", "all", "--limit", "2", "--samples", "2",
-                             "--max_new_tokens", "4", "--device", "cpu", "--data_dir", str(DATA), "--out", str(out)])
+    summary = evaluate.main(
+        [
+            "--model",
+            str(tmp_path / "tiny"),
+            "--bench",
+            "all",
+            "--limit",
+            "2",
+            "--samples",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--data_dir",
+            str(DATA),
+            "--out",
+            str(out),
+        ]
+    )
 
     names = list(benchmarks.BENCHES)
     assert list(summary["benches"]) == names

@@ -5,13 +5,29 @@ import json
 import pytest
 import torch
 
-import rewards
 import policy
+import rewards
 from eval import compare_rl, greedy_flips, search_efficiency
 from eval.common import warm_started_policy
 
-TINY = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "20",
-        "--warmup_batch_size", "16", "--eval_size", "8", "--eval_samples", "2", "--max_new_tokens", "40"]
+TINY = [
+    "--hidden_size",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--warmup_steps",
+    "20",
+    "--warmup_batch_size",
+    "16",
+    "--eval_size",
+    "8",
+    "--eval_samples",
+    "2",
+    "--max_new_tokens",
+    "40",
+]
 
 
 @pytest.fixture
@@ -21,8 +37,18 @@ def coin_verifier(monkeypatch):
 
 
 def test_search_efficiency_quick(tmp_path, coin_verifier, monkeypatch):
-    argv = ["--quick", "--prompts", "6", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
-            "--chain_lengths", "2,3:3,3", *TINY]
+    argv = [
+        "--quick",
+        "--prompts",
+        "6",
+        "--out",
+        str(tmp_path / "out"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--chain_lengths",
+        "2,3:3,3",
+        *TINY,
+    ]
     result = search_efficiency.main(argv)
     saved = json.loads((tmp_path / "out" / "search_efficiency.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
@@ -56,8 +82,22 @@ def test_chains_at_interpolates_in_log_tokens():
 
 
 def test_compare_rl_quick(tmp_path, coin_verifier):
-    result = compare_rl.main(["--quick", "--budget", "3000", "--eval_every", "1", "--out", str(tmp_path / "out"),
-                              "--runs_dir", str(tmp_path / "runs"), "--prompts_per_step", "3", *TINY])
+    result = compare_rl.main(
+        [
+            "--quick",
+            "--budget",
+            "3000",
+            "--eval_every",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--prompts_per_step",
+            "3",
+            *TINY,
+        ]
+    )
     saved = json.loads((tmp_path / "out" / "compare_rl.json").read_text())
     assert (tmp_path / "out" / "compare_rl.png").stat().st_size > 0
     assert {r["method"] for r in saved["rows"]} == {"treerl", "chainrl-grpo"}
@@ -76,23 +116,43 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
     assert difference["accuracy_low"] <= difference["accuracy"] <= difference["accuracy_high"]
     assert {t["method"]: t["lr"] for t in saved["summary"]} == {"treerl": 3e-5, "chainrl-grpo": 3e-5}
     # The cost is the runs' own wall time (train.py's, summed over resumes), each run counted once.
-    run_walls = [json.loads((tmp_path / "runs" / f"{m}-seed0" / "summary.json").read_text())["wall_seconds"]
-                 for m in ("treerl", "chainrl-grpo")]
+    run_walls = [
+        json.loads((tmp_path / "runs" / f"{m}-seed0" / "summary.json").read_text())["wall_seconds"]
+        for m in ("treerl", "chainrl-grpo")
+    ]
     assert saved["run_seconds"] == {"comparison": pytest.approx(sum(run_walls)), "lr_sweep": 0}
 
 
 def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, coin_verifier, monkeypatch):
-    argv = ["--quick", "--budget", "2000", "--eval_every", "1", "--lr_sweep", "1e-5,1e-3", "--jobs", "2",
-            "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), "--prompts_per_step", "3", *TINY]
+    argv = [
+        "--quick",
+        "--budget",
+        "2000",
+        "--eval_every",
+        "1",
+        "--lr_sweep",
+        "1e-5,1e-3",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--prompts_per_step",
+        "3",
+        *TINY,
+    ]
     result = compare_rl.main(argv)
     sweep = result["lr_sweep"]["rows"]
     assert {(r["method"], r["lr"], r["seed"]) for r in sweep} == {
-        (m, lr, 100) for m in ("treerl", "chainrl-grpo") for lr in (1e-5, 1e-3)}
+        (m, lr, 100) for m in ("treerl", "chainrl-grpo") for lr in (1e-5, 1e-3)
+    }
     assert result["learning_rates"] == {m: compare_rl.choose_lr(sweep, m) for m in ("treerl", "chainrl-grpo")}
     assert {t["method"]: t["lr"] for t in result["summary"]} == result["learning_rates"]
     # The results file is the record: with the run folders gone, nothing is trained again.
     monkeypatch.setattr(compare_rl.train, "main", lambda argv: pytest.fail("trained again"))
     import shutil
+
     shutil.rmtree(tmp_path / "runs" / "treerl-seed0")
     again = compare_rl.main([*argv, "--jobs", "1"])
     assert again["rows"] == result["rows"] and again["lr_sweep"] == result["lr_sweep"]
@@ -113,8 +173,11 @@ def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy():
     # start: 30% avg@k, 80% greedy. 1e-4 has the best avg@k but loses 10 greedy points; 3e-5 is
     # the best of the rates that keep greedy accuracy within 2 points.
     def sweep(finals):
-        return [{"method": "treerl", "lr": lr, "accuracy": a, "greedy_accuracy": g}
-                for lr, (avg, greedy) in finals.items() for a, g in ((0.30, 0.80), (avg, greedy))]
+        return [
+            {"method": "treerl", "lr": lr, "accuracy": a, "greedy_accuracy": g}
+            for lr, (avg, greedy) in finals.items()
+            for a, g in ((0.30, 0.80), (avg, greedy))
+        ]
 
     assert compare_rl.choose_lr(sweep({1e-5: (0.33, 0.81), 3e-5: (0.36, 0.79), 1e-4: (0.40, 0.70)}), "treerl") == 3e-5
     # None keeps it: the rate that loses the least.
@@ -132,23 +195,35 @@ def test_bootstrap_difference():
 def test_differences_compare_treerl_with_every_other_method():
     # Final points only matter: TreeRL ends at 0.5 on both seeds; the others end lower.
     finals = {"treerl": 0.5, "treerl-random": 0.45, "chainrl-grpo": 0.4, "chainrl-release": 0.3}
-    rows = [{"method": m, "seed": seed, "step": step, "accuracy": acc if step else 0.2,
-             "greedy_accuracy": 0.8} for m, acc in finals.items() for seed in (0, 1) for step in (0, 10)]
+    rows = [
+        {"method": m, "seed": seed, "step": step, "accuracy": acc if step else 0.2, "greedy_accuracy": 0.8}
+        for m, acc in finals.items()
+        for seed in (0, 1)
+        for step in (0, 10)
+    ]
     methods = ["treerl", "treerl-random", "chainrl-grpo", "chainrl-release"]
     diffs = compare_rl.differences(rows, methods)
     assert [d["comparison"] for d in diffs] == [  # the baselines first, then the ablation
-        "treerl - chainrl-grpo", "treerl - chainrl-release", "treerl - treerl-random"]
+        "treerl - chainrl-grpo",
+        "treerl - chainrl-release",
+        "treerl - treerl-random",
+    ]
     assert [d["accuracy"] for d in diffs] == pytest.approx([0.1, 0.2, 0.05])
     assert all(d["greedy"] == 0 for d in diffs)
     assert compare_rl.differences(rows, ["chainrl-grpo", "chainrl-release"]) == []  # no TreeRL, nothing to compare
 
 
 def test_greedy_flips_first_slip_and_counts():
-    assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1        # 16 written as 17
-    assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1     # -10 written as -9
+    assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1  # 16 written as 17
+    assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1  # -10 written as -9
     assert greedy_flips.first_slip("3+4=7\nAnswer: 7") is None
     result = greedy_flips.compare([1, 1, 0, 0, 1], [0, 1, 1, 0, 0], ["1+1=3", "", "", "", "no steps"])
-    assert (result["right_to_wrong"], result["wrong_to_right"], result["broken"], result["fixed"]) == (2, 1, [0, 4], [2])
+    assert (result["right_to_wrong"], result["wrong_to_right"], result["broken"], result["fixed"]) == (
+        2,
+        1,
+        [0, 4],
+        [2],
+    )
     assert result["first_slip_magnitude"] == {"1": 1, "None": 1}
     assert (result["accuracy_before"], result["accuracy_after"]) == (0.6, 0.4)
 
@@ -156,7 +231,9 @@ def test_greedy_flips_first_slip_and_counts():
 def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
     # A stand-in verdict that depends on the answer and the problem: a barely trained model gives
     # the same answer everywhere, and some problems count it right.
-    monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float((sum(map(ord, response)) + int(gold)) % 2 == 0))
+    monkeypatch.setattr(
+        rewards, "arith_reward", lambda response, gold: float((sum(map(ord, response)) + int(gold)) % 2 == 0)
+    )
     sample = greedy_flips.HFBackend.sample
 
     def all_finished(self, *args, **kwargs):  # an untrained model never ends its answer
@@ -179,9 +256,10 @@ def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
     flags = ["--eval_size", "16", "--max_new_tokens", "12"]
     same = greedy_flips.main(["--before", str(before), "--after", str(tmp_path / "same"), *flags])
     assert (same["right_to_wrong"], same["wrong_to_right"]) == (0, 0) and same["problems"] == 16
-    other = greedy_flips.main(["--before", str(before), "--after", str(tmp_path / "other"),
-                               "--out", str(tmp_path / "out"), *flags])
-    assert other["right_to_wrong"] + other["wrong_to_right"] > 0   # other weights answer differently
+    other = greedy_flips.main(
+        ["--before", str(before), "--after", str(tmp_path / "other"), "--out", str(tmp_path / "out"), *flags]
+    )
+    assert other["right_to_wrong"] + other["wrong_to_right"] > 0  # other weights answer differently
     net = (other["wrong_to_right"] - other["right_to_wrong"]) / other["problems"]
     assert other["accuracy_after"] - other["accuracy_before"] == pytest.approx(net)
     assert json.loads((tmp_path / "out" / "greedy_flips.json").read_text())["broken"] == other["broken"]
@@ -191,8 +269,23 @@ def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
 
 def test_throughput_writes_every_ratio(tmp_path):
     from eval import throughput
-    result = throughput.main(["--models", "default", "--repeats", "1", "--prompts", "2", "--batch", "32",
-                              "--update_prompts", "2", "--out", str(tmp_path)])
+
+    result = throughput.main(
+        [
+            "--models",
+            "default",
+            "--repeats",
+            "1",
+            "--prompts",
+            "2",
+            "--batch",
+            "32",
+            "--update_prompts",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
     default = saved["models"]["default"]
@@ -205,6 +298,7 @@ def test_throughput_writes_every_ratio(tmp_path):
 
 def test_benchmark_scripts_refuse_what_they_cannot_run(tmp_path):
     from eval import gpu_memory, throughput
+
     with pytest.raises(SystemExit):
         throughput.main(["--models", "7b", "--out", str(tmp_path)])
     if not torch.cuda.is_available():

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import EOS, PAD, VOCAB  # the tiny_model fixture is there too
 
 import hf_backend
 import tree
 import treerl
-from conftest import EOS, PAD, VOCAB  # the tiny_model fixture is there too
 from hf_backend import HFBackend
 
 
@@ -25,7 +25,9 @@ def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
             assert 1 <= len(s.tokens) <= 12 and len(s.logprobs) == len(s.scores) == len(s.tokens)
             assert s.finished == (s.tokens[-1] == EOS) and EOS not in s.tokens[:-1]
             assert all(0 <= e <= math.log(VOCAB) + 1e-4 for e in s.scores)
-            sequences.append(tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None))
+            sequences.append(
+                tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None)
+            )
     batch = treerl.collate(sequences, PAD)
     with torch.no_grad():
         recomputed = treerl.sequence_logprobs(tiny_model, batch)
@@ -64,7 +66,9 @@ def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
             assert s.finished == (s.tokens[-1] == EOS)
             if not s.finished:
                 assert len(s.tokens) == budget  # only EOS or the budget ends a sample
-            sequences.append(tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None))
+            sequences.append(
+                tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None)
+            )
     batch = treerl.collate(sequences, PAD)
     with torch.no_grad():
         recomputed = treerl.sequence_logprobs(tiny_model, batch)
@@ -87,8 +91,13 @@ def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
         torch.manual_seed(4)
         chains = backend.sample(prompts, 2, 12, temperature=1.3)
         assert backend.stats["cached_prompt_tokens"] == 0
-        forks = [prompt + s.tokens[:k] for prompt, group in zip(prompts, chains) for s in group
-                 for k in (2, 5) if len(s.tokens) > k]
+        forks = [
+            prompt + s.tokens[:k]
+            for prompt, group in zip(prompts, chains)
+            for s in group
+            for k in (2, 5)
+            if len(s.tokens) > k
+        ]
         assert forks, "the tiny model should sample chains longer than 5 tokens"
         before = dict(backend.stats)
         resumed = backend.sample(forks, 2, 6, temperature=0.0)
@@ -143,5 +152,3 @@ def test_greedy_sampling_is_deterministic(tiny_model):
     a = backend.sample([[3, 4, 5]], 2, max_new_tokens=8, temperature=0.0)[0]
     b = backend.sample([[3, 4, 5]], 1, max_new_tokens=8, temperature=0.0)[0]
     assert a[0].tokens == a[1].tokens == b[0].tokens
-
-

@@ -33,9 +33,24 @@ def test_the_algorithm_knows_no_engine_and_no_verifier():
     assert not treerl & {"rewards", "packing", "hf_backend", "vllm_backend", "train", "tasks", "policy"}
 
 
-@pytest.mark.parametrize("path", ["trl_treerl.py", "eval/benchmarks.py", "eval/evaluate.py", "eval/common.py",
-                                  "tree.py", "treerl.py", "rewards.py", "sandbox.py", "tasks.py", "policy.py",
-                                  "packing.py", "hf_backend.py", "vllm_backend.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "trl_treerl.py",
+        "eval/benchmarks.py",
+        "eval/evaluate.py",
+        "eval/common.py",
+        "tree.py",
+        "treerl.py",
+        "rewards.py",
+        "sandbox.py",
+        "tasks.py",
+        "policy.py",
+        "packing.py",
+        "hf_backend.py",
+        "vllm_backend.py",
+    ],
+)
 def test_train_is_an_entry_point_not_a_library(path):
     assert "train" not in imported_modules(ROOT / path)
 

@@ -145,8 +145,11 @@ PAIRS = {
     ],
     "matrices": [
         (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1),  # column vector
-        (r"\begin{pmatrix}\frac12\\\sqrt2\end{pmatrix}",
-         r"\begin{pmatrix}\frac{1}{2}\\\sqrt{2}\end{pmatrix}", 1),  # shorthand inside a matrix
+        (
+            r"\begin{pmatrix}\frac12\\\sqrt2\end{pmatrix}",
+            r"\begin{pmatrix}\frac{1}{2}\\\sqrt{2}\end{pmatrix}",
+            1,
+        ),  # shorthand inside a matrix
         (r"\begin{bmatrix}1&2\\3&4\end{bmatrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", 1),  # brackets
         (r"\begin{pmatrix}1\\3\end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}", 0),  # one wrong entry
         (r"\begin{pmatrix}1&3\\2&4\end{pmatrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", 0),  # transpose
@@ -209,10 +212,12 @@ PATHOLOGICAL = [
 
 
 def _suite():
-    rows = [(category, rf"Some work. So the result is $\boxed{{{answer}}}$.", answer, gold, expected)
-            for category, pairs in PAIRS.items() for answer, gold, expected in pairs]
-    rows += [("several_boxes", response, response, gold, expected)
-             for response, gold, expected in SEVERAL_BOXES]
+    rows = [
+        (category, rf"Some work. So the result is $\boxed{{{answer}}}$.", answer, gold, expected)
+        for category, pairs in PAIRS.items()
+        for answer, gold, expected in pairs
+    ]
+    rows += [("several_boxes", response, response, gold, expected) for response, gold, expected in SEVERAL_BOXES]
     return rows
 
 
@@ -232,8 +237,11 @@ def test_suite_is_large_and_balanced():
 
 @pytest.mark.parametrize("category", list(PAIRS) + ["several_boxes"])
 def test_equivalence_pairs(scores, category):
-    wrong = [(answer, gold, expected, score) for (cat, _, answer, gold, expected), score in zip(SUITE, scores)
-             if cat == category and score != expected]
+    wrong = [
+        (answer, gold, expected, score)
+        for (cat, _, answer, gold, expected), score in zip(SUITE, scores)
+        if cat == category and score != expected
+    ]
     assert not wrong, f"(answer, gold, expected, got): {wrong}"
 
 

@@ -53,8 +53,7 @@ def random_sequences(seed: int, keep=None, truncated_penalty=None, forests: int 
     for _ in range(forests):
         root = random_forest(rng)
         advantages = tree.process_rewards(root)
-        sequences += tree.to_sequences(root, advantages, keep=keep, rng=rng,
-                                       truncated_penalty=truncated_penalty)
+        sequences += tree.to_sequences(root, advantages, keep=keep, rng=rng, truncated_penalty=truncated_penalty)
     return sequences
 
 
@@ -96,17 +95,17 @@ def test_layout_and_mask_of_a_small_tree():
     sequences = tree.to_sequences(root, tree.process_rewards(root))
     forest = packing.pack_forest(sequences)
     assert forest.input_ids == [10, 11, 12, 13, 14, 15, 16]
-    assert forest.position_ids == [0, 1, 2, 3, 4, 4, 5]       # z starts where y starts
-    assert forest.source[2:] == [1, 2, 3, 3, 5]                # y and z both predicted at 13
-    assert forest.count == [0, 0, 2, 2, 1, 1, 1]               # x is in both leaves
+    assert forest.position_ids == [0, 1, 2, 3, 4, 4, 5]  # z starts where y starts
+    assert forest.source[2:] == [1, 2, 3, 3, 5]  # y and z both predicted at 13
+    assert forest.count == [0, 0, 2, 2, 1, 1, 1]  # x is in both leaves
     allowed = packing.tree_attention_mask(forest, 7, torch.float32) == 0
     assert allowed.int().tolist() == [
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
         [1, 1, 1, 0, 0, 0, 0],
         [1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0],   # y sees the prompt, x and itself
-        [1, 1, 1, 1, 0, 1, 0],   # z does not see its sibling y
+        [1, 1, 1, 1, 1, 0, 0],  # y sees the prompt, x and itself
+        [1, 1, 1, 1, 0, 1, 0],  # z does not see its sibling y
         [1, 1, 1, 1, 0, 1, 1],
     ]
     # The blocked entries are the dtype's most negative number, not -inf (no NaN in softmax).
@@ -114,7 +113,8 @@ def test_layout_and_mask_of_a_small_tree():
     # Token aggregation: each token weighs as many leaves as contain it; sequence: 1/len per leaf.
     assert packing.pack_forest(sequences).weight == [0, 0, 2, 2, 1, 1, 1]
     assert packing.pack_forest(sequences, "sequence").weight == pytest.approx(
-        [0, 0, 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 3, 1 / 4, 1 / 4])
+        [0, 0, 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 3, 1 / 4, 1 / 4]
+    )
 
 
 def test_token_ratio_is_below_one_for_a_forked_tree_and_one_for_a_chain():
@@ -145,6 +145,7 @@ def test_group_by_length_finds_the_cheapest_cut():
     """The runs cover every item once, longest first, keep to the limit, and cost what the best of
     all cuts (tried one by one) costs."""
     import itertools
+
     rng = random.Random(0)
     for _ in range(30):
         n = rng.randint(1, 7)
@@ -157,7 +158,7 @@ def test_group_by_length_finds_the_cheapest_cut():
         assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
         assert all(sum(sizes[i] for i in run) <= limit or len(run) == 1 for run in runs)
 
-        def cost(cut_runs):
+        def cost(cut_runs, lengths=lengths, overhead=overhead):
             return sum(len(r) * max(lengths[i] for i in r) + overhead for r in cut_runs)
 
         best = float("inf")
@@ -184,8 +185,8 @@ def test_rows_hold_each_tree_once_with_its_prompt():
         assert sum(len(piece) for _, piece in row) <= capacity
         for b, piece in row:
             prompt = forests[b].trees[0]
-            assert piece[:len(prompt)].tolist() == prompt.tolist()  # the prompt leads, once
-            seen[b] += piece[len(prompt):].tolist()
+            assert piece[: len(prompt)].tolist() == prompt.tolist()  # the prompt leads, once
+            seen[b] += piece[len(prompt) :].tolist()
     for b, f in enumerate(forests):  # every tree token of every forest in exactly one row
         assert sorted(seen[b]) == sorted(torch.cat(f.trees[1]).tolist())
 
@@ -243,11 +244,24 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
     old_flat, ref_flat = packed_to_flat(old, sequences, batch), packed_to_flat(ref, sequences, batch)
     settings = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1)
 
-    flat_loss, flat_stats, flat_grads = _loss_and_grads(model, lambda: treerl.policy_loss(
-        treerl.sequence_logprobs(model, batch), old_flat, batch.advantages, batch.mask,
-        aggregation=aggregation, ref_logp=ref_flat, **settings))
-    packed_loss, packed_stats, packed_grads = _loss_and_grads(model, lambda: packing.packed_policy_loss(
-        packing.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings))
+    flat_loss, flat_stats, flat_grads = _loss_and_grads(
+        model,
+        lambda: treerl.policy_loss(
+            treerl.sequence_logprobs(model, batch),
+            old_flat,
+            batch.advantages,
+            batch.mask,
+            aggregation=aggregation,
+            ref_logp=ref_flat,
+            **settings,
+        ),
+    )
+    packed_loss, packed_stats, packed_grads = _loss_and_grads(
+        model,
+        lambda: packing.packed_policy_loss(
+            packing.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings
+        ),
+    )
 
     assert 0 < flat_stats["clip_frac"] < 1
     assert packed_loss == pytest.approx(flat_loss, abs=ATOL)

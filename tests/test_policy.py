@@ -11,6 +11,7 @@ TINY = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, warmup_steps=5, w
 def test_tiny_model_and_tokenizer_reload_like_a_hub_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = build_char_tokenizer()
     text = "Compute 4+7-2.\n4+7=11\n11-2=9\nAnswer: 9"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -30,6 +31,7 @@ def test_tiny_model_and_tokenizer_reload_like_a_hub_model(tmp_path):
 
 def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
     import torch
+
     task_cfg = TaskConfig(eval_size=8)
     model, _, task = warm_started_policy(TINY, task_cfg, 0, tmp_path, torch.device("cpu"), train_size=64)
     assert (tmp_path / "recipe.json").exists() and len(task.train) == 64

@@ -37,8 +37,11 @@ def forest():
     b (right); c (wrong). n = 5, S = 2."""
     root = Node([1, 2])
     a = root.add([3, 4])
-    a1 = a.add([5, EOS], finished=True); a2 = a.add([6, EOS], finished=True); a3 = a.add([7])
-    b = root.add([8, 9, EOS], finished=True); c = root.add([10, EOS], finished=True)
+    a1 = a.add([5, EOS], finished=True)
+    a2 = a.add([6, EOS], finished=True)
+    a3 = a.add([7])
+    b = root.add([8, 9, EOS], finished=True)
+    c = root.add([10, EOS], finished=True)
     for leaf, r in ((a1, 1.0), (a2, 0.0), (a3, 0.0), (b, 1.0), (c, 0.0)):
         leaf.reward = r
     return root, dict(a=a, a1=a1, a2=a2, a3=a3, b=b, c=c)
@@ -50,14 +53,19 @@ def test_the_preset_is_the_release():
     assert (cfg.temperature, cfg.top_p, cfg.fork_score) == (1.2, 0.95, "nll")
     update = train.parse_config(["--config", "configs/release.yaml"]).update
     assert (update.clip_low, update.clip_high, update.aggregation) == (0.2, 0.26, "sequence")
-    assert (update.train_temperature, update.adam_beta2, update.weight_decay, update.lr_warmup_ratio) == (1.0, 0.95, 0.1, 0.05)
+    assert (update.train_temperature, update.adam_beta2, update.weight_decay, update.lr_warmup_ratio) == (
+        1.0,
+        0.95,
+        0.1,
+        0.05,
+    )
 
 
 def test_release_advantages_of_a_hand_built_forest():
     root, n = forest()
     sequences = treerl.forest_sequences(root, release_config(), random.Random(0))
     by_leaf = {s.leaf: s for s in sequences}
-    assert set(by_leaf) == {n[k] for k in ("a1", "a2", "a3", "b", "c")}   # 5 <= 16: all kept
+    assert set(by_leaf) == {n[k] for k in ("a1", "a2", "a3", "b", "c")}  # 5 <= 16: all kept
 
     # Step 2: r' = r - (2 - r) / 4.
     right, wrong = 1 - 1 / 4, 0 - 2 / 4
@@ -69,13 +77,13 @@ def test_release_advantages_of_a_hand_built_forest():
     expected = {
         "a1": [R_a] * 2 + [(W["a1"] - W_a) + W["a1"]] * 2,
         "a2": [R_a] * 2 + [(W["a2"] - W_a) + W["a2"]] * 2,
-        "a3": [-1.0] * 3,                                   # step 8: no EOS
+        "a3": [-1.0] * 3,  # step 8: no EOS
         "b": [2 * W["b"]] * 3,
         "c": [2 * W["c"]] * 2,
     }
     for name, advantages in expected.items():
         assert by_leaf[n[name]].advantages == pytest.approx(advantages), name
-    assert R_a == pytest.approx(-0.0962250, abs=1e-6)   # the numbers, once, by hand
+    assert R_a == pytest.approx(-0.0962250, abs=1e-6)  # the numbers, once, by hand
 
 
 def test_release_sqrt_counts_only_the_kept_leaves():

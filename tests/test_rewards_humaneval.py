@@ -30,8 +30,9 @@ def check_problem(problem: dict, sandbox: str) -> tuple[str, str, str]:
     """(task id, outcome of the canonical solution, outcome of the broken one)."""
     test = {"check": problem["test"], "entry_point": problem["entry_point"], "setup": problem["prompt"]}
     good = sandboxing.run_tests(problem["prompt"] + problem["canonical_solution"], [test], sandbox=sandbox, timeout=10)
-    bad = sandboxing.run_tests(problem["prompt"] + without_last_return(problem["canonical_solution"]), [test],
-                            sandbox=sandbox, timeout=10)
+    bad = sandboxing.run_tests(
+        problem["prompt"] + without_last_return(problem["canonical_solution"]), [test], sandbox=sandbox, timeout=10
+    )
     return problem["task_id"], good.outcomes[0].reason, bad.outcomes[0].reason
 
 

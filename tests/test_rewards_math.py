@@ -176,8 +176,9 @@ def test_pathological_inputs_return_within_the_limit(name):
 
 def test_overrunning_check_scores_zero_and_the_others_go_on():
     started = time.monotonic()
-    scores = math_rewards([r"\boxed{10^{10^{10^{10}}}}", r"\boxed{2}", r"\boxed{\frac{4}{2}}"], ["3", "2", "2"],
-                          timeout=0.5)
+    scores = math_rewards(
+        [r"\boxed{10^{10^{10^{10}}}}", r"\boxed{2}", r"\boxed{\frac{4}{2}}"], ["3", "2", "2"], timeout=0.5
+    )
     assert scores == [0.0, 1.0, 1.0]
     assert time.monotonic() - started < 3.0
     assert math_reward(r"\boxed{0.5}", r"\frac12") == 1.0

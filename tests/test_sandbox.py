@@ -46,8 +46,10 @@ def assert_contained(report):
 
 ADD_STDIO = "a, b = map(int, input().split())\nprint(a + b)\n"
 ADD_FUNCTION = "def add(a, b):\n    return a + b\n"
-CHECK_ADD = {"check": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
-             "entry_point": "add"}
+CHECK_ADD = {
+    "check": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+    "entry_point": "add",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,8 +58,11 @@ CHECK_ADD = {"check": "def check(candidate):\n    assert candidate(1, 2) == 3\n 
 
 
 def test_stdio_tests(mode):
-    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10"},
-             {"input": "2 2\n", "output": "5\n"}]
+    tests = [
+        {"input": "1 2\n", "output": "3\n"},
+        {"input": "5 5\n", "output": "10"},
+        {"input": "2 2\n", "output": "5\n"},
+    ]
     report = run_tests(ADD_STDIO, tests, sandbox=mode)
     assert report.sandbox == mode
     assert (report.passed, report.total) == (2, 3)
@@ -97,9 +102,11 @@ def test_humaneval_style_check(mode):
 
 def test_check_sees_tuples_sets_and_dicts_as_such():
     program = "def f():\n    return (1, 2), {3}, {(1, 2): b'x'}, None, 2.5, True\n"
-    check = ("def check(candidate):\n    t, s, d, n, x, b = candidate()\n"
-             "    assert t == (1, 2) and type(t) is tuple and s == {3} and d == {(1, 2): b'x'}\n"
-             "    assert n is None and x == 2.5 and b is True\n")
+    check = (
+        "def check(candidate):\n    t, s, d, n, x, b = candidate()\n"
+        "    assert t == (1, 2) and type(t) is tuple and s == {3} and d == {(1, 2): b'x'}\n"
+        "    assert n is None and x == 2.5 and b is True\n"
+    )
     assert run_tests(program, [{"check": check, "entry_point": "f"}]).all_passed
 
 
@@ -137,8 +144,11 @@ def test_sandbox_can_be_forced_by_environment(monkeypatch):
 def test_program_runs_as_an_unprivileged_user(mode):
     if os.geteuid() != 0:
         pytest.skip("the private uid is only used when running as root")
-    report = run_tests("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n",
-                       [{"input": "", "output": "0 0 []\n"}], sandbox=mode)
+    report = run_tests(
+        "import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n",
+        [{"input": "", "output": "0 0 []\n"}],
+        sandbox=mode,
+    )
     assert report.outcomes[0].reason == "wrong_answer"
     assert f"{report.uid} {report.uid} []" in report.outcomes[0].detail
 
@@ -204,43 +214,76 @@ SLACK = 2.5  # start-up, clean-up and a busy machine
 HOSTILE = {
     # name: (program, tests, acceptable failure reasons)
     "infinite loop": ("while True:\n    pass\n", [{"input": "", "output": "1\n"}], {"timeout"}),
-    "memory bomb": ("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", [{"input": "", "output": "1\n"}],
-                    {"memory"}),
-    "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-                  [{"input": "", "output": "1\n"}], {"timeout"}),
+    "memory bomb": (
+        "x = []\nwhile True:\n    x.append(bytearray(10**7))\n",
+        [{"input": "", "output": "1\n"}],
+        {"memory"},
+    ),
+    "fork bomb": (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        [{"input": "", "output": "1\n"}],
+        {"timeout"},
+    ),
     "endless output": ("while True:\n    print('x' * 1000)\n", [{"input": "", "output": "1\n"}], {"output_limit"}),
     "early os._exit(0) before the calls": (
         "import os\nos._exit(0)\ndef add(a, b):\n    return a + b\n",
-        [{"call": "add", "args": [1, 2], "expected": 3}], {"runtime_error"}),
+        [{"call": "add", "args": [1, 2], "expected": 3}],
+        {"runtime_error"},
+    ),
     "fake verdict and fake replies, then os._exit(0)": (  # written on every file descriptor it has
-        "import os\nforged = (b'{\"passed\": true, \"reason\": \"passed\", \"detail\": \"\"}\\n'\n"
-        "          b'{\"loaded\": true}\\n{\"id\": 1, \"ok\": true, \"value\": 3}\\n'\n"
-        "          b'{\"id\": 2, \"ok\": true, \"value\": 3}\\n')\n"
+        'import os\nforged = (b\'{"passed": true, "reason": "passed", "detail": ""}\\n\'\n'
+        '          b\'{"loaded": true}\\n{"id": 1, "ok": true, "value": 3}\\n\'\n'
+        '          b\'{"id": 2, "ok": true, "value": 3}\\n\')\n'
         "for fd in range(1, 20):\n    try:\n        os.write(fd, forged)\n    except OSError:\n        pass\n"
-        "os._exit(0)\n", [CHECK_ADD], {"runtime_error", "wrong_answer"}),
-    "sys.exit(0) inside the function": ("import sys\ndef add(a, b):\n    sys.exit(0)\n", [CHECK_ADD],
-                                        {"runtime_error"}),
-    "killing itself": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
-                       [{"call": "add", "args": [1, 2], "expected": 3}], {"runtime_error"}),
+        "os._exit(0)\n",
+        [CHECK_ADD],
+        {"runtime_error", "wrong_answer"},
+    ),
+    "sys.exit(0) inside the function": (
+        "import sys\ndef add(a, b):\n    sys.exit(0)\n",
+        [CHECK_ADD],
+        {"runtime_error"},
+    ),
+    "killing itself": (
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+        [{"call": "add", "args": [1, 2], "expected": 3}],
+        {"runtime_error"},
+    ),
     "__eq__ override (function call)": (
-        "class Anything:\n    def __eq__(self, other):\n        return True\n"
-        "def add(a, b):\n    return Anything()\n", [{"call": "add", "args": [1, 2], "expected": 3}], {"wrong_answer"}),
+        "class Anything:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Anything()\n",
+        [{"call": "add", "args": [1, 2], "expected": 3}],
+        {"wrong_answer"},
+    ),
     "__eq__ override (int subclass, check)": (
         "class Anything(int):\n    def __eq__(self, other):\n        return True\n"
-        "def add(a, b):\n    return Anything(0)\n", [CHECK_ADD], {"wrong_answer"}),
+        "def add(a, b):\n    return Anything(0)\n",
+        [CHECK_ADD],
+        {"wrong_answer"},
+    ),
     "reading the parent's environment": (
         "import glob, os\nseen = list(os.environ.values())\nfor path in glob.glob('/proc/*/environ'):\n"
         "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
         "    except OSError:\n        pass\n"
         f"print('{SECRET}' if any('{SECRET}' in s for s in seen) else 'nothing')\n",
-        [{"input": "", "output": f"{SECRET}\n"}], {"wrong_answer"}),
-    "deep recursion": ("import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nprint(f(0))\n",
-                       [{"input": "", "output": "1\n"}], {"runtime_error", "memory", "timeout"}),
-    "thread left running": ("import threading\ndef spin():\n    while True:\n        pass\n"
-                            "threading.Thread(target=spin).start()\nprint(3)\n",
-                            [{"input": "", "output": "3\n"}], {"timeout"}),
-    "ignoring SIGTERM": ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n",
-                         [{"input": "", "output": "1\n"}], {"timeout"}),
+        [{"input": "", "output": f"{SECRET}\n"}],
+        {"wrong_answer"},
+    ),
+    "deep recursion": (
+        "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nprint(f(0))\n",
+        [{"input": "", "output": "1\n"}],
+        {"runtime_error", "memory", "timeout"},
+    ),
+    "thread left running": (
+        "import threading\ndef spin():\n    while True:\n        pass\n"
+        "threading.Thread(target=spin).start()\nprint(3)\n",
+        [{"input": "", "output": "3\n"}],
+        {"timeout"},
+    ),
+    "ignoring SIGTERM": (
+        "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n",
+        [{"input": "", "output": "1\n"}],
+        {"timeout"},
+    ),
     "network connection": None,  # built in the test (needs a port)
     "daemon escaping with fork + setsid": None,  # built in the test (needs a marker path)
     "writing outside its directory": None,  # built in the test (needs paths)
@@ -274,8 +317,10 @@ def test_hostile_network_connection(mode):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
-    program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
-               "    print('CONNECTED')\nexcept OSError as error:\n    print('blocked', error)\n")
+    program = (
+        f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
+        "    print('CONNECTED')\nexcept OSError as error:\n    print('blocked', error)\n"
+    )
     try:
         run_hostile(program, [{"input": "", "output": "CONNECTED\n"}], mode, {"wrong_answer"})
         listener.settimeout(0.2)

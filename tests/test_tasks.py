@@ -10,8 +10,16 @@ import pytest
 import train
 from policy import build_char_tokenizer
 from rewards import ANSWER_MARKERS, arith_reward
-from tasks import (ArithProblem, TaskConfig, arith_dataset, arith_problem, arith_task, arith_teacher_solution,
-                   build_task, load_rows)
+from tasks import (
+    ArithProblem,
+    TaskConfig,
+    arith_dataset,
+    arith_problem,
+    arith_task,
+    arith_teacher_solution,
+    build_task,
+    load_rows,
+)
 
 
 def evaluate_left_to_right(expression: str) -> int:
@@ -162,8 +170,9 @@ def test_careless_teacher_slips_at_its_rate_and_carries_the_slip_on():
     assert wrong_answers > 0
 
 
-@pytest.mark.parametrize("prompt,rate,message", [
-    ("Compute 1+2.\n", 1.5, "slip_rate"), ("What is 1+2?", 0.1, "not an arithmetic prompt")])
+@pytest.mark.parametrize(
+    "prompt,rate,message", [("Compute 1+2.\n", 1.5, "slip_rate"), ("What is 1+2?", 0.1, "not an arithmetic prompt")]
+)
 def test_careless_teacher_rejects_bad_input(prompt, rate, message):
     with pytest.raises(ValueError, match=message):
         arith_teacher_solution(prompt, random.Random(0), rate)

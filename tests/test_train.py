@@ -8,9 +8,34 @@ import train
 import treerl
 
 # A very small version of the default run: seconds, not minutes.
-TINY = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "20",
-        "--warmup_batch_size", "16", "--eval_size", "8", "--eval_samples", "2", "--prompts_per_step", "3",
-        "--M", "2", "--N", "1", "--L", "1", "--T", "2", "--max_new_tokens", "40"]
+TINY = [
+    "--hidden_size",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--warmup_steps",
+    "20",
+    "--warmup_batch_size",
+    "16",
+    "--eval_size",
+    "8",
+    "--eval_samples",
+    "2",
+    "--prompts_per_step",
+    "3",
+    "--M",
+    "2",
+    "--N",
+    "1",
+    "--L",
+    "1",
+    "--T",
+    "2",
+    "--max_new_tokens",
+    "40",
+]
 
 
 def tiny_args(tmp_path, *extra):
@@ -30,14 +55,17 @@ def test_defaults_parse_and_flags_override():
     assert config.update.lr == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--M", "0"], "--M must be >= 1"),
-    (["--algo", "ppo"], "--algo must be one of"),
-    (["--task", "math"], "--task math needs --data"),
-    (["--arith_operands", "3"], "--arith_operands"),
-    (["--hidden_size", "30", "--num_heads", "4"], "divisible"),
-    (["--temperature", "0"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--M", "0"], "--M must be >= 1"),
+        (["--algo", "ppo"], "--algo must be one of"),
+        (["--task", "math"], "--task math needs --data"),
+        (["--arith_operands", "3"], "--arith_operands"),
+        (["--hidden_size", "30", "--num_heads", "4"], "divisible"),
+        (["--temperature", "0"], "--temperature"),
+    ],
+)
 def test_invalid_settings_fail_at_once_naming_the_field(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_config(argv)
@@ -57,6 +85,7 @@ def test_presets_load_and_unknown_keys_are_named(tmp_path):
 
 def test_shipped_presets_are_valid():
     from pathlib import Path
+
     presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert presets, "configs/ should ship presets"
     for preset in presets:
@@ -87,6 +116,7 @@ def test_default_path_smoke_run(tmp_path):
 def test_pack_tree_trains_with_the_packed_update(tmp_path, monkeypatch):
     import packing
     import rewards
+
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
     calls = []
 
@@ -112,8 +142,21 @@ def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsy
 
 
 def test_token_budget_stops_training_early(tmp_path):
-    summary = train.main(tiny_args(tmp_path, "--steps", "50", "--max_generated_tokens", "200",
-                                   "--eval_every", "0", "--save_every", "0", "--run_name", "budget"))
+    summary = train.main(
+        tiny_args(
+            tmp_path,
+            "--steps",
+            "50",
+            "--max_generated_tokens",
+            "200",
+            "--eval_every",
+            "0",
+            "--save_every",
+            "0",
+            "--run_name",
+            "budget",
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     totals = [r["generated_tokens_total"] for r in rows[1:]]
     assert totals[-1] >= 200 and all(t < 200 for t in totals[:-1])
@@ -128,6 +171,7 @@ def _comparable(path):
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     import rewards
+
     # An untrained tiny model is never right; a stand-in verifier with mixed verdicts makes every
     # step update the weights, so the comparison below covers optimizer and RNG state.
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
@@ -163,6 +207,7 @@ def test_kl_to_the_starting_policy_is_logged(tmp_path, monkeypatch):
     import math
 
     import rewards
+
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
     train.main(tiny_args(tmp_path, "--steps", "2", "--kl_coef", "0.1", "--lr", "1e-2", "--run_name", "kl"))
     rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]

@@ -5,9 +5,26 @@ import random
 
 import pytest
 
-from tree import (Node, Sample, chain_advantages, eptree, eptree_batch, fork_candidates, generated_tokens,
-                  leaf_counts, leaves, outcome_advantages, path_tokens, process_rewards,
-                  response_tokens, select_forks, to_sequences, trees, values, walk)
+from tree import (
+    Node,
+    Sample,
+    chain_advantages,
+    eptree,
+    eptree_batch,
+    fork_candidates,
+    generated_tokens,
+    leaf_counts,
+    leaves,
+    outcome_advantages,
+    path_tokens,
+    process_rewards,
+    response_tokens,
+    select_forks,
+    to_sequences,
+    trees,
+    values,
+    walk,
+)
 
 EOS = 0
 
@@ -20,8 +37,12 @@ EOS = 0
 def paper_forest():
     """5 leaves, 3 correct: V(root) = 3/5. Segment a has V = 1/2 and its child b has V = 1."""
     root = Node(tokens=[1, 2])
-    a = root.add([10, 11]); b = a.add([12]); c = a.add([13])
-    d = root.add([20]); e = d.add([21]); f = d.add([22])
+    a = root.add([10, 11])
+    b = a.add([12])
+    c = a.add([13])
+    d = root.add([20])
+    e = d.add([21])
+    f = d.add([22])
     g = root.add([30])
     for leaf, r in ((b, 1.0), (c, 0.0), (e, 1.0), (f, 1.0), (g, 0.0)):
         leaf.reward = r
@@ -39,8 +60,7 @@ def test_paper_example_values_and_advantages():
     assert r[n["b"]] == pytest.approx(2 / 5 + 1 / 2)
     # The rest, written out: c: -3/5 - 1/2; a: (-1/10 - 1/10)/sqrt 2; d: (2/5 + 2/5)/sqrt 2;
     # e, f: 2/5 + 0; g: -3/5 - 3/5.
-    expected = {"c": -1.1, "a": -0.2 / math.sqrt(2), "d": 0.8 / math.sqrt(2), "e": 0.4, "f": 0.4,
-                "g": -1.2}
+    expected = {"c": -1.1, "a": -0.2 / math.sqrt(2), "d": 0.8 / math.sqrt(2), "e": 0.4, "f": 0.4, "g": -1.2}
     for name, value in expected.items():
         assert r[n[name]] == pytest.approx(value), name
     assert root not in r and len(r) == 7
@@ -52,7 +72,9 @@ def test_paper_example_values_and_advantages():
 
 
 def test_leaf_without_reward_is_an_error():
-    root = Node([1]); root.add([2]); root.add([3]).reward = 1.0
+    root = Node([1])
+    root.add([2])
+    root.add([3]).reward = 1.0
     with pytest.raises(ValueError, match="no reward"):
         values(root)
 
@@ -100,7 +122,9 @@ def test_outcome_advantages():
     assert outcome_advantages(rewards, "drgrpo") == pytest.approx([0.5, -0.5, -0.5, 0.5])
     # GRPO divides by the sample standard deviation (n - 1), as DeepSeek's and TRL's GRPO do:
     # sqrt((4 * 0.25) / 3) = 0.57735, so 0.5 / 0.57735 = 0.86603.
-    assert outcome_advantages(rewards, "grpo") == pytest.approx([0.8660254, -0.8660254, -0.8660254, 0.8660254], abs=1e-5)
+    assert outcome_advantages(rewards, "grpo") == pytest.approx(
+        [0.8660254, -0.8660254, -0.8660254, 0.8660254], abs=1e-5
+    )
     # RLOO: 1 - (1/3), 0 - (2/3)
     assert outcome_advantages(rewards, "rloo") == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
     # The release's ChainRL clamps negative RLOO advantages at -max A: with one right answer of
@@ -128,8 +152,9 @@ def random_forest(rng: random.Random, max_depth: int = 4) -> Node:
     def grow(node, depth):
         for _ in range(rng.randint(1, 3) if depth < max_depth and rng.random() < 0.7 else 0):
             length = rng.randint(1, 5)
-            child = node.add([rng.randrange(1, 50) for _ in range(length)],
-                             logprobs=[-rng.random() for _ in range(length)])
+            child = node.add(
+                [rng.randrange(1, 50) for _ in range(length)], logprobs=[-rng.random() for _ in range(length)]
+            )
             grow(child, depth + 1)
         if node.is_leaf and node is not root:
             node.reward = float(rng.random() < 0.5)
@@ -164,7 +189,7 @@ def test_random_forest_properties(seed):
         assert len(seq.advantages) == len(seq.logprobs) == len(seq.response_ids)
         position = 0
         for segment in [n for n in reversed(list(_up(leaf))) if n is not root]:
-            assert seq.advantages[position:position + len(segment.tokens)] == [r[segment]] * len(segment.tokens)
+            assert seq.advantages[position : position + len(segment.tokens)] == [r[segment]] * len(segment.tokens)
             position += len(segment.tokens)
 
 
@@ -176,10 +201,11 @@ def _up(node):
 
 def test_split_keeps_paths_and_children():
     root = Node([1])
-    a = root.add([2, 3, 4, 5], logprobs=[-.1, -.2, -.3, -.4], scores=[1, 2, 3, 4])
-    b = a.add([6]); b.reward = 1.0
+    a = root.add([2, 3, 4, 5], logprobs=[-0.1, -0.2, -0.3, -0.4], scores=[1, 2, 3, 4])
+    b = a.add([6])
+    b.reward = 1.0
     tail = a.split(2)
-    assert a.tokens == [2, 3] and a.logprobs == [-.1, -.2] and a.scores == [1, 2]
+    assert a.tokens == [2, 3] and a.logprobs == [-0.1, -0.2] and a.scores == [1, 2]
     assert tail.tokens == [4, 5] and tail.parent is a and a.children == [tail]
     assert tail.children == [b] and b.parent is tail
     assert path_tokens(b) == [1, 2, 3, 4, 5, 6]
@@ -225,8 +251,9 @@ class FakeSampler:
                 tokens = [rng.randrange(1, 40) for _ in range(self.length - 1)] + [EOS]
                 if self.answer_marker is not None:
                     tokens[-3] = self.answer_marker
-                group.append(Sample(tokens, [-rng.random() * 3 for _ in tokens],
-                                    [rng.random() for _ in tokens], finished=True))
+                group.append(
+                    Sample(tokens, [-rng.random() * 3 for _ in tokens], [rng.random() for _ in tokens], finished=True)
+                )
             out.append(group)
         return out
 
@@ -278,8 +305,7 @@ def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
     # Entropy scores: under the NLL scores of this fake sampler a branch may happen to re-sample
     # the token it was forked at, which repeats a prefix at a new place and would fool the
     # same-prefix check below (fork.index > 0 covers the rule itself for every score).
-    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start,
-                  fork_score="entropy")
+    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start, fork_score="entropy")
     seen = set()
     for prefixes, _ in sampler.calls[1:]:
         for p in prefixes:
@@ -324,6 +350,7 @@ def test_random_fork_score_is_reproducible_with_a_seed():
         sampler = FakeSampler(length=25)
         eptree([4], sampler, M=3, N=2, L=2, T=2, fork_score="random", seed=seed)
         return sampler.calls
+
     assert grow(1) == grow(1)
     assert grow(1) != grow(2)
 
@@ -376,8 +403,8 @@ def test_fill_in_paths_replaces_a_zero_local_advantage_with_the_one_above():
     # d and its leaves e, f all have V = 1, so LA(e) = LA(f) = 0; filled, they take LA(d) = 2/5.
     plain = process_rewards(root, reweight="none")
     filled = process_rewards(root, reweight="none", fill_in_paths=True)
-    assert plain[n["e"]] == pytest.approx(2 / 5)            # GA only
-    assert filled[n["e"]] == pytest.approx(2 / 5 + 2 / 5)   # GA + LA(d)
+    assert plain[n["e"]] == pytest.approx(2 / 5)  # GA only
+    assert filled[n["e"]] == pytest.approx(2 / 5 + 2 / 5)  # GA + LA(d)
     # Directly under the prompt nothing is filled, and non-zero local advantages stay as they are.
     assert filled[n["d"]] == plain[n["d"]] and filled[n["b"]] == plain[n["b"]]
 
@@ -386,13 +413,19 @@ def test_release_reweight_divides_each_value_by_its_kept_leaves():
     root, n = paper_forest()
     kept = [n["b"], n["e"], n["g"]]  # c and f are not trained
     r = process_rewards(root, reweight="release", selected=kept)
-    W = {"a": (1 / 2) / math.sqrt(1), "b": 1.0, "d": 1 / math.sqrt(1), "e": 1.0, "g": 0.0,
-         "root": (3 / 5) / math.sqrt(3)}
+    W = {
+        "a": (1 / 2) / math.sqrt(1),
+        "b": 1.0,
+        "d": 1 / math.sqrt(1),
+        "e": 1.0,
+        "g": 0.0,
+        "root": (3 / 5) / math.sqrt(3),
+    }
     # GA = W(s) - W(root), LA = W(s) - W(parent).
     assert r[n["b"]] == pytest.approx((W["b"] - W["root"]) + (W["b"] - W["a"]))
     assert r[n["a"]] == pytest.approx(2 * (W["a"] - W["root"]))
     assert r[n["e"]] == pytest.approx((W["e"] - W["root"]) + (W["e"] - W["d"]))
-    assert r[n["c"]] == 0.0 and r[n["f"]] == 0.0   # no kept leaf below: not trained, 0
+    assert r[n["c"]] == 0.0 and r[n["f"]] == 0.0  # no kept leaf below: not trained, 0
 
 
 def test_release_fork_exclusions():
@@ -400,9 +433,9 @@ def test_release_fork_exclusions():
     top = root.add([5, 6, 7, 8, 9, EOS], logprobs=[-1.0] * 6, scores=[0.5] * 6)
     top.reward = 0.0
     everything = [f.index for f in fork_candidates(top, skip_last=0, exclusions="release")]
-    assert everything == [1, 2, 3, 4, 5]   # EOS and the tail eligible; the first token never
+    assert everything == [1, 2, 3, 4, 5]  # EOS and the tail eligible; the first token never
     default = [f.index for f in fork_candidates(top, skip_last=2)]
-    assert default == [1, 2, 3]            # the last 2 (EOS included) are not
+    assert default == [1, 2, 3]  # the last 2 (EOS included) are not
     # In each segment, tokens after the first one whose text names the answer are not forked.
     stop_at_7 = lambda tokens: tokens.index(7) if 7 in tokens else None  # noqa: E731
     assert [f.index for f in fork_candidates(top, exclusions="release", stop_word_at=stop_at_7)] == [1, 2]
@@ -410,9 +443,8 @@ def test_release_fork_exclusions():
 
 def test_full_length_branches_get_the_whole_budget():
     sampler = FakeSampler(length=6)
-    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6,
-                 full_length_branches=True)
+    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6, full_length_branches=True)
     assert sampler.budgets[1] == [6]
     sampler = FakeSampler(length=6)
     eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6)
-    assert sampler.budgets[1][0] < 6   # what the response budget leaves below the fork
+    assert sampler.budgets[1][0] < 6  # what the response budget leaves below the fork

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import EOS, PAD  # the tiny_model fixture is there too
 
 import tree
 import treerl
-from conftest import EOS, PAD  # the tiny_model fixture is there too
 from hf_backend import HFBackend
 from treerl import RolloutConfig, UpdateConfig, policy_loss
 
@@ -31,21 +31,20 @@ def test_ratio_one_and_no_kl_gives_minus_mean_advantage():
 
 def _grad(log_ratio: float, advantage: float, clip_low=0.2, clip_high=0.28) -> float:
     logp = torch.tensor([[log_ratio]], requires_grad=True)
-    loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1),
-                          clip_low, clip_high)
+    loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1), clip_low, clip_high)
     loss.backward()
     return logp.grad.item()
 
 
 def test_clipping_cuts_the_gradient_where_it_should():
     # A > 0: pushing the ratio up is rewarded until 1 + clip_high, then the gradient stops.
-    assert _grad(math.log(1.1), +1.0) < 0           # loss falls as logp rises
-    assert _grad(math.log(1.5), +1.0) == 0.0        # beyond 1.28: clipped
-    assert _grad(math.log(0.5), +1.0) < 0           # below 1 - 0.2 with A > 0: not clipped (pessimistic bound)
+    assert _grad(math.log(1.1), +1.0) < 0  # loss falls as logp rises
+    assert _grad(math.log(1.5), +1.0) == 0.0  # beyond 1.28: clipped
+    assert _grad(math.log(0.5), +1.0) < 0  # below 1 - 0.2 with A > 0: not clipped (pessimistic bound)
     # A < 0: pushing the ratio down stops at 1 - clip_low; above 1 the gradient always flows.
     assert _grad(math.log(0.9), -1.0) > 0
-    assert _grad(math.log(0.5), -1.0) == 0.0        # below 0.8: clipped
-    assert _grad(math.log(1.5), -1.0) > 0           # above 1.28 with A < 0: not clipped
+    assert _grad(math.log(0.5), -1.0) == 0.0  # below 0.8: clipped
+    assert _grad(math.log(1.5), -1.0) > 0  # above 1.28 with A < 0: not clipped
     # The asymmetric clip: 1.25 is inside [0.8, 1.28] but would be outside a symmetric 0.2 clip.
     assert _grad(math.log(1.25), +1.0) < 0
     assert _grad(math.log(1.25), +1.0, clip_high=0.2) == 0.0
@@ -78,7 +77,7 @@ def test_collate_aligns_response_tokens_with_their_predictions():
 def test_answer_start_maps_text_markers_to_token_positions():
     decode = lambda ids: "".join(chr(ord("a") + i) if i < 26 else ":" for i in ids)  # noqa: E731
     find = treerl.answer_start_fn(decode, ["bc:"])
-    assert find([0, 1, 2, 26, 3]) == 1       # "abc:d": the marker starts at token 1
+    assert find([0, 1, 2, 26, 3]) == 1  # "abc:d": the marker starts at token 1
     assert find([0, 0, 3]) is None
 
 
@@ -95,6 +94,7 @@ def parity_score(texts, golds):
 @pytest.mark.parametrize("algo", ["treerl", "chainrl"])
 def test_one_step_changes_the_weights_and_gives_finite_metrics(tiny_model, algo):
     import copy
+
     model = copy.deepcopy(tiny_model)
     backend = HFBackend(model, EOS, PAD)
     cfg = RolloutConfig(algo=algo, M=4, N=2, L=1, T=2, max_new_tokens=16, skip_last=2)
@@ -117,9 +117,17 @@ def test_zero_signal_groups_are_skipped(tiny_model):
     cfg = RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1)
     result = treerl.rollout(backend, [[5, 6]], [None], lambda t, g: [0.0] * len(t), str, cfg)
     assert result.sequences == [] and result.stats["zero_signal_frac"] == 1.0
-    result = treerl.rollout(backend, [[5, 6]], [None], lambda t, g: [0.0] * len(t), str,
-                            RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1, keep_zero_signal=True))
-    assert len(result.sequences) == result.stats["leaves"] and all(a == 0.0 for s in result.sequences for a in s.advantages)
+    result = treerl.rollout(
+        backend,
+        [[5, 6]],
+        [None],
+        lambda t, g: [0.0] * len(t),
+        str,
+        RolloutConfig(M=2, N=1, L=1, T=1, max_new_tokens=8, skip_last=1, keep_zero_signal=True),
+    )
+    assert len(result.sequences) == result.stats["leaves"] and all(
+        a == 0.0 for s in result.sequences for a in s.advantages
+    )
 
 
 class EndlessBackend:
@@ -165,13 +173,16 @@ def rates(optimizer, schedule, steps: int) -> list[float]:
 
 def test_optimizer_settings_and_warm_up():
     model = torch.nn.Linear(2, 2)
-    optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, adam_beta2=0.95, weight_decay=0.1,
-                                                                   lr_warmup_ratio=0.05), steps=100)
+    optimizer, schedule = treerl.optimizer_for(
+        model, UpdateConfig(lr=1.0, adam_beta2=0.95, weight_decay=0.1, lr_warmup_ratio=0.05), steps=100
+    )
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.1
-    assert rates(optimizer, schedule, 7) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])   # 5 warm-up steps of 100
+    assert rates(optimizer, schedule, 7) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])  # 5 warm-up steps of 100
     optimizer, schedule = treerl.optimizer_for(model, UpdateConfig(lr=1.0, lr_warmup_steps=4), steps=100_000)
-    assert rates(optimizer, schedule, 6) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])   # 4 steps, whatever --steps is
+    assert rates(optimizer, schedule, 6) == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    )  # 4 steps, whatever --steps is
     with pytest.raises(ValueError, match="--lr_warmup_steps"):
         UpdateConfig(lr_warmup_steps=4, lr_warmup_ratio=0.05).validate()
     optimizer, _ = treerl.optimizer_for(model, UpdateConfig(lr=1.0), steps=100)

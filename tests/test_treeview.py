@@ -66,12 +66,34 @@ def test_the_text_view_is_the_same_forest():
 def test_show_tree_grows_a_forest_from_a_saved_policy(tmp_path, capsys):
     from eval import show_tree
     from policy import PolicyConfig, build_char_tokenizer, build_tiny_model
+
     tokenizer = build_char_tokenizer()
     build_tiny_model(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     out = tmp_path / "f.html"
-    text = show_tree.main(["--model", str(tmp_path / "m"), "--prompt", "Compute 1+2+3.", "--M", "2",
-                           "--N", "1", "--L", "1", "--T", "2", "--max_new_tokens", "12", "--out", str(out),
-                           "--eval_size", "4", "--device", "cpu"])
+    text = show_tree.main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--prompt",
+            "Compute 1+2+3.",
+            "--M",
+            "2",
+            "--N",
+            "1",
+            "--L",
+            "1",
+            "--T",
+            "2",
+            "--max_new_tokens",
+            "12",
+            "--out",
+            str(out),
+            "--eval_size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert out.exists() and "gold 6" in out.read_text()
     assert text.splitlines()[0].startswith("prompt 'Compute 1+2+3.\\n'") and text in capsys.readouterr().out

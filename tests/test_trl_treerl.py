@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import rewards
 import policy
+import rewards
 import tasks
 import tree
 import treerl
@@ -35,6 +35,7 @@ def test_missing_trl_fails_with_a_clear_message(monkeypatch):
 def ttr():
     pytest.importorskip("trl")
     import trl_treerl
+
     return trl_treerl
 
 
@@ -56,16 +57,31 @@ def digit_share(completions, **kwargs):
 
 
 def config(ttr, tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), M=2, N=1, L=1, T=2, per_device_train_batch_size=3,
-                    gradient_accumulation_steps=2, max_steps=1, max_completion_length=24,
-                    learning_rate=1e-3, report_to="none", bf16=False, save_strategy="no",
-                    logging_steps=1, use_cpu=True, seed=0)
+    settings = dict(
+        output_dir=str(tmp_path),
+        M=2,
+        N=1,
+        L=1,
+        T=2,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        max_completion_length=24,
+        learning_rate=1e-3,
+        report_to="none",
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+    )
     settings.update(overrides)
     return ttr.TreeRLConfig(**settings)
 
 
 def dataset(prompts, golds):
     from datasets import Dataset
+
     return Dataset.from_dict({"prompt": list(prompts), "answer": list(golds)})
 
 
@@ -80,8 +96,13 @@ def test_a_few_training_steps_run_and_change_the_weights(ttr, tokenizer, tmp_pat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = config(ttr, tmp_path, max_steps=3)
     assert args.num_generations == 2 * (1 + 1 * 1 * 2)  # a whole forest per prompt by default
-    trainer = ttr.TreeRLTrainer(model, reward_funcs=[digit_share, ttr.arith_reward_func], args=args,
-                                train_dataset=ttr.task_dataset(task), processing_class=tokenizer)
+    trainer = ttr.TreeRLTrainer(
+        model,
+        reward_funcs=[digit_share, ttr.arith_reward_func],
+        args=args,
+        train_dataset=ttr.task_dataset(task),
+        processing_class=tokenizer,
+    )
     trainer.train()
     changed = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
     assert changed > 0
@@ -103,8 +124,10 @@ def test_a_few_training_steps_run_and_change_the_weights(ttr, tokenizer, tmp_pat
 # it returns, each with the index of its one high-entropy token (where EPTree forks with
 # fork_score="entropy"), or None.
 SCRIPT = {
-    "": [("1+2=3\n3+3=6\nAnswer: 6", 4),          # right; forks before its first result digit
-         ("1+2=4\n4+3=7\nAnswer: 7", 10)],        # wrong; forks before its second result digit
+    "": [
+        ("1+2=3\n3+3=6\nAnswer: 6", 4),  # right; forks before its first result digit
+        ("1+2=4\n4+3=7\nAnswer: 7", 10),
+    ],  # wrong; forks before its second result digit
     "1+2=": [("3\n3+3=5\nAnswer: 5", None), ("5\n5+3=8\nAnswer: 8", None)],
     "1+2=4\n4+3=": [("6\nAnswer: 6", None), ("8\nAnswer: 8", None)],
     # For the padding test: a chain with no token to fork at (it starts with the answer).
@@ -118,7 +141,7 @@ def scripted_sampler(tokenizer, prompt_ids, script=SCRIPT, first=""):
     def sample(prefixes, n, budgets=None, fallback=None):
         groups = []
         for prefix in prefixes:
-            so_far = tokenizer.decode(prefix[len(prompt_ids):])
+            so_far = tokenizer.decode(prefix[len(prompt_ids) :])
             group = []
             for text, peak in script[so_far or first]:
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
@@ -136,9 +159,18 @@ def scripted_sampler(tokenizer, prompt_ids, script=SCRIPT, first=""):
 def expected_forest(tokenizer, prompt_ids, sample):
     """The forest and its per-token advantages computed with tree.py alone, no TRL."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    root = tree.eptree(prompt_ids, sample, M=2, N=1, L=1, T=2, fork_score="entropy", skip_last=4,
-                       answer_start=treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS),
-                       max_response_tokens=24)
+    root = tree.eptree(
+        prompt_ids,
+        sample,
+        M=2,
+        N=1,
+        L=1,
+        T=2,
+        fork_score="entropy",
+        skip_last=4,
+        answer_start=treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS),
+        max_response_tokens=24,
+    )
     for leaf in tree.leaves(root):
         leaf.reward = rewards.arith_reward(decode(tree.response_tokens(leaf)), GOLD)
     sequences = tree.to_sequences(root, tree.process_rewards(root))
@@ -153,9 +185,13 @@ def test_loss_receives_the_process_rewards_of_the_forest_token_by_token(ttr, tok
     # Not a trivial comparison: shared prefixes and tails carry different R(s) within one row.
     assert any(len(set(adv)) > 1 for adv in expected.values())
 
-    trainer = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=ttr.arith_reward_func,
-                                args=config(ttr, tmp_path, fork_score="entropy"), train_dataset=dataset([PROMPT], [GOLD]),
-                                processing_class=tokenizer)
+    trainer = ttr.TreeRLTrainer(
+        tiny_model(tokenizer),
+        reward_funcs=ttr.arith_reward_func,
+        args=config(ttr, tmp_path, fork_score="entropy"),
+        train_dataset=dataset([PROMPT], [GOLD]),
+        processing_class=tokenizer,
+    )
     trainer._sample = sample  # the only change: the scripted sampler instead of TRL's generate
     received = []
     compute_loss = trainer._compute_loss
@@ -185,9 +221,13 @@ def test_short_forests_are_padded_and_silent_forests_masked(ttr, tokenizer, tmp_
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     other = "Compute 9-1-1.\n"  # gold 7: every scripted leaf is wrong there, no signal
     sample = scripted_sampler(tokenizer, prompt_ids, first="@")
-    trainer = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=ttr.arith_reward_func,
-                                args=config(ttr, tmp_path, per_device_train_batch_size=6, fork_score="entropy"),
-                                train_dataset=dataset([PROMPT, other], [GOLD, "7"]), processing_class=tokenizer)
+    trainer = ttr.TreeRLTrainer(
+        tiny_model(tokenizer),
+        reward_funcs=ttr.arith_reward_func,
+        args=config(ttr, tmp_path, per_device_train_batch_size=6, fork_score="entropy"),
+        train_dataset=dataset([PROMPT, other], [GOLD, "7"]),
+        processing_class=tokenizer,
+    )
     trainer._sample = sample
     G = trainer.num_generations
     inputs = [{"prompt": PROMPT, "answer": GOLD}] * G + [{"prompt": other, "answer": "7"}] * G
@@ -210,9 +250,18 @@ def test_short_forests_are_padded_and_silent_forests_masked(ttr, tokenizer, tmp_
 def test_without_forks_the_advantages_are_dr_grpos_up_to_the_documented_factor(ttr, tokenizer, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
-    drgrpo = dict(loss_type="dr_grpo", scale_rewards="none", per_device_train_batch_size=8,
-                  gradient_accumulation_steps=1, max_completion_length=96, report_to="none",
-                  bf16=False, use_cpu=True, seed=0, output_dir=str(tmp_path))
+    drgrpo = dict(
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_completion_length=96,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        output_dir=str(tmp_path),
+    )
     prompts = [("Compute 1+2+3.\n", "6"), ("Compute 5-2+4.\n", "7")]
     data = dataset(*zip(*prompts))
     inputs = [{"prompt": p, "answer": a} for p, a in prompts for _ in range(4)]
@@ -223,10 +272,20 @@ def test_without_forks_the_advantages_are_dr_grpos_up_to_the_documented_factor(t
         ended = [len(ids) > 0 and ids[-1] == tokenizer.eos_token_id for ids in completion_ids]
         return [r if e else 0.0 for r, e in zip(digit_share(completions), ended)]
 
-    plain = GRPOTrainer(tiny_model(tokenizer), reward_funcs=digit_share_if_ended, processing_class=tokenizer,
-                        args=GRPOConfig(num_generations=4, **drgrpo), train_dataset=data)
-    ours = ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=digit_share_if_ended, processing_class=tokenizer,
-                             args=ttr.TreeRLConfig(M=4, L=0, mask_zero_signal=False, **drgrpo), train_dataset=data)
+    plain = GRPOTrainer(
+        tiny_model(tokenizer),
+        reward_funcs=digit_share_if_ended,
+        processing_class=tokenizer,
+        args=GRPOConfig(num_generations=4, **drgrpo),
+        train_dataset=data,
+    )
+    ours = ttr.TreeRLTrainer(
+        tiny_model(tokenizer),
+        reward_funcs=digit_share_if_ended,
+        processing_class=tokenizer,
+        args=ttr.TreeRLConfig(M=4, L=0, mask_zero_signal=False, **drgrpo),
+        train_dataset=data,
+    )
     assert ours.num_generations == 4
 
     def step(trainer):
@@ -255,9 +314,22 @@ def test_without_forks_the_advantages_are_dr_grpos_up_to_the_documented_factor(t
 def test_two_processes_with_unequal_forests_stay_in_step(ttr, tmp_path):
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": str(here.parent), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(here / "trl_two_processes.py"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(here / "trl_two_processes.py"),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
     assert rank0["num_processes"] == 2
@@ -276,8 +348,13 @@ def test_sampling_through_trls_colocated_vllm(ttr, tmp_path):
         pytest.skip("vLLM is not installed (pip install -r requirements-cpu-vllm.txt)")
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": str(here.parent)}
-    done = subprocess.run([sys.executable, str(here / "trl_vllm_colocate.py"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(here / "trl_vllm_colocate.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["leaves"] == 2 * 6 and result["forked"] >= 1  # two forests of (M, N, L, T) = (2, 1, 1, 2)
@@ -302,8 +379,14 @@ def test_bad_settings_are_named(ttr, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="num_generations"):
         config(ttr, tmp_path, per_device_train_batch_size=2)
     with pytest.raises(NotImplementedError, match="tools"):
-        ttr.TreeRLTrainer(tiny_model(tokenizer), reward_funcs=digit_share, args=config(ttr, tmp_path),
-                          train_dataset=dataset([PROMPT], [GOLD]), processing_class=tokenizer, tools=[len])
+        ttr.TreeRLTrainer(
+            tiny_model(tokenizer),
+            reward_funcs=digit_share,
+            args=config(ttr, tmp_path),
+            train_dataset=dataset([PROMPT], [GOLD]),
+            processing_class=tokenizer,
+            tools=[len],
+        )
 
 
 def test_reward_functions_wrap_the_verifiers(ttr):

@@ -23,16 +23,23 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine stays
 
 try:
     import vllm  # noqa: F401
+
     HAVE_VLLM = True
 except ImportError:
     HAVE_VLLM = False
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pip install -r requirements-cpu-vllm.txt)")
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM, reason="vLLM is not installed (pip install -r requirements-cpu-vllm.txt)"
+)
 
 # Tolerances seen on the CPU build (float32): log-probs and entropies within 1e-5 of transformers'.
 TOL = 1e-4
-PROMPTS = ["Compute 4+7-2.\n", "Compute 9-3+1-5.\n", "1+1=",
-           # longer than one KV block (32 tokens), so the prefix cache holds it between calls
-           "Compute 1+2+3+4+5+6+7+8+9. Show each step, then the answer.\n"]
+PROMPTS = [
+    "Compute 4+7-2.\n",
+    "Compute 9-3+1-5.\n",
+    "1+1=",
+    # longer than one KV block (32 tokens), so the prefix cache holds it between calls
+    "Compute 1+2+3+4+5+6+7+8+9. Show each step, then the answer.\n",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,11 +106,13 @@ def test_greedy_parity_with_transformers_on_a_saved_model(tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     from transformers import AutoModelForCausalLM
+
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32)
     hf = HFBackend(reloaded, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # The engine reads the saved checkpoint; top-k = the whole vocabulary makes its entropy exact.
-    backend = vllm_backend.VLLMBackend(reloaded, tokenizer.eos_token_id, path=str(tmp_path / "tiny"),
-                                 entropy_top_k=len(tokenizer))
+    backend = vllm_backend.VLLMBackend(
+        reloaded, tokenizer.eos_token_id, path=str(tmp_path / "tiny"), entropy_top_k=len(tokenizer)
+    )
     try:
         prompts = prompt_ids(tokenizer)
         got = backend.sample(prompts, 2, 40, temperature=0.0)
@@ -134,8 +143,8 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
             for s in group:
                 ids = torch.tensor([prompt + s.tokens])
                 with torch.no_grad():
-                    logits = model(ids).logits[0, len(prompt) - 1:-1]
-                logp, ent = treerl.token_stats(logits, ids[0, len(prompt):], temperature)
+                    logits = model(ids).logits[0, len(prompt) - 1 : -1]
+                logp, ent = treerl.token_stats(logits, ids[0, len(prompt) :], temperature)
                 assert s.logprobs == pytest.approx(logp.tolist(), abs=TOL)
                 top20 = treerl.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
                 assert s.scores == pytest.approx([vllm_backend.topk_entropy(row) for row in top20.tolist()], abs=TOL)
@@ -152,8 +161,9 @@ def test_seeded_sampling_of_a_batch_larger_than_one_engine_step(tokenizer):
     model = random_model(tokenizer, seed=4)
     backend = vllm_backend.VLLMBackend(model, tokenizer.eos_token_id)
     try:
-        prefixes = [tokenizer(f"Compute {i}+{i % 7}-{i % 3}. " * 4, add_special_tokens=False)["input_ids"]
-                    for i in range(160)]
+        prefixes = [
+            tokenizer(f"Compute {i}+{i % 7}-{i % 3}. " * 4, add_special_tokens=False)["input_ids"] for i in range(160)
+        ]
         assert sum(map(len, prefixes)) > 8192
         torch.manual_seed(0)
         groups = backend.sample(prefixes, 2, 8, temperature=1.0)
@@ -201,8 +211,12 @@ def test_sync_after_an_optimizer_step_loads_the_new_weights_in_place(tokenizer):
         worst = assert_same_samples(after, hf.sample(prompts, 1, 30, temperature=0.0))
         print(f"after sync: max |log-prob or entropy difference| = {worst:.2e}")
         assert [s.tokens for g in after for s in g] != [s.tokens for g in before for s in g]
-        changed = [abs(a - b) for ga, gb in zip(after, before) for sa, sb in zip(ga, gb)
-                   for a, b in zip(sa.logprobs, sb.logprobs)]
+        changed = [
+            abs(a - b)
+            for ga, gb in zip(after, before)
+            for sa, sb in zip(ga, gb)
+            for a, b in zip(sa.logprobs, sb.logprobs)
+        ]
         assert max(changed) > 1e-2
         assert backend.stats["fallback_syncs"] == 0, "the in-place path should have been used"
     finally:
@@ -225,8 +239,7 @@ def test_sync_falls_back_to_save_and_restart_and_says_so(tokenizer, monkeypatch,
             backend.sync(model)
         assert "falling back" in caplog.text and backend.stats["fallback_syncs"] == 1
         prompts = prompt_ids(tokenizer)
-        assert_same_samples(backend.sample(prompts, 1, 20, temperature=0.0),
-                            hf.sample(prompts, 1, 20, temperature=0.0))
+        assert_same_samples(backend.sample(prompts, 1, 20, temperature=0.0), hf.sample(prompts, 1, 20, temperature=0.0))
     finally:
         backend.close()
 
@@ -234,14 +247,46 @@ def test_sync_falls_back_to_save_and_restart_and_says_so(tokenizer, monkeypatch,
 @needs_vllm
 def test_a_full_treerl_step_with_the_vllm_backend(tmp_path, monkeypatch):
     import rewards
+
     # The warm-started tiny model is rarely right; a stand-in verifier with mixed verdicts makes
     # every step update the weights, so sync runs on changed weights.
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
-    args = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "2", "--warmup_steps", "10",
-            "--warmup_batch_size", "8", "--eval_size", "6", "--eval_samples", "2",
-            "--prompts_per_step", "3", "--M", "2", "--N", "1", "--L", "1", "--T", "2",
-            "--max_new_tokens", "40", "--steps", "2", "--backend", "vllm",
-            "--output_dir", str(tmp_path), "--run_name", "vllm"]
+    args = [
+        "--hidden_size",
+        "64",
+        "--num_layers",
+        "2",
+        "--num_heads",
+        "2",
+        "--warmup_steps",
+        "10",
+        "--warmup_batch_size",
+        "8",
+        "--eval_size",
+        "6",
+        "--eval_samples",
+        "2",
+        "--prompts_per_step",
+        "3",
+        "--M",
+        "2",
+        "--N",
+        "1",
+        "--L",
+        "1",
+        "--T",
+        "2",
+        "--max_new_tokens",
+        "40",
+        "--steps",
+        "2",
+        "--backend",
+        "vllm",
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "vllm",
+    ]
     summary = train.main(args)
     rows = [json.loads(line) for line in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -253,6 +298,7 @@ def test_a_full_treerl_step_with_the_vllm_backend(tmp_path, monkeypatch):
 
 def test_backend_vllm_without_vllm_fails_at_once_with_the_install_command(tmp_path, monkeypatch):
     import importlib.util
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(SystemExit, match="requirements-cpu-vllm.txt"):

@@ -28,12 +28,32 @@ def main(out: str) -> None:
     model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
     prompts = [f"Compute {a}+{b}-1.\n" for a in range(1, 9) for b in range(3)]
     args = trl_treerl.TreeRLConfig(
-        output_dir=out, M=2, N=2, L=2, T=1, per_device_train_batch_size=5, gradient_accumulation_steps=2,
-        max_steps=2, max_completion_length=16, learning_rate=1e-3, report_to="none", bf16=False,
-        use_cpu=True, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-        mask_zero_signal=False)  # so the rows left out of the loss are exactly the padding
-    trainer = trl_treerl.TreeRLTrainer(model, reward_funcs=digit_share, args=args, processing_class=tokenizer,
-                                       train_dataset=Dataset.from_dict({"prompt": prompts}))
+        output_dir=out,
+        M=2,
+        N=2,
+        L=2,
+        T=1,
+        per_device_train_batch_size=5,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        max_completion_length=16,
+        learning_rate=1e-3,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        mask_zero_signal=False,
+    )  # so the rows left out of the loss are exactly the padding
+    trainer = trl_treerl.TreeRLTrainer(
+        model,
+        reward_funcs=digit_share,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+    )
     rank = trainer.accelerator.process_index
     if rank == 1:
         trainer._answer_start = lambda ids: 0  # nothing to fork at on this process
@@ -59,9 +79,18 @@ def main(out: str) -> None:
     sums = trainer.accelerator.gather(torch.tensor([checksum], dtype=torch.float64)).tolist()
     leaves = [len(trl_treerl.tree.leaves(root)) for root in trainer.last_forests]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"calls": calls, "padded_rows": padded, "leaves": leaves, "checksums": sums, "losses": losses,
-         "num_processes": trainer.accelerator.num_processes}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "calls": calls,
+                "padded_rows": padded,
+                "leaves": leaves,
+                "checksums": sums,
+                "losses": losses,
+                "num_processes": trainer.accelerator.num_processes,
+            }
+        )
+    )
     # Leave together, and close the process group before the interpreter exits: a gloo group torn
     # down at exit can abort the process ("terminate called without an active exception").
     torch.distributed.barrier()

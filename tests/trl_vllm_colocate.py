@@ -28,21 +28,49 @@ def main(out: str) -> None:
     model = type(model).from_pretrained(Path(out, "policy"))
     prompts = [f"Compute {a}+{b}-1.\n" for a in range(1, 9) for b in range(3)]
     args = trl_treerl.TreeRLConfig(
-        output_dir=out, M=2, N=1, L=1, T=2, per_device_train_batch_size=6, gradient_accumulation_steps=2,
-        max_steps=1, max_completion_length=16, report_to="none", bf16=False, use_cpu=True,
-        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False,
-        use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64)
+        output_dir=out,
+        M=2,
+        N=1,
+        L=1,
+        T=2,
+        per_device_train_batch_size=6,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        max_completion_length=16,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=64,
+    )
     trainer = trl_treerl.TreeRLTrainer(
-        model, processing_class=tokenizer, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-        reward_funcs=lambda completions, **kw: [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions])
+        model,
+        processing_class=tokenizer,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        reward_funcs=lambda completions, **kw: [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions],
+    )
     trainer.vllm_generation.sync_weights = lambda: None
     trainer.train()
     logs = next(row for row in trainer.state.log_history if "loss" in row)
     leaves = [leaf for root in trainer.last_forests for leaf in trl_treerl.tree.leaves(root)]
-    Path(out, "result.json").write_text(json.dumps({
-        "leaves": len(leaves), "forked": sum(not top.is_leaf for root in trainer.last_forests for top in root.children),
-        "logp_difference": logs["sampling/sampling_logp_difference/mean"],
-        "loss": logs["loss"], "has_nonzero_logprobs": any(lp != 0 for leaf in leaves for lp in leaf.logprobs)}))
+    Path(out, "result.json").write_text(
+        json.dumps(
+            {
+                "leaves": len(leaves),
+                "forked": sum(not top.is_leaf for root in trainer.last_forests for top in root.children),
+                "logp_difference": logs["sampling/sampling_logp_difference/mean"],
+                "loss": logs["loss"],
+                "has_nonzero_logprobs": any(lp != 0 for leaf in leaves for lp in leaf.logprobs),
+            }
+        )
+    )
     if torch.distributed.is_initialized():  # TRL started a one-process group for vLLM: close it
         torch.distributed.destroy_process_group()
 
