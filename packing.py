@@ -1,8 +1,9 @@
 """Tree packing: the training forward over a forest's *unique* tokens (`--pack_tree`).
 
-Skip this file on a first reading: `update_packed` computes exactly the loss of `treerl.update`
-(tests/test_packing.py checks it), with less compute, by running each token of a forest through
-the model once instead of once per leaf below it. train.py picks it with --pack_tree.
+Skip this file on a first reading: `TreeLayout` is a batch layout that `treerl.update` takes and
+`treerl.policy_loss` consumes like the flat one, giving exactly the flat loss
+(tests/test_packing.py checks it) with less compute, by running each token of a forest through
+the model once instead of once per leaf below it. train.py passes it with --pack_tree (default).
 
 The flat update (`treerl.collate`) turns every leaf of a forest into its own sequence, prompt and
 shared prefixes included, so a segment high in the tree is run through the model once per leaf
@@ -48,8 +49,8 @@ where A < 0,
     sum_l w_l f(rho, A_l) = f(rho, sum_{A_l > 0} w_l A_l) + f(rho, sum_{A_l < 0} w_l A_l)
 
 exactly, for every rho. So each unique token carries two weighted advantage sums (positive and
-negative part) and the packed loss applies f to each; the KL term, which does not involve A, is
-weighted by sum_l w_l. Leaves not kept for training (`keep_leaves`) contribute nothing, and
+negative part), two of the advantage columns that `treerl.policy_loss` applies f to and adds up;
+the KL term, which does not involve A, is weighted by sum_l w_l. Leaves not kept for training (`keep_leaves`) contribute nothing, and
 segments that lead only to them are left out of the row.
 
 What it costs
@@ -67,7 +68,7 @@ orderings buy little: only shorter rows do. Hence:
   prompt) share nothing but the prompt, so each gets its own row with a copy of the prompt (short
   ones may share a row, up to the length of the longest). Rows are ~4x shorter than the forest's
   (M = 4), and attention ~4x cheaper than over one forest row;
-- **micro-batches of trees of about the same length** (`update_packed`, `group_by_length`):
+- **micro-batches of trees of about the same length** (`TreeLayout`, `group_by_length`):
   little padding, and a short tree never waits for a long one's row length;
 - a **boolean mask** (SDPA's own form, a quarter of an additive float mask's memory), made by one
   gather from the small segment relation; a micro-batch's tensors are built once and serve the
@@ -92,15 +93,7 @@ from functools import cached_property
 import torch
 
 import tree
-from treerl import (
-    UpdateConfig,
-    clipped_surrogate,
-    k3_kl,
-    one_step_per_rollout,
-    step_and_tally,
-    tally_micro_batch,
-    token_stats,
-)
+from treerl import token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -280,7 +273,7 @@ def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "
 def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[list[PackedForest]]:
     """Per forest among `sequences`, one `PackedForest` per tree (a child of the prompt and the
     trained leaves below it), each holding the prompt and that tree. Trees share only the prompt,
-    so the losses of a forest's trees add up to the forest's loss; `update_packed` batches
+    so the losses of a forest's trees add up to the forest's loss; `TreeLayout` batches
     trees, not forests, to make rows of equal length."""
     out = []
     for group in forests_of(sequences):
@@ -300,21 +293,6 @@ def token_ratio(sequences: Sequence[tree.TrainSequence]) -> float:
     flat = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
     unique = sum(len(node.tokens) for node in {n for s in sequences for n in tree.ancestors(s.leaf)})
     return unique / flat if flat else 1.0
-
-
-def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> list[list[int]]:
-    """Consecutive runs of `items` whose `sizes[item]` add up to at most `limit` (an item larger than
-    the limit gets a run of its own). Used to fill micro- and mini-batches with whole forests."""
-    runs: list[list[int]] = []
-    total = 0
-    for item in items:
-        if runs and total + sizes[item] <= limit:
-            runs[-1].append(item)
-            total += sizes[item]
-        else:
-            runs.append([item])
-            total = sizes[item]
-    return runs
 
 
 def group_by_length(
@@ -414,19 +392,20 @@ def tree_attention_mask(forest: PackedForest, width: int, dtype: torch.dtype) ->
 
 @dataclass
 class PackedBatch:
-    """Packed forests in two layouts.
+    """Packed forests in two layouts; the micro-batch that `treerl.policy_loss` takes from
+    `TreeLayout`.
 
     Per forest ([B, S], one forest per row, right-padded; position i holds token i of the forest's
-    `PackedForest` layout): the tokens to score, their loss weights, and the log-probs that
-    `packed_logprobs` returns. The model's rows ([R, W], `layout_rows`: one tree or a few
+    `PackedForest` layout): the tokens to score, their loss weights (three advantage columns, the
+    sign split of the module docstring, and a column for the pairs whose advantage is 0, which
+    count in the statistics), and the log-probs that `logprobs` returns. The model's rows ([R, W], `layout_rows`: one tree or a few
     per row): what goes through the model. `predictor` links the two.
     """
 
     input_ids: torch.Tensor  # [B, S]
-    weight: torch.Tensor  # [B, S] 0 on prompt and padding
-    count: torch.Tensor  # [B, S]
-    advantage: torch.Tensor  # [B, S, 2] positive part, negative part
-    count_by_sign: torch.Tensor  # [B, S, 2]
+    advantages: torch.Tensor  # [B, S, 3] sum of w * A over the pairs with A > 0, with A < 0, and 0
+    pairs: torch.Tensor  # [B, S, 3] (leaf, token) pairs with A > 0, A < 0, A = 0
+    weight: torch.Tensor  # [B, S] sum of w over all pairs (the KL term's weight); 0 on prompt and padding
     row_ids: torch.Tensor  # [R, W] the model's input
     row_positions: torch.Tensor  # [R, W] position ids (tree positions)
     attention_mask: torch.Tensor  # [R, 1, W, W] boolean, True where a query may attend to a key
@@ -434,6 +413,24 @@ class PackedBatch:
     n_tokens: int  # flat response tokens of these forests' sequences
     n_sequences: int
     aggregation: str
+
+    def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
+        """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
+
+        One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few
+        short ones) with the tree mask and tree positions; token i of a forest is scored with the
+        logits at `predictor[i]`, the row position of the token before it on its own path. The
+        result is in the per-forest layout of `input_ids`.
+
+        The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
+        adds the mask to its scores) get it additive, in the model's dtype.
+        """
+        mask = self.attention_mask
+        if getattr(model.config, "_attn_implementation", None) != "sdpa":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        logits = model(input_ids=self.row_ids, attention_mask=mask, position_ids=self.row_positions).logits
+        return token_stats(logits.flatten(0, 1)[self.predictor], self.input_ids, temperature)[0]
 
     def to(self, device) -> PackedBatch:
         return dataclasses.replace(
@@ -491,12 +488,12 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
         [torch.arange(len(f)) + g for f, g in zip(forests, start)], batch_first=True, padding_value=n
     )
 
+    advantage, by_sign, count = padded("advantage"), padded("count_by_sign"), padded("count")
     return PackedBatch(
         input_ids=padded("input_ids", pad_token_id),
+        advantages=torch.cat([advantage, torch.zeros_like(advantage[..., :1])], -1),
+        pairs=torch.cat([by_sign, count[..., None] - by_sign.sum(-1, keepdim=True)], -1),
         weight=padded("weight"),
-        count=padded("count"),
-        advantage=padded("advantage"),
-        count_by_sign=padded("count_by_sign"),
         row_ids=token[grid].to(device),
         row_positions=position[grid].to(device),
         attention_mask=attention_mask(segment[grid], related, torch.bool)[:, None].to(device),
@@ -508,167 +505,45 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
 
 
 # --------------------------------------------------------------------------------------------------
-# The packed forward, loss and update
+# The layout treerl.update takes
 # --------------------------------------------------------------------------------------------------
 
 
-def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
-
-    One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few short
-    ones) with the tree mask and tree positions; token i of a forest is scored with the logits at
-    `predictor[i]`, the row position of the token before it on its own path. The result is in the
-    per-forest layout of `batch.input_ids`.
-
-    The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
-    adds the mask to its scores) get it additive, in the model's dtype.
-    """
-    mask = batch.attention_mask
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    logits = model(input_ids=batch.row_ids, attention_mask=mask, position_ids=batch.row_positions).logits
-    return token_stats(logits.flatten(0, 1)[batch.predictor], batch.input_ids, temperature)[0]
-
-
-def packed_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    batch: PackedBatch,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    denominator: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """`treerl.policy_loss` on packed forests: the same number, each unique token counted once.
-
-    A token stands for all the (leaf, token) pairs of the flat batch that it is made of. Its
-    clipped surrogate is applied to the weighted sum of their positive advantages and to that of
-    their negative ones (exact: the surrogate is linear in A on each side of 0, the module
-    docstring shows why); its KL term is weighted by the sum of their weights. The weights already
-    hold the aggregation (1 per token, or 1 / response length, chosen when packing).
-    `denominator` as in policy_loss: response tokens (token) or responses (sequence) of the whole
-    mini-batch; by default those of `batch`.
-    """
-    ratio = torch.exp(logp - old_logp)
-    per_token = torch.zeros_like(logp)
-    clipped_count = torch.zeros_like(logp)  # (leaf, token) pairs whose clipped branch is active
-    for sign in (0, 1):
-        surrogate, was_clipped = clipped_surrogate(ratio, batch.advantage[..., sign], clip_low, clip_high)
-        per_token = per_token + surrogate
-        clipped_count = clipped_count + was_clipped.float() * batch.count_by_sign[..., sign]
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None and kl_coef > 0:
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token + kl_coef * kl * batch.weight
-    if denominator is None:
-        denominator = float(batch.n_tokens if batch.aggregation == "token" else batch.n_sequences)
-    loss = per_token.sum() / max(denominator, 1.0)
-    # Statistics are means over the flat batch's (leaf, token) pairs, as in policy_loss.
-    n = batch.count.sum().clamp(min=1)
-    stats = {
-        "clip_frac": float(clipped_count.sum() / n),
-        "kl": float((kl.detach() * batch.count).sum() / n),
-        "ratio": float((ratio.detach() * batch.count).sum() / n),
-    }
-    return loss, stats
-
-
-def update_packed(
-    model,
-    optimizer,
-    scheduler,
-    sequences: Sequence[tree.TrainSequence],
-    cfg: UpdateConfig,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    ref_model=None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """`treerl.update` with tree packing: every token of a forest goes through the model once (its
-    prompt once per tree), not once per leaf. The sequences find their forest through their
-    leaves (`TrainSequence.leaf`).
+class TreeLayout:
+    """`treerl.Layout` with tree packing: a unit is a tree (a prompt and one child of it, with the
+    trained leaves below), so every token of a forest goes through the model once (its prompt
+    once per tree), not once per leaf. The sequences find their forest through their leaves
+    (`TrainSequence.leaf`).
 
     The loss is the flat loss, so with the whole rollout in one optimizer step (mini_batch_size 0,
-    the default) the gradient is the flat path's too, up to float rounding. Mini-batches hold whole
-    forests, as many as fit in mini_batch_size leaves (at least one forest each); so with
-    mini_batch_size > 0 the rollout is split into optimizer steps by forest, not by the flat
-    path's random split of leaves. Micro-batches hold whole *trees* of the mini-batch (a forest's
-    trees share only the prompt, so their losses add up), as many as fit in micro_batch_size
-    leaves, longest first: trees of about the same length share a forward, and the rows need
-    little padding.
+    the default) the gradient is the flat layout's too, up to float rounding. A forest's trees are
+    one group: mini-batches hold whole forests, as many as fit in mini_batch_size leaves (at least
+    one forest each), so with mini_batch_size > 0 the rollout is split into optimizer steps by
+    forest, not by the flat layout's random split of leaves. Micro-batches hold whole trees of the
+    mini-batch (a forest's trees share only the prompt, so their losses add up), as many as fit in
+    micro_batch_size leaves, longest first: trees of about the same length share a forward, and
+    the rows need little padding.
     """
-    model.train()  # old and new log-probs in the same mode, so the ratio starts at 1
-    device = next(model.parameters()).device
-    trees: list[PackedForest] = []  # the units of work: a prompt and one tree below it
-    forests: list[list[int]] = []  # per forest, the ids of its trees
-    for forest in pack_trees(sequences, cfg.aggregation):
-        forests.append(list(range(len(trees), len(trees) + len(forest))))
-        trees += forest
-    leaves = [t.n_sequences for t in trees]
-    forest_leaves = [sum(leaves[i] for i in ids) for ids in forests]
 
-    def micro_batches(ids):  # trees of similar length together, longest first
-        return group_by_length(sorted(ids), [len(t) for t in trees], leaves, cfg.micro_batch_size)
+    def __init__(self, sequences: Sequence[tree.TrainSequence], aggregation: str, pad_token_id: int):
+        self.trees: list[PackedForest] = []
+        self.groups: list[list[int]] = []
+        for forest in pack_trees(sequences, aggregation):
+            self.groups.append(list(range(len(self.trees), len(self.trees) + len(forest))))
+            self.trees += forest
+        self.leaves = [t.n_sequences for t in self.trees]
+        self.tokens = [t.n_tokens for t in self.trees]
+        self.lengths = [len(t) for t in self.trees]
+        self.pad_token_id = pad_token_id
+        # A micro-batch's tensors are built once, kept on the CPU, and reused: the old (and
+        # reference) log-probs and every epoch whose mini-batches match go through the same ones.
+        self.built: dict[tuple[int, ...], PackedBatch] = {}
 
-    # A micro-batch's tensors are built once, kept on the CPU, and reused: the old (and reference)
-    # log-probs and every epoch whose mini-batches match go through the same micro-batches.
-    built: dict[tuple[int, ...], PackedBatch] = {}
+    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
+        return group_by_length(sorted(units), self.lengths, self.leaves, size)
 
-    def collate(ids):
-        key = tuple(ids)
-        if key not in built:
-            built[key] = collate_packed([trees[i] for i in ids], pad_token_id)
-        return built[key].to(device)
-
-    def logprobs_per_tree(m) -> list[torch.Tensor]:
-        out = [torch.empty(0)] * len(trees)
-        for ids in micro_batches(range(len(trees))):
-            logp = packed_logprobs(m, collate(ids), temperature)
-            for row, i in enumerate(ids):
-                out[i] = logp[row, : len(trees[i])]
-        return out
-
-    def padded(per_tree, ids):  # per-tree log-probs laid out like collate(ids)
-        return torch.nn.utils.rnn.pad_sequence([per_tree[i] for i in ids], batch_first=True)
-
-    with torch.no_grad():
-        old_logp = None  # one optimizer step on the rollout: old = new, detached (treerl.update)
-        if not one_step_per_rollout(cfg, sum(leaves)):
-            old_logp = logprobs_per_tree(model)
-        ref_logp = None
-        if ref_model is not None and cfg.kl_coef > 0:
-            ref_logp = logprobs_per_tree(ref_model)
-
-    generator = torch.Generator().manual_seed(seed)
-    totals: dict[str, float] = {}
-    steps = 0
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(len(forests), generator=generator).tolist()
-        for mini in group_by_size(order, forest_leaves, cfg.mini_batch_size or sum(leaves)):
-            mini = [i for f in mini for i in forests[f]]
-            tokens = sum(trees[i].n_tokens for i in mini)
-            denominator = float(tokens) if cfg.aggregation == "token" else float(sum(leaves[i] for i in mini))
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
-            for ids in micro_batches(mini):
-                b = collate(ids)
-                logp = packed_logprobs(model, b, temperature)
-                loss, stats = packed_policy_loss(
-                    logp,
-                    logp.detach() if old_logp is None else padded(old_logp, ids),
-                    b,
-                    cfg.clip_low,
-                    cfg.clip_high,
-                    None if ref_logp is None else padded(ref_logp, ids),
-                    cfg.kl_coef,
-                    denominator,
-                )
-                loss.backward()
-                tally_micro_batch(sums, loss, stats, b.n_tokens / max(tokens, 1))
-            step_and_tally(model, optimizer, scheduler, cfg, sums, totals)
-            steps += 1
-    result = {key: value / steps for key, value in totals.items()}
-    result["packed_token_ratio"] = token_ratio(sequences)
-    return result
+    def batch(self, units: list[int], device) -> PackedBatch:
+        key = tuple(units)
+        if key not in self.built:
+            self.built[key] = collate_packed([self.trees[k] for k in units], self.pad_token_id)
+        return self.built[key].to(device)

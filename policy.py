@@ -182,8 +182,8 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
         sequences = [
             tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None) for p, a in zip(prompts, answers)
         ]
-        b = treerl.collate(sequences, tokenizer.pad_token_id, device)
-        logp = treerl.sequence_logprobs(model, b)
+        b = treerl.collate(sequences, tokenizer.pad_token_id, device=device)
+        logp = b.logprobs(model)
         loss = -(logp * b.mask).sum() / b.mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

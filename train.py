@@ -10,7 +10,7 @@ to end, in minutes, with nothing downloaded:
    RL starts from a policy that is right some of the time (RL needs both correct and wrong leaves);
 2. run TreeRL: every step grows an EPTree forest per prompt, scores its leaves, turns them into
    per-token process rewards (treerl.rollout) and takes a clipped policy-gradient step
-   (treerl.update, or packing.update_packed with --pack_tree);
+   (treerl.update, with packing.TreeLayout under --pack_tree);
 3. report held-out accuracy before and after RL and write `runs/<run_name>/summary.json`,
    `metrics.jsonl` and `metrics.png`.
 
@@ -308,7 +308,7 @@ def train(config: Config) -> dict:
     resumed_at = time.perf_counter()
 
     # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
-    update = packing.update_packed if ucfg.pack_tree else treerl.update
+    layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
     budget_spent = run.max_generated_tokens and generated >= run.max_generated_tokens
     last_step = start_step if budget_spent else run.steps
     progress = policy.progress_bar(
@@ -338,7 +338,7 @@ def train(config: Config) -> dict:
         if hasattr(backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
             backend.sleep()
         if result.sequences:
-            stats = update(
+            stats = treerl.update(
                 model,
                 optimizer,
                 scheduler,
@@ -348,6 +348,7 @@ def train(config: Config) -> dict:
                 ucfg.train_temperature or rcfg.temperature,
                 ref_model,
                 seed=step,
+                layout=layout,
             )
         t1 = time.perf_counter()
         update_peak = gpu_peak.read()
@@ -363,6 +364,8 @@ def train(config: Config) -> dict:
             "time_sync": time.perf_counter() - t1,
             "generated_tokens_total": generated,
         }
+        if ucfg.pack_tree and result.sequences:
+            row["packed_token_ratio"] = packing.token_ratio(result.sequences)
         if device.type == "cuda":
             row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
         if (run.eval_every and step % run.eval_every == 0) or last:

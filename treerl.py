@@ -490,43 +490,71 @@ def optimizer_for(model, cfg: UpdateConfig, steps: int):
     return optimizer, schedule
 
 
+# The loss sees a micro-batch only through per-token tensors. A *position* of a micro-batch stands
+# for one or more (leaf, response token) pairs of the rollout: in the flat layout below exactly
+# one (every leaf is its own row), in the tree-packed layout (packing.py) every leaf that shares
+# the token. Each pair carries its leaf's advantage A and an aggregation weight w:
+#
+#     token aggregation (DAPO):    w = 1,             loss = sum of w * f / response tokens
+#     sequence aggregation (GRPO): w = 1 / |o_leaf|,  loss = sum of w * f / responses
+#
+# with f(rho, A) = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)) the clipped
+# surrogate. f is positively homogeneous in A, so w * f(rho, A) = f(rho, w * A): a batch hands the
+# loss the *weighted* advantages w * A, in K columns whose surrogates add up (one column in the
+# flat layout; two in the packed one, the pairs of each advantage sign summed, which is exact).
+
+
 @dataclass
 class Batch:
-    """Right-padded sequences; every per-token tensor is aligned with the *targets*
-    input_ids[:, 1:], so position t holds the quantities of the token predicted at step t."""
+    """A micro-batch in the flat layout: right-padded sequences, one row per leaf.
+
+    Every per-token tensor is aligned with the *targets* input_ids[:, 1:], so position t holds the
+    quantities of the token predicted at step t; rows [B] and positions [W-1] are the same for the
+    tensors the loss reads (`advantages`, `pairs`, `weight`) and the log-probs of `logprobs`.
+    """
 
     input_ids: torch.Tensor  # [B, W]
     attention_mask: torch.Tensor  # [B, W]
-    mask: torch.Tensor  # [B, W-1] 1 on response tokens
-    advantages: torch.Tensor  # [B, W-1]
+    advantages: torch.Tensor  # [B, W-1, 1] w * A on response tokens, 0 elsewhere
+    pairs: torch.Tensor  # [B, W-1, 1] (leaf, token) pairs behind each column: 1 on response tokens
+    weight: torch.Tensor  # [B, W-1] w on response tokens (the weight of the KL term)
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, W-1] 1 on response tokens."""
+        return self.pairs[..., 0]
 
-    def select(self, index) -> Batch:
-        return Batch(self.input_ids[index], self.attention_mask[index], self.mask[index], self.advantages[index])
+    def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
+        """log pi(target token) at every position, under softmax(logits / temperature): [B, W-1]."""
+        logits = model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits[:, :-1]
+        return token_stats(logits, self.input_ids[:, 1:], temperature)[0]
 
 
-def collate(sequences: Sequence[tree.TrainSequence], pad_token_id: int, device="cpu") -> Batch:
+def aggregation_weight(response_length: int, aggregation: str) -> float:
+    """w of every token of a response: 1 for token aggregation, 1 / length for sequence aggregation."""
+    return 1.0 if aggregation == "token" else 1.0 / max(response_length, 1)
+
+
+def collate(
+    sequences: Sequence[tree.TrainSequence], pad_token_id: int, aggregation: str = "token", device="cpu"
+) -> Batch:
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     mask = torch.zeros((len(sequences), width - 1))
     advantages = torch.zeros((len(sequences), width - 1))
+    weight = torch.zeros((len(sequences), width - 1))
     for row, s in enumerate(sequences):
         p, r = len(s.prompt_ids), len(s.response_ids)
         ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
         attention[row, : p + r] = 1
         # Response token j sits at input position p + j and is predicted from position p + j - 1.
+        w = aggregation_weight(r, aggregation)
         mask[row, p - 1 : p + r - 1] = 1
-        advantages[row, p - 1 : p + r - 1] = torch.tensor(s.advantages)
-    return Batch(ids.to(device), attention.to(device), mask.to(device), advantages.to(device))
-
-
-def sequence_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(target token) at every position, under softmax(logits / temperature): [B, W-1]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    return token_stats(logits, batch.input_ids[:, 1:], temperature)[0]
+        weight[row, p - 1 : p + r - 1] = w
+        advantages[row, p - 1 : p + r - 1] = w * torch.tensor(s.advantages)
+    tensors = (ids, attention, advantages[..., None], mask[..., None], weight)
+    return Batch(*(t.to(device) for t in tensors))
 
 
 def clipped_surrogate(
@@ -548,63 +576,90 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
+    batch,
+    denominator: float,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    aggregation: str = "token",
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate on per-token advantages (PPO's objective with GRPO's group advantages).
 
-    per token:  max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)),  rho = pi / pi_old,
-                plus kl_coef * (exp(ref - logp) - (ref - logp) - 1)  (the k3 KL estimator)
-    token:      sum over all response tokens / number of tokens       (DAPO)
-    sequence:   mean over each response's tokens, then mean over responses   (GRPO)
+    per position:  sum over columns k of  max(-A_k * rho, -A_k * clip(rho, 1 - clip_low, 1 + clip_high)),
+                   rho = pi / pi_old, A_k the batch's weighted advantages (the comment above `Batch`),
+                   plus kl_coef * w * (exp(ref - logp) - (ref - logp) - 1)   (the k3 KL estimator)
+    loss:          sum over positions / denominator
 
-    `denominator` overrides the count (tokens or responses) so that micro-batches of one mini-batch
-    add up to the mini-batch's loss under gradient accumulation.
+    `denominator` is the number of response tokens (token aggregation) or of responses (sequence
+    aggregation) of the whole mini-batch, so that its micro-batches add up to its loss under
+    gradient accumulation. `batch` is any layout's micro-batch (`Batch`, `packing.PackedBatch`).
+    Statistics are means over the (leaf, token) pairs.
     """
-    ratio = torch.exp(logp - old_logp)
-    per_token, was_clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
+    ratio = torch.exp(logp - old_logp)[..., None]  # one ratio for every column
+    per_column, was_clipped = clipped_surrogate(ratio, batch.advantages, clip_low, clip_high)
+    per_token = per_column.sum(-1)
     kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef > 0:
         kl = k3_kl(logp, ref_logp)
-        per_token = per_token + kl_coef * kl
-    if aggregation == "token":
-        total = (per_token * mask).sum()
-        loss = total / (denominator if denominator is not None else mask.sum().clamp(min=1))
-    elif aggregation == "sequence":
-        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = per_sequence.sum() / (denominator if denominator is not None else len(per_sequence))
-    else:
-        raise ValueError(f"aggregation must be token or sequence; got {aggregation!r}")
-    n = mask.sum().clamp(min=1)
+        per_token = per_token + kl_coef * kl * batch.weight
+    loss = per_token.sum() / max(denominator, 1.0)
+    count = batch.pairs.sum(-1)  # pairs behind each position
+    n = count.sum().clamp(min=1)
     stats = {
-        "clip_frac": float((was_clipped.float() * mask).sum() / n),
-        "kl": float((kl.detach() * mask).sum() / n),
-        "ratio": float((ratio.detach() * mask).sum() / n),
+        "clip_frac": float((was_clipped * batch.pairs).sum() / n),
+        "kl": float((kl.detach() * count).sum() / n),
+        "ratio": float((ratio[..., 0].detach() * count).sum() / n),
     }
     return loss, stats
 
 
-def tally_micro_batch(sums: dict[str, float], loss: torch.Tensor, stats: dict[str, float], share: float) -> None:
-    """Add a micro-batch to its mini-batch's statistics: the losses add up (each is already a share
-    of the mini-batch's loss), the per-token means are weighted by the micro-batch's share."""
-    sums["loss"] += loss.item()
-    for key in ("clip_frac", "kl", "ratio"):
-        sums[key] += stats[key] * share
+class Layout(Protocol):
+    """How a rollout's training sequences go through the model, in *units* (one row each of the
+    per-token tensors of a micro-batch): `FlatLayout` here (a unit is a leaf's sequence) or
+    `packing.TreeLayout` (a unit is a tree: each token of a forest through the model once)."""
+
+    leaves: list[int]  # training sequences (leaves) per unit: what mini/micro-batch sizes count
+    tokens: list[int]  # response tokens per unit: token aggregation's denominator
+    lengths: list[int]  # positions per unit (its row's length in a micro-batch)
+    groups: list[list[int]]  # units that go into the same mini-batch (a forest's trees)
+
+    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
+        """`units` cut into micro-batches of about `size` leaves."""
+
+    def batch(self, units: list[int], device) -> Batch:
+        """The micro-batch of `units` (row r is units[r]) with `logprobs(model, temperature)`."""
 
 
-def step_and_tally(
-    model, optimizer, scheduler, cfg: UpdateConfig, sums: dict[str, float], totals: dict[str, float]
-) -> None:
-    """Take the optimizer step of a mini-batch and add its statistics to the update's totals."""
-    sums["grad_norm"] = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-    for key, value in sums.items():
-        totals[key] = totals.get(key, 0.0) + value
+class FlatLayout:
+    """Every training sequence its own row, prompt and shared prefixes included (`collate`)."""
+
+    def __init__(self, sequences: Sequence[tree.TrainSequence], aggregation: str, pad_token_id: int):
+        self.sequences, self.aggregation, self.pad_token_id = sequences, aggregation, pad_token_id
+        self.leaves = [1] * len(sequences)
+        self.tokens = [len(s.response_ids) for s in sequences]
+        self.lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in sequences]
+        self.groups = [[k] for k in range(len(sequences))]
+
+    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
+        return [units[i : i + size] for i in range(0, len(units), size)]
+
+    def batch(self, units: list[int], device) -> Batch:
+        return collate([self.sequences[k] for k in units], self.pad_token_id, self.aggregation, device)
+
+
+def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of `items` whose `sizes[item]` add up to at most `limit` (an item larger than
+    the limit gets a run of its own): mini-batches of whole groups."""
+    runs: list[list[int]] = []
+    total = 0
+    for item in items:
+        if runs and total + sizes[item] <= limit:
+            runs[-1].append(item)
+            total += sizes[item]
+        else:
+            runs.append([item])
+            total = sizes[item]
+    return runs
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -632,6 +687,7 @@ def update(
     temperature: float = 1.0,
     ref_model=None,
     seed: int = 0,
+    layout: Callable[..., Layout] = FlatLayout,
 ) -> dict[str, float]:
     """One rollout's worth of policy optimisation; returns averaged statistics.
 
@@ -641,56 +697,59 @@ def update(
     release's setting) the ratio is 1, the clip never acts, and the step is REINFORCE on the
     per-token advantages. In that case the old log-probs *are* the new ones, detached, and the
     forward pass that would compute them is skipped (a third of the update's work).
-    `temperature` is that of the log-probs (UpdateConfig.train_temperature).
-    `packing.update_packed` does the same with tree packing (train.py picks it with --pack_tree).
+    `temperature` is that of the log-probs (UpdateConfig.train_temperature). `layout` lays the
+    sequences out for the model: `FlatLayout`, or `packing.TreeLayout` (train.py's --pack_tree).
+    Mini-batches hold whole groups of units (the packed layout's forests), in random order.
     """
     model.train()
     device = next(model.parameters()).device
-    batch = collate(sequences, pad_token_id, device)
-    micro = cfg.micro_batch_size
+    units = layout(sequences, cfg.aggregation, pad_token_id)
 
-    def in_micro_batches(fn, rows):
-        return torch.cat([fn(batch.select(rows[i : i + micro])) for i in range(0, len(rows), micro)])
+    def per_unit(m) -> list[torch.Tensor]:  # log-probs of every unit under model m, one tensor each
+        out = [torch.empty(0)] * len(units.leaves)
+        for ids in units.micro_batches(list(range(len(out))), cfg.micro_batch_size):
+            logp = units.batch(ids, device).logprobs(m, temperature)
+            for row, k in enumerate(ids):
+                out[k] = logp[row, : units.lengths[k]]
+        return out
 
-    everyone = torch.arange(len(batch), device=device)
+    def padded(per_unit_logp, ids):  # per-unit log-probs laid out like units.batch(ids)
+        return torch.nn.utils.rnn.pad_sequence([per_unit_logp[k] for k in ids], batch_first=True)
+
     with torch.no_grad():
         old_logp = None  # one optimizer step on the rollout: old = new, detached
-        if not one_step_per_rollout(cfg, len(batch)):
-            old_logp = in_micro_batches(lambda b: sequence_logprobs(model, b, temperature), everyone)
+        if not one_step_per_rollout(cfg, len(sequences)):
+            old_logp = per_unit(model)
         ref_logp = None
         if ref_model is not None and cfg.kl_coef > 0:
-            ref_logp = in_micro_batches(lambda b: sequence_logprobs(ref_model, b, temperature), everyone)
+            ref_logp = per_unit(ref_model)
 
-    mini = cfg.mini_batch_size or len(batch)
+    group_leaves = [sum(units.leaves[k] for k in group) for group in units.groups]
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(len(batch), generator=generator).to(device)
-        for start in range(0, len(batch), mini):
-            rows = order[start : start + mini]
-            part = batch.select(rows)
-            denominator = float(part.mask.sum()) if cfg.aggregation == "token" else float(len(rows))
+        order = torch.randperm(len(units.groups), generator=generator).tolist()
+        for mini in group_by_size(order, group_leaves, cfg.mini_batch_size or len(sequences)):
+            mini = [k for g in mini for k in units.groups[g]]
+            tokens = sum(units.tokens[k] for k in mini)
+            denominator = tokens if cfg.aggregation == "token" else sum(units.leaves[k] for k in mini)
             optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
-            for i in range(0, len(rows), micro):
-                sub = rows[i : i + micro]
-                b = batch.select(sub)
-                logp = sequence_logprobs(model, b, temperature)
-                loss, stats = policy_loss(
-                    logp,
-                    logp.detach() if old_logp is None else old_logp[sub],
-                    b.advantages,
-                    b.mask,
-                    cfg.clip_low,
-                    cfg.clip_high,
-                    cfg.aggregation,
-                    None if ref_logp is None else ref_logp[sub],
-                    cfg.kl_coef,
-                    denominator,
-                )
+            sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
+            for ids in units.micro_batches(mini, cfg.micro_batch_size):
+                b = units.batch(ids, device)
+                logp = b.logprobs(model, temperature)
+                old = logp.detach() if old_logp is None else padded(old_logp, ids)
+                ref = None if ref_logp is None else padded(ref_logp, ids)
+                loss, stats = policy_loss(logp, old, b, denominator, cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
                 loss.backward()
-                tally_micro_batch(sums, loss, stats, float(b.mask.sum()) / max(float(part.mask.sum()), 1.0))
-            step_and_tally(model, optimizer, scheduler, cfg, sums, totals)
+                # The micro-batch losses add up to the mini-batch's; its means weigh by its share of tokens.
+                share = sum(units.tokens[k] for k in ids) / max(tokens, 1)
+                sums["loss"] += loss.item()
+                for key in ("clip_frac", "kl", "ratio"):
+                    sums[key] += stats[key] * share
+            sums["grad_norm"] = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
             steps += 1
     return {key: value / steps for key, value in totals.items()}

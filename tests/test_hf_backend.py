@@ -30,7 +30,7 @@ def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
             )
     batch = treerl.collate(sequences, PAD)
     with torch.no_grad():
-        recomputed = treerl.sequence_logprobs(tiny_model, batch)
+        recomputed = batch.logprobs(tiny_model)
     for row, seq in enumerate(sequences):
         got = recomputed[row][batch.mask[row].bool()]
         assert got.tolist() == pytest.approx(seq.logprobs, abs=1e-4)
@@ -71,7 +71,7 @@ def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
             )
     batch = treerl.collate(sequences, PAD)
     with torch.no_grad():
-        recomputed = treerl.sequence_logprobs(tiny_model, batch)
+        recomputed = batch.logprobs(tiny_model)
     for row, seq in enumerate(sequences):
         assert recomputed[row][batch.mask[row].bool()].tolist() == pytest.approx(seq.logprobs, abs=1e-4)
     with pytest.raises(ValueError, match="budgets for 5 prefixes"):

@@ -138,7 +138,7 @@ def test_sequences_without_leaves_are_refused():
 
 
 def test_group_by_size_fills_runs_up_to_the_limit():
-    assert packing.group_by_size([0, 1, 2, 3], [2, 2, 5, 1], 4) == [[0, 1], [2], [3]]
+    assert treerl.group_by_size([0, 1, 2, 3], [2, 2, 5, 1], 4) == [[0, 1], [2], [3]]
 
 
 def test_group_by_length_finds_the_cheapest_cut():
@@ -205,8 +205,8 @@ def test_packed_log_probs_equal_the_flat_ones(model, tokenizer, attention, seed)
     batch = treerl.collate(sequences, tokenizer.pad_token_id)
     packed = packing.collate_packed(packing.pack_sequences(sequences), tokenizer.pad_token_id)
     with torch.no_grad():
-        flat = treerl.sequence_logprobs(model, batch)
-        unique = packing.packed_logprobs(model, packed)
+        flat = batch.logprobs(model)
+        unique = packed.logprobs(model)
     assert torch.isfinite(unique).all()
     for k, ((row, tokens), cols) in enumerate(zip(packed_positions(sequences), flat_positions(sequences))):
         torch.testing.assert_close(unique[row, tokens], flat[k, list(cols)], rtol=0, atol=ATOL)
@@ -230,15 +230,17 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
         # The case that needs the sign split: a token shared by leaves of both advantage signs.
         forests = packing.pack_sequences(sequences)
         assert any(a[0] > 0 and a[1] < 0 for f in forests for a in f.advantage)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    batch = treerl.collate(sequences, tokenizer.pad_token_id, aggregation)
     packed = packing.collate_packed(packing.pack_sequences(sequences, aggregation), tokenizer.pad_token_id)
+    # Response tokens (token aggregation) or responses (sequence aggregation) of the batch.
+    denominator = sum(len(s.response_ids) for s in sequences) if aggregation == "token" else len(sequences)
 
     # Old and reference log-probs away from the current ones, so the ratio is clipped on some
     # tokens and the KL is not zero. They are drawn per unique token and copied into every leaf
     # containing it, as a recomputation would give.
     torch.manual_seed(0)
     with torch.no_grad():
-        unique = packing.packed_logprobs(model, packed)
+        unique = packed.logprobs(model)
     old = unique + 0.3 * torch.randn(unique.shape)
     ref = unique + 0.3 * torch.randn(unique.shape)
     old_flat, ref_flat = packed_to_flat(old, sequences, batch), packed_to_flat(ref, sequences, batch)
@@ -246,21 +248,11 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
 
     flat_loss, flat_stats, flat_grads = _loss_and_grads(
         model,
-        lambda: treerl.policy_loss(
-            treerl.sequence_logprobs(model, batch),
-            old_flat,
-            batch.advantages,
-            batch.mask,
-            aggregation=aggregation,
-            ref_logp=ref_flat,
-            **settings,
-        ),
+        lambda: treerl.policy_loss(batch.logprobs(model), old_flat, batch, denominator, ref_logp=ref_flat, **settings),
     )
     packed_loss, packed_stats, packed_grads = _loss_and_grads(
         model,
-        lambda: packing.packed_policy_loss(
-            packing.packed_logprobs(model, packed), old, packed, ref_logp=ref, **settings
-        ),
+        lambda: treerl.policy_loss(packed.logprobs(model), old, packed, denominator, ref_logp=ref, **settings),
     )
 
     assert 0 < flat_stats["clip_frac"] < 1
@@ -274,45 +266,48 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
-    """Two epochs of `treerl.update` and `packing.update_packed` (the second with ratios away from 1), micro-batches of a few leaves,
-    a KL to a perturbed reference: the packed path ends at the same weights."""
+    """Two epochs of `treerl.update` in the flat and the packed layout (the second epoch with ratios
+    away from 1), micro-batches of a few leaves, a KL to a perturbed reference: the packed layout
+    ends at the same weights."""
     sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     results = []
-    for update in (treerl.update, packing.update_packed):
+    for layout in (treerl.FlatLayout, packing.TreeLayout):
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
         cfg = UpdateConfig(aggregation=aggregation, micro_batch_size=4, ppo_epochs=2, kl_coef=0.05)
-        stats = update(trained, optimizer, None, sequences, cfg, tokenizer.pad_token_id, ref_model=reference)
+        pad = tokenizer.pad_token_id
+        stats = treerl.update(trained, optimizer, None, sequences, cfg, pad, ref_model=reference, layout=layout)
         results.append((stats, list(trained.parameters())))
     (flat_stats, flat_params), (packed_stats, packed_params) = results
     for key in ("loss", "clip_frac", "kl", "ratio", "grad_norm"):
         assert packed_stats[key] == pytest.approx(flat_stats[key], abs=ATOL), key
     assert flat_stats["clip_frac"] > 0
-    assert 0 < packed_stats["packed_token_ratio"] < 1
+    assert 0 < packing.token_ratio(sequences) < 1
     for p, q in zip(packed_params, flat_params):
         torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
 
 
 def test_one_step_update_is_reinforce_on_the_token_advantages(model, tokenizer):
     """With one epoch and one mini-batch the old log-probs are the new ones detached (no extra
-    forward): the step must be plain REINFORCE, -sum(A * log pi) / tokens, for both paths."""
+    forward): the step must be plain REINFORCE, -sum(A * log pi) / tokens, in both layouts."""
     sequences = random_sequences(2, keep=None, truncated_penalty=None)
     batch = treerl.collate(sequences, tokenizer.pad_token_id)
     expected = copy.deepcopy(model)
     expected.train()
-    logp = treerl.sequence_logprobs(expected, batch)
-    (-(batch.advantages * logp * batch.mask).sum() / batch.mask.sum()).backward()
+    logp = batch.logprobs(expected)
+    (-(batch.advantages[..., 0] * logp * batch.mask).sum() / batch.mask.sum()).backward()
     with torch.no_grad():
         for p in expected.parameters():
             p -= 0.5 * p.grad
-    for update in (treerl.update, packing.update_packed):
+    for layout in (treerl.FlatLayout, packing.TreeLayout):
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-        stats = update(trained, optimizer, None, sequences, UpdateConfig(max_grad_norm=1e9), tokenizer.pad_token_id)
+        cfg = UpdateConfig(max_grad_norm=1e9)
+        stats = treerl.update(trained, optimizer, None, sequences, cfg, tokenizer.pad_token_id, layout=layout)
         assert stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
         for p, q in zip(trained.parameters(), expected.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=ATOL)

@@ -113,22 +113,30 @@ def test_default_path_smoke_run(tmp_path):
     assert sorted(p.name for p in (run_dir / "trees").iterdir()) == ["step_0000.html", "step_0002.html"]
 
 
-def test_pack_tree_trains_with_the_packed_update(tmp_path, monkeypatch):
+def test_the_default_update_runs_treerl_policy_loss(tmp_path, monkeypatch):
+    """What you read is what runs: the default configuration (tree packing on) trains through
+    treerl.policy_loss, so replacing it changes the update. Here the replacement scales the loss
+    by zero, and every update's gradient vanishes."""
     import packing
     import rewards
+    import treerl
 
     monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
     calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def zeroed(logp, old_logp, batch, *args, **kwargs):
+        calls.append(type(batch))
+        loss, stats = real(logp, old_logp, batch, *args, **kwargs)
+        return 0.0 * loss, stats
 
-    real = packing.update_packed
-    monkeypatch.setattr(packing, "update_packed", counted)
-    train.main(tiny_args(tmp_path, "--steps", "2", "--pack_tree", "--run_name", "packed"))
-    rows = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and all(0 < r["packed_token_ratio"] < 1 for r in rows[1:])
+    real = treerl.policy_loss
+    monkeypatch.setattr(treerl, "policy_loss", zeroed)
+    assert "--pack_tree" not in TINY and treerl.UpdateConfig().pack_tree  # the default layout: packed
+    train.main(tiny_args(tmp_path, "--steps", "2", "--run_name", "replaced"))
+    rows = [json.loads(line) for line in (tmp_path / "replaced" / "metrics.jsonl").read_text().splitlines()]
+    assert calls and set(calls) == {packing.PackedBatch}
+    updates = [r for r in rows[1:] if "grad_norm" in r]
+    assert updates and all(r["grad_norm"] == 0.0 and 0 < r["packed_token_ratio"] < 1 for r in updates)
 
 
 def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsys):

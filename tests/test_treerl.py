@@ -1,6 +1,7 @@
 """Tests for treerl.py: the loss, collation, the rollout step and one update."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,22 +17,32 @@ from treerl import RolloutConfig, UpdateConfig, policy_loss
 # --------------------------------------------------------------------------------------------------
 
 
+def flat_terms(advantages: torch.Tensor, mask: torch.Tensor, aggregation: str = "token"):
+    """What policy_loss reads from a flat batch, for the given per-token advantages and mask (the
+    rule of treerl.collate), and the denominator of the aggregation."""
+    w = mask if aggregation == "token" else mask / mask.sum(-1, keepdim=True)
+    terms = SimpleNamespace(advantages=(w * advantages)[..., None], pairs=mask[..., None], weight=w)
+    return terms, float(mask.sum() if aggregation == "token" else len(mask))
+
+
 def test_ratio_one_and_no_kl_gives_minus_mean_advantage():
     logp = torch.randn(3, 5)
     advantages = torch.randn(3, 5)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.float)
-    loss, stats = policy_loss(logp, logp.clone(), advantages, mask)
+    loss, stats = policy_loss(logp, logp.clone(), *flat_terms(advantages, mask))
     assert loss.item() == pytest.approx(-(advantages * mask).sum().item() / mask.sum().item(), rel=1e-6)
     assert stats["clip_frac"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
     # Per-sequence averaging (GRPO): mean per response, then over responses.
-    loss, _ = policy_loss(logp, logp.clone(), advantages, mask, aggregation="sequence")
+    loss, _ = policy_loss(logp, logp.clone(), *flat_terms(advantages, mask, "sequence"))
     per_seq = (advantages * mask).sum(-1) / mask.sum(-1)
     assert loss.item() == pytest.approx(-per_seq.mean().item(), rel=1e-6)
 
 
 def _grad(log_ratio: float, advantage: float, clip_low=0.2, clip_high=0.28) -> float:
     logp = torch.tensor([[log_ratio]], requires_grad=True)
-    loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1), clip_low, clip_high)
+    loss, _ = policy_loss(
+        logp, torch.zeros(1, 1), *flat_terms(torch.tensor([[advantage]]), torch.ones(1, 1)), clip_low, clip_high
+    )
     loss.backward()
     return logp.grad.item()
 
@@ -54,9 +65,9 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
     logp = torch.tensor([[-1.0, -2.0]])
     mask = torch.ones(1, 2)
     zero_adv = torch.zeros(1, 2)
-    loss, stats = policy_loss(logp, logp, zero_adv, mask, ref_logp=logp.clone(), kl_coef=0.1)
+    loss, stats = policy_loss(logp, logp, *flat_terms(zero_adv, mask), ref_logp=logp.clone(), kl_coef=0.1)
     assert loss.item() == pytest.approx(0.0) and stats["kl"] == pytest.approx(0.0)
-    loss, stats = policy_loss(logp, logp, zero_adv, mask, ref_logp=logp - 0.5, kl_coef=0.1)
+    loss, stats = policy_loss(logp, logp, *flat_terms(zero_adv, mask), ref_logp=logp - 0.5, kl_coef=0.1)
     assert stats["kl"] > 0 and loss.item() == pytest.approx(0.1 * stats["kl"], rel=1e-5)
 
 
@@ -71,7 +82,12 @@ def test_collate_aligns_response_tokens_with_their_predictions():
     batch = treerl.collate([seq, short], PAD)
     assert batch.input_ids.tolist() == [[7, 8, 9, 4, 5], [7, 4, PAD, PAD, PAD]]
     assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
-    assert batch.advantages.tolist() == [[0, 0, 0.5, -1.0], [2.0, 0, 0, 0]]
+    assert batch.advantages[..., 0].tolist() == [[0, 0, 0.5, -1.0], [2.0, 0, 0, 0]]
+    assert batch.weight.tolist() == batch.mask.tolist()
+    # Sequence aggregation: every token of a response weighs 1 / its length, advantages included.
+    batch = treerl.collate([seq, short], PAD, "sequence")
+    assert batch.advantages[..., 0].tolist() == [[0, 0, 0.25, -0.5], [2.0, 0, 0, 0]]
+    assert batch.weight.tolist() == [[0, 0, 0.5, 0.5], [1.0, 0, 0, 0]]
 
 
 def test_answer_start_maps_text_markers_to_token_positions():
