@@ -39,14 +39,11 @@ Every token of s is trained with advantage R(s). The 1/sqrt(|L(s)|) factor keeps
 by many leaves (and so repeated in many training sequences) from dominating the gradient.
 
 Where the official release (THUDM/TreeRL) computes something else, the paper's equations are the
-default and the release is an option (README, "The paper, mapped to the code", lists them all):
-- leaf rewards centred leave-one-out before the values: `process_rewards(leave_one_out=True)`;
-- the square root over the leaves *kept for training*, applied to the values of a segment and of
-  its parent separately: `process_rewards(reweight="release", selected=...)`;
-- a local advantage of ~0 replaced by the one above it on the path: `fill_in_paths=True`;
-- -1 on every token of a response that never ended: `to_sequences(truncated_penalty=-1.0)`;
-- fork exclusions (`fork_candidates(exclusions="release")`), RLOO with a clamp for ChainRL
-  (`outcome_advantages("rloo", clamp=True)`).
+default here and the release is an option (README, "The paper, mapped to the code", lists them
+all): its process rewards (leave-one-out rewards, the square root over kept leaves, filled-in
+local advantages) and fork exclusions live in release.py; -1 on every token of a response that
+never ended is `to_sequences(truncated_penalty=-1.0)`, RLOO with a clamp for ChainRL
+`outcome_advantages("rloo", clamp=True)`.
 The fork score of both is the sampled token's NLL; `"entropy"` (of the full next-token
 distribution) is an extension offered here, `"random"` the paper's ablation.
 """
@@ -195,8 +192,9 @@ SampleFn = Callable[[list[list[int]], int, "list[int] | None"], list[list[Sample
 # answer_start(response_tokens) -> index where the final answer starts, or None if it has none.
 AnswerStartFn = Callable[[list[int]], "int | None"]
 
-FORK_SCORES = ("nll", "entropy", "random")
-FORK_EXCLUSIONS = ("default", "release")
+# candidates(top) -> the tokens of one tree where a fork is allowed (`Forkable`, or the release's
+# `release.StopWordForks`).
+ForkCandidates = Callable[["Node"], "list[Fork]"]
 
 
 @dataclass(frozen=True)
@@ -207,77 +205,53 @@ class Fork:
     index: int
 
 
-def fork_candidates(
-    top: Node,
-    skip_last: int = 4,
-    answer_start: AnswerStartFn | None = None,
-    exclusions: str = "default",
-    stop_word_at: AnswerStartFn | None = None,
-) -> list[Fork]:
-    """All tokens of one tree where a fork is allowed.
+@dataclass(frozen=True)
+class Forkable:
+    """Where EPTree may fork: called on one tree, returns its eligible tokens.
 
-    Always excluded: the first token of every segment (it was just re-sampled, or it is a place
-    already forked: a split always leaves the forked token first in its segment).
-    default: also the EOS token, every token at or after the start of the final answer in any
-             response that contains it (`answer_start`), and tokens within `skip_last` tokens of
-             the end of any response that contains them.
-    release: also, in each segment, the tokens after the first one whose text contains "answer" or
-             "conclusion" (`stop_word_at(segment tokens)` gives its index); EOS and the last tokens
-             of a response stay eligible.
+    Never a segment's first token (it was just re-sampled, or it is a place already forked: a split
+    always leaves the forked token first in its segment), the EOS token, any token at or after the
+    start of the final answer in a response that contains it (`answer_start`, from the task's answer
+    markers), or any token within `skip_last` tokens of the end of a response that contains it.
     """
-    if exclusions not in FORK_EXCLUSIONS:
-        raise ValueError(f"exclusions must be one of {FORK_EXCLUSIONS}, got {exclusions!r}")
-    if exclusions == "release":
 
-        def eligible(node: Node) -> range:
-            stop = stop_word_at(node.tokens) if stop_word_at is not None else None
-            return range(1, len(node.tokens) if stop is None else min(stop + 1, len(node.tokens)))
+    skip_last: int = 4
+    answer_start: AnswerStartFn | None = None
 
-        return [Fork(n, i) for n in walk(top) for i in eligible(n)]
-    blocked: set[tuple[int, int]] = set()  # (id(node), index) of excluded tokens
-    for leaf in leaves(top):
-        segments = ancestors(leaf)[1:]  # the whole response, from the end of the prompt
-        length = sum(len(s.tokens) for s in segments)
-        # First excluded offset in this response: the tail guard (and EOS), then the answer.
-        cut = length - max(skip_last, 1 if leaf.finished else 0)
-        if answer_start is not None:
-            start = answer_start([t for s in segments for t in s.tokens])
-            if start is not None:
-                cut = min(cut, start)
-        offset = 0
-        for s in segments:
-            blocked.update((id(s), i) for i in range(max(cut - offset, 0), len(s.tokens)))
-            offset += len(s.tokens)
-    return [Fork(n, i) for n in walk(top) for i in range(1, len(n.tokens)) if (id(n), i) not in blocked]
+    def __call__(self, top: Node) -> list[Fork]:
+        blocked: set[tuple[int, int]] = set()  # (id(node), index) of excluded tokens
+        for leaf in leaves(top):
+            segments = ancestors(leaf)[1:]  # the whole response, from the end of the prompt
+            length = sum(len(s.tokens) for s in segments)
+            # First excluded offset in this response: the tail guard (and EOS), then the answer.
+            cut = length - max(self.skip_last, 1 if leaf.finished else 0)
+            if self.answer_start is not None:
+                start = self.answer_start([t for s in segments for t in s.tokens])
+                if start is not None:
+                    cut = min(cut, start)
+            offset = 0
+            for s in segments:
+                blocked.update((id(s), i) for i in range(max(cut - offset, 0), len(s.tokens)))
+                offset += len(s.tokens)
+        return [Fork(n, i) for n in walk(top) for i in range(1, len(n.tokens)) if (id(n), i) not in blocked]
 
 
-def select_forks(
-    top: Node,
-    n: int,
-    fork_score: str,
-    rng: random.Random,
-    skip_last: int = 4,
-    answer_start: AnswerStartFn | None = None,
-    exclusions: str = "default",
-    stop_word_at: AnswerStartFn | None = None,
-) -> list[Fork]:
-    """The (at most) n eligible tokens of one tree with the highest fork score.
+# The fork scores, higher first: Algorithm 1's H(y_t) = -log pi(y_t | x, y_<t) of the sampled token
+# (the release's too); the entropy of the full next-token distribution there (an extension). The
+# third choice, "random", is the paper's ablation.
+FORK_SCORES = {
+    "nll": lambda fork: -fork.node.logprobs[fork.index],
+    "entropy": lambda fork: fork.node.scores[fork.index],
+}
 
-    nll:     -log pi(y_t | x, y_<t) of the sampled token (Algorithm 1's H(y_t); the release's);
-    entropy: the entropy of the full next-token distribution there (an extension);
-    random:  uniformly random eligible tokens (the paper's ablation).
-    """
-    candidates = fork_candidates(top, skip_last, answer_start, exclusions, stop_word_at)
+
+def select_forks(top: Node, n: int, fork_score: str, rng: random.Random, candidates: ForkCandidates) -> list[Fork]:
+    """The (at most) n eligible tokens of one tree with the highest fork score (or n random ones)."""
+    eligible = candidates(top)
     if fork_score == "random":
-        return rng.sample(candidates, min(n, len(candidates)))
-    if fork_score == "entropy":
-        score = lambda f: f.node.scores[f.index]  # noqa: E731
-    elif fork_score == "nll":
-        score = lambda f: -f.node.logprobs[f.index]  # noqa: E731
-    else:
-        raise ValueError(f"fork_score must be one of {FORK_SCORES}, got {fork_score!r}")
+        return rng.sample(eligible, min(n, len(eligible)))
     # sorted() is stable, so ties keep depth-first order and the search stays deterministic.
-    return sorted(candidates, key=score, reverse=True)[:n]
+    return sorted(eligible, key=FORK_SCORES[fork_score], reverse=True)[:n]
 
 
 def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
@@ -296,11 +270,10 @@ def eptree(
     L: int,
     T: int,
     fork_score: str = "nll",
-    skip_last: int = 4,
-    answer_start: AnswerStartFn | None = None,
+    candidates: ForkCandidates = Forkable(),
     seed: int = 0,
     max_response_tokens: int | None = None,
-    **options,
+    full_length_branches: bool = False,
 ) -> Node:
     """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
 
@@ -308,10 +281,10 @@ def eptree(
     every prefix of every tree to `sample_fn` in one batch. L = 0 gives M independent chains:
     ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
     `max_response_tokens` caps every complete response, including the part before a fork.
-    `options` as for eptree_batch.
+    `candidates` says where a tree may fork (`Forkable`: not in the answer, not at the very end).
     """
     return eptree_batch(
-        [prompt_ids], sample_fn, M, N, L, T, fork_score, skip_last, answer_start, seed, max_response_tokens, **options
+        [prompt_ids], sample_fn, M, N, L, T, fork_score, candidates, seed, max_response_tokens, full_length_branches
     )[0]
 
 
@@ -323,26 +296,18 @@ def eptree_batch(
     L: int,
     T: int,
     fork_score: str = "nll",
-    skip_last: int = 4,
-    answer_start: AnswerStartFn | None = None,
+    candidates: ForkCandidates = Forkable(),
     seed: int = 0,
     max_response_tokens: int | None = None,
-    exclusions: str = "default",
-    stop_word_at: AnswerStartFn | None = None,
     full_length_branches: bool = False,
 ) -> list[Node]:
     """EPTree for many prompts at once: the same search as `eptree`, one forest per prompt, but
     each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
     stays busy (one call for the chains, then one call per round).
 
-    `exclusions` and `stop_word_at` as for fork_candidates. A branch may fill what the response
-    budget leaves below its fork; with `full_length_branches` (the release) it may add
-    `max_response_tokens` tokens of its own, so a forked response can be longer than a chain."""
-    for name, value in (("M", M), ("N", N), ("L", L), ("T", T)):
-        if int(value) != value or value < (1 if name == "M" else 0):
-            raise ValueError(f"eptree: {name} must be an integer >= {1 if name == 'M' else 0}, got {value!r}")
-    if fork_score not in FORK_SCORES:
-        raise ValueError(f"fork_score must be one of {FORK_SCORES}, got {fork_score!r}")
+    A branch may fill what the response budget leaves below its fork; with `full_length_branches`
+    (the release) it may add `max_response_tokens` tokens of its own, so a forked response can be
+    longer than a chain. The settings are checked once, by `treerl.TreeConfig.validate`."""
     rng = random.Random(seed)
     roots = [Node(list(p)) for p in prompts]
 
@@ -358,10 +323,7 @@ def eptree_batch(
     # the start of the round) are forked T times.
     for _ in range(L):
         forks = [
-            fork
-            for root in roots
-            for top in trees(root)
-            for fork in select_forks(top, N, fork_score, rng, skip_last, answer_start, exclusions, stop_word_at)
+            fork for root in roots for top in trees(root) for fork in select_forks(top, N, fork_score, rng, candidates)
         ]
         if not forks:
             break
@@ -394,88 +356,40 @@ def eptree_batch(
 # --------------------------------------------------------------------------------------------------
 
 
-def leaf_counts(root: Node, among: Sequence[Node] | None = None) -> dict[Node, int]:
-    """|L(s)|: the number of leaves under every node (a leaf counts itself); with `among`, only
-    the leaves in it (the release's sel(s), leaves kept for training)."""
-    counted = None if among is None else set(among)
+def leaf_counts(root: Node) -> dict[Node, int]:
+    """|L(s)|: the number of leaves under every node (a leaf counts itself)."""
     counts: dict[Node, int] = {}
     for node in reversed(list(walk(root))):  # children before parents
-        if node.is_leaf:
-            counts[node] = int(counted is None or node in counted)
-        else:
-            counts[node] = sum(counts[c] for c in node.children)
+        counts[node] = 1 if node.is_leaf else sum(counts[c] for c in node.children)
     return counts
 
 
-def values(root: Node, leave_one_out: bool = False) -> dict[Node, float]:
-    """V(s): mean reward of the leaves under every node, the root (all M trees) included.
-
-    With `leave_one_out` (the release) each leaf's reward is first centred on the mean of the
-    *other* leaves of the forest: r'_l = r_l - (S - r_l) / (n - 1), S the sum of all n rewards;
-    then V(root) = 0.
-    """
-    counts = leaf_counts(root)
-    rewards = {leaf: leaf.reward for leaf in leaves(root)}
-    if any(r is None for r in rewards.values()):
+def values(root: Node) -> dict[Node, float]:
+    """V(s): mean reward of the leaves under every node, the root (all M trees) included."""
+    if any(leaf.reward is None for leaf in leaves(root)):
         raise ValueError("a leaf has no reward: score every leaf before values()")
-    n, total = len(rewards), sum(rewards.values())
-    if leave_one_out and n > 1:
-        rewards = {leaf: r - (total - r) / (n - 1) for leaf, r in rewards.items()}
     sums: dict[Node, float] = {}
-    for node in reversed(list(walk(root))):
-        sums[node] = float(rewards[node]) if node.is_leaf else sum(sums[c] for c in node.children)
+    for node in reversed(list(walk(root))):  # children before parents
+        sums[node] = float(node.reward) if node.is_leaf else sum(sums[c] for c in node.children)
+    counts = leaf_counts(root)
     return {node: sums[node] / counts[node] for node in sums}
 
 
-REWEIGHTS = ("sqrt", "none", "release")
-
-
 def process_rewards(
-    root: Node,
-    reweight: str = "sqrt",
-    use_global: bool = True,
-    use_local: bool = True,
-    leave_one_out: bool = False,
-    selected: Sequence[Node] | None = None,
-    fill_in_paths: bool = False,
+    root: Node, reweight: str = "sqrt", use_global: bool = True, use_local: bool = True
 ) -> dict[Node, float]:
-    """R(s) for every non-root node: GA + LA (Eqs. 2-4), over sqrt(|L(s)|) when reweight="sqrt".
-
-    `use_global` / `use_local` switch the two terms off one at a time, for the paper's ablations.
-    The release's variants, each on its own:
-    - leave_one_out: values of leave-one-out centred rewards (see `values`);
-    - reweight="release": W(s) = V(s) / sqrt(sel(s)) with sel(s) the `selected` leaves (those kept
-      for training) under s, and GA = W(s) - W(root), LA = W(s) - W(parent): the square root
-      applied to each value separately, not to their sum. (The release writes R = LA + W(s): the
-      same, since its centred V(root) is 0.) A segment with no selected leaf below gets 0;
-    - fill_in_paths: a local advantage with |LA| < 1e-8 is replaced by the (filled) local
-      advantage of the segment above it, except directly under the prompt.
-    """
-    if reweight not in REWEIGHTS:
-        raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
-    if not (use_global or use_local):
-        raise ValueError("process_rewards needs at least one of the global and local advantages")
-    v = values(root, leave_one_out)
-    counts = leaf_counts(root)
-    if reweight == "release":
-        kept = leaf_counts(root, selected)
-        v = {node: v[node] / math.sqrt(kept[node]) if kept[node] else 0.0 for node in v}
+    """R(s) for every non-root node: GA + LA (Eqs. 2-4), over sqrt(|L(s)|) when reweight="sqrt"
+    ("none": plain GA + LA). `use_global` / `use_local` switch the two terms off one at a time,
+    for the paper's ablations. The release's variants are `release.process_rewards`."""
+    v, counts = values(root), leaf_counts(root)
     rewards: dict[Node, float] = {}
-    local: dict[Node, float] = {}
-    for node in walk(root):  # parents before children
+    for node in walk(root):
         if node is root:
             continue
         global_advantage = v[node] - v[root]  # Eq. 2
         local_advantage = v[node] - v[node.parent]  # Eq. 3
-        if fill_in_paths and abs(local_advantage) < 1e-8 and node.parent is not root:
-            local_advantage = local[node.parent]
-        local[node] = local_advantage
         r = use_global * global_advantage + use_local * local_advantage  # Eq. 4
-        if reweight == "sqrt":
-            r /= math.sqrt(counts[node])
-        elif reweight == "release" and not kept[node]:
-            r = 0.0
-        rewards[node] = r
+        rewards[node] = r / math.sqrt(counts[node]) if reweight == "sqrt" else r
     return rewards
 
 

@@ -17,8 +17,9 @@ Read it top to bottom: the Backend protocol and token statistics, the rollout se
 
 Engines stay outside: `hf_backend.HFBackend` (a KV-cache decode loop over the transformers model)
 and `vllm_backend.VLLMBackend` (a colocated vLLM engine) implement the protocol, and any engine
-with the same two methods plugs in. `packing.update_packed` is `update` with each token of a
-forest through the model once (`--pack_tree`): the same loss, less compute.
+with the same two methods plugs in. `update` takes a batch layout: one row per leaf
+(`FlatLayout`), or `packing.TreeLayout`, each token of a forest through the model once
+(`--pack_tree`, the default): the same loss, `policy_loss`, less compute.
 """
 
 from __future__ import annotations
@@ -28,14 +29,31 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Literal, Protocol, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
 
+import release
 import tree
 from tree import Sample
+
+
+def arg(default, help: str):
+    """A configuration field with its --help line (dataclasses become flags: train.parse_config)."""
+    return field(default=default, metadata={"help": help})
+
+
+def check_choices(config, cls: type) -> None:
+    """Every `Literal` field of dataclass `cls` holds one of its values in `config` (the flag
+    parser checks the command line; this checks configurations built in code)."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal and getattr(config, f.name) not in get_args(hint):
+            raise ValueError(f"--{f.name} must be one of {', '.join(get_args(hint))}; got {getattr(config, f.name)!r}")
+
 
 # --------------------------------------------------------------------------------------------------
 # What the rollout needs from a generation engine
@@ -104,61 +122,25 @@ def budgets_per_prefix(max_new_tokens: int | Sequence[int], count: int) -> list[
 @dataclass
 class TreeConfig:
     """EPTree (Algorithm 1) and its process rewards (Eqs. 2-4): the settings train.py and
-    trl_treerl.py share."""
+    trl_treerl.py share. The release's settings are explained in release.py."""
 
-    M: int = field(
-        default=4, metadata={"help": "EPTree: initial chains (trees) per prompt; ChainRL: responses per prompt"}
-    )
-    N: int = field(default=2, metadata={"help": "EPTree: fork points per tree per round"})
-    L: int = field(default=1, metadata={"help": "EPTree: rounds of forking (0: M independent chains)"})
-    T: int = field(default=2, metadata={"help": "EPTree: continuations sampled per fork point"})
-    fork_score: str = field(
-        default="nll",
-        metadata={
-            "help": "nll: -log-prob of the sampled token (Algorithm 1's H(y_t), and the release's); entropy: entropy of the full next-token distribution (an extension); random: the paper's ablation"
-        },
-    )
-    fork_exclusions: str = field(
-        default="default",
-        metadata={
-            "help": "default: no fork at EOS, in the final answer or within skip_last tokens of the end; release: only after a token containing 'answer'/'conclusion' in a segment"
-        },
-    )
-    skip_last: int = field(
-        default=4, metadata={"help": "never fork within this many tokens of a response's end (fork_exclusions default)"}
-    )
-    full_length_branches: bool = field(
-        default=False,
-        metadata={
-            "help": "a fork's branches may add max_new_tokens of their own (the release) instead of what the response budget leaves"
-        },
-    )
-    leave_one_out: bool = field(
-        default=False, metadata={"help": "centre leaf rewards leave-one-out before the values V(s) (the release)"}
-    )
-    reweight: str = field(
-        default="sqrt",
-        metadata={
-            "help": "sqrt: R(s)/sqrt(|L(s)|) (Eq. 4 re-weighting); none: plain GA+LA; release: each value over sqrt(its kept leaves) before GA and LA"
-        },
-    )
-    fill_in_paths: bool = field(
-        default=False, metadata={"help": "a local advantage of ~0 takes the one of the segment above (the release)"}
-    )
-    use_global: bool = field(default=True, metadata={"help": "include the global advantage GA (Eq. 2)"})
-    use_local: bool = field(default=True, metadata={"help": "include the local advantage LA (Eq. 3)"})
-    truncated_penalty: float = field(
-        default=float("nan"),
-        metadata={
-            "help": "advantage of every token of a response with no EOS (nan: reward 0 like a wrong answer; the release uses -1)"
-        },
-    )
+    M: int = arg(4, "EPTree: initial chains (trees) per prompt; ChainRL: responses per prompt")
+    N: int = arg(2, "EPTree: fork points per tree per round")
+    L: int = arg(1, "EPTree: rounds of forking (0: M independent chains)")
+    T: int = arg(2, "EPTree: continuations sampled per fork point")
+    fork_score: Literal["nll", "entropy", "random"] = arg("nll", "nll: -log p of the sampled token (Algorithm 1)")
+    fork_exclusions: Literal["default", "release"] = arg("default", "where a tree may not fork (tree.Forkable)")
+    skip_last: int = arg(4, "never fork within this many tokens of a response's end")
+    full_length_branches: bool = arg(False, "a branch may add max_new_tokens of its own (the release)")
+    leave_one_out: bool = arg(False, "centre leaf rewards leave-one-out before V(s) (the release)")
+    reweight: Literal["sqrt", "none", "release"] = arg("sqrt", "sqrt: R(s) / sqrt(|L(s)|) (Eq. 4); none: GA + LA")
+    fill_in_paths: bool = arg(False, "a local advantage of ~0 takes the one above it (the release)")
+    use_global: bool = arg(True, "include the global advantage GA (Eq. 2)")
+    use_local: bool = arg(True, "include the local advantage LA (Eq. 3)")
+    truncated_penalty: float = arg(float("nan"), "advantage of a response with no EOS (nan: reward 0)")
 
     def validate(self) -> None:
-        choices = {"fork_score": tree.FORK_SCORES, "reweight": tree.REWEIGHTS, "fork_exclusions": tree.FORK_EXCLUSIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        check_choices(self, TreeConfig)
         if self.M < 1:
             raise ValueError(f"--M must be >= 1; got {self.M}")
         for name in ("N", "L", "T", "skip_last"):
@@ -177,12 +159,19 @@ class TreeConfig:
         """`truncated_penalty` as tree.to_sequences takes it (None: no penalty)."""
         return None if math.isnan(self.truncated_penalty) else self.truncated_penalty
 
-    def process_rewards(self, root: tree.Node, selected: Sequence[tree.Node] | None = None) -> dict[tree.Node, float]:
-        """R(s) of every segment of a scored forest (Eqs. 2-4) with these settings; `selected` are
-        the leaves kept for training (used by reweight="release")."""
-        return tree.process_rewards(
-            root, self.reweight, self.use_global, self.use_local, self.leave_one_out, selected, self.fill_in_paths
-        )
+    def fork_candidates(self, decode, answer_start: tree.AnswerStartFn | None) -> tree.ForkCandidates:
+        """Where a tree may fork: the paper's rule, or the release's stop words."""
+        if self.fork_exclusions == "release":
+            return release.StopWordForks(release.stop_word_fn(decode))
+        return tree.Forkable(self.skip_last, answer_start)
+
+    def process_rewards(self, root: tree.Node, kept: Sequence[tree.Node] | None = None) -> dict[tree.Node, float]:
+        """R(s) of every segment of a scored forest with these settings; `kept` are the leaves
+        trained on (the release's re-weighting counts them)."""
+        if self.leave_one_out or self.fill_in_paths or self.reweight == "release":
+            settings = (self.leave_one_out, self.reweight, self.fill_in_paths, self.use_global, self.use_local)
+            return release.process_rewards(root, kept, *settings)
+        return tree.process_rewards(root, self.reweight, self.use_global, self.use_local)
 
 
 @dataclass
@@ -190,36 +179,18 @@ class RolloutConfig(TreeConfig):
     """How responses are sampled and turned into per-token advantages: the search settings above,
     the algorithm, and sampling."""
 
-    algo: str = field(
-        default="treerl",
-        metadata={"help": "treerl (EPTree + process rewards) or chainrl (i.i.d. chains + outcome advantages)"},
-    )
-    advantage: str = field(default="grpo", metadata={"help": "ChainRL outcome advantage: grpo, drgrpo or rloo"})
-    clamp_advantages: bool = field(
-        default=False, metadata={"help": "ChainRL: raise negative advantages to at least -max A (the release's RLOO)"}
-    )
-    keep_leaves: int = field(
-        default=0,
-        metadata={
-            "help": "train on a random subset of this many leaves per prompt, at least one correct when any is (0 = all)"
-        },
-    )
-    keep_zero_signal: bool = field(
-        default=False,
-        metadata={
-            "help": "train on forests whose leaves all got the same reward too (their advantages are 0 unless truncated_penalty applies; the release keeps them)"
-        },
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "response length limit in tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    algo: Literal["treerl", "chainrl"] = arg("treerl", "EPTree + process rewards, or i.i.d. chains + outcome")
+    advantage: Literal["grpo", "drgrpo", "rloo"] = arg("grpo", "ChainRL's outcome advantage")
+    clamp_advantages: bool = arg(False, "ChainRL: negative advantages at least -max A (the release's RLOO)")
+    keep_leaves: int = arg(0, "train on this many leaves per prompt, one correct if any (0: all)")
+    keep_zero_signal: bool = arg(False, "train on forests whose leaves all agree too (the release)")
+    max_new_tokens: int = arg(64, "response length limit in tokens")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling threshold")
 
     def validate(self) -> None:
         super().validate()
-        choices = {"algo": ("treerl", "chainrl"), "advantage": tree.ADVANTAGE_KINDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        check_choices(self, RolloutConfig)
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.keep_leaves < 0:
@@ -275,12 +246,9 @@ def rollout(
             cfg.rounds,
             cfg.T,
             fork_score=cfg.fork_score,
-            skip_last=cfg.skip_last,
-            answer_start=answer_start,
+            candidates=cfg.fork_candidates(decode, answer_start),
             seed=seed,
             max_response_tokens=cfg.max_new_tokens,
-            exclusions=cfg.fork_exclusions,
-            stop_word_at=stop_word_fn(decode),
             full_length_branches=cfg.full_length_branches,
         )
     t1 = time.perf_counter()
@@ -355,23 +323,6 @@ def _rng(seed: int, k: int) -> random.Random:
     return random.Random(seed * 1_000_003 + k)
 
 
-def stop_word_fn(
-    decode: Callable[[list[int]], str], words: Sequence[str] = ("answer", "conclusion")
-) -> tree.AnswerStartFn:
-    """The release's fork exclusion (fork_exclusions="release"): the index of the first token of a
-    segment whose own text contains one of `words` (any case); the tokens after it are not forked.
-    (With a character tokenizer no single token contains a word, so nothing is excluded.)"""
-
-    def stop_word_at(tokens: list[int]) -> int | None:
-        for index, token in enumerate(tokens):
-            text = decode([token]).lower()
-            if any(word in text for word in words):
-                return index
-        return None
-
-    return stop_word_at
-
-
 def answer_start_fn(decode: Callable[[list[int]], str], markers: Sequence[str]) -> tree.AnswerStartFn:
     """Map a task's text markers of the final answer ("Answer:", "\\boxed{") to the token index
     where the answer starts in a response, for EPTree's rule "never fork inside the answer".
@@ -407,59 +358,24 @@ def answer_start_fn(decode: Callable[[list[int]], str], markers: Sequence[str]) 
 class UpdateConfig:
     """The clipped policy-gradient update (GRPO-style, with DAPO's asymmetric clip)."""
 
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the RL stage"})
-    lr_warmup_ratio: float = field(
-        default=0.0,
-        metadata={
-            "help": "linear learning-rate warm-up over this share of the RL steps, then constant (the release: 0.05)"
-        },
-    )
-    lr_warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "linear learning-rate warm-up over this many optimizer steps, then constant: the warm-up of a run stopped by --max_generated_tokens, whose --steps is only a cap (not with --lr_warmup_ratio)"
-        },
-    )
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the release: 0.95)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the release: 0.1)"})
-    train_temperature: float = field(
-        default=0.0,
-        metadata={
-            "help": "temperature of the log-probs in the loss (0: the sampling temperature, the distribution sampled from; the release: 1 while sampling at 1.2)"
-        },
-    )
-    clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
-    clip_high: float = field(default=0.28, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher)"})
-    aggregation: str = field(
-        default="token",
-        metadata={
-            "help": "token: mean over all tokens of the batch (DAPO); sequence: mean per response, then over responses (GRPO)"
-        },
-    )
-    kl_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of the k3 KL to a frozen reference model (0: no reference is loaded, as in the release)"
-        },
-    )
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
-    mini_batch_size: int = field(
-        default=0, metadata={"help": "sequences per optimizer step (0: the whole rollout in one step)"}
-    )
-    micro_batch_size: int = field(
-        default=64, metadata={"help": "sequences per forward/backward (gradient accumulation bounds memory)"}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping by global norm"})
-    pack_tree: bool = field(
-        default=True,
-        metadata={
-            "help": "each token of a forest through the model once (one row per tree, tree mask), instead of one row per leaf; the same loss (packing.py). Faster on a CPU (1.45x on the default update); on a GPU it saves memory but ran at 0.9x"
-        },
-    )
+    lr: float = arg(3e-5, "AdamW learning rate of the RL stage")
+    lr_warmup_ratio: float = arg(0.0, "linear learning-rate warm-up over this share of --steps (the release: 0.05)")
+    lr_warmup_steps: int = arg(0, "linear learning-rate warm-up over this many optimizer steps")
+    adam_beta2: float = arg(0.999, "AdamW beta2 (the release: 0.95)")
+    weight_decay: float = arg(0.0, "AdamW weight decay (the release: 0.1)")
+    train_temperature: float = arg(0.0, "temperature of the log-probs in the loss (0: the sampling one)")
+    clip_low: float = arg(0.2, "ratio clip below: 1 - clip_low")
+    clip_high: float = arg(0.28, "ratio clip above: 1 + clip_high (DAPO's clip-higher)")
+    aggregation: Literal["token", "sequence"] = arg("token", "loss mean over all tokens (DAPO) or per response (GRPO)")
+    kl_coef: float = arg(0.0, "weight of the k3 KL to the frozen starting policy (0: none loaded)")
+    ppo_epochs: int = arg(1, "passes over each rollout")
+    mini_batch_size: int = arg(0, "sequences per optimizer step (0: the whole rollout in one step)")
+    micro_batch_size: int = arg(64, "sequences per forward/backward (gradient accumulation bounds memory)")
+    max_grad_norm: float = arg(1.0, "gradient clipping by global norm")
+    pack_tree: bool = arg(True, "each token of a forest through the model once (packing.TreeLayout)")
 
     def validate(self) -> None:
-        if self.aggregation not in ("token", "sequence"):
-            raise ValueError(f"--aggregation must be token or sequence; got {self.aggregation!r}")
+        check_choices(self, UpdateConfig)
         for name in ("lr", "micro_batch_size", "ppo_epochs", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0; got {getattr(self, name)}")

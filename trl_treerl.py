@@ -213,8 +213,8 @@ class TreeRLTrainer(GRPOTrainer):
             raise NotImplementedError("TreeRLTrainer does not support vision-language processors")
         self._rollout: _Rollout | None = None  # set only while TRL's step code runs, see below
         decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        self._answer_start = treerl.answer_start_fn(decode, args.answer_markers) if args.answer_markers else None
-        self._stop_word_at = treerl.stop_word_fn(decode)  # fork_exclusions="release"
+        answer_start = treerl.answer_start_fn(decode, args.answer_markers) if args.answer_markers else None
+        self._fork_candidates = args.fork_candidates(decode, answer_start)  # where a tree may fork
         self._sampled_tokens = 0  # tokens TRL generated for this step's search
         self.last_forests: list[tree.Node] = []  # this process's forests of the latest step, to inspect
 
@@ -300,12 +300,9 @@ class TreeRLTrainer(GRPOTrainer):
             args.L,
             args.T,
             fork_score=args.fork_score,
-            skip_last=args.skip_last,
-            answer_start=self._answer_start,
+            candidates=self._fork_candidates,
             seed=seed,
             max_response_tokens=self.max_completion_length,
-            exclusions=args.fork_exclusions,
-            stop_word_at=self._stop_word_at,
             full_length_branches=args.full_length_branches,
         )
         if self.accelerator.num_processes > 1:

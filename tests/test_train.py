@@ -59,7 +59,6 @@ def test_defaults_parse_and_flags_override():
     "argv,message",
     [
         (["--M", "0"], "--M must be >= 1"),
-        (["--algo", "ppo"], "--algo must be one of"),
         (["--task", "math"], "--task math needs --data"),
         (["--arith_operands", "3"], "--arith_operands"),
         (["--hidden_size", "30", "--num_heads", "4"], "divisible"),
@@ -71,6 +70,16 @@ def test_invalid_settings_fail_at_once_naming_the_field(argv, message):
         train.parse_config(argv)
     with pytest.raises(SystemExit, match=message):
         train.main(argv)
+
+
+def test_a_choice_outside_its_set_is_refused_naming_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--algo", "ppo"])
+    assert "choose from 'treerl', 'chainrl'" in capsys.readouterr().err
+    preset = tmp_path / "p.yaml"  # a preset's values are checked too
+    preset.write_text("fork_score: loudest\n")
+    with pytest.raises(ValueError, match="--fork_score must be one of nll, entropy, random"):
+        train.parse_config(["--config", str(preset)])
 
 
 def test_presets_load_and_unknown_keys_are_named(tmp_path):

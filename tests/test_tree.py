@@ -5,13 +5,14 @@ import random
 
 import pytest
 
+import release
 from tree import (
+    Forkable,
     Node,
     Sample,
     chain_advantages,
     eptree,
     eptree_batch,
-    fork_candidates,
     generated_tokens,
     leaf_counts,
     leaves,
@@ -81,8 +82,6 @@ def test_leaf_without_reward_is_an_error():
 
 def test_bad_options_are_rejected():
     root, _ = paper_forest()
-    with pytest.raises(ValueError, match="reweight"):
-        process_rewards(root, reweight="log")
     with pytest.raises(ValueError, match="kind"):
         outcome_advantages([1.0, 0.0], kind="ppo")
     with pytest.raises(ValueError, match="one log-prob"):
@@ -289,7 +288,7 @@ def test_prefixes_end_strictly_before_the_forked_token():
         root.add(sample.tokens, sample.logprobs, sample.scores, finished=True)
     expected = []
     for top in trees(root):
-        for fork in select_forks(top, 3, "nll", random.Random(0)):
+        for fork in select_forks(top, 3, "nll", random.Random(0), Forkable()):
             expected.append([5, 6] + top.tokens[: fork.index])
             # The forked token is not part of its prefix and the prefix is a strict prefix.
             assert len(expected[-1]) == 2 + fork.index
@@ -305,7 +304,7 @@ def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
     # Entropy scores: under the NLL scores of this fake sampler a branch may happen to re-sample
     # the token it was forked at, which repeats a prefix at a new place and would fool the
     # same-prefix check below (fork.index > 0 covers the rule itself for every score).
-    root = eptree([1, 2], sampler, M=2, N=4, L=3, T=2, skip_last=2, answer_start=answer_start, fork_score="entropy")
+    root = eptree([1, 2], sampler, 2, 4, 3, 2, "entropy", Forkable(2, answer_start))
     seen = set()
     for prefixes, _ in sampler.calls[1:]:
         for p in prefixes:
@@ -318,7 +317,7 @@ def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
             assert tuple(p) not in seen
             seen.add(tuple(p))
     for top in trees(root):
-        for fork in fork_candidates(top, skip_last=2, answer_start=answer_start):
+        for fork in Forkable(2, answer_start)(top):
             assert fork.index > 0
             assert fork.node.tokens[fork.index] not in (EOS, MARK)
 
@@ -326,7 +325,7 @@ def test_exclusions_first_token_eos_tail_answer_and_no_double_fork():
 def test_few_eligible_tokens_fork_less():
     sampler = FakeSampler(length=4)
     # Response of 4 tokens with skip_last=2: only offsets 1 is eligible (0 is a first token).
-    root = eptree([3], sampler, M=2, N=5, L=1, T=3, skip_last=2)
+    root = eptree([3], sampler, M=2, N=5, L=1, T=3, candidates=Forkable(2))
     assert len(sampler.calls[1][0]) == 2  # one fork per tree
     assert len(leaves(root)) == 2 + 2 * 3
 
@@ -338,8 +337,8 @@ def test_per_tree_top_n_by_entropy():
     a = root.add(list(range(10, 18)), scores=scores_a, finished=True)
     b = root.add(list(range(20, 28)), scores=scores_b, finished=True)
     rng = random.Random(0)
-    picked_a = select_forks(a, 2, "entropy", rng, skip_last=2)
-    picked_b = select_forks(b, 2, "entropy", rng, skip_last=2)
+    picked_a = select_forks(a, 2, "entropy", rng, Forkable(2))
+    picked_b = select_forks(b, 2, "entropy", rng, Forkable(2))
     # Top-2 within each tree, even though every score of tree b is lower than tree a's top two.
     assert [f.index for f in picked_a] == [1, 3]
     assert [f.index for f in picked_b] == [5, 4]
@@ -353,13 +352,6 @@ def test_random_fork_score_is_reproducible_with_a_seed():
 
     assert grow(1) == grow(1)
     assert grow(1) != grow(2)
-
-
-def test_eptree_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="M"):
-        eptree([1], FakeSampler(), M=0, N=1, L=1, T=1)
-    with pytest.raises(ValueError, match="fork_score"):
-        eptree([1], FakeSampler(), M=1, N=1, L=1, T=1, fork_score="max")
 
 
 def test_batched_search_equals_one_prompt_at_a_time():
@@ -390,9 +382,15 @@ def test_response_budget_counts_the_prefix_before_a_fork():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("reweight", ["sqrt", "none"])
+def test_the_release_variants_switched_off_are_the_paper(reweight):
+    root, _ = paper_forest()
+    assert release.process_rewards(root, reweight=reweight) == pytest.approx(process_rewards(root, reweight))
+
+
 def test_leave_one_out_values_centre_each_leaf_on_the_others():
     root, n = paper_forest()
-    v = values(root, leave_one_out=True)
+    v = release.leave_one_out_values(root)
     # 5 leaves, S = 3 correct: r' = r - (S - r) / 4, i.e. 1 - 2/4 = 1/2 and 0 - 3/4 = -3/4.
     assert v[n["b"]] == pytest.approx(0.5) and v[n["c"]] == pytest.approx(-0.75)
     assert v[n["a"]] == pytest.approx((0.5 - 0.75) / 2) and v[root] == pytest.approx(0.0)
@@ -402,7 +400,7 @@ def test_fill_in_paths_replaces_a_zero_local_advantage_with_the_one_above():
     root, n = paper_forest()
     # d and its leaves e, f all have V = 1, so LA(e) = LA(f) = 0; filled, they take LA(d) = 2/5.
     plain = process_rewards(root, reweight="none")
-    filled = process_rewards(root, reweight="none", fill_in_paths=True)
+    filled = release.process_rewards(root, reweight="none", fill_in_paths=True)
     assert plain[n["e"]] == pytest.approx(2 / 5)  # GA only
     assert filled[n["e"]] == pytest.approx(2 / 5 + 2 / 5)  # GA + LA(d)
     # Directly under the prompt nothing is filled, and non-zero local advantages stay as they are.
@@ -412,7 +410,7 @@ def test_fill_in_paths_replaces_a_zero_local_advantage_with_the_one_above():
 def test_release_reweight_divides_each_value_by_its_kept_leaves():
     root, n = paper_forest()
     kept = [n["b"], n["e"], n["g"]]  # c and f are not trained
-    r = process_rewards(root, reweight="release", selected=kept)
+    r = release.process_rewards(root, kept, reweight="release")
     W = {
         "a": (1 / 2) / math.sqrt(1),
         "b": 1.0,
@@ -432,19 +430,19 @@ def test_release_fork_exclusions():
     root = Node([1, 2])
     top = root.add([5, 6, 7, 8, 9, EOS], logprobs=[-1.0] * 6, scores=[0.5] * 6)
     top.reward = 0.0
-    everything = [f.index for f in fork_candidates(top, skip_last=0, exclusions="release")]
+    everything = [f.index for f in release.StopWordForks()(top)]
     assert everything == [1, 2, 3, 4, 5]  # EOS and the tail eligible; the first token never
-    default = [f.index for f in fork_candidates(top, skip_last=2)]
+    default = [f.index for f in Forkable(2)(top)]
     assert default == [1, 2, 3]  # the last 2 (EOS included) are not
     # In each segment, tokens after the first one whose text names the answer are not forked.
     stop_at_7 = lambda tokens: tokens.index(7) if 7 in tokens else None  # noqa: E731
-    assert [f.index for f in fork_candidates(top, exclusions="release", stop_word_at=stop_at_7)] == [1, 2]
+    assert [f.index for f in release.StopWordForks(stop_at_7)(top)] == [1, 2]
 
 
 def test_full_length_branches_get_the_whole_budget():
     sampler = FakeSampler(length=6)
-    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6, full_length_branches=True)
+    eptree_batch([[3]], sampler, 1, 1, 1, 2, candidates=Forkable(1), max_response_tokens=6, full_length_branches=True)
     assert sampler.budgets[1] == [6]
     sampler = FakeSampler(length=6)
-    eptree_batch([[3]], sampler, M=1, N=1, L=1, T=2, skip_last=1, max_response_tokens=6)
+    eptree_batch([[3]], sampler, 1, 1, 1, 2, candidates=Forkable(1), max_response_tokens=6)
     assert sampler.budgets[1][0] < 6  # what the response budget leaves below the fork

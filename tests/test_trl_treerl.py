@@ -167,8 +167,7 @@ def expected_forest(tokenizer, prompt_ids, sample):
         L=1,
         T=2,
         fork_score="entropy",
-        skip_last=4,
-        answer_start=treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS),
+        candidates=tree.Forkable(4, treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS)),
         max_response_tokens=24,
     )
     for leaf in tree.leaves(root):

@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 
 import policy
+import tree
 import trl_treerl
 
 
@@ -56,7 +57,7 @@ def main(out: str) -> None:
     )
     rank = trainer.accelerator.process_index
     if rank == 1:
-        trainer._answer_start = lambda ids: 0  # nothing to fork at on this process
+        trainer._fork_candidates = tree.Forkable(answer_start=lambda ids: 0)  # nothing to fork at here
     calls, padded = [], []
     sample = trainer._sample
 
