@@ -56,9 +56,17 @@ class HFBackend:
     COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
 
     def __init__(
-        self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256, reuse_prefixes: bool | None = None
+        self,
+        model,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int,
+        batch_size: int = 256,
+        reuse_prefixes: bool | None = None,
     ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        # The tokens that end a response: training passes the tokenizer's EOS; the benchmark
+        # harness (eval/evaluate.py) passes every stop token of a chat model, which often has two.
+        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
         self.reuse_prefixes = reuse_prefixes
@@ -185,6 +193,7 @@ class HFBackend:
             self.prefix_store.add(_snapshot(cache, batch_rows), paths)
 
         greedy = temperature == 0
+        stops = torch.tensor(self.stop_ids, device=device)
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
             token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
@@ -193,7 +202,7 @@ class HFBackend:
             logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
             entropies[row[live], step] = entropy(logp[live])
             lengths[row[live]] = step + 1
-            ended = live & (token == self.eos)
+            ended = live & torch.isin(token, stops)
             finished[row[ended]] = True
             stopped |= ended | (step + 1 >= budget)
             if bool(stopped.all()):
