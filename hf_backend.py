@@ -4,7 +4,7 @@ Skip this file on a first reading: it is how `treerl.Backend.sample` is made fas
 not part of the algorithm. `treerl.rollout` only calls `sample(prefixes, n, budgets, ...)` and,
 where a backend has it, `reusing_prefixes()`.
 
-What it makes faster, against transformers' `generate` (eval/throughput.py measures it):
+What it makes faster, against transformers' `generate` (`python -m eval.bench throughput` measures it):
 
 - one prefill per prefix, shared by the prefix's n continuations;
 - forks that start from the stored KV states of their prefix instead of re-reading it;
@@ -42,7 +42,7 @@ class HFBackend:
       one of them starts from a copy (only its last token is run, for the next-token logits).
       This pays on a CPU, where reading a prefix costs about what generating it did, and not on a
       GPU, where a prefill is a few decode steps' time and keeping and copying states costs more
-      (eval/throughput.py, docs/performance.md); so by default it is on for a model on a CPU.
+      (`eval.bench throughput`, docs/performance.md); so by default it is on for a model on a CPU.
     - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
       below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
     - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
