@@ -155,7 +155,8 @@ def sampled_tokens(groups) -> int:
 def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool, **options):
     """One policy update over `sequences` as train.py runs it: flat (`treerl.update`, one row per
     leaf) or tree-packed (`packing.update_packed`, train.py's --pack_tree: every token of a forest
-    through the model once). The one place the measurements call an update."""
+    through the model once). The one place the measurements call an update; `cpu_seconds_per_step`
+    below wraps the same two functions."""
     update = packing.update_packed if packed else treerl.update
     return update(model, optimizer, None, sequences, cfg, pad_token_id, **options)
 
@@ -1443,7 +1444,11 @@ SUBCOMMANDS = (add_throughput, add_backends, add_verifier, add_gpu_memory, add_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.bench",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # what it is for, and the subcommands
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for add in SUBCOMMANDS:
         add(sub)

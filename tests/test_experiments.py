@@ -317,6 +317,8 @@ def test_bench_refuses_what_it_cannot_run(tmp_path):
         bench.main(["throughput", "--config", "configs/cpu_long.yaml", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench.main(["no-such-measurement"])
+    with pytest.raises(SystemExit):  # refused before TRL is imported or anything is trained
+        bench.main(["trl", "--methods", "trl-grpo,ppo", "--out", str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bench.main(["throughput", "--device", "cuda", "--out", str(tmp_path)])
