@@ -450,7 +450,6 @@ keeps the rest). Timings are medians over --repeats after one warm-up run."""
 
 def add_throughput(sub) -> None:
     parser = sub.add_parser("throughput", help="where a TreeRL step spends its time", description=THROUGHPUT_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     choices = ", ".join([*MODELS, "qwen2.5-1.5b"])
     parser.add_argument("--models", default="default,30m", help=f"comma-separated, from: {choices}")
     parser.add_argument("--batch", type=int, default=256, help="generation batch (train.py's gen_batch_size)")
@@ -576,7 +575,6 @@ training; the vLLM columns need vLLM installed (requirements-cpu-vllm.txt on CPU
 
 def add_backends(sub) -> None:
     parser = sub.add_parser("backends", help="transformers vs vLLM rollout speed", description=BACKENDS_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--prompts", type=int, default=0, help="prompts per batch (0: train.py's prompts_per_step)")
     parser.add_argument("--repeats", type=int, default=3, help="measured batches per backend, after one warm-up")
     parser.add_argument(
@@ -716,7 +714,6 @@ PATHOLOGICAL = {
 
 def add_verifier(sub) -> None:
     parser = sub.add_parser("verifier", help="math and code verifier throughput", description=VERIFIER_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--math_checks", type=int, default=500)
     parser.add_argument("--code_runs", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each pathological input")
@@ -858,7 +855,6 @@ gpu_peak_rollout_gb / gpu_peak_update_gb). Writes gpu_memory.json."""
 
 def add_gpu_memory(sub) -> None:
     parser = sub.add_parser("gpu-memory", help="peak GPU memory of a 1.5B step", description=GPU_MEMORY_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default="configs/qwen2.5-math-1.5b.yaml")
     parser.add_argument("--prompt_tokens", type=int, default=256)
     parser.set_defaults(run=run_gpu_memory)
@@ -1005,7 +1001,6 @@ OURS = {
 
 def add_trl(sub) -> None:
     parser = sub.add_parser("trl", help="TRL GRPO vs TRL + TreeRL vs train.py", description=TRL_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--budget", type=int, default=128_000, help="generated tokens per method (about 20 TreeRL steps)"
     )
@@ -1279,7 +1274,6 @@ DEFAULT_RECIPES = "600x64@2e-3,600x48@2e-3,500x64@2e-3,600x32@2e-3,400x64@3e-3,3
 
 def add_warm_start(sub) -> None:
     parser = sub.add_parser("warm-start", help="cost and result of warm-start recipes", description=WARM_START_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated STEPSxBATCH@LR")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--device", default="cpu")
@@ -1360,7 +1354,6 @@ STEP = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")  # one worked step of the ari
 
 def add_greedy_flips(sub) -> None:
     parser = sub.add_parser("greedy-flips", help="problems RL broke or fixed", description=GREEDY_FLIPS_DOC)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--before", required=True, help="policy folder (save_pretrained), e.g. the warm start")
     parser.add_argument("--after", required=True, help="policy folder, e.g. a checkpoint of an RL run")
     parser.set_defaults(run=run_greedy_flips, train_flags=True)
@@ -1455,6 +1448,7 @@ def build_parser() -> argparse.ArgumentParser:
     for subparser in sub.choices.values():
         subparser.add_argument("--out", default="results", help="folder for the JSON file")
         subparser.set_defaults(subparser=subparser)  # for usage errors that name the subcommand
+        subparser.formatter_class = argparse.RawDescriptionHelpFormatter  # descriptions keep their layout
     return parser
 
 
