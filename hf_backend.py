@@ -4,7 +4,7 @@ Skip this file on a first reading: it is how `treerl.Backend.sample` is made fas
 not part of the algorithm. `treerl.rollout` only calls `sample(prefixes, n, budgets, ...)` and,
 where a backend has it, `reusing_prefixes()`.
 
-What it makes faster, against transformers' `generate` (eval/throughput.py measures it):
+What it makes faster, against transformers' `generate` (`python -m eval.bench throughput` measures it):
 
 - one prefill per prefix, shared by the prefix's n continuations;
 - forks that start from the stored KV states of their prefix instead of re-reading it;
@@ -42,7 +42,7 @@ class HFBackend:
       one of them starts from a copy (only its last token is run, for the next-token logits).
       This pays on a CPU, where reading a prefix costs about what generating it did, and not on a
       GPU, where a prefill is a few decode steps' time and keeping and copying states costs more
-      (eval/throughput.py, docs/performance.md); so by default it is on for a model on a CPU.
+      (`eval.bench throughput`, docs/performance.md); so by default it is on for a model on a CPU.
     - **A budget per prefix.** A fork's branches may only fill what is left of the response budget
       below the fork, which differs from prefix to prefix (`max_new_tokens` may be a list).
     - **Finished rows leave the batch.** A row stops at EOS or at its budget; the batch is
@@ -56,9 +56,17 @@ class HFBackend:
     COMPACT_FRACTION = 1 / 8  # drop stopped rows once they are this share of the batch
 
     def __init__(
-        self, model, eos_token_id: int, pad_token_id: int, batch_size: int = 256, reuse_prefixes: bool | None = None
+        self,
+        model,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int,
+        batch_size: int = 256,
+        reuse_prefixes: bool | None = None,
     ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        # The tokens that end a response: training passes the tokenizer's EOS; the benchmark
+        # harness (eval/evaluate.py) passes every stop token of a chat model, which often has two.
+        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
         self.reuse_prefixes = reuse_prefixes
@@ -185,6 +193,7 @@ class HFBackend:
             self.prefix_store.add(_snapshot(cache, batch_rows), paths)
 
         greedy = temperature == 0
+        stops = torch.tensor(self.stop_ids, device=device)
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
             token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
@@ -193,7 +202,7 @@ class HFBackend:
             logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
             entropies[row[live], step] = entropy(logp[live])
             lengths[row[live]] = step + 1
-            ended = live & (token == self.eos)
+            ended = live & torch.isin(token, stops)
             finished[row[ended]] = True
             stopped |= ended | (step + 1 >= budget)
             if bool(stopped.all()):

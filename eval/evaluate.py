@@ -17,8 +17,8 @@ prompts and their grading). Two metrics, per benchmark:
   (pass@1 equals avg@n: both are c / n averaged over problems.)
 
 Generation is a *responder*: a function from prompt texts and a count n to n `Generation`s per
-prompt. `make_responder` is the one place a backend is chosen (today transformers `generate`;
-vLLM is meant to plug in there); tests swap in an "oracle" responder that answers with the gold
+prompt. `make_responder` is the one place a backend is chosen (today `hf_backend.HFBackend`, the
+transformers decode loop that also samples in training; vLLM is meant to plug in there); tests swap in an "oracle" responder that answers with the gold
 solution, which checks extraction and verification end to end with no model at all.
 
 Writes to `--out` (default `results/eval/<model name>`): `samples.jsonl` (one row per sampled
@@ -40,6 +40,7 @@ from pathlib import Path
 
 from eval import benchmarks
 from eval.benchmarks import Problem
+from eval.common import markdown_table
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -116,7 +117,9 @@ class EvalConfig:
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
     max_new_tokens: int = field(default=2048, metadata={"help": "longest response, in tokens"})
     seed: int = field(default=0, metadata={"help": "sampling seed (reset before each bench)"})
-    backend: str = field(default="hf", metadata={"help": "generation engine: hf (transformers generate)"})
+    backend: str = field(
+        default="hf", metadata={"help": "generation engine: hf (hf_backend.HFBackend, as in training)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
     dtype: str = field(
         default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"}
@@ -208,52 +211,25 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def hf_responder(model, tokenizer, config: EvalConfig) -> Responder:
-    """Sampling with transformers `generate` (left-padded batches, KV cache).
+    """Sampling with `hf_backend.HFBackend`, the decode loop that samples in training (one prefill
+    per prompt shared by its n samples, a KV cache written in place), stopping at any of the
+    model's stop tokens. The sampling settings are passed explicitly (temperature and nucleus
+    sampling, greedy at temperature 0, nothing else), so that what is sampled is what
+    summary.json says, not a model's own generation defaults (top_k, repetition penalty)."""
+    from hf_backend import HFBackend
 
-    Not `hf_backend.HFBackend`: that one computes each token's log-prob and entropy for training and
-    stops only at its one EOS id, where evaluation needs only the text and stops at any of the
-    model's stop tokens. The sampling settings are passed explicitly, so that what is
-    sampled is what summary.json says, not a model's own generation defaults (top_k, repetition
-    penalty)."""
-    import torch
-
-    stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
+    backend = HFBackend(model, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, config.batch_size)
     # A chat template writes its own special tokens (BOS included); plain text gets the usual ones.
     add_special = not getattr(tokenizer, "chat_template", None)
-    greedy = config.temperature == 0
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def generate(rows: list[list[int]]) -> list[Generation]:
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=config.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else config.temperature,
-            top_p=None if greedy else config.top_p,
-            top_k=None if greedy else 0,
-            repetition_penalty=1.0,
-            eos_token_id=stops,
-            pad_token_id=pad,
-        )
-        generations = []
-        for tokens in out[:, width:].tolist():
-            end = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
-            kept = tokens[:end] if end else tokens
-            generations.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), end is not None))
-        return generations
 
     def respond(prompts: list[str], n: int) -> list[list[Generation]]:
-        rows = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts for _ in range(n)]
-        flat = []
-        for start in range(0, len(rows), config.batch_size):
-            flat += generate(rows[start : start + config.batch_size])
-        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        rows = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+        groups = backend.sample(rows, n, config.max_new_tokens, config.temperature, config.top_p)
+        # A sample's tokens end with its stop token when it has one; decoding drops it.
+        return [
+            [Generation(tokenizer.decode(s.tokens, skip_special_tokens=True), len(s.tokens), s.finished) for s in group]
+            for group in groups
+        ]
 
     return respond
 
@@ -347,23 +323,22 @@ def evaluate_bench(
     return BenchResult(name, metrics, records)
 
 
-def markdown_table(results: list[BenchResult]) -> str:
+def results_table(results: list[BenchResult]) -> str:
     """One row per bench; accuracies in percent."""
     metric_names = [key for key in results[0].metrics if key.startswith(("avg@", "pass@"))]
     header = ["bench", "n", "samples", *metric_names, "mean tokens", "truncated"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        m = result.metrics
-        cells = [
+    rows = [
+        [
             result.name,
-            str(m["n"]),
-            str(m["samples"]),
-            *(f"{100 * m[k]:.1f}" for k in metric_names),
-            f"{m['mean_response_tokens']:.0f}",
-            f"{100 * m['truncated']:.1f}%",
+            result.metrics["n"],
+            result.metrics["samples"],
+            *(f"{100 * result.metrics[k]:.1f}" for k in metric_names),
+            f"{result.metrics['mean_response_tokens']:.0f}",
+            f"{100 * result.metrics['truncated']:.1f}%",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for result in results
+    ]
+    return markdown_table(header, rows) + "\n"
 
 
 def model_name(config: EvalConfig) -> str:
@@ -378,7 +353,7 @@ def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> 
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     summary = {"model": config.model, "benches": {r.name: r.metrics for r in results}, "config": asdict(config)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown_table(results)
+    table = results_table(results)
     (out / "summary.md").write_text(f"# {model_name(config)}\n\n{table}")
     return summary
 
@@ -407,7 +382,7 @@ def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) 
     results = [evaluate_bench(name, problems, responder, tokenizer, config) for name, problems in loaded.items()]
     out = Path(config.out) if config.out else Path("results") / "eval" / model_name(config)
     summary = write_outputs(out, config, results)
-    print(markdown_table(results), end="")
+    print(results_table(results), end="")
     print(f"wrote {out}/summary.json, summary.md, samples.jsonl")
     return summary
 

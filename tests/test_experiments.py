@@ -1,4 +1,5 @@
-"""The experiment scripts in eval/ run end to end on a tiny model (their --quick settings)."""
+"""The experiment scripts in eval/ run end to end on a tiny model (their --quick settings), and the
+measurements of eval/bench.py at tiny sizes."""
 
 import json
 
@@ -7,7 +8,8 @@ import torch
 
 import policy
 import rewards
-from eval import compare_rl, greedy_flips, search_efficiency
+import tree
+from eval import bench, compare_rl, search_efficiency
 from eval.common import warm_started_policy
 
 TINY = [
@@ -214,10 +216,10 @@ def test_differences_compare_treerl_with_every_other_method():
 
 
 def test_greedy_flips_first_slip_and_counts():
-    assert greedy_flips.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1  # 16 written as 17
-    assert greedy_flips.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1  # -10 written as -9
-    assert greedy_flips.first_slip("3+4=7\nAnswer: 7") is None
-    result = greedy_flips.compare([1, 1, 0, 0, 1], [0, 1, 1, 0, 0], ["1+1=3", "", "", "", "no steps"])
+    assert bench.first_slip("3+4=7\n7+9=17\n17-2=15\nAnswer: 15") == 1  # 16 written as 17
+    assert bench.first_slip("2-2=0\n0-10=-9\n-9-9=-18\nAnswer: -18") == -1  # -10 written as -9
+    assert bench.first_slip("3+4=7\nAnswer: 7") is None
+    result = bench.compare_verdicts([1, 1, 0, 0, 1], [0, 1, 1, 0, 0], ["1+1=3", "", "", "", "no steps"])
     assert (result["right_to_wrong"], result["wrong_to_right"], result["broken"], result["fixed"]) == (
         2,
         1,
@@ -234,7 +236,7 @@ def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(
         rewards, "arith_reward", lambda response, gold: float((sum(map(ord, response)) + int(gold)) % 2 == 0)
     )
-    sample = greedy_flips.HFBackend.sample
+    sample = bench.HFBackend.sample
 
     def all_finished(self, *args, **kwargs):  # an untrained model never ends its answer
         groups = sample(self, *args, **kwargs)
@@ -243,7 +245,7 @@ def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
                 s.finished = True
         return groups
 
-    monkeypatch.setattr(greedy_flips.HFBackend, "sample", all_finished)
+    monkeypatch.setattr(bench.HFBackend, "sample", all_finished)
     cfg = policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, warmup_steps=20, warmup_batch_size=16)
     before = warm_started_policy(str(tmp_path), cfg)
     model, tokenizer = policy.load_policy(str(before), cfg, torch.device("cpu"))
@@ -253,25 +255,22 @@ def test_greedy_flips_end_to_end(tmp_path, monkeypatch):
                 p.add_(noise * torch.randn_like(p))
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    flags = ["--eval_size", "16", "--max_new_tokens", "12"]
-    same = greedy_flips.main(["--before", str(before), "--after", str(tmp_path / "same"), *flags])
+    flags = ["--eval_size", "16", "--max_new_tokens", "12", "--out", str(tmp_path / "out")]
+    same = bench.main(["greedy-flips", "--before", str(before), "--after", str(tmp_path / "same"), *flags])
     assert (same["right_to_wrong"], same["wrong_to_right"]) == (0, 0) and same["problems"] == 16
-    other = greedy_flips.main(
-        ["--before", str(before), "--after", str(tmp_path / "other"), "--out", str(tmp_path / "out"), *flags]
-    )
+    other = bench.main(["greedy-flips", "--before", str(before), "--after", str(tmp_path / "other"), *flags])
     assert other["right_to_wrong"] + other["wrong_to_right"] > 0  # other weights answer differently
     net = (other["wrong_to_right"] - other["right_to_wrong"]) / other["problems"]
     assert other["accuracy_after"] - other["accuracy_before"] == pytest.approx(net)
     assert json.loads((tmp_path / "out" / "greedy_flips.json").read_text())["broken"] == other["broken"]
     with pytest.raises(SystemExit):
-        greedy_flips.main(["--before", str(tmp_path / "missing"), "--after", str(tmp_path / "same")])
+        bench.main(["greedy-flips", "--before", str(tmp_path / "missing"), "--after", str(tmp_path / "same")])
 
 
-def test_throughput_writes_every_ratio(tmp_path):
-    from eval import throughput
-
-    result = throughput.main(
+def test_bench_throughput_writes_every_ratio(tmp_path):
+    result = bench.main(
         [
+            "throughput",
             "--models",
             "default",
             "--repeats",
@@ -288,21 +287,40 @@ def test_throughput_writes_every_ratio(tmp_path):
     )
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
+    assert saved["command"].startswith("python -m eval.bench throughput")
     default = saved["models"]["default"]
     (pair,) = default["tree_vs_chain"]
     assert pair["prompts"] == 2 and pair["forest_tokens"] == pair["forest_no_reuse_tokens"] > 0
     assert saved["tree_vs_chain"] == pair["tree_vs_chain"] > 0
-    assert [u["L"] for u in default["update"]] == [1, 2]
+    assert [u["L"] for u in default["update"]] == [1, 2]  # train.py's L, and one round deeper
     assert all(0 < u["unique_over_flat"] < 1 and u["packed_speedup"] > 0 for u in default["update"])
 
 
-def test_benchmark_scripts_refuse_what_they_cannot_run(tmp_path):
-    from eval import gpu_memory, throughput
-
+def test_bench_grows_the_search_of_its_flags():
+    # A tiny random model and prompts: the forests have the shape of the flags, not a fixed one.
+    subject = bench.build_subject("default", "cpu")
+    parser = bench.build_parser()
+    args = parser.parse_args(["throughput", "--M", "2", "--N", "1", "--L", "1", "--T", "3", "--max_new_tokens", "8"])
+    cfg = bench.search_config(parser, args)
+    prompts = bench.random_prompts(3, subject.vocab)
+    forests, seconds = bench.grow_forests(bench.subject_backend(subject, 32), prompts, cfg)
+    assert [len(tree.leaves(root)) for root in forests] == [cfg.forest_size] * 3 == [2 * (1 + 1 * 1 * 3)] * 3
+    assert seconds["total"] >= seconds["chains"] > 0 and seconds["forks"] > 0
     with pytest.raises(SystemExit):
-        throughput.main(["--models", "7b", "--out", str(tmp_path)])
+        bench.search_config(parser, parser.parse_args(["throughput", "--M", "0"]))
+
+
+def test_bench_refuses_what_it_cannot_run(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["throughput", "--models", "7b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # only greedy-flips passes other flags on to train.py
+        bench.main(["throughput", "--config", "configs/cpu_long.yaml", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.main(["no-such-measurement"])
+    with pytest.raises(SystemExit):  # refused before TRL is imported or anything is trained
+        bench.main(["trl", "--methods", "trl-grpo,ppo", "--out", str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            throughput.main(["--device", "cuda", "--out", str(tmp_path)])
+            bench.main(["throughput", "--device", "cuda", "--out", str(tmp_path)])
         with pytest.raises(SystemExit):
-            gpu_memory.main(["--out", str(tmp_path)])
+            bench.main(["gpu-memory", "--out", str(tmp_path)])

@@ -152,3 +152,13 @@ def test_greedy_sampling_is_deterministic(tiny_model):
     a = backend.sample([[3, 4, 5]], 2, max_new_tokens=8, temperature=0.0)[0]
     b = backend.sample([[3, 4, 5]], 1, max_new_tokens=8, temperature=0.0)[0]
     assert a[0].tokens == a[1].tokens == b[0].tokens
+
+
+def test_a_response_ends_at_any_of_several_stop_tokens(tiny_model):
+    # A greedy response; then each of its tokens in turn is made a second stop token beside EOS:
+    # the response ends at that token's first occurrence, finished.
+    prompt = [3, 4, 5]
+    [[free]] = HFBackend(tiny_model, EOS, PAD).sample([prompt], 1, max_new_tokens=8, temperature=0.0)
+    for stop in set(free.tokens) - {EOS}:
+        [[sample]] = HFBackend(tiny_model, [EOS, stop], PAD).sample([prompt], 1, max_new_tokens=8, temperature=0.0)
+        assert sample.tokens == free.tokens[: free.tokens.index(stop) + 1] and sample.finished
