@@ -74,7 +74,7 @@ orderings buy little: only shorter rows do. Hence:
   gather from the small segment relation; a micro-batch's tensors are built once and serve the
   old log-probs and the update.
 
-Default model, 16 prompts, M = 4, N = T = 2, 64-token responses (eval/throughput.py, 2 CPU
+Default model, 16 prompts, M = 4, N = T = 2, 64-token responses (`python -m eval.bench throughput`, 2 CPU
 cores): L = 1, unique/flat 0.53, tokens through the model / flat 0.59 (prompt copies and padding),
 update 1.35-1.40x the flat tokens/s (0.88x with one row per forest); L = 2, unique/flat 0.42,
 1.57x (0.97x). What is left is mostly attention: rows of ~250 tokens cost about 1.3x the flat

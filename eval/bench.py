@@ -103,10 +103,16 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def grow_forests(
-    backend, prompts: list[list[int]], cfg: treerl.RolloutConfig, seed: int = 0, reuse: bool = True, answer_start=None
+    backend,
+    prompts: list[list[int]],
+    cfg: treerl.RolloutConfig,
+    seed: int = 0,
+    reuse: bool = True,
+    answer_start=None,
+    decode=None,
 ) -> tuple[list[tree.Node], dict[str, float]]:
     """EPTree forests for `prompts`, grown as `treerl.rollout` grows them (same search call, same
-    sampling settings), without scoring them. Returns the forests and their seconds: "total", and
+    sampling settings), without scoring them; `decode` is needed by the release's fork rule only. Returns the forests and their seconds: "total", and
     "chains" / "forks" (the first sampling call, the M chains per prompt, and all later ones).
 
     With `reuse`, a backend that can (HFBackend.reusing_prefixes) starts every fork from the KV
@@ -132,11 +138,9 @@ def grow_forests(
             cfg.rounds,
             cfg.T,
             fork_score=cfg.fork_score,
-            skip_last=cfg.skip_last,
-            answer_start=answer_start,
+            candidates=cfg.fork_candidates(decode, answer_start),
             seed=seed,
             max_response_tokens=cfg.max_new_tokens,
-            exclusions=cfg.fork_exclusions,
             full_length_branches=cfg.full_length_branches,
         )
     seconds["total"] = clock() - started
@@ -153,19 +157,19 @@ def sampled_tokens(groups) -> int:
 
 
 def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool, **options):
-    """One policy update over `sequences` as train.py runs it: flat (`treerl.update`, one row per
-    leaf) or tree-packed (`packing.update_packed`, train.py's --pack_tree: every token of a forest
-    through the model once). The one place the measurements call an update; `cpu_seconds_per_step`
-    below wraps the same two functions."""
-    update = packing.update_packed if packed else treerl.update
-    return update(model, optimizer, None, sequences, cfg, pad_token_id, **options)
+    """One policy update over `sequences` as train.py runs it, `treerl.update` in the flat layout
+    (one row per leaf) or the tree-packed one (`packing.TreeLayout`, train.py's --pack_tree: every
+    token of a forest through the model once). The one place the measurements call an update;
+    `cpu_seconds_per_step` below wraps the same function."""
+    layout = packing.TreeLayout if packed else treerl.FlatLayout
+    return treerl.update(model, optimizer, None, sequences, cfg, pad_token_id, layout=layout, **options)
 
 
 @contextlib.contextmanager
 def cpu_seconds_per_step(steps: list[float]):
     """Inside the block, the CPU time of each train.py step is appended to `steps`: its rollout
-    starts a step, the rollout and the update are counted (the update functions are those
-    `run_update` calls; they are wrapped where train.py looks them up)."""
+    starts a step, the rollout and the update are counted (both are wrapped where train.py looks
+    them up)."""
 
     def counted(fn, starts_step: bool):
         def wrapper(*args, **kwargs):
@@ -179,13 +183,12 @@ def cpu_seconds_per_step(steps: list[float]):
 
         return wrapper
 
-    originals = (treerl.rollout, treerl.update, packing.update_packed)
-    treerl.rollout = counted(originals[0], True)
-    treerl.update, packing.update_packed = counted(originals[1], False), counted(originals[2], False)
+    originals = (treerl.rollout, treerl.update)
+    treerl.rollout, treerl.update = counted(originals[0], True), counted(originals[1], False)
     try:
         yield steps
     finally:
-        treerl.rollout, treerl.update, packing.update_packed = originals
+        treerl.rollout, treerl.update = originals
 
 
 def random_rewards(forests: list[tree.Node], seed: int = 0) -> list[tree.TrainSequence]:
@@ -621,7 +624,7 @@ def run_backends(parser, args, argv) -> dict:
         for name, backend in backends.items():
             if repeat == 1:  # count the cache from the measured repeats only
                 backend.stats.update(prompt_tokens=0, cached_prompt_tokens=0)
-            forests, seconds = grow_forests(backend, prompts, cfg, seed=repeat, answer_start=answer_start)
+            forests, seconds = grow_forests(backend, prompts, cfg, repeat, answer_start=answer_start, decode=decode)
             tokens = generated_tokens(forests)
             nudge(model)
             synced = time.perf_counter()
