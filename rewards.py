@@ -329,8 +329,8 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
     """The worker pool that runs `_math_equal`: the process-wide one (2 workers, started on first
     use), or a fresh one of `workers` processes."""
     if workers is None:
-        return sandbox.shared_pool(__file__, "_math_equal")
-    return sandbox.MathVerifierPool(__file__, "_math_equal", workers)
+        return sandbox.shared_pool(_math_equal)
+    return sandbox.MathVerifierPool(_math_equal, workers)
 
 
 def math_rewards(responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT) -> list[float]:
