@@ -34,8 +34,10 @@ Nothing here imports a model, needs a network or a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
+import inspect
 import json
 import logging
 import math
@@ -52,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -157,23 +160,20 @@ def shared_pool(check) -> MathVerifierPool:
 # =====================================================================================================
 # 2. Code: running an untrusted program against tests, sandboxed
 # =====================================================================================================
-# The threat model is reward hacking by the policy, not only bugs: a program may loop forever, eat
-# memory, fork, flood its output, exit early with status 0, print a fake "all tests passed", return an
-# object whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes
-# behind. The design:
+# The threat is reward hacking by the policy, not only bugs: a program may loop forever, eat memory,
+# fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
+# whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
 # * One sandboxed child (the "runner") per run, in a fresh temporary directory deleted afterwards:
-#   `python -I` with a scrubbed environment, whose first code is our harness (`_sandbox_main`,
-#   shipped as source text): resource limits, the private uid (as root), only then the program.
-# * Expected values never enter the runner, so nothing it does can fake a pass:
-#   - stdin/stdout tests: its output goes to a file (capped by RLIMIT_FSIZE: endless output ends in
-#     SIGXFSZ) and the trusted parent compares;
-#   - function-call and HumanEval tests: a trusted "judge" process outside the sandbox sends each
-#     call to the runner over a pipe and gets plain JSON data back (`_encode_value` refuses all but
-#     exact built-in types, so a rigged `__eq__` cannot even be sent); the judge compares, or runs the
-#     benchmark's `check(candidate)` with `candidate` a proxy, and writes its verdicts on its stdout.
-#   `sys.exit(0)`, `os._exit(0)`, killing itself or printing a marker just end the runner early and
-#   the missing replies count as failures. What remains is what any correct-looking program can do:
-#   return the right values, e.g. hard-coded.
+#   `python -I`, scrubbed environment, and first our harness (`_sandbox_main`, shipped as source):
+#   resource limits, the private uid (as root), only then the program.
+# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (capped by
+#   RLIMIT_FSIZE: endless output ends in SIGXFSZ) and the parent compares. Function-call and HumanEval
+#   tests: a trusted "judge" process outside the sandbox sends each call over a pipe and gets plain
+#   JSON data back (`_encode_value` refuses all but exact built-in types, so a rigged `__eq__` cannot
+#   even be sent); it compares, or runs the benchmark's `check(candidate)` with `candidate` a proxy,
+#   and writes its verdicts on its own stdout. `sys.exit(0)`, `os._exit(0)` or a printed marker just
+#   end the runner early; missing replies count as failures. What remains is what any correct-looking
+#   program can do: return the right values, e.g. hard-coded.
 # * Known limit: memory is capped per process (RLIMIT_AS), so a program that forks to its process
 #   limit can hold up to `processes * memory_mb` for at most `timeout` seconds.
 
@@ -211,11 +211,7 @@ class TestReport:
     @property
     def failures(self) -> dict[str, int]:
         """Number of failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
-        counts: dict[str, int] = {}
-        for outcome in self.outcomes:
-            if not outcome.passed:
-                counts[outcome.reason] = counts.get(outcome.reason, 0) + 1
-        return counts
+        return dict(Counter(outcome.reason for outcome in self.outcomes if not outcome.passed))
 
 
 @dataclass(frozen=True)
@@ -243,9 +239,9 @@ class SandboxLimits:
 # ----------------------------------------------------------------------------------------------------
 # 2a. Values that cross the sandbox boundary, and how results are compared
 # ----------------------------------------------------------------------------------------------------
-# The first three functions also run in the sandbox and the judge (shipped as source text), so they
-# use only built-ins and `math`. JSON has no tuples, sets, bytes or non-string keys: those get a
-# one-key tag. Exact type checks refuse subclasses, so a rigged `__eq__` never leaves the runner.
+# The first three also run in the sandbox and the judge (shipped as source text): built-ins and `math`
+# only. JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks
+# refuse subclasses, so a rigged `__eq__` never leaves the runner.
 
 
 def _encode_value(value):
@@ -258,10 +254,8 @@ def _encode_value(value):
         return {kind.__name__: [_encode_value(item) for item in value]}
     if kind is dict:
         return {"dict": [[_encode_value(k), _encode_value(v)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real, value.imag]}
+    if kind in (bytes, complex):
+        return {"bytes": value.hex()} if kind is bytes else {"complex": [value.real, value.imag]}
     raise TypeError(f"unsupported value of type {kind.__name__} (only plain built-in data is accepted)")
 
 
@@ -276,10 +270,8 @@ def _decode_value(data):
             return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](map(_decode_value, payload))
         if tag == "dict":
             return {_decode_value(k): _decode_value(v) for k, v in payload}
-        if tag == "bytes":
-            return bytes.fromhex(payload)
-        if tag == "complex":
-            return complex(payload[0], payload[1])
+        if tag in ("bytes", "complex"):
+            return bytes.fromhex(payload) if tag == "bytes" else complex(*payload)
     raise ValueError(f"malformed encoded value: {str(data)[:100]}")
 
 
@@ -301,9 +293,9 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout with the expected output line by line. Trailing whitespace and trailing blank
-    lines are ignored; tokens that both read as finite numbers compare with a small tolerance
-    (relative 1e-6, absolute 1e-9), other tokens exactly."""
+    """Compare stdout with the expected output line by line, token by token: trailing whitespace and
+    trailing blank lines do not count; tokens that both read as finite numbers compare with a small
+    tolerance (relative 1e-6, absolute 1e-9), other tokens exactly."""
     actual_lines = [line.split() for line in actual.rstrip().split("\n")]
     expected_lines = [line.split() for line in expected.rstrip().split("\n")]
     if len(actual_lines) != len(expected_lines):
@@ -327,10 +319,10 @@ def _tokens_match(a: str, b: str) -> bool:
 def _sandbox_main() -> None:
     """The harness: the first code the runner executes. Limits, privilege drop, then the program.
 
-    argv[1] is a JSON config: mode ("script" for stdin/stdout tests, "calls" to answer calls),
-    rlimits, uid (or None), working directory; nothing in it is secret or expected. In "calls" mode
-    the protocol (JSON lines) keeps the original stdin/stdout; the program sees /dev/null as stdin
-    and stderr as stdout. It could still write to the reply pipe, but all it can send is values.
+    argv[1] is a JSON config (mode "script" or "calls", rlimits, uid or None, working directory),
+    nothing secret or expected in it. In "calls" mode the protocol (JSON lines) keeps the original
+    stdin/stdout; the program sees /dev/null as stdin and stderr as stdout. It could still write to
+    the reply pipe, but all it can send is values, and values are judged outside.
     """
     import json
     import os
@@ -355,21 +347,15 @@ def _sandbox_main() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
 
-    def reply(message):
+    def reply(message):  # (a hostile exception whose str() raises only ends its own runner)
         replies.write(json.dumps(message).encode() + b"\n")
         replies.flush()
-
-    def describe(error):
-        try:
-            return f"{type(error).__name__}: {error}"[:500]
-        except BaseException:
-            return type(error).__name__
 
     namespace = {"__name__": "solution", "__file__": "solution.py"}
     try:
         exec(code, namespace)
     except BaseException as error:  # SystemExit included: exiting while loading is a failure
-        reply({"loaded": False, "error": describe(error)})
+        reply({"loaded": False, "error": f"{type(error).__name__}: {error}"[:500]})
         os._exit(0)
     reply({"loaded": True})
     for line in requests:
@@ -378,37 +364,32 @@ def _sandbox_main() -> None:
         try:
             kwargs = _decode_value(request.get("kwargs", {"dict": []}))
             result = namespace[request["call"]](*_decode_value(request["args"]), **kwargs)
+            message.update(ok=True, value=_encode_value(result))
+        except TypeError as error:  # a call with the wrong arguments, or a result that cannot be sent
+            message.update(error=f"TypeError: {error}"[:500], unsupported="unsupported value" in str(error))
         except BaseException as error:  # SystemExit from sys.exit() in the function: a failure too
-            message["error"] = describe(error)
-        else:
-            try:
-                message.update(ok=True, value=_encode_value(result))
-            except BaseException as error:
-                message.update(error=describe(error), unsupported=True)
+            message["error"] = f"{type(error).__name__}: {error}"[:500]
         reply(message)
     os._exit(0)
 
 
 def _judge_main() -> None:
-    """The trusted judge of function-call and HumanEval tests: outside the sandbox, never runs the
-    program; talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
+    """The trusted judge of function-call and HumanEval tests: outside the sandbox, it never runs the
+    program; it talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
 
-    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} (each call within
-    `timeout` seconds) or {"check", "entry_point", "setup"} (setup: the benchmark prompt, which may
-    define helpers; the whole check within `timeout`), plus "timeout" and "max_line". Writes one JSON
-    verdict per test on stdout; one that ends the runner (timeout, exit, garbage) is the last.
+    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check",
+    "entry_point", "setup"} (setup: the benchmark prompt, which may define helpers), plus "max_line".
+    One JSON verdict per test on stdout; one that ends the runner (exit, garbage) is the last. The
+    parent keeps the time limit.
     """
     import json
     import os
-    import select
     import sys
-    import time
 
     verdicts = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # the check's own prints go to stderr
     job = json.loads(sys.stdin.read())
-    to_runner, from_runner = int(sys.argv[1]), int(sys.argv[2])
-    received = [b""]  # bytes from the runner that do not form a whole line yet
+    to_runner, from_runner = os.fdopen(int(sys.argv[1]), "wb"), os.fdopen(int(sys.argv[2]), "rb")
 
     def verdict(passed, reason, detail=""):
         verdicts.write(json.dumps({"passed": passed, "reason": reason, "detail": detail[:500]}) + "\n")
@@ -418,68 +399,58 @@ def _judge_main() -> None:
         verdict(False, reason, detail)
         os._exit(0)
 
-    def receive(deadline):
-        while b"\n" not in received[0]:
-            if len(received[0]) > job["max_line"]:
-                stop("output_limit", "a reply exceeded the output limit")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([from_runner], [], [], remaining)[0]:
-                stop("timeout", f"no reply within {job['timeout']:g} s")
-            chunk = os.read(from_runner, 1 << 16)
-            if not chunk:
-                stop("runner_exited", "the program's process ended before answering")
-            received[0] += chunk
-        line, _, received[0] = received[0].partition(b"\n")
+    def receive():
+        line = from_runner.readline(job["max_line"])
+        if not line:
+            stop("runner_exited", "the program's process ended before answering")
+        if not line.endswith(b"\n"):
+            stop("output_limit", "a reply exceeded the output limit")
         try:
             return json.loads(line)
         except ValueError:
             stop("wrong_answer", "the program wrote garbage on the reply channel")
 
-    def ask(number, name, args, kwargs, deadline):
-        """One call; returns (reason, detail) of a failed call, or ("passed", value)."""
+    def ask(number, name, args, kwargs):
+        """One call: ("passed", its value) or (failure reason, detail)."""
         request = {"id": number, "call": name, "args": _encode_value(list(args))}
-        if kwargs:
-            request["kwargs"] = _encode_value(dict(kwargs))
         try:
-            os.write(to_runner, json.dumps(request).encode() + b"\n")
+            to_runner.write(json.dumps(dict(request, kwargs=_encode_value(dict(kwargs or {})))).encode() + b"\n")
+            to_runner.flush()
         except OSError:
             stop("runner_exited", "the program's process ended before answering")
-        reply = receive(deadline)
+        reply = receive()
         if reply.get("id") != number:
             stop("wrong_answer", "the program wrote out-of-order replies")
+        error = str(reply.get("error", ""))
         if not reply.get("ok"):  # an exception in the call, or a result that cannot be sent
-            return ("wrong_answer" if reply.get("unsupported") else "runtime_error"), str(reply.get("error", ""))
+            return (
+                "wrong_answer" if reply.get("unsupported") else "memory" if "MemoryError" in error else "runtime_error"
+            ), error
         try:
             return "passed", _decode_value(reply["value"])
         except (ValueError, TypeError, KeyError) as malformed:
             return "wrong_answer", f"malformed reply: {malformed}"
 
-    start = time.monotonic()
-    loaded = receive(start + job["timeout"])
+    loaded = receive()
     if not loaded.get("loaded"):
         stop("runtime_error", f"loading the program failed: {loaded.get('error', '')}")
     if "calls" in job:  # function-call tests: each result compared with its expected value, here
         for number, test in enumerate(job["calls"]):
-            deadline = time.monotonic() + job["timeout"]
-            reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"), deadline)
+            reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"))
             if reason != "passed":
-                verdict(False, "memory" if value.startswith("MemoryError") else reason, value)
+                verdict(False, reason, value)
             elif _values_match(value, test["expected"]):
                 verdict(True, "passed")
             else:
                 verdict(False, "wrong_answer", f"got {str(value)[:200]}")
         os._exit(0)
-
-    class CandidateFailed(Exception):
-        pass
-
     calls = [0]
 
     def candidate(*args, **kwargs):  # the program's function, as the check sees it
         calls[0] += 1
-        reason, value = ask(calls[0], job["entry_point"], args, kwargs, start + job["timeout"])
+        reason, value = ask(calls[0], job["entry_point"], args, kwargs)
         if reason != "passed":
-            raise CandidateFailed("memory" if value.startswith("MemoryError") else reason, value)
+            raise ProcessLookupError(reason, value)  # an exception type no check expects
         return value
 
     namespace = {"__name__": "__main__"}
@@ -490,7 +461,7 @@ def _judge_main() -> None:
         namespace[job["entry_point"]] = candidate
         exec(compile(job["check"], "check", "exec"), namespace)
         namespace["check"](candidate)
-    except CandidateFailed as failure:
+    except ProcessLookupError as failure:
         stop(*failure.args)
     except AssertionError as error:
         stop("wrong_answer", f"assertion failed {error}".strip())
@@ -502,61 +473,46 @@ def _judge_main() -> None:
 @functools.cache
 def _source_of(entry: str) -> str:
     """Source text for `python -c`: the harness or the judge, the functions it uses, a call of it."""
-    import inspect
-
-    helpers = (
-        _encode_value,
-        _decode_value,
-        _values_match,
-        {"_sandbox_main": _sandbox_main, "_judge_main": _judge_main}[entry],
-    )
-    return "import math\n\n" + "\n\n".join(inspect.getsource(f) for f in helpers) + f"\n\n{entry}()\n"
+    main = {"_sandbox_main": _sandbox_main, "_judge_main": _judge_main}[entry]
+    functions = (_encode_value, _decode_value, _values_match, main)
+    return "import math\n\n" + "\n\n".join(map(inspect.getsource, functions)) + f"\n\n{entry}()\n"
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback, a private uid when we are root
+# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback; a private uid when we are root
 # ----------------------------------------------------------------------------------------------------
 
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
 _ANNOUNCED: set[str] = set()  # the modes already logged by this process
-
-
-def _base_interpreter() -> str:
-    """The real interpreter behind a virtual environment (the runner needs only the stdlib)."""
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)  # the runner needs no venv
 
 
 def _bwrap_command(box: str, tmp: str) -> list[str]:
     """The bubblewrap command line up to the interpreter. Namespaces are listed one by one, not with
     --unshare-all, which would add a user namespace where the harness could not switch uid."""
-    python = _base_interpreter()
     command = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    bound = [path for path in _SANDBOX_ROOT_DIRS if os.path.isdir(path) and not os.path.islink(path)]
-    for path in _SANDBOX_ROOT_DIRS:
-        if os.path.islink(path):
+    for path in _SANDBOX_ROOT_DIRS + _SANDBOX_ETC_FILES:
+        if os.path.islink(path) and path in _SANDBOX_ROOT_DIRS:
             command += ["--symlink", os.readlink(path), path]
-        elif path in bound:
+        elif os.path.exists(path):
             command += ["--ro-bind", path, path]
-    for path in filter(os.path.exists, _SANDBOX_ETC_FILES):
-        command += ["--ro-bind", path, path]
-    # The interpreter's installation (e.g. under root's home), read-only, where it is not under /usr;
-    # its parents are made with mode 0755 (bwrap's 0700 would close them to the program's uid).
-    prefix = os.path.dirname(os.path.dirname(python))
-    if not any(prefix == b or prefix.startswith(b + "/") for b in bound):
-        parent = prefix
-        while os.path.dirname(parent) != parent:
-            parent = os.path.dirname(parent)
-            command[1:1] = ["--perms", "0755", "--dir", parent] if parent != "/" else []
+    # The interpreter's installation (e.g. under root's home) if it is not under /usr, read-only; its
+    # parents get mode 0755 (bwrap's default 0700 would close them to the program's uid).
+    prefix = os.path.dirname(os.path.dirname(_PYTHON))
+    if not any(prefix == d or prefix.startswith(d + "/") for d in _SANDBOX_ROOT_DIRS):
+        parents = [p for p in (os.path.dirname(prefix[:i]) for i in range(len(prefix))) if p != "/"]
+        for parent in dict.fromkeys(sorted(parents, key=len)):
+            command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", prefix, prefix]
     command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
     command += ["--chdir", "/", "--clearenv"]
     for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         command += ["--setenv", name, value]
-    return command + [python]
+    return command + [_PYTHON]
 
 
 @functools.cache
@@ -581,37 +537,29 @@ def _resolve_mode(sandbox: str) -> str:
     mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
     if sandbox == "bwrap" and mode != "bwrap":
         raise RuntimeError("sandbox='bwrap' was requested but bubblewrap is not installed or not usable")
-    if mode in _ANNOUNCED:
-        return mode
-    _ANNOUNCED.add(mode)
-    if mode == "bwrap":
+    if mode == "bwrap" and mode not in _ANNOUNCED:
         logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
-    else:
-        logger.warning(
-            "code sandbox: rlimit fallback (%s): resource limits and own process group, as %s; network and files "
-            "are not isolated: install bubblewrap",
-            "requested" if sandbox == "rlimit" else "no usable bubblewrap",
-            "a private uid" if os.geteuid() == 0 else "the calling user",
+    elif mode not in _ANNOUNCED:
+        why, who = (
+            ("requested" if sandbox == "rlimit" else "no usable bubblewrap"),
+            "root" if os.geteuid() == 0 else "not root",
         )
+        logger.warning(
+            "code sandbox: rlimit fallback (%s, %s): limits only, no isolation of network or files", why, who
+        )
+    _ANNOUNCED.add(mode)
     return mode
 
 
-def _private_uids() -> range:
-    """4096 user ids for sandbox runs, far from real accounts and inside this namespace's uid map."""
-    try:
-        with open("/proc/self/uid_map") as handle:
-            mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
-    except (OSError, ValueError):
-        mapped = 65536
-    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
-    return range(base, base + 4096)
-
-
 def _allocate_uid() -> tuple[int, socket.socket]:
-    """Reserve a uid that no other run on this machine holds, so that the process limit and the
-    clean-up of one run never touch another. The reservation is an abstract Unix socket named after
-    the uid: binding fails while another run holds it, and the kernel frees it when its holder exits."""
-    for uid in random.sample(_private_uids(), 4096):
+    """Reserve a private uid (one of 4096, inside this namespace's uid map, far from real accounts)
+    that no other run on this machine holds, so that the process limit and clean-up of one run never
+    touch another. The reservation is an abstract Unix socket named after the uid: binding fails while
+    another run holds it, and the kernel frees it when its holder exits (no lock file to clean)."""
+    with open("/proc/self/uid_map") as handle:
+        mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
+    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
+    for uid in random.sample(range(base, base + 4096), 4096):
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             holder.bind(f"\0treerl-sandbox-uid-{uid}")
@@ -622,26 +570,21 @@ def _allocate_uid() -> tuple[int, socket.socket]:
 
 
 @functools.cache
-def _interpreter_for_private_uid() -> str | None:
-    """For the rlimit mode as root: an interpreter a private uid can run (ours may live under root's
-    home, closed to others; bwrap mounts it instead). None, with a warning, if there is none."""
-    uid = _private_uids()[0]
-    for python in (_base_interpreter(), "/usr/bin/python3", "/usr/local/bin/python3"):
-        try:
-            probe = subprocess.run(
-                [python, "-I", "-c", "import json, heapq"], user=uid, group=uid, extra_groups=[], cwd="/", timeout=60
-            )
-            if probe.returncode == 0:
-                return python
-        except (OSError, subprocess.SubprocessError):
-            pass
-    logger.warning("no Python is usable by an unprivileged uid: the rlimit sandbox runs programs as root")
+def _python_for_private_uid() -> str | None:
+    """The rlimit mode as root needs an interpreter a private uid can read: ours if every directory
+    above it is open to others (under root's home it is not), else the system's; None (a warning,
+    and programs run as root) if neither is."""
+    for python in (_PYTHON, "/usr/bin/python3"):
+        parents = [os.path.dirname(python[:i]) for i in range(1, len(python))]
+        if os.path.exists(python) and all(os.stat(p).st_mode & 0o001 for p in set(parents)):
+            return python
+    logger.warning("no Python is open to an unprivileged uid: the rlimit sandbox runs programs as root")
     return None
 
 
 def _owner_of(pid: str) -> int | None:
-    """Real uid of a live process (from /proc/<pid>/status, as the owner of /proc/<pid> turns root
-    when a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
+    """Real uid of a live process (from /proc/<pid>/status: the owner of /proc/<pid> turns root when
+    a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
     try:
         with open(f"/proc/{pid}/status", "rb") as handle:
             status = dict(line.split(b":", 1) for line in handle if b":" in line)
@@ -658,20 +601,17 @@ def _kill_uid_processes(uid: int) -> None:
     """SIGKILL every process of `uid` until none is left: this catches a `setsid` daemon that left
     the process group (RLIMIT_NPROC bounds how many a fork bomb makes between two rounds)."""
     for _ in range(200):
-        victims = _pids_of(uid)
-        if not victims:
-            return
-        for pid in victims:
-            try:
+        for pid in _pids_of(uid) or [None]:
+            if pid is None:
+                return
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         time.sleep(0.005)
     logger.warning("processes of sandbox uid %d survived 200 kill rounds", uid)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2d. One sandboxed run: prepare, launch, wait (the judge keeps the limits of interactive tests)
+# 2d. One sandboxed run: prepare, launch, wait, clean up
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -694,7 +634,7 @@ def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
     """Make the run's directories with the program in them; as root, reserve its private uid."""
     run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"))
     try:
-        if os.geteuid() == 0 and (mode == "bwrap" or _interpreter_for_private_uid()):
+        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_private_uid()):
             run.uid, run.uid_holder = _allocate_uid()
         os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
         for name in ("box", "tmp"):
@@ -724,12 +664,10 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     if run.mode == "bwrap":
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
-        command = [_interpreter_for_private_uid() if run.uid is not None else _base_interpreter()] + harness
+        command = [_python_for_private_uid() if run.uid is not None else _PYTHON] + harness
         env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
     with open(run.path("stderr"), "wb") as stderr:
-        process = subprocess.Popen(
-            command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=run.workdir, env=env, process_group=0
-        )
+        process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
     run.processes.append(process)
     return process
 
@@ -737,10 +675,8 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
 def _clean_up(run: _Run) -> None:
     """Kill the run's process groups and every process of its uid, delete its files, free the uid."""
     for process in run.processes:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
-        except OSError:
-            pass
         process.wait()
     if run.uid is not None:
         _kill_uid_processes(run.uid)
@@ -751,37 +687,31 @@ def _clean_up(run: _Run) -> None:
 
 def _unlock_and_retry(function, path, _error) -> None:
     """rmtree helper: a program running as our own user may have made its directories read-only."""
-    try:
+    with contextlib.suppress(OSError):
         os.chmod(os.path.dirname(path), 0o700)
         os.chmod(path, 0o700)
         function(path)
-    except OSError:
-        pass
 
 
 def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
-    """Why a runner that did not pass ended the way it did: (reason, detail), from its exit status
-    and the end of its stderr."""
+    """Why a runner that did not pass ended so: (reason, detail), from its exit status and stderr."""
     with open(run.path("stderr"), "rb") as handle:
         handle.seek(max(0, os.fstat(handle.fileno()).st_size - 3000))
         tail = handle.read().decode("utf-8", errors="replace").strip()
     last_line = tail.splitlines()[-1] if tail else ""
+    number = -returncode if (returncode or 0) < 0 else (returncode or 0) - 128  # bwrap: 128 + signal
+    reasons = {signal.SIGXCPU: ("timeout", "CPU time limit"), signal.SIGXFSZ: ("output_limit", "file size limit")}
     if "MemoryError" in tail:
         return "memory", last_line
-    number = -returncode if (returncode or 0) < 0 else (returncode or 0) - 128  # bwrap: 128 + signal
-    if number == signal.SIGXCPU:
-        return "timeout", "CPU time limit"
-    if number == signal.SIGXFSZ:
-        return "output_limit", "file size limit"
-    if number in signal.valid_signals():
-        return "runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"
+    if number in reasons or number in signal.valid_signals():
+        return reasons.get(number, ("runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"))
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
 def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
-    """A stdin/stdout test: run the program as a script and compare its output here. Its stdin and
-    stdout are files, so there are no pipes to pump: reading stdin forever meets end of file, endless
-    output meets RLIMIT_FSIZE, and the wait meets the clock."""
+    """A stdin/stdout test: run the program as a script, compare its output here. Its stdin and
+    stdout are files, so there are no pipes to pump: reading stdin forever meets the end of the file,
+    endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
     run = _prepare_run(program, mode, limits)
     try:
         with open(run.path("stdin"), "w", encoding="utf-8") as handle:
@@ -807,7 +737,9 @@ def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits)
 
 def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: SandboxLimits):
     """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
-    calls, the trusted judge asks them and gives the verdicts. Returns (outcomes, run)."""
+    calls, the trusted judge asks them and gives the verdicts. Calls share one time budget of
+    `timeout` for loading plus `timeout` per call; a check has `timeout` in all. Returns (outcomes, run).
+    """
     run = _prepare_run(program, mode, limits)
     to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
@@ -819,26 +751,25 @@ def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: Sa
             stderr=subprocess.DEVNULL,
             pass_fds=(to_runner[1], from_runner[0]),
             process_group=0,
-            cwd=run.workdir,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         run.processes.append(judge)
         for fd in to_runner + from_runner:  # only the runner and the judge hold the ends now: EOF = gone
             os.close(fd)
         to_runner = from_runner = ()
-        job = json.dumps(dict(job, timeout=limits.timeout, max_line=limits.output_bytes)).encode()
-        try:  # the judge keeps every limit; this one is in case it cannot (a runner that never reads)
-            verdicts, _ = judge.communicate(job, timeout=limits.timeout * (count + 1) + 5)
-        except subprocess.TimeoutExpired:
+        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
+        try:
+            verdicts, _ = judge.communicate(
+                json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget
+            )
+        except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
             judge.kill()
             verdicts, _ = judge.communicate()
         outcomes = []
         for verdict in map(json.loads, verdicts.decode().splitlines()):
             if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     runner.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    pass
                 reason, detail = _failure_reason(run, runner.returncode)
                 verdict.update(reason=reason, detail=detail or verdict["detail"])
             outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
@@ -890,10 +821,10 @@ def run_tests(
       {"input": "1 2\\n", "output": "3\\n"}                     stdin/stdout, one run per test
       {"call": "add", "args": [1, 2], "expected": 3}           function call, one run for all calls
       {"check": "def check(candidate): ...", "entry_point": "add", "setup": prompt}   HumanEval
-    `timeout` is wall-clock seconds per test (per call; per whole `check`). `sandbox` is "auto"
-    (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX environment variable can
-    force either), "bwrap" or "rlimit". With `fail_fast`, tests after the first failure are not run
-    and are reported as "skipped".
+    `timeout` is wall-clock seconds per test (calls share their budget; a `check` is one test).
+    `sandbox` is "auto" (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX
+    environment variable can force either), "bwrap" or "rlimit". With `fail_fast`, tests after the
+    first failure are not run and are reported as "skipped".
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, got {type(program).__name__}")
@@ -917,18 +848,18 @@ def run_tests(
             continue
         if fail_fast and any(o is not None and not o.passed for o in outcomes):
             outcomes[index] = TestOutcome(False, "skipped", "an earlier test failed")
-            continue
-        if kind == "stdio":
+        elif kind == "stdio":
             outcomes[index], run = _run_script_test(program, tests[index], mode, limits)
+            runs.append(run)
         else:
             job = {key: tests[index].get(key, "") for key in ("check", "entry_point", "setup")}
             (outcomes[index],), run = _run_judged_tests(program, job, 1, mode, limits)
-        runs.append(run)
+            runs.append(run)
     return TestReport(
-        passed=sum(outcome.passed for outcome in outcomes),
-        total=len(tests),
-        outcomes=list(outcomes),
-        sandbox=mode,
+        sum(outcome.passed for outcome in outcomes),
+        len(tests),
+        list(outcomes),
+        mode,
         uid=runs[-1].uid if runs else None,
         workdirs=[run.workdir for run in runs],
     )

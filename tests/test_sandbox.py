@@ -141,7 +141,7 @@ def test_sandbox_mode_is_logged_once(caplog):
     announced = [r for r in caplog.records if r.name == "sandbox" and "code sandbox:" in r.getMessage()]
     assert len(announced) == 1, [r.getMessage() for r in announced]
     assert announced[0].levelno == logging.WARNING  # the fallback does not isolate: a warning
-    assert "rlimit fallback (requested)" in announced[0].getMessage()
+    assert "rlimit fallback (requested" in announced[0].getMessage()
 
 
 def test_sandbox_can_be_forced_by_environment(monkeypatch):
