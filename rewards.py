@@ -6,17 +6,12 @@ process rewards of Eqs. 2-4 (tree.py) are computed purely from those leaf outcom
 verifier silently trains the wrong thing, so this module is about one question: is this response's
 final answer right?
 
-Reading order:
-
-1. **answer extraction**: `extract_answer` pulls the final answer out of a response (the last
-   `\\boxed{...}`, then `Answer:`, `####` and `The answer is` fallbacks);
-2. **math equivalence**: `_math_equal` decides it with the `math-verify` library;
-3. **the rewards**: `math_reward(s)` (equivalence checked in worker processes with a hard time
-   limit), `code_reward` (the program passes every test, run sandboxed) with `extract_program`,
-   and `arith_reward` for the built-in arithmetic task of the CPU default.
-
-How checks are made safe (a worker pool that can kill a runaway sympy, a sandbox for untrusted
-programs) is sandbox.py's business, not this file's.
+Reading order, as a run needs them: 1. `arith_reward`, exact integer matching for the arithmetic
+task the CPU default (`python train.py`) trains on; 2. math: `extract_answer` (the last
+`\\boxed{...}`, then `Answer:`, `####` and `The answer is` fallbacks), `_math_equal` (equivalence
+by `math-verify`) and `math_reward(s)`, which run that check in worker processes with a hard time
+limit (`math_pool`); 3. `code_reward` (every test passes, run sandboxed) with `extract_program`.
+Making the checks safe (killing a runaway sympy, sandboxing programs) is sandbox.py's business.
 
 How the official release differs: it grades math answers with a *remote LLM judge* (an HTTP
 service asked whether the response matches the reference) and has *no code verifier*. This code
@@ -36,8 +31,31 @@ import sandbox
 ANSWER_MARKERS = ("Answer:", "\\boxed{", "####")
 
 # =====================================================================================================
-# 1. Answer extraction (pure string work, linear time, safe to run in the trainer process)
+# 1. The arithmetic reward: what the default run (`python train.py`) uses
 # =====================================================================================================
+
+_FINAL_INTEGER = re.compile(r"\s*(-?\d{1,1000})\s*")
+
+
+def arith_reward(response: str, gold: int | str) -> float:
+    """1.0 iff the text after the LAST "Answer:" is exactly an integer equal to `gold`, with nothing
+    but whitespace around it; else 0.0. ("Answer: 9." or "Answer: 9 apples" score 0.0.)"""
+    try:
+        gold_value = int(gold.strip()) if isinstance(gold, str) else int(gold)
+    except (TypeError, ValueError):
+        raise ValueError(f"arith_reward: gold answer must be an integer, got {gold!r}") from None
+    position = response.rfind("Answer:")
+    if position < 0:
+        return 0.0
+    match = _FINAL_INTEGER.fullmatch(response[position + len("Answer:") :])
+    return 1.0 if match and int(match.group(1)) == gold_value else 0.0
+
+
+# =====================================================================================================
+# 2. Math: answer extraction, equivalence, the rewards
+# =====================================================================================================
+
+# 2a. Answer extraction (pure string work, linear time, safe to run in the trainer process)
 
 # `\boxed{...}` and `\fbox{...}`; `\boxed 5` (no braces) is accepted too, as LaTeX allows it.
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -138,9 +156,7 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
-# =====================================================================================================
-# 2. Math equivalence (runs inside a worker process of sandbox.py: sympy can hang or eat memory)
-# =====================================================================================================
+# 2b. Math equivalence (runs inside a worker process of sandbox.py: sympy can hang or eat memory)
 
 # A number in e-notation ("1.5e3", "2E-4"). LaTeX has no such syntax, so math-verify's LaTeX parser
 # reads "1.5e3" as 1.5*e*3; we rewrite it to "1.5\times10^{3}" first.
@@ -318,9 +334,7 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
     return bool(verify(parsed_gold, parsed_answer, timeout_seconds=seconds))
 
 
-# =====================================================================================================
-# 3. The rewards
-# =====================================================================================================
+# 2c. The math rewards: checks in worker processes with a hard time limit
 
 DEFAULT_MATH_TIMEOUT = 5.0  # seconds per check, from the moment a worker receives it
 
@@ -329,8 +343,8 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
     """The worker pool that runs `_math_equal`: the process-wide one (2 workers, started on first
     use), or a fresh one of `workers` processes."""
     if workers is None:
-        return sandbox.shared_pool(__file__, "_math_equal")
-    return sandbox.MathVerifierPool(__file__, "_math_equal", workers)
+        return sandbox.shared_pool(_math_equal)
+    return sandbox.MathVerifierPool(_math_equal, workers)
 
 
 def math_rewards(responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT) -> list[float]:
@@ -367,6 +381,11 @@ def math_reward(response: str, gold: str, timeout: float = DEFAULT_MATH_TIMEOUT)
     return math_rewards([response], [gold], timeout)[0]
 
 
+# =====================================================================================================
+# 3. Code: the program passes every test, run sandboxed
+# =====================================================================================================
+
+
 def code_reward(program: str, tests: list[dict], **options) -> float:
     """1.0 iff `program` passes every test in the sandbox, else 0.0 (options as for `run_tests`)."""
     return 1.0 if sandbox.run_tests(program, tests, fail_fast=True, **options).all_passed else 0.0
@@ -384,20 +403,3 @@ def extract_program(response: str) -> str:
         if matching:
             return matching[-1]
     return response
-
-
-_FINAL_INTEGER = re.compile(r"\s*(-?\d{1,1000})\s*")
-
-
-def arith_reward(response: str, gold: int | str) -> float:
-    """1.0 iff the text after the LAST "Answer:" is exactly an integer equal to `gold`, with nothing
-    but whitespace around it; else 0.0. ("Answer: 9." or "Answer: 9 apples" score 0.0.)"""
-    try:
-        gold_value = int(gold.strip()) if isinstance(gold, str) else int(gold)
-    except (TypeError, ValueError):
-        raise ValueError(f"arith_reward: gold answer must be an integer, got {gold!r}") from None
-    position = response.rfind("Answer:")
-    if position < 0:
-        return 0.0
-    match = _FINAL_INTEGER.fullmatch(response[position + len("Answer:") :])
-    return 1.0 if match and int(match.group(1)) == gold_value else 0.0

