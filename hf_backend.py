@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tree import Sample
-from treerl import budgets_per_prefix, entropy, tempered_log_softmax
+from treerl import entropy, tempered_log_softmax
 
 
 class HFBackend:
@@ -231,6 +231,16 @@ class HFBackend:
         ):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
+
+
+def budgets_per_prefix(max_new_tokens: int | Sequence[int], count: int) -> list[int]:
+    """A token budget for each of `count` prefixes, from one shared limit or a list of them."""
+    budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != count:
+        raise ValueError(f"max_new_tokens: got {len(budgets)} budgets for {count} prefixes")
+    if any(int(b) != b or b < 1 for b in budgets):
+        raise ValueError(f"max_new_tokens must be positive integers; got {sorted(set(budgets))[:5]}")
+    return [int(b) for b in budgets]
 
 
 @dataclass

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_backend import budgets_per_prefix
 from tree import Sample
-from treerl import budgets_per_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import EOS, PAD  # the tiny_model fixture is there too
 
+import hf_backend
 import tree
 import treerl
 from hf_backend import HFBackend
@@ -150,7 +151,7 @@ class EndlessBackend:
     """Every continuation runs to its budget without EOS: every leaf is truncated, reward 0."""
 
     def sample(self, prefixes, n, max_new_tokens, temperature=1.0, top_p=1.0):
-        budgets = treerl.budgets_per_prefix(max_new_tokens, len(prefixes))
+        budgets = hf_backend.budgets_per_prefix(max_new_tokens, len(prefixes))
         return [[tree.Sample([7] * b, [-1.0] * b, [0.5] * b, finished=False) for _ in range(n)] for b in budgets]
 
     def sync(self, model):
