@@ -151,6 +151,7 @@ def load_preset(path: str) -> dict:
 
 
 def train(config: Config) -> dict:
+    """`python train.py`: load, start or resume, loop, then summarize (summary.json)."""
     started = time.perf_counter()
     run = load(config)
     state = start_or_resume(run)
@@ -194,7 +195,8 @@ def load(config: Config) -> Run:
     device = policy.pick_device(pcfg)
     random.seed(run.seed)
     torch.manual_seed(run.seed)
-    checkpoint = latest_checkpoint(run_dir) if run.resume else None
+    found = sorted((run_dir / "checkpoints").glob("step-??????")) if run.resume else []  # oldest first
+    checkpoint = found[-1] if found else None
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
     elif run.resume:
@@ -297,7 +299,7 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     torch.manual_seed(seed)
     examples = [run.task.train[i] for i in random.Random(seed).sample(range(len(run.task.train)), cfg.prompts_per_step)]
     prompts = [run.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
-    markers = run.task.answer_markers
+    markers = run.task.answer_markers  # EPTree never forks inside the final answer
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
@@ -355,7 +357,7 @@ def summarize(run: Run, state: State, started: float) -> dict:
     if hasattr(run.backend, "close"):  # vLLM: shut the engine down and free its memory
         run.backend.close()
     title = f"{config.rollout.algo} - {config.run.run_name}"
-    plot_metrics(run.dir / "metrics.jsonl", run.dir / "metrics.png", title)
+    treeview.plot_metrics(run.dir / "metrics.jsonl", run.dir / "metrics.png", title)
     print(
         f"held-out accuracy (avg@{config.task.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
         f"greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}; {wall:.0f} s; "
@@ -395,11 +397,6 @@ def save_tree_page(run: Run, step: int) -> None:
     (run.dir / "trees" / f"step_{step:04d}.html").write_text(page, encoding="utf-8")
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and the curves
-# --------------------------------------------------------------------------------------------------
-
-
 def save_checkpoint(run: Run, state: State) -> None:
     """Model and tokenizer (save_pretrained), optimizer, scheduler, RNG states and counters, written to
     a temporary folder and renamed into place: a run killed mid-write never leaves a half checkpoint."""
@@ -418,43 +415,6 @@ def save_checkpoint(run: Run, state: State) -> None:
     os.replace(tmp, final)
     for old in sorted((run.dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step-??????"))
-    return found[-1] if found else None
-
-
-def plot_metrics(metrics_path: Path, out: Path, title: str = "") -> None:
-    """Training curves: leaf reward, held-out accuracy, policy entropy and response length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    panels = [
-        ("reward", "mean leaf reward"),
-        (("eval_sampled", "eval_greedy"), "held-out accuracy"),
-        ("entropy", "mean token entropy"),
-        ("response_length", "response length (tokens)"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for ax, (keys, label) in zip(axes, panels):
-        for key in keys if isinstance(keys, tuple) else (keys,):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                marker = "o" if key.startswith("eval") else None
-                ax.plot(*zip(*points), marker=marker, ms=3, label=key.replace("eval_", ""))
-        ax.set_title(label)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        if isinstance(keys, tuple):
-            ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
