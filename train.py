@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -41,108 +42,73 @@ import policy
 import tasks
 import treerl
 import treeview
+import vllm_backend
 from policy import PolicyConfig
 from tasks import TaskConfig
 from treerl import RolloutConfig, UpdateConfig
+from vllm_backend import VLLMConfig
 
 # --------------------------------------------------------------------------------------------------
 # Settings: this file's own, then those of the modules it drives, composed into one command line
 # --------------------------------------------------------------------------------------------------
 
 
+def arg(default, help: str):
+    """A settings field and its one-line `--help` text (HfArgumentParser reads `metadata["help"]`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
     """The run: where results go, the seed, the rollout engine, and the loop."""
 
-    run_name: str = field(default="default", metadata={"help": "results go to <output_dir>/<run_name>/"})
-    output_dir: str = field(default="runs", metadata={"help": "parent folder of all runs"})
-    seed: int = field(default=0, metadata={"help": "seed of model init, data order and sampling"})
-    backend: str = field(
-        default="hf",
-        metadata={
-            "help": "rollout engine: hf (a KV-cache decode loop over the transformers model) or vllm (colocated vLLM engine, needs `pip install vllm`)"
-        },
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.3,
-        metadata={
-            "help": "vllm: share of the GPU the engine may take (weights, activations, KV cache); the trainer has the rest"
-        },
-    )
-    vllm_kv_cache_gb: float = field(
-        default=0.0,
-        metadata={"help": "vllm: KV cache size in GiB (0: from vllm_gpu_memory_utilization on a GPU, 0.25 on CPU)"},
-    )
-    vllm_entropy_top_k: int = field(
-        default=20,
-        metadata={
-            "help": "vllm: log-probs per position the entropy is estimated from (fork_score entropy only; a lower bound, exact when it covers the vocabulary)"
-        },
-    )
-    vllm_sleep: bool = field(
-        default=True,
-        metadata={
-            "help": "vllm on a GPU: free the engine's weights and KV cache during the update (they come back at sync)"
-        },
-    )
-    gen_batch_size: int = field(default=256, metadata={"help": "sequences per generation batch (hf backend)"})
-    steps: int = field(default=120, metadata={"help": "RL steps"})
-    max_generated_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "stop RL once this many tokens have been generated (0: no limit); compares methods at equal generation cost"
-        },
-    )
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per RL step (each grows a forest)"})
-    eval_every: int = field(
-        default=20, metadata={"help": "held-out evaluation every this many steps (0: only before and after)"}
-    )
-    save_trees: bool = field(
-        default=True,
-        metadata={
-            "help": "at every evaluation, draw the forest of the first held-out problem to <run>/trees/step_XXXX.html (treeview.py)"
-        },
-    )
-    save_every: int = field(default=20, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint of this run"})
+    run_name: str = arg("default", "results go to <output_dir>/<run_name>/")
+    output_dir: str = arg("runs", "parent folder of all runs")
+    seed: int = arg(0, "seed of model init, data order and sampling")
+    backend: Literal["hf", "vllm"] = arg("hf", "rollout engine: transformers (hf) or a colocated vLLM engine")
+    gen_batch_size: int = arg(256, "sequences per generation batch (hf backend)")
+    steps: int = arg(120, "RL steps")
+    max_generated_tokens: int = arg(0, "stop RL after this many generated tokens (0: no limit)")
+    prompts_per_step: int = arg(16, "prompts per RL step (each grows a forest)")
+    eval_every: int = arg(20, "held-out evaluation every this many steps (0: only before and after)")
+    save_trees: bool = arg(True, "at every evaluation, draw a held-out forest to <run>/trees/ (treeview.py)")
+    save_every: int = arg(20, "checkpoint every this many steps (0: only at the end)")
+    resume: bool = arg(False, "continue from the latest checkpoint of this run")
 
     def validate(self) -> None:
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"--backend must be one of hf, vllm; got {self.backend!r}")
-        for name in ("prompts_per_step", "gen_batch_size", "vllm_entropy_top_k"):
+        for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
         for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
-        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1]; got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_kv_cache_gb < 0:
-            raise ValueError(f"--vllm_kv_cache_gb must be >= 0; got {self.vllm_kv_cache_gb}")
 
 
-CONFIG_CLASSES = (RunConfig, PolicyConfig, TaskConfig, RolloutConfig, UpdateConfig)
+CONFIG_CLASSES = (RunConfig, VLLMConfig, PolicyConfig, TaskConfig, RolloutConfig, UpdateConfig)
 
 
 @dataclass
 class Config:
     run: RunConfig
+    vllm: VLLMConfig
     policy: PolicyConfig
     task: TaskConfig
     rollout: RolloutConfig
     update: UpdateConfig
 
     def as_dict(self) -> dict:
-        return {
-            key: value
-            for part in (self.run, self.policy, self.task, self.rollout, self.update)
-            for key, value in asdict(part).items()
-        }
+        """Every setting by flag name, the vLLM ones after --backend: the order in which the settings
+        recorded in results/ are compared (eval/compare_rl.py)."""
+        run = list(asdict(self.run).items())
+        at = [key for key, _ in run].index("backend") + 1
+        rest = [item for part in (self.policy, self.task, self.rollout, self.update) for item in asdict(part).items()]
+        return dict(run[:at] + list(asdict(self.vllm).items()) + run[at:] + rest)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Flags from the five settings dataclasses (transformers' HfArgumentParser); `--config
-    FILE.yaml` supplies defaults that flags given on the command line override."""
+    """Flags from the settings dataclasses (transformers' HfArgumentParser: a field's type, default
+    and help make a flag, a Literal its choices); `--config FILE.yaml` supplies defaults that flags
+    given on the command line override."""
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -153,12 +119,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if known.config:
         parser.set_defaults(**load_preset(known.config))
     config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
-    for part in (config.run, config.policy, config.task, config.rollout, config.update):
-        part.validate()
+    for part in fields(config):
+        getattr(config, part.name).validate()
     return config
 
 
 def load_preset(path: str) -> dict:
+    """A preset: flag names and values, checked here since argparse checks only the command line."""
     import yaml
 
     if not Path(path).is_file():
@@ -167,73 +134,60 @@ def load_preset(path: str) -> dict:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
         raise ValueError(f"{path}: a preset is a mapping of flag names to values")
-    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
-    unknown = sorted(set(preset) - known)
+    hints = {name: hint for cls in CONFIG_CLASSES for name, hint in get_type_hints(cls).items()}
+    unknown = sorted(set(preset) - set(hints))
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (see python train.py --help)")
+    for name, value in preset.items():  # a Literal's choices: argparse checks them on the command line only
+        choices = get_args(hints[name])
+        if get_origin(hints[name]) is Literal and value not in choices:
+            raise ValueError(f"{path}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return preset
 
 
 # --------------------------------------------------------------------------------------------------
-# The run
+# The run, in three steps: load, start or resume, loop
 # --------------------------------------------------------------------------------------------------
 
 
-def make_backend(run: RunConfig, model, tokenizer):
-    """The rollout engine named by --backend (vLLM is imported only when chosen)."""
-    if run.backend == "vllm":
-        from vllm_backend import VLLMBackend
-
-        return VLLMBackend(
-            model,
-            tokenizer.eos_token_id,
-            run.vllm_gpu_memory_utilization,
-            run.vllm_kv_cache_gb,
-            entropy_top_k=run.vllm_entropy_top_k,
-            sleep=run.vllm_sleep,
-            seed=run.seed,
-        )
-    from hf_backend import HFBackend
-
-    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size)
-
-
-def evaluate(backend, tokenizer, task: tasks.Task, config: Config) -> dict[str, float]:
-    """Held-out accuracy, greedy and avg@k at the training temperature (tasks.evaluate)."""
-    return tasks.evaluate(
-        backend,
-        tokenizer,
-        task,
-        config.task.eval_samples,
-        config.rollout.max_new_tokens,
-        config.rollout.temperature,
-        config.rollout.top_p,
-        seed=config.run.seed,
-    )
-
-
-def save_tree_page(run_dir: Path, step: int, backend, tokenizer, task: tasks.Task, config: Config) -> None:
-    """With --save_trees: the forest the policy grows now for the first held-out problem, drawn as a
-    page (treeview.py), so a run's pages show its forests change as it learns."""
-    if not config.run.save_trees:
-        return
-    example, rollout = task.eval[0], config.rollout
-    root = treeview.grow_forest(backend, tokenizer, task, example, rollout, seed=config.run.seed)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    title = f"{config.run.run_name}, step {step}: {example.prompt.strip()} (gold {example.gold})"
-    page = treeview.render_html(root, decode, title, rollout)
-    (run_dir / "trees").mkdir(exist_ok=True)
-    (run_dir / "trees" / f"step_{step:04d}.html").write_text(page, encoding="utf-8")
-
-
 def train(config: Config) -> dict:
-    run, pcfg, tcfg, rcfg, ucfg = config.run, config.policy, config.task, config.rollout, config.update
+    """`python train.py`: load, start or resume, loop, then summarize (summary.json)."""
+    started = time.perf_counter()
+    run = load(config)
+    state = start_or_resume(run)
+    loop(run, state)
+    return summarize(run, state, started)
+
+
+@dataclass
+class Run:
+    """What `load` builds, fixed for the whole run."""
+
+    config: Config
+    dir: Path  # <output_dir>/<run_name>
+    device: torch.device
+    model: torch.nn.Module  # the policy
+    tokenizer: object
+    task: tasks.Task
+    backend: treerl.Backend  # the rollout engine (--backend)
+    ref_model: torch.nn.Module | None  # the KL reference (--kl_coef > 0)
+    checkpoint: Path | None  # the checkpoint the policy came from (--resume), else None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load(config: Config) -> Run:
+    """The policy, its tokenizer, the task, the rollout engine and the KL reference. The policy is the
+    latest checkpoint (--resume), a hub model (--model), or the tiny model after its supervised warm
+    start, which runs once per run directory and is reused by later runs (and --resume) as long as
+    the settings it was made with are unchanged."""
+    run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
         raise SystemExit(
             "train.py: error: --backend vllm needs vLLM: pip install -r requirements-gpu.txt "
             "(GPU) or requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
         )
-    started = time.perf_counter()
     run_dir = Path(run.output_dir) / run.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.as_dict(), indent=2))
@@ -241,252 +195,226 @@ def train(config: Config) -> dict:
     device = policy.pick_device(pcfg)
     random.seed(run.seed)
     torch.manual_seed(run.seed)
-
-    # The policy: from the latest checkpoint (--resume), a hub model (--model), or the tiny model
-    # after its supervised warm start, which runs once per run directory and is reused by later
-    # runs (and --resume) as long as the settings it was made with are unchanged.
-    checkpoint = latest_checkpoint(run_dir) if run.resume else None
-    if run.resume and checkpoint is None:
+    found = sorted((run_dir / "checkpoints").glob("step-??????")) if run.resume else []  # oldest first
+    checkpoint = found[-1] if found else None
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    elif run.resume:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
     train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
-    state = {}
     if checkpoint is None and not pcfg.model:
-        model, tokenizer, task = policy.warm_started_policy(pcfg, tcfg, run.seed, warm_dir, device, train_size)
+        model, tokenizer, task = policy.warm_started_policy(pcfg, config.task, run.seed, warm_dir, device, train_size)
     else:
-        if checkpoint is not None:
-            print(f"resuming from {checkpoint}", flush=True)
-            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         model, tokenizer = policy.load_policy(str(checkpoint or pcfg.model), pcfg, device)
-        task = tasks.build_task(tcfg, tokenizer, train_size)
+        task = tasks.build_task(config.task, tokenizer, train_size)
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     print(
-        f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; "
-        f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
-        flush=True,
+        f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; policy: {size}", flush=True
     )
-
-    backend = make_backend(run, model, tokenizer)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
+    backend = make_backend(config, model, tokenizer)
     # The KL reference is the policy RL started from (the hub model or the warm start), also when
     # resuming: never the latest checkpoint.
     ref_model = None
-    if ucfg.kl_coef > 0:
+    if config.update.kl_coef > 0:
         if pcfg.model or (warm_dir / "config.json").exists():
             ref_model = type(model).from_pretrained(pcfg.model or str(warm_dir), dtype=getattr(torch, pcfg.dtype))
         else:  # an untrained tiny model (--warmup_steps 0): rebuilt from the same seed
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
+    return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint)
 
-    optimizer, scheduler = treerl.optimizer_for(model, ucfg, run.steps)
-    metrics_path = run_dir / "metrics.jsonl"
-    if checkpoint is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step, before = state["step"], state["accuracy_before"]
-        generated, elapsed_before = state["generated_tokens"], state["wall_seconds"]
+
+@dataclass
+class State:
+    """Where the loop stands: what a checkpoint saves beside the weights (trainer_state.pt)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int  # the last step taken (0: none)
+    before: dict[str, float]  # held-out accuracy before RL, greedy and sampled
+    after: dict[str, float]  # held-out accuracy at the latest evaluation
+    generated: int = 0  # tokens generated by all steps so far
+    elapsed: float = 0.0  # wall seconds of the processes this run resumed from
+    resumed_at: float = field(default_factory=time.perf_counter)  # when this process's steps began
+
+
+def start_or_resume(run: Run) -> State:
+    """A fresh start evaluates the policy before RL and starts metrics.jsonl; a resumed run restores
+    the optimizer, scheduler, random state and counters of its checkpoint."""
+    optimizer, scheduler = treerl.optimizer_for(run.model, run.config.update, run.config.run.steps)
+    metrics_path = run.dir / "metrics.jsonl"
+    if run.checkpoint is not None:
+        saved = torch.load(run.checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        random.setstate(saved["rng"]["python"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        step, before = saved["step"], saved["accuracy_before"]
         # Drop metrics logged after the checkpoint: the resumed run logs them again.
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    else:
-        before = evaluate(backend, tokenizer, task, config)
-        save_tree_page(run_dir, 0, backend, tokenizer, task, config)
-        print(
-            f"held-out accuracy before RL: greedy {before['greedy']:.1%}, "
-            f"avg@{tcfg.eval_samples} {before['sampled']:.1%}",
-            flush=True,
-        )
-        start_step, generated, elapsed_before = 0, 0, 0.0
-        metrics_path.write_text(
-            json.dumps(
-                {"step": 0, "eval_greedy": before["greedy"], "eval_sampled": before["sampled"], "generated_tokens": 0}
-            )
-            + "\n"
-        )
-    resumed_at = time.perf_counter()
+        return State(optimizer, scheduler, step, before, before, saved["generated_tokens"], saved["wall_seconds"])
+    before = evaluate(run)
+    save_tree_page(run, 0)
+    k = run.config.task.eval_samples
+    print(f"held-out accuracy before RL: greedy {before['greedy']:.1%}, avg@{k} {before['sampled']:.1%}", flush=True)
+    row = {"step": 0, "eval_greedy": before["greedy"], "eval_sampled": before["sampled"], "generated_tokens": 0}
+    metrics_path.write_text(json.dumps(row) + "\n")
+    return State(optimizer, scheduler, 0, before, before)
 
-    # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
-    layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
-    budget_spent = run.max_generated_tokens and generated >= run.max_generated_tokens
-    last_step = start_step if budget_spent else run.steps
-    progress = policy.progress_bar(
-        range(start_step + 1, last_step + 1), desc=f"RL ({rcfg.algo})", initial=start_step, total=run.steps
-    )
-    after = before
+
+def loop(run: Run, state: State) -> None:
+    """RL steps from state.step + 1 to --steps, or until --max_generated_tokens are spent: each logs a
+    row of metrics.jsonl; evaluations and checkpoints come every --eval_every and --save_every steps
+    and after the last one."""
+    cfg = run.config.run
+    budget = cfg.max_generated_tokens or float("inf")  # --max_generated_tokens 0: no limit
+    last_step = state.step if state.generated >= budget else cfg.steps
+    steps = range(state.step + 1, last_step + 1)
+    progress = policy.progress_bar(steps, desc=f"RL ({run.config.rollout.algo})", initial=state.step, total=cfg.steps)
     for step in progress:
-        # Each step's prompts and sampling noise depend only on (seed, step): resume-safe.
-        torch.manual_seed(run.seed * 1_000_003 + step)
-        picked = random.Random(run.seed * 1_000_003 + step).sample(range(len(task.train)), run.prompts_per_step)
-        examples = [task.train[i] for i in picked]
-        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
-        gpu_peak = policy.GpuPeak(device)
-        result = treerl.rollout(
-            backend,
-            prompts,
-            [e.gold for e in examples],
-            task.score,
-            decode,
-            rcfg,
-            seed=run.seed * 1_000_003 + step,
-            answer_start=answer_start,
-        )
-        rollout_peak = gpu_peak.read()
-        t0 = time.perf_counter()
-        stats = {}
-        if hasattr(backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
-            backend.sleep()
-        if result.sequences:
-            stats = treerl.update(
-                model,
-                optimizer,
-                scheduler,
-                result.sequences,
-                ucfg,
-                tokenizer.pad_token_id,
-                ucfg.train_temperature or rcfg.temperature,
-                ref_model,
-                seed=step,
-                layout=layout,
-            )
-        t1 = time.perf_counter()
-        update_peak = gpu_peak.read()
-        backend.sync(model)
-        generated += result.stats["generated_tokens"]
-        last = step == run.steps or (run.max_generated_tokens and generated >= run.max_generated_tokens)
-        row = {
-            "step": step,
-            **result.stats,
-            **stats,
-            "sequences": len(result.sequences),
-            "time_update": t1 - t0,
-            "time_sync": time.perf_counter() - t1,
-            "generated_tokens_total": generated,
-        }
-        if ucfg.pack_tree and result.sequences:
-            row["packed_token_ratio"] = packing.token_ratio(result.sequences)
-        if device.type == "cuda":
-            row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
-        if (run.eval_every and step % run.eval_every == 0) or last:
-            after = evaluate(backend, tokenizer, task, config)
-            save_tree_page(run_dir, step, backend, tokenizer, task, config)
-            row.update(eval_greedy=after["greedy"], eval_sampled=after["sampled"])
-        with metrics_path.open("a") as f:
+        row = rl_step(run, state, step)
+        state.step, last = step, step == cfg.steps or state.generated >= budget
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            state.after = evaluate(run)
+            save_tree_page(run, step)
+            row.update(eval_greedy=state.after["greedy"], eval_sampled=state.after["sampled"])
+        with (run.dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-        progress.set_postfix(reward=f"{result.stats['reward']:.2f}", eval=f"{after['sampled']:.2f}", refresh=False)
-        if (run.save_every and step % run.save_every == 0) or last:
-            save_checkpoint(
-                run_dir,
-                step,
-                model,
-                tokenizer,
-                optimizer,
-                scheduler,
-                {
-                    "accuracy_before": before,
-                    "generated_tokens": generated,
-                    "wall_seconds": elapsed_before + time.perf_counter() - resumed_at,
-                },
-            )
+        progress.set_postfix(reward=f"{row['reward']:.2f}", eval=f"{state.after['sampled']:.2f}", refresh=False)
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
+            save_checkpoint(run, state)
         if last:
             break
     progress.close()
 
-    wall = elapsed_before + (time.perf_counter() - (resumed_at if checkpoint is not None else started))
+
+def rl_step(run: Run, state: State, step: int) -> dict:
+    """One step: grow and score forests for a batch of prompts (treerl.rollout), update the policy
+    (treerl.update) and give the rollout engine the new weights; returns the step's metrics."""
+    cfg, rcfg, ucfg = run.config.run, run.config.rollout, run.config.update
+    # Each step's prompts and sampling noise depend only on (seed, step): resume-safe.
+    seed = cfg.seed * 1_000_003 + step
+    torch.manual_seed(seed)
+    examples = [run.task.train[i] for i in random.Random(seed).sample(range(len(run.task.train)), cfg.prompts_per_step)]
+    prompts = [run.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+    markers = run.task.answer_markers  # EPTree never forks inside the final answer
+    answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
+    gpu_peak = policy.GpuPeak(run.device)
+    golds = [e.gold for e in examples]
+    result = treerl.rollout(
+        run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
+    )
+    rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
+    if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
+        run.backend.sleep()
+    # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
+    layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
+    stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
+    if result.sequences:
+        stats = treerl.update(
+            run.model,
+            state.optimizer,
+            state.scheduler,
+            result.sequences,
+            ucfg,
+            run.tokenizer.pad_token_id,
+            temperature,
+            run.ref_model,
+            seed=step,
+            layout=layout,
+        )
+    t1, update_peak = time.perf_counter(), gpu_peak.read()
+    run.backend.sync(run.model)
+    state.generated += result.stats["generated_tokens"]
+    row = {"step": step, **result.stats, **stats, "sequences": len(result.sequences), "time_update": t1 - t0}
+    row.update(time_sync=time.perf_counter() - t1, generated_tokens_total=state.generated)
+    if ucfg.pack_tree and result.sequences:
+        row["packed_token_ratio"] = packing.token_ratio(result.sequences)
+    if run.device.type == "cuda":
+        row.update(gpu_peak_rollout_gb=rollout_peak, gpu_peak_update_gb=update_peak)
+    return row
+
+
+def summarize(run: Run, state: State, started: float) -> dict:
+    """summary.json, the curves (metrics.png) and a closing line."""
+    config, before, after = run.config, state.before, state.after
+    # A fresh run counts from its start (warm start included); a resumed one adds its own steps' time.
+    wall = state.elapsed + time.perf_counter() - (state.resumed_at if run.checkpoint else started)
     summary = {
         "accuracy_before": before["sampled"],
         "accuracy_after": after["sampled"],
         "greedy_accuracy_before": before["greedy"],
         "greedy_accuracy_after": after["greedy"],
-        "accuracy_metric": f"held-out avg@{tcfg.eval_samples} at temperature {rcfg.temperature}",
-        "generated_tokens": generated,
+        "accuracy_metric": f"held-out avg@{config.task.eval_samples} at temperature {config.rollout.temperature}",
+        "generated_tokens": state.generated,
         "wall_seconds": wall,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": config.as_dict(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if hasattr(backend, "close"):  # vLLM: shut the engine down and free its memory
-        backend.close()
-    plot_metrics(metrics_path, run_dir / "metrics.png", title=f"{rcfg.algo} - {run.run_name}")
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if hasattr(run.backend, "close"):  # vLLM: shut the engine down and free its memory
+        run.backend.close()
+    title = f"{config.rollout.algo} - {config.run.run_name}"
+    treeview.plot_metrics(run.dir / "metrics.jsonl", run.dir / "metrics.png", title)
     print(
-        f"held-out accuracy (avg@{tcfg.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
+        f"held-out accuracy (avg@{config.task.eval_samples}): {before['sampled']:.1%} -> {after['sampled']:.1%}; "
         f"greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}; {wall:.0f} s; "
-        f"peak memory {summary['peak_memory_mb']:.0f} MB; results in {run_dir}",
+        f"peak memory {summary['peak_memory_mb']:.0f} MB; results in {run.dir}",
         flush=True,
     )
     return summary
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and the curves
-# --------------------------------------------------------------------------------------------------
+def make_backend(config: Config, model, tokenizer) -> treerl.Backend:
+    """The rollout engine named by --backend (vllm_backend imports vLLM only when it starts)."""
+    if config.run.backend == "vllm":
+        return vllm_backend.VLLMBackend.from_config(model, tokenizer.eos_token_id, config.vllm, config.run.seed)
+    from hf_backend import HFBackend
+
+    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict) -> None:
-    """Model and tokenizer (save_pretrained), optimizer, scheduler, RNG states and step, written to a
-    temporary folder and renamed into place: a run killed mid-write never leaves a half checkpoint."""
-    final = run_dir / "checkpoints" / f"step-{step:06d}"
+def evaluate(run: Run) -> dict[str, float]:
+    """Held-out accuracy, greedy and avg@k at the training temperature (tasks.evaluate)."""
+    k, rollout = run.config.task.eval_samples, run.config.rollout
+    sampling = (k, rollout.max_new_tokens, rollout.temperature, rollout.top_p)
+    return tasks.evaluate(run.backend, run.tokenizer, run.task, *sampling, seed=run.config.run.seed)
+
+
+def save_tree_page(run: Run, step: int) -> None:
+    """With --save_trees: the forest the policy grows now for the first held-out problem, drawn as a
+    page (treeview.py), so a run's pages show its forests change as it learns."""
+    config = run.config
+    if not config.run.save_trees:
+        return
+    example = run.task.eval[0]
+    root = treeview.grow_forest(run.backend, run.tokenizer, run.task, example, config.rollout, seed=config.run.seed)
+    title = f"{config.run.run_name}, step {step}: {example.prompt.strip()} (gold {example.gold})"
+    (run.dir / "trees").mkdir(exist_ok=True)
+    page = treeview.render_html(root, run.decode, title, config.rollout)
+    (run.dir / "trees" / f"step_{step:04d}.html").write_text(page, encoding="utf-8")
+
+
+def save_checkpoint(run: Run, state: State) -> None:
+    """Model and tokenizer (save_pretrained), optimizer, scheduler, RNG states and counters, written to
+    a temporary folder and renamed into place: a run killed mid-write never leaves a half checkpoint."""
+    final = run.dir / "checkpoints" / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            **extra,
-        },
-        tmp / "trainer_state.pt",
-    )
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+    saved = {"step": state.step, "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}
+    saved.update(rng=rng, accuracy_before=state.before, generated_tokens=state.generated)
+    saved["wall_seconds"] = state.elapsed + time.perf_counter() - state.resumed_at
+    torch.save(saved, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted((run_dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
+    for old in sorted((run.dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step-??????"))
-    return found[-1] if found else None
-
-
-def plot_metrics(metrics_path: Path, out: Path, title: str = "") -> None:
-    """Training curves: leaf reward, held-out accuracy, policy entropy and response length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    panels = [
-        ("reward", "mean leaf reward"),
-        (("eval_sampled", "eval_greedy"), "held-out accuracy"),
-        ("entropy", "mean token entropy"),
-        ("response_length", "response length (tokens)"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for ax, (keys, label) in zip(axes, panels):
-        for key in keys if isinstance(keys, tuple) else (keys,):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(
-                    *zip(*points), marker="o" if key.startswith("eval") else None, ms=3, label=key.replace("eval_", "")
-                )
-        ax.set_title(label)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        if isinstance(keys, tuple):
-            ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,8 @@ Skip this file on a first reading: it draws what tree.py computes, so that a rea
 forest the way the paper's figure shows one. `render_html` writes a self-contained page (inline
 SVG, no scripts, no network) and `render_text` the same forest as indented text;
 `python -m eval.show_tree` grows a forest with a policy and writes both, and train.py saves a page
-for a fixed held-out prompt at every evaluation (`--save_trees`).
+for a fixed held-out prompt at every evaluation (`--save_trees`). `plot_metrics` draws the other
+picture of a run, its training curves (metrics.png).
 
 What each box shows, for a segment s (one run of tokens between two forks):
 - its text, the first token marked when s starts at a fork point: the token EPTree re-sampled
@@ -18,9 +19,11 @@ What each box shows, for a segment s (one run of tokens between two forks):
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import tree
 import treerl
@@ -219,3 +222,35 @@ def grow_forest(backend, tokenizer, task, example, cfg, seed: int = 0) -> tree.N
         backend, [prompt], [example.gold], task.score, decode, cfg, seed=seed, answer_start=answer_start
     )
     return result.forests[0]
+
+
+def plot_metrics(metrics_path: Path, out: Path, title: str = "") -> None:
+    """Training curves: leaf reward, held-out accuracy, policy entropy and response length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    panels = [
+        ("reward", "mean leaf reward"),
+        (("eval_sampled", "eval_greedy"), "held-out accuracy"),
+        ("entropy", "mean token entropy"),
+        ("response_length", "response length (tokens)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (keys, label) in zip(axes, panels):
+        for key in keys if isinstance(keys, tuple) else (keys,):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                marker = "o" if key.startswith("eval") else None
+                ax.plot(*zip(*points), marker=marker, ms=3, label=key.replace("eval_", ""))
+        ax.set_title(label)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if isinstance(keys, tuple):
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

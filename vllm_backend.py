@@ -3,7 +3,8 @@
 Skip this file on a first reading: it implements `treerl.Backend` with vLLM (`--backend vllm`), for
 speed on a GPU with a real model. It adds paged attention and a prefix cache (a fork's prefix is
 not recomputed), sleep/wake around the update, and weight sync after every optimizer step.
-vLLM is optional and imported only when this backend starts.
+vLLM is optional and imported only when this backend starts; `VLLMConfig`, this backend's
+settings, is what train.py reads from here without it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +25,29 @@ from hf_backend import budgets_per_prefix
 from tree import Sample
 
 logger = logging.getLogger(__name__)
+
+
+def arg(default, help: str):
+    """A settings field and its one-line `--help` text (HfArgumentParser reads `metadata["help"]`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class VLLMConfig:
+    """The engine's settings, flags of train.py (used with `--backend vllm`; docs/gpu.md sizes them)."""
+
+    vllm_gpu_memory_utilization: float = arg(0.3, "share of the GPU the engine may take; the trainer has the rest")
+    vllm_kv_cache_gb: float = arg(0.0, "KV cache in GiB (0: from the share above on a GPU, 0.25 on CPU)")
+    vllm_entropy_top_k: int = arg(20, "log-probs per position that estimate the entropy fork score")
+    vllm_sleep: bool = arg(True, "GPU: free the engine's weights and KV cache during the update")
+
+    def validate(self) -> None:
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1]; got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_kv_cache_gb < 0:
+            raise ValueError(f"--vllm_kv_cache_gb must be >= 0; got {self.vllm_kv_cache_gb}")
+        if self.vllm_entropy_top_k < 1:
+            raise ValueError(f"--vllm_entropy_top_k must be >= 1; got {self.vllm_entropy_top_k}")
 
 
 def topk_entropy(top_logprobs: Sequence[float]) -> float:
@@ -149,6 +174,19 @@ class VLLMBackend:
             _save_config(model, self.workdir)
             self.llm = self._start_engine(self.workdir, load_format="dummy")
             self.sync(model)
+
+    @classmethod
+    def from_config(cls, model, eos_token_id: int, cfg: VLLMConfig, seed: int = 0) -> VLLMBackend:
+        """The engine as train.py's `--vllm_*` flags set it up."""
+        return cls(
+            model,
+            eos_token_id,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            kv_cache_gb=cfg.vllm_kv_cache_gb,
+            entropy_top_k=cfg.vllm_entropy_top_k,
+            sleep=cfg.vllm_sleep,
+            seed=seed,
+        )
 
     def _start_engine(self, path: str, load_format: str):
         try:
