@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
 import torch
 
@@ -45,17 +45,12 @@ import treeview
 import vllm_backend
 from policy import PolicyConfig
 from tasks import TaskConfig
-from treerl import RolloutConfig, UpdateConfig
+from treerl import RolloutConfig, UpdateConfig, arg
 from vllm_backend import VLLMConfig
 
 # --------------------------------------------------------------------------------------------------
 # Settings: this file's own, then those of the modules it drives, composed into one command line
 # --------------------------------------------------------------------------------------------------
-
-
-def arg(default, help: str):
-    """A settings field and its one-line `--help` text (HfArgumentParser reads `metadata["help"]`)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -76,6 +71,7 @@ class RunConfig:
     resume: bool = arg(False, "continue from the latest checkpoint of this run")
 
     def validate(self) -> None:
+        treerl.check_choices(self, RunConfig)
         for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
@@ -125,7 +121,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def load_preset(path: str) -> dict:
-    """A preset: flag names and values, checked here since argparse checks only the command line."""
+    """A preset: a mapping of flag names to values."""
     import yaml
 
     if not Path(path).is_file():
@@ -134,15 +130,10 @@ def load_preset(path: str) -> dict:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
         raise ValueError(f"{path}: a preset is a mapping of flag names to values")
-    hints = {name: hint for cls in CONFIG_CLASSES for name, hint in get_type_hints(cls).items()}
-    unknown = sorted(set(preset) - set(hints))
+    unknown = sorted(set(preset) - {f.name for cls in CONFIG_CLASSES for f in fields(cls)})
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (see python train.py --help)")
-    for name, value in preset.items():  # a Literal's choices: argparse checks them on the command line only
-        choices = get_args(hints[name])
-        if get_origin(hints[name]) is Literal and value not in choices:
-            raise ValueError(f"{path}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-    return preset
+    return preset  # its values are checked with the flags' (Config.validate)
 
 
 # --------------------------------------------------------------------------------------------------

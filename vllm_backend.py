@@ -17,19 +17,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from hf_backend import budgets_per_prefix
 from tree import Sample
+from treerl import arg
 
 logger = logging.getLogger(__name__)
-
-
-def arg(default, help: str):
-    """A settings field and its one-line `--help` text (HfArgumentParser reads `metadata["help"]`)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
