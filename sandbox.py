@@ -43,17 +43,14 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -485,6 +482,7 @@ def _source_of(entry: str) -> str:
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
 _ANNOUNCED: set[str] = set()  # the modes already logged by this process
+_NOBODY = 65534  # the unprivileged uid and gid programs run as when we are root
 _PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)  # the runner needs no venv
 
 
@@ -551,63 +549,25 @@ def _resolve_mode(sandbox: str) -> str:
     return mode
 
 
-def _allocate_uid() -> tuple[int, socket.socket]:
-    """Reserve a private uid (one of 4096, inside this namespace's uid map, far from real accounts)
-    that no other run on this machine holds, so that the process limit and clean-up of one run never
-    touch another. The reservation is an abstract Unix socket named after the uid: binding fails while
-    another run holds it, and the kernel frees it when its holder exits (no lock file to clean)."""
-    with open("/proc/self/uid_map") as handle:
-        mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
-    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
-    for uid in random.sample(range(base, base + 4096), 4096):
-        holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            holder.bind(f"\0treerl-sandbox-uid-{uid}")
-            return uid, holder
-        except OSError:
-            holder.close()
-    raise RuntimeError("no free sandbox uid (4096 concurrent runs?)")
-
-
 @functools.cache
-def _python_for_private_uid() -> str | None:
-    """The rlimit mode as root needs an interpreter a private uid can read: ours if every directory
-    above it is open to others (under root's home it is not), else the system's; None (a warning,
-    and programs run as root) if neither is."""
+def _python_for_nobody() -> str | None:
+    """An interpreter uid 65534 can run (tried as that uid): ours (not under root's home, say), else
+    the system's; None if neither, and then, with a warning, the rlimit mode runs programs as root."""
     for python in (_PYTHON, "/usr/bin/python3"):
-        parents = [os.path.dirname(python[:i]) for i in range(1, len(python))]
-        if os.path.exists(python) and all(os.stat(p).st_mode & 0o001 for p in set(parents)):
-            return python
-    logger.warning("no Python is open to an unprivileged uid: the rlimit sandbox runs programs as root")
+        with contextlib.suppress(OSError):  # PermissionError: a directory above it is closed
+            if subprocess.run([python, "-I", "-c", ""], user=_NOBODY, group=_NOBODY, extra_groups=[]).returncode == 0:
+                return python
+    logger.warning("no Python is open to uid %d: the rlimit sandbox runs programs as root", _NOBODY)
     return None
 
 
-def _owner_of(pid: str) -> int | None:
-    """Real uid of a live process (from /proc/<pid>/status: the owner of /proc/<pid> turns root when
-    a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            status = dict(line.split(b":", 1) for line in handle if b":" in line)
-        return None if status[b"State"].split()[0] in (b"Z", b"X") else int(status[b"Uid"].split()[0])
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-
-
-def _pids_of(uid: int) -> list[int]:
-    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner_of(pid) == uid]
-
-
-def _kill_uid_processes(uid: int) -> None:
-    """SIGKILL every process of `uid` until none is left: this catches a `setsid` daemon that left
-    the process group (RLIMIT_NPROC bounds how many a fork bomb makes between two rounds)."""
-    for _ in range(200):
-        for pid in _pids_of(uid) or [None]:
-            if pid is None:
-                return
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.005)
-    logger.warning("processes of sandbox uid %d survived 200 kill rounds", uid)
+def _tasks_of(uid: int) -> int:
+    """Processes and threads the kernel counts against `uid`'s RLIMIT_NPROC now (a snapshot)."""
+    count = 0
+    for task in glob.glob("/proc/[0-9]*/task/*"):
+        with contextlib.suppress(OSError):  # gone since the listing
+            count += os.stat(task).st_uid == uid
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -623,7 +583,6 @@ class _Run:
     limits: SandboxLimits
     workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
     uid: int | None = None
-    uid_holder: socket.socket | None = None
     processes: list = field(default_factory=list)
 
     def path(self, name: str) -> str:
@@ -631,11 +590,11 @@ class _Run:
 
 
 def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
-    """Make the run's directories with the program in them; as root, reserve its private uid."""
+    """Make the run's directories with the program in them, owned by uid 65534 when we are root."""
     run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"))
     try:
-        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_private_uid()):
-            run.uid, run.uid_holder = _allocate_uid()
+        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()):
+            run.uid = _NOBODY
         os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
         for name in ("box", "tmp"):
             os.mkdir(run.path(name), 0o700)
@@ -644,7 +603,6 @@ def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
         if run.uid is not None:
             for name in ("box", "tmp", "box/solution.py"):
                 os.chown(run.path(name), run.uid, run.uid)
-            _kill_uid_processes(run.uid)  # leftovers of a crashed earlier holder of this uid, if any
     except BaseException:
         _clean_up(run)
         raise
@@ -655,16 +613,16 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     """Start the runner for `kind` ("script" or "calls") in its own process group; stderr to a file."""
     rlimits = run.limits.rlimits()
     if run.uid is None and os.geteuid() == 0:
-        del rlimits["RLIMIT_NPROC"]  # root without a private uid: the kernel ignores it anyway
-    elif run.uid is None:  # it counts every process and thread of our user: leave room for those
-        rlimits["RLIMIT_NPROC"] += sum(len(glob.glob(f"/proc/{pid}/task/*")) for pid in _pids_of(os.getuid()))
+        del rlimits["RLIMIT_NPROC"]  # the kernel ignores it for root
+    else:  # it counts every task of the uid (ours, other runs', leftovers): the run's share comes on top
+        rlimits["RLIMIT_NPROC"] += _tasks_of(os.getuid() if run.uid is None else run.uid)
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
     harness = ["-I", "-c", _source_of("_sandbox_main")]
     harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
     if run.mode == "bwrap":
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
-        command = [_python_for_private_uid() if run.uid is not None else _PYTHON] + harness
+        command = [_python_for_nobody() if run.uid is not None else _PYTHON] + harness
         env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
     with open(run.path("stderr"), "wb") as stderr:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
@@ -673,16 +631,12 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
 
 
 def _clean_up(run: _Run) -> None:
-    """Kill the run's process groups and every process of its uid, delete its files, free the uid."""
+    """Kill the run's process groups, delete its files."""
     for process in run.processes:
         with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    if run.uid is not None:
-        _kill_uid_processes(run.uid)
     shutil.rmtree(run.workdir, onerror=_unlock_and_retry)
-    if run.uid_holder is not None:
-        run.uid_holder.close()
 
 
 def _unlock_and_retry(function, path, _error) -> None:
