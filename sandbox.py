@@ -4,8 +4,7 @@ Skip this file on a first reading. rewards.py decides what counts as a correct a
 makes those decisions safe inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
-   answer, so each check runs in a `pebble.ProcessPool` worker, killed and replaced when its task
-   overruns the time limit; the check then scores 0.
+   answer, so each check runs in a `pebble` worker, killed and replaced (the check scores 0) if late.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
    function-call tests or a HumanEval `check`; only the trusted side compares results, so a program
    cannot fake a pass. Two modes, each with its threat model:
@@ -73,8 +72,7 @@ _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `1
 
 def _start_math_worker() -> None:
     """Runs once in each worker: killable at once, quiet, memory-capped."""
-    # pebble's SIGTERM handler is Python, which cannot run while sympy is stuck in C: die at once
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble's handler is Python: stuck in C, it never runs
     logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
     with open("/proc/self/status") as status:  # the cap counts from what is mapped already
@@ -114,8 +112,7 @@ class MathVerifierPool:
                 context = multiprocessing.get_context("forkserver")
                 self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
             pool = self.pool
-        # math-verify's own alarm (for parse, parse, verify) and the CPU backstop, in whole seconds
-        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)
+        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)  # alarm for parse, parse, verify; CPU
         futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
         expired = (FutureTimeout, pebble.ProcessExpired)  # it overran (its worker was killed) or died
         return [0.0 if isinstance(future.exception(), expired) else future.result() for future in futures]
@@ -150,8 +147,7 @@ def _pool_of(check, pid: int) -> MathVerifierPool:
 #   "judge" process outside the sandbox, over pipes, and only plain data comes back. `sys.exit(0)`,
 #   `os._exit(0)` or a printed marker just end the runner; missing replies count as failures. What
 #   remains is what any correct-looking program can do: return the right values, e.g. hard-coded.
-# * Known limit: memory is capped per process (RLIMIT_AS): a program that forks to its process limit
-#   can hold `processes * memory_mb` for at most `timeout` seconds.
+# * Known limit: RLIMIT_AS is per process: forking to the process limit holds processes*memory_mb (timeout s).
 
 CODE_FAILURE_REASONS = ("wrong_answer", "runtime_error", "timeout", "memory", "output_limit")
 DEFAULT_CODE_TIMEOUT = 5.0  # wall-clock seconds per test (per whole `check` for HumanEval tests)
@@ -169,7 +165,7 @@ class TestOutcome:
 
 @dataclass
 class TestReport:
-    """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (65534, None: ours), `workdirs`."""
+    """What `run_tests` found. `sandbox`: "bwrap" or "rlimit"; `uid` (65534, or None: the caller's)."""
 
     __test__ = False
     passed: int
@@ -212,9 +208,8 @@ class SandboxLimits:
 
 
 # ---- 2a. Values that cross the sandbox boundary, and how results are compared ----------------------
-# The first three also run in the sandbox and the judge (as source text): built-ins and `math` only.
-# JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks refuse
-# subclasses, so a rigged `__eq__` never leaves the runner.
+# The first three also run in the sandbox and the judge (as source): built-ins and `math` only. What JSON
+# lacks (tuples, sets, bytes, non-string keys) gets a one-key tag; exact types only: no rigged `__eq__`.
 
 
 def _encode_value(value):
@@ -238,10 +233,9 @@ def _decode_value(data):
         return [_decode_value(item) for item in data]
     if type(data) is dict and len(data) == 1:
         ((tag, payload),) = data.items()
-        if tag in ("tuple", "set", "frozenset"):
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](map(_decode_value, payload))
-        if tag == "dict":
-            return {_decode_value(k): _decode_value(v) for k, v in payload}
+        if tag in ("tuple", "set", "frozenset", "dict"):  # a dict's items are [key, value] pairs
+            items = (tuple(map(_decode_value, item)) if tag == "dict" else _decode_value(item) for item in payload)
+            return {"tuple": tuple, "set": set, "frozenset": frozenset, "dict": dict}[tag](items)
         if tag in ("bytes", "complex"):
             return bytes.fromhex(payload) if tag == "bytes" else complex(*payload)
     raise ValueError(f"malformed encoded value: {str(data)[:100]}")
@@ -336,9 +330,8 @@ def _sandbox_main() -> None:
 
 
 def _judge_main() -> None:
-    """The trusted judge: asks the runner over pipes (argv[1] -> requests, argv[2] <- replies); its job
-    on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check", "entry_point",
-    "setup"}, plus "max_line". One verdict per test on stdout, until the runner fails (exit, garbage)."""
+    """The trusted judge: asks the runner over pipes (argv[1] -> requests, argv[2] <- replies) what its job
+    on stdin needs ({"calls"} or {"check", "entry_point", "setup"}); a verdict per test on stdout."""
     import json
     import os
     import sys
@@ -445,7 +438,7 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
     """The bubblewrap command line up to the interpreter. Namespaces are listed one by one, not with
     --unshare-all, which would add a user namespace where the harness could not switch uid."""
     command = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
     if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     for path in _SANDBOX_ROOT_DIRS + _SANDBOX_ETC_FILES:
@@ -457,8 +450,7 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
         for parent in [prefix[:i] for i in range(1, len(prefix)) if prefix[i] == "/"]:
             command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", prefix, prefix]
-    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
-    command += ["--chdir", "/", "--clearenv"]
+    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp", "--chdir", "/"]
     for name, value in dict(_ENV, HOME="/sandbox", TMPDIR="/tmp").items():
         command += ["--setenv", name, value]
     return command + [_PYTHON]
@@ -478,8 +470,7 @@ def _bwrap_usable() -> bool:
 
 @functools.cache
 def _python_for_nobody() -> str | None:
-    """An interpreter uid 65534 can run (tried as that uid): ours, unless it lies under root's home,
-    say, else the system's; None (then the rlimit mode runs programs as root, with a warning)."""
+    """An interpreter uid 65534 can run (tried as that uid): ours, else the system's, else None."""
     for python in (_PYTHON, "/usr/bin/python3"):
         with contextlib.suppress(OSError):  # PermissionError: a directory above it is closed
             if subprocess.run([python, "-I", "-c", ""], user=_NOBODY, group=_NOBODY, extra_groups=[]).returncode == 0:
@@ -490,8 +481,7 @@ def _python_for_nobody() -> str | None:
 
 def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
     """(mode, uid programs run as or None) for "auto" (or $TREERL_SANDBOX), "bwrap" or "rlimit"."""
-    if sandbox == "auto":
-        sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
+    sandbox = (os.environ.get("TREERL_SANDBOX") or "auto") if sandbox == "auto" else sandbox
     if sandbox not in ("auto", "bwrap", "rlimit"):
         raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'rlimit', got {sandbox!r}")
     mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
@@ -536,13 +526,11 @@ def _write_program(run: _Run, program: str) -> None:
 def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     """Start the runner for `kind` ("script" or "calls") in its own process group; stderr to a file."""
     rlimits = run.limits.rlimits()
-    if run.uid is None and os.geteuid() == 0:
-        del rlimits["RLIMIT_NPROC"]  # the kernel ignores it for root
-    else:  # it counts every task of the uid (ours, other runs', leftovers): the run's share comes on top
-        uid = os.getuid() if run.uid is None else run.uid
-        for task in glob.glob("/proc/[0-9]*/task/*"):
-            with contextlib.suppress(OSError):  # gone since the listing
-                rlimits["RLIMIT_NPROC"] += os.stat(task).st_uid == uid
+    uid = os.getuid() if run.uid is None else run.uid
+    # RLIMIT_NPROC counts every task of the uid (other runs', leftovers): the run's share comes on top
+    for task in glob.glob("/proc/[0-9]*/task/*"):
+        with contextlib.suppress(OSError):  # gone since the listing
+            rlimits["RLIMIT_NPROC"] += os.stat(task).st_uid == uid
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
     harness = ["-I", "-c", _source_of("_sandbox_main")]
     harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
@@ -623,10 +611,10 @@ def _run_judged_tests(run: _Run, job: dict, count: int) -> list[TestOutcome]:
     finally:  # only the runner and the judge hold the ends now: EOF means the other side is gone
         for fd in to_runner + from_runner:
             os.close(fd)
-    limits = run.limits
+    budget = run.limits.timeout * (count + 1) if "calls" in job else run.limits.timeout
+    request = json.dumps(dict(job, max_line=run.limits.output_bytes)).encode()
     try:
-        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
-        verdicts, _ = judge.communicate(json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget)
+        verdicts, _ = judge.communicate(request, timeout=budget)
     except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
         judge.kill()
         verdicts, _ = judge.communicate()
@@ -655,10 +643,7 @@ def _test_kind(test: dict, index: int) -> str:
     if kind == "call" and not (isinstance(test["call"], str) and isinstance(test.get("args", []), (list, tuple))):
         raise ValueError(f"test {index}: 'call' must be a function name and 'args' a list")
     if kind is None:
-        raise ValueError(
-            f"test {index} has keys {sorted(test)}; expected {{'input', 'output'}} (stdin/stdout), "
-            "{'call', 'args', 'expected'} (function call) or {'check', 'entry_point'[, 'setup']} (HumanEval)"
-        )
+        raise ValueError(f"test {index} has keys {sorted(test)}; expected those of one kind of test: {keys}")
     return kind
 
 
@@ -701,9 +686,8 @@ def run_tests(
             _clean_up(run)
 
     calls = [i for i, kind in enumerate(kinds) if kind == "call"]
-    outcomes = {}
-    if calls:  # one runner answers every call
-        outcomes = dict(zip(calls, sandboxed(_run_judged_tests, {"calls": [tests[i] for i in calls]}, len(calls))))
+    calls_job = {"calls": [tests[i] for i in calls]}  # one runner answers every call
+    outcomes = dict(zip(calls, sandboxed(_run_judged_tests, calls_job, len(calls)))) if calls else {}
     for index in (i for i, kind in enumerate(kinds) if kind != "call"):
         if fail_fast and not all(outcome.passed for outcome in outcomes.values()):
             outcomes[index] = TestOutcome(False, "skipped", "an earlier test failed")
