@@ -12,24 +12,10 @@ import tree
 from eval import bench, compare_rl, search_efficiency
 from eval.common import warm_started_policy
 
-TINY = [
-    "--hidden_size",
-    "32",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "2",
-    "--warmup_steps",
-    "20",
-    "--warmup_batch_size",
-    "16",
-    "--eval_size",
-    "8",
-    "--eval_samples",
-    "2",
-    "--max_new_tokens",
-    "40",
-]
+TINY = (
+    "--hidden_size 32 --num_layers 1 --num_heads 2 --warmup_steps 20 --warmup_batch_size 16 "
+    "--eval_size 8 --eval_samples 2 --max_new_tokens 40"
+).split()
 
 
 @pytest.fixture

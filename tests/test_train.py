@@ -8,34 +8,10 @@ import train
 import treerl
 
 # A very small version of the default run: seconds, not minutes.
-TINY = [
-    "--hidden_size",
-    "32",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "2",
-    "--warmup_steps",
-    "20",
-    "--warmup_batch_size",
-    "16",
-    "--eval_size",
-    "8",
-    "--eval_samples",
-    "2",
-    "--prompts_per_step",
-    "3",
-    "--M",
-    "2",
-    "--N",
-    "1",
-    "--L",
-    "1",
-    "--T",
-    "2",
-    "--max_new_tokens",
-    "40",
-]
+TINY = (
+    "--hidden_size 32 --num_layers 1 --num_heads 2 --warmup_steps 20 --warmup_batch_size 16 "
+    "--eval_size 8 --eval_samples 2 --prompts_per_step 3 --M 2 --N 1 --L 1 --T 2 --max_new_tokens 40"
+).split()
 
 
 def tiny_args(tmp_path, *extra):
