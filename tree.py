@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 class Node:
     """One segment of a search tree: the prompt (root) or the tokens between two forks.
 
-    `logprobs[i]` is the sampler's log-probability of `tokens[i]` and `scores[i]` the entropy of
+    `logprobs[i]` is the sampler's log-probability of `tokens[i]` and `entropies[i]` the entropy of
     the sampler's distribution at that position. Leaves carry the verifier's `reward` and whether
     the response ended with the end-of-sequence token (`finished`; the EOS token is then the last
     token of the leaf's segment).
@@ -72,7 +72,7 @@ class Node:
 
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
     parent: Node | None = field(default=None, repr=False)
     children: list[Node] = field(default_factory=list, repr=False)
     reward: float | None = None
@@ -82,22 +82,24 @@ class Node:
         self.tokens = list(self.tokens)
         # A root (the prompt) has no log-probs; a generated segment has one per token.
         self.logprobs = list(self.logprobs) or [0.0] * len(self.tokens)
-        self.scores = list(self.scores) or [0.0] * len(self.tokens)
-        if not len(self.tokens) == len(self.logprobs) == len(self.scores):
+        self.entropies = list(self.entropies) or [0.0] * len(self.tokens)
+        if not len(self.tokens) == len(self.logprobs) == len(self.entropies):
             raise ValueError(
-                f"a segment needs one log-prob and one score per token: got {len(self.tokens)} "
-                f"tokens, {len(self.logprobs)} log-probs, {len(self.scores)} scores"
+                f"a segment needs one log-prob and one entropy per token: got {len(self.tokens)} "
+                f"tokens, {len(self.logprobs)} log-probs, {len(self.entropies)} entropies"
             )
 
     def add(
         self,
         tokens: Sequence[int],
         logprobs: Sequence[float] = (),
-        scores: Sequence[float] = (),
+        entropies: Sequence[float] = (),
         finished: bool = False,
+        *,
+        scores: Sequence[float] = (),
     ) -> Node:
-        """Append a child segment and return it."""
-        child = Node(list(tokens), list(logprobs), list(scores), parent=self, finished=finished)
+        """Append a child segment and return it (`scores`: an older name of `entropies`)."""
+        child = Node(list(tokens), list(logprobs), list(entropies or scores), parent=self, finished=finished)
         self.children.append(child)
         return child
 
@@ -107,12 +109,17 @@ class Node:
         if not 0 < i < len(self.tokens):
             raise ValueError(f"can only split strictly inside a segment of {len(self.tokens)} tokens, got {i}")
         tail = Node(
-            self.tokens[i:], self.logprobs[i:], self.scores[i:], parent=self, reward=self.reward, finished=self.finished
+            self.tokens[i:],
+            self.logprobs[i:],
+            self.entropies[i:],
+            parent=self,
+            reward=self.reward,
+            finished=self.finished,
         )
         tail.children = self.children
         for child in tail.children:
             child.parent = tail
-        self.tokens, self.logprobs, self.scores = self.tokens[:i], self.logprobs[:i], self.scores[:i]
+        self.tokens, self.logprobs, self.entropies = self.tokens[:i], self.logprobs[:i], self.entropies[:i]
         self.children, self.reward, self.finished = [tail], None, False
         return tail
 
@@ -159,14 +166,12 @@ def response_tokens(node: Node) -> list[int]:
 
 
 def generated_tokens(root: Node) -> int:
-    """Tokens sampled by the whole search. Every sampled token lives in exactly one segment, so
-    this is the token budget used for equal-budget comparisons of search methods."""
+    """Tokens sampled by the whole search (each lives in one segment): the equal-budget measure."""
     return sum(len(n.tokens) for n in walk(root) if n is not root)
 
 
 def trees(root: Node) -> list[Node]:
-    """The tops of the M trees of a forest (the root's children). Splitting a segment keeps its
-    node in place, so these stay the same objects for the whole search."""
+    """The tops of the M trees of a forest (the root's children; a split keeps them in place)."""
     return list(root.children)
 
 
@@ -177,12 +182,11 @@ def trees(root: Node) -> list[Node]:
 
 @dataclass
 class Sample:
-    """What a sampler returns for one continuation: the generated tokens (with EOS last when
-    `finished`), the log-prob of each and the entropy of the distribution it was drawn from."""
+    """A sampled continuation: its tokens (EOS last when `finished`), their log-probs and entropies."""
 
     tokens: list[int]
     logprobs: list[float]
-    scores: list[float]
+    entropies: list[float]
     finished: bool
 
 
@@ -241,7 +245,7 @@ class Forkable:
 # third choice, "random", is the paper's ablation.
 FORK_SCORES = {
     "nll": lambda fork: -fork.node.logprobs[fork.index],
-    "entropy": lambda fork: fork.node.scores[fork.index],
+    "entropy": lambda fork: fork.node.entropies[fork.index],
 }
 
 
@@ -258,8 +262,8 @@ def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
     """Hang a sampled continuation under `parent`, cut to `budget` tokens if it is longer (a
     response that is cut never reached EOS, so it is not finished)."""
     if budget is not None and len(sample.tokens) > budget:
-        return parent.add(sample.tokens[:budget], sample.logprobs[:budget], sample.scores[:budget])
-    return parent.add(sample.tokens, sample.logprobs, sample.scores, finished=sample.finished)
+        return parent.add(sample.tokens[:budget], sample.logprobs[:budget], sample.entropies[:budget])
+    return parent.add(sample.tokens, sample.logprobs, sample.entropies, finished=sample.finished)
 
 
 def eptree(

@@ -274,7 +274,7 @@ def rollout(
         "truncated_frac": sum(not leaf.finished for _, leaf in all_leaves) / n_leaves,
         "response_length": sum(len(tree.response_tokens(leaf)) for _, leaf in all_leaves) / n_leaves,
         "generated_tokens": sum(tree.generated_tokens(root) for root in forests),
-        "entropy": _mean([s for root in forests for n in tree.walk(root) if n is not root for s in n.scores]),
+        "entropy": _mean([s for root in forests for n in tree.walk(root) if n is not root for s in n.entropies]),
         "time_rollout": t1 - t0,
         "time_verify": t2 - t1,
     }

@@ -66,7 +66,7 @@ def describe(root: tree.Node, decode: Callable[[list[int]], str], cfg: TreeConfi
         first = node.parent.children[0] if forked else None  # the continuation that was there first
         score = 0.0
         if first is not None and first.tokens:
-            score = -first.logprobs[0] if cfg.fork_score == "nll" else first.scores[0]
+            score = -first.logprobs[0] if cfg.fork_score == "nll" else first.entropies[0]
         segments.append(
             Segment(
                 node=node,

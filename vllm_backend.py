@@ -233,17 +233,17 @@ class VLLMBackend:
         return [samples[i * n : (i + 1) * n] for i in range(len(prefixes))]
 
     def _to_sample(self, completion) -> Sample:
-        """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, fork scores."""
+        """One vLLM completion as a tree.Sample: tokens, chosen-token log-probs, entropies."""
         tokens = list(completion.token_ids)
-        logprobs, scores = [], []
+        logprobs, entropies = [], []
         for token, (ids, values, ranks) in zip(tokens, _positions(completion.logprobs)):
             # Each position holds the k most likely tokens, plus the chosen one if it is not
             # among them (rank > k).
             logprobs.append(values[ids.index(token)])
-            scores.append(topk_entropy([v for v, r in zip(values, ranks) if r <= self.top_k]))
+            entropies.append(topk_entropy([v for v, r in zip(values, ranks) if r <= self.top_k]))
         self.stats["generated_tokens"] += len(tokens)
         finished = bool(tokens) and tokens[-1] == self.eos
-        return Sample(tokens, logprobs, scores, finished)
+        return Sample(tokens, logprobs, entropies, finished)
 
     # ---- weights --------------------------------------------------------------------------------
 

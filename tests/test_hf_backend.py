@@ -22,9 +22,9 @@ def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
     sequences = []
     for prefix, group in zip(prefixes, groups):
         for s in group:
-            assert 1 <= len(s.tokens) <= 12 and len(s.logprobs) == len(s.scores) == len(s.tokens)
+            assert 1 <= len(s.tokens) <= 12 and len(s.logprobs) == len(s.entropies) == len(s.tokens)
             assert s.finished == (s.tokens[-1] == EOS) and EOS not in s.tokens[:-1]
-            assert all(0 <= e <= math.log(VOCAB) + 1e-4 for e in s.scores)
+            assert all(0 <= e <= math.log(VOCAB) + 1e-4 for e in s.entropies)
             sequences.append(
                 tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None)
             )
@@ -46,7 +46,7 @@ def test_backend_entropies_and_log_probs_are_of_the_tempered_distribution(tiny_m
         logits = tiny_model(ids).logits[0, 2:-1]  # the logits that predicted each sampled token
     logp, ent = treerl.token_stats(logits, ids[0, 3:], temperature)
     assert sample.logprobs == pytest.approx(logp.tolist(), abs=1e-4)
-    assert sample.scores == pytest.approx(ent.tolist(), abs=1e-4)
+    assert sample.entropies == pytest.approx(ent.tolist(), abs=1e-4)
 
 
 def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
@@ -118,7 +118,7 @@ def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
     for got, want in zip(resumed, prefilled):
         for a, b in zip(got, want):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-            assert a.scores == pytest.approx(b.scores, abs=1e-5)
+            assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
 
 
 def test_prefix_store_finds_any_entry_that_starts_with_the_prefix():

@@ -200,11 +200,11 @@ def _up(node):
 
 def test_split_keeps_paths_and_children():
     root = Node([1])
-    a = root.add([2, 3, 4, 5], logprobs=[-0.1, -0.2, -0.3, -0.4], scores=[1, 2, 3, 4])
+    a = root.add([2, 3, 4, 5], logprobs=[-0.1, -0.2, -0.3, -0.4], entropies=[1, 2, 3, 4])
     b = a.add([6])
     b.reward = 1.0
     tail = a.split(2)
-    assert a.tokens == [2, 3] and a.logprobs == [-0.1, -0.2] and a.scores == [1, 2]
+    assert a.tokens == [2, 3] and a.logprobs == [-0.1, -0.2] and a.entropies == [1, 2]
     assert tail.tokens == [4, 5] and tail.parent is a and a.children == [tail]
     assert tail.children == [b] and b.parent is tail
     assert path_tokens(b) == [1, 2, 3, 4, 5, 6]
@@ -285,7 +285,7 @@ def test_prefixes_end_strictly_before_the_forked_token():
     # Replay the first chain sampled, then re-select its top-3 nll tokens on an unforked copy.
     first = FakeSampler(length=20)([[5, 6]], 2)[0]
     for sample in first:
-        root.add(sample.tokens, sample.logprobs, sample.scores, finished=True)
+        root.add(sample.tokens, sample.logprobs, sample.entropies, finished=True)
     expected = []
     for top in trees(root):
         for fork in select_forks(top, 3, "nll", random.Random(0), Forkable()):
@@ -334,8 +334,8 @@ def test_per_tree_top_n_by_entropy():
     root = Node([1])
     scores_a = [0.0, 9.0, 1.0, 8.0, 2.0, 0.5, 0.1, 0.1]
     scores_b = [0.0, 0.2, 0.3, 0.1, 0.4, 0.5, 0.1, 0.1]
-    a = root.add(list(range(10, 18)), scores=scores_a, finished=True)
-    b = root.add(list(range(20, 28)), scores=scores_b, finished=True)
+    a = root.add(list(range(10, 18)), entropies=scores_a, finished=True)
+    b = root.add(list(range(20, 28)), entropies=scores_b, finished=True)
     rng = random.Random(0)
     picked_a = select_forks(a, 2, "entropy", rng, Forkable(2))
     picked_b = select_forks(b, 2, "entropy", rng, Forkable(2))
@@ -428,7 +428,7 @@ def test_release_reweight_divides_each_value_by_its_kept_leaves():
 
 def test_release_fork_exclusions():
     root = Node([1, 2])
-    top = root.add([5, 6, 7, 8, 9, EOS], logprobs=[-1.0] * 6, scores=[0.5] * 6)
+    top = root.add([5, 6, 7, 8, 9, EOS], logprobs=[-1.0] * 6, entropies=[0.5] * 6)
     top.reward = 0.0
     everything = [f.index for f in release.StopWordForks()(top)]
     assert everything == [1, 2, 3, 4, 5]  # EOS and the tail eligible; the first token never

@@ -17,7 +17,7 @@ def decode(ids):
 def hand_forest():
     """The paper's figure: V(root) = 3/5; a = 'jk' has V = 1/2 and its child b has V = 1."""
     root = Node([1, 2])
-    a = root.add([10, 11], logprobs=[-0.1, -0.2], scores=[0.3, 0.4])
+    a = root.add([10, 11], logprobs=[-0.1, -0.2], entropies=[0.3, 0.4])
     b = a.add([12, 5, EOS], logprobs=[-1.5, -0.1, -0.1], finished=True)
     c = a.add([13, 27, EOS], logprobs=[-0.7, -0.1, -0.1], finished=True)
     d = root.add([20, 21], logprobs=[-0.2, -0.3])

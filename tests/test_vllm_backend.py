@@ -95,8 +95,8 @@ def assert_same_samples(got, want, tol=TOL):
         for a, b in zip(group_got, group_want, strict=True):
             assert a.tokens == b.tokens and a.finished == b.finished
             assert a.logprobs == pytest.approx(b.logprobs, abs=tol)
-            assert a.scores == pytest.approx(b.scores, abs=tol)
-            worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs + a.scores, b.logprobs + b.scores)])
+            assert a.entropies == pytest.approx(b.entropies, abs=tol)
+            worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs + a.entropies, b.logprobs + b.entropies)])
     return worst
 
 
@@ -147,8 +147,8 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
                 logp, ent = treerl.token_stats(logits, ids[0, len(prompt) :], temperature)
                 assert s.logprobs == pytest.approx(logp.tolist(), abs=TOL)
                 top20 = treerl.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
-                assert s.scores == pytest.approx([vllm_backend.topk_entropy(row) for row in top20.tolist()], abs=TOL)
-                assert all(a <= b + TOL for a, b in zip(s.scores, ent.tolist()))
+                assert s.entropies == pytest.approx([vllm_backend.topk_entropy(row) for row in top20.tolist()], abs=TOL)
+                assert all(a <= b + TOL for a, b in zip(s.entropies, ent.tolist()))
                 assert s.finished == (s.tokens[-1] == tokenizer.eos_token_id)
     finally:
         backend.close()
