@@ -17,8 +17,9 @@ import math
 import random
 import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -26,32 +27,26 @@ from tqdm.auto import tqdm
 import tree
 import treerl
 from tasks import Task, TaskConfig, build_task
+from treerl import arg
 
 
 @dataclass
 class PolicyConfig:
     """The model trained, and the supervised warm start of the tiny one."""
 
-    model: str = field(
-        default="", metadata={"help": "hub id or local path of a causal LM; empty: build the tiny CPU model in code"}
-    )
-    hidden_size: int = field(default=128, metadata={"help": "tiny model: hidden size"})
-    num_layers: int = field(default=4, metadata={"help": "tiny model: decoder layers"})
-    num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads"})
-    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the update"})
-    warmup_steps: int = field(
-        default=600, metadata={"help": "supervised steps on worked solutions before RL (0: none)"}
-    )
-    warmup_batch_size: int = field(default=48, metadata={"help": "examples per supervised step"})
-    warmup_lr: float = field(default=2e-3, metadata={"help": "learning rate of the supervised stage"})
+    model: str = arg("", "hub id or local path of a causal LM; empty: build the tiny CPU model in code")
+    hidden_size: int = arg(128, "tiny model: hidden size")
+    num_layers: int = arg(4, "tiny model: decoder layers")
+    num_heads: int = arg(4, "tiny model: attention heads")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "parameter dtype")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "where the policy runs (auto: cuda if present)")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory in the update")
+    warmup_steps: int = arg(600, "supervised steps on worked solutions before RL (0: none)")
+    warmup_batch_size: int = arg(48, "examples per supervised step")
+    warmup_lr: float = arg(2e-3, "learning rate of the supervised stage")
 
     def validate(self) -> None:
-        allowed = {"dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda")}
-        for name, choices in allowed.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        treerl.check_choices(self, PolicyConfig)
         for name in ("hidden_size", "num_layers", "num_heads", "warmup_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")

@@ -19,46 +19,36 @@ import random
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 import rewards
+import treerl
+from treerl import arg
 
 
 @dataclass
 class TaskConfig:
     """What the policy learns and is scored on."""
 
-    task: str = field(default="arith", metadata={"help": "arith (built in), math or code"})
-    data: str = field(
-        default="", metadata={"help": "math/code: training JSONL file (or hub dataset id with `datasets` installed)"}
-    )
-    eval_data: str = field(
-        default="", metadata={"help": "math/code: held-out JSONL file (default: the last eval_size rows of --data)"}
-    )
-    problem_field: str = field(default="problem", metadata={"help": "field holding the question"})
-    answer_field: str = field(default="answer", metadata={"help": "math: field holding the gold answer"})
-    tests_field: str = field(default="tests", metadata={"help": "code: field holding the tests"})
-    data_seed: int = field(
-        default=0,
-        metadata={
-            "help": "arith: seed of the problem sets (held-out and training pool), kept fixed across --seed so every seed is scored on the same held-out problems"
-        },
-    )
-    arith_operands: str = field(default="3,4", metadata={"help": "arith: min,max number of operands"})
-    arith_digits: int = field(default=1, metadata={"help": "arith: digits per operand"})
-    warmup_slip_rate: float = field(
-        default=0.2,
-        metadata={"help": "arith: probability that the warm start's teacher slips on a step (result off by 1-2)"},
-    )
-    eval_size: int = field(default=200, metadata={"help": "held-out problems (never used for training)"})
-    eval_samples: int = field(default=4, metadata={"help": "sampled responses per held-out problem for avg@k"})
+    task: Literal["arith", "math", "code"] = arg("arith", "arith (built in), math or code")
+    data: str = arg("", "math/code: training JSONL file (or hub dataset id with `datasets` installed)")
+    eval_data: str = arg("", "math/code: held-out JSONL file (default: the last eval_size rows of --data)")
+    problem_field: str = arg("problem", "field holding the question")
+    answer_field: str = arg("answer", "math: field holding the gold answer")
+    tests_field: str = arg("tests", "code: field holding the tests")
+    data_seed: int = arg(0, "arith: seed of the problem sets, fixed across --seed (the same held-out set)")
+    arith_operands: str = arg("3,4", "arith: min,max number of operands")
+    arith_digits: int = arg(1, "arith: digits per operand")
+    warmup_slip_rate: float = arg(0.2, "arith: chance that the warm start's teacher slips on a step (off by 1-2)")
+    eval_size: int = arg(200, "held-out problems (never used for training)")
+    eval_samples: int = arg(4, "sampled responses per held-out problem for avg@k")
 
     def validate(self) -> None:
-        if self.task not in ("arith", "math", "code"):
-            raise ValueError(f"--task must be one of arith, math, code; got {self.task!r}")
+        treerl.check_choices(self, TaskConfig)
         if self.task != "arith" and not self.data:
             raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
         for name in ("eval_size", "eval_samples"):
