@@ -195,6 +195,13 @@ class RolloutConfig(TreeConfig):
         """L for the search: ChainRL is EPTree with no forking rounds."""
         return self.L if self.algo == "treerl" else 0
 
+    def grow_forests(self, prompts, sample_fn: tree.SampleFn, candidates: tree.ForkCandidates, seed: int):
+        """EPTree (Algorithm 1) with these settings, one forest per prompt: M chains each for ChainRL."""
+        shape, budget = (self.M, self.N, self.rounds, self.T), self.max_new_tokens
+        return tree.eptree_batch(
+            prompts, sample_fn, *shape, self.fork_score, candidates, seed, budget, self.full_length_branches
+        )
+
 
 @dataclass
 class Rollout:
@@ -228,19 +235,7 @@ def rollout(
     # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes).
     reusing = getattr(backend, "reusing_prefixes", contextlib.nullcontext)
     with reusing():
-        forests = tree.eptree_batch(
-            prompts,
-            sample_fn,
-            cfg.M,
-            cfg.N,
-            cfg.rounds,
-            cfg.T,
-            fork_score=cfg.fork_score,
-            candidates=cfg.fork_candidates(decode, answer_start),
-            seed=seed,
-            max_response_tokens=cfg.max_new_tokens,
-            full_length_branches=cfg.full_length_branches,
-        )
+        forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     t1 = time.perf_counter()
 
     # Verifier rewards on every leaf; a response that never produced EOS scores 0.

@@ -111,8 +111,8 @@ def grow_forests(
     answer_start=None,
     decode=None,
 ) -> tuple[list[tree.Node], dict[str, float]]:
-    """EPTree forests for `prompts`, grown as `treerl.rollout` grows them (same search call, same
-    sampling settings), without scoring them; `decode` is needed by the release's fork rule only. Returns the forests and their seconds: "total", and
+    """EPTree forests for `prompts`, grown as `treerl.rollout` grows them (`RolloutConfig.grow_forests`,
+    the same sampling settings), without scoring them; `decode` is needed by the release's fork rule only. Returns the forests and their seconds: "total", and
     "chains" / "forks" (the first sampling call, the M chains per prompt, and all later ones).
 
     With `reuse`, a backend that can (HFBackend.reusing_prefixes) starts every fork from the KV
@@ -130,19 +130,7 @@ def grow_forests(
     torch.manual_seed(seed)
     started = clock()
     with reusing() if reuse and reusing else contextlib.nullcontext():
-        forests = tree.eptree_batch(
-            prompts,
-            sample_fn,
-            cfg.M,
-            cfg.N,
-            cfg.rounds,
-            cfg.T,
-            fork_score=cfg.fork_score,
-            candidates=cfg.fork_candidates(decode, answer_start),
-            seed=seed,
-            max_response_tokens=cfg.max_new_tokens,
-            full_length_branches=cfg.full_length_branches,
-        )
+        forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     seconds["total"] = clock() - started
     return forests, seconds
 
