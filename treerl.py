@@ -402,7 +402,8 @@ def optimizer_for(model, cfg: UpdateConfig, steps: int):
 # with f(rho, A) = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)) the clipped
 # surrogate. f is positively homogeneous in A, so w * f(rho, A) = f(rho, w * A): a batch hands the
 # loss the *weighted* advantages w * A, in K columns whose surrogates add up (one column in the
-# flat layout; two in the packed one, the pairs of each advantage sign summed, which is exact).
+# flat layout; in the packed one, the pairs of each advantage sign summed, which is exact, and a
+# third column for pairs with A = 0, which count in the statistics only).
 
 
 @dataclass
