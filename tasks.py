@@ -338,6 +338,83 @@ def arith_dataset(
 
 
 # --------------------------------------------------------------------------------------------------
+# Step truth: which step of an arithmetic response went wrong, token by token
+# --------------------------------------------------------------------------------------------------
+
+# What each token of a response to the arithmetic task is, judged against the prompt (eval/credit.py
+# scores per-token advantages against it):
+#   prefix       a step line before the first wrong one (all of it right)
+#   first_wrong  the first line that is wrong: a step whose left side, operator, operand or result is
+#                not the true running computation (a slip, or a step built on an earlier one), or an
+#                answer line that does not give the true result after right steps
+#   after        every line after the first wrong one, the answer line included
+#   answer       the answer line of a response whose steps are all right
+STEP_LABELS = ("prefix", "first_wrong", "after", "answer")
+
+
+@dataclass(frozen=True)
+class StepTruth:
+    """Per token of a response: its label (STEP_LABELS) and the index of the line it belongs to."""
+
+    labels: list[str]
+    lines: list[int]
+
+    @property
+    def first_wrong_line(self) -> int | None:
+        return next((line for label, line in zip(self.labels, self.lines) if label == "first_wrong"), None)
+
+
+def arith_steps(prompt: str) -> list[tuple[int, str, int, int]]:
+    """The true steps of an arithmetic prompt: (left side, operator, operand, result) each."""
+    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
+    if not match:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    total, steps = int(match.group(1)), []
+    for op, operand in re.findall(r"([+-])(\d+)", match.group(2)):
+        result = total + int(operand) if op == "+" else total - int(operand)
+        steps.append((total, op, int(operand), result))
+        total = result
+    return steps
+
+
+def line_labels(prompt: str, response: str) -> list[str]:
+    """The label of every line of `response` (split at newlines), by the rules above. The last line
+    of a response that was cut off is wrong only once it differs from the true step (a cut "11-2="
+    is not wrong yet); a response cut before its answer line has no answer line."""
+    truth = [f"{left}{op}{operand}={result}" for left, op, operand, result in arith_steps(prompt)]
+    lines = response.split("\n")
+    labels, wrong = [], False
+    for i, line in enumerate(lines):
+        if wrong:
+            labels.append("after")
+            continue
+        if line.startswith("Answer:"):
+            right = i == len(truth) and rewards.arith_reward(line, truth[-1].split("=")[-1]) == 1.0
+            labels.append("answer" if right else "first_wrong")
+        else:
+            expected = truth[i] if i < len(truth) else None
+            last = i == len(lines) - 1
+            right = expected is not None and (expected.startswith(line) if last else line == expected)
+            labels.append("prefix" if right else "first_wrong")
+        wrong = labels[-1] == "first_wrong"
+    return labels
+
+
+def arith_step_truth(prompt: str, response_ids: list[int], decode: Callable[[list[int]], str]) -> StepTruth:
+    """`line_labels` mapped onto tokens: a token belongs to the line of its first character (a
+    newline ends its line); a token that decodes to nothing (EOS) to the line before it."""
+    text = decode(response_ids)
+    labels = line_labels(prompt, text)
+    line_of_char = [i for i, line in enumerate(text.split("\n")) for _ in range(len(line) + 1)]
+    token_lines, last = [], 0
+    for k in range(len(response_ids)):
+        start = len(decode(response_ids[:k]))
+        last = line_of_char[start] if start < len(text) else last
+        token_lines.append(last)
+    return StepTruth([labels[line] for line in token_lines], token_lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Held-out evaluation
 # --------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import tasks
 import train
 from policy import build_char_tokenizer
 from rewards import ANSWER_MARKERS, arith_reward
@@ -220,3 +221,39 @@ def test_held_out_set_is_shared_across_seeds_and_never_trained_on():
     assert [e.prompt for e in other.eval] != [e.prompt for e in same[0].eval]
     for task in same + [other]:
         assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
+
+
+# --------------------------------------------------------------------------------------------------
+# Step truth
+# --------------------------------------------------------------------------------------------------
+
+STEP_PROMPT = "Compute 4+7-2+5.\n"  # 4+7=11, 11-2=9, 9+5=14
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("4+7=11\n11-2=9\n9+5=14\nAnswer: 14", ["prefix", "prefix", "prefix", "answer"]),
+        ("4+7=12\n12-2=10\n10+5=15\nAnswer: 15", ["first_wrong", "after", "after", "after"]),  # first step slips
+        ("4+7=11\n11-2=8\n8+5=13\nAnswer: 13", ["prefix", "first_wrong", "after", "after"]),  # middle step
+        ("4+7=11\n11-2=9\n9+5=15\nAnswer: 15", ["prefix", "prefix", "first_wrong", "after"]),  # last step
+        ("4+7=11\n11-2=9\n9+5=14\nAnswer: 15", ["prefix", "prefix", "prefix", "first_wrong"]),  # wrong answer
+        ("4+7=11\n11-2=9\nAnswer: 9", ["prefix", "prefix", "first_wrong"]),  # a step left out
+        ("4+7=11\n11-2=", ["prefix", "prefix"]),  # cut off mid-step: nothing wrong yet
+        ("4+7=11\n11-2=8", ["prefix", "first_wrong"]),  # cut off after a slip
+        ("4+7=11\n12-2=10", ["prefix", "first_wrong"]),  # built on a wrong left side
+    ],
+)
+def test_line_labels_find_the_first_wrong_step(response, expected):
+    assert tasks.line_labels(STEP_PROMPT, response) == expected
+
+
+def test_step_truth_labels_every_token_eos_included():
+    tokenizer = build_char_tokenizer()
+    response = "4+7=11\n11-2=8\n8+5=13\nAnswer: 13"
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truth = tasks.arith_step_truth(STEP_PROMPT, ids, lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    assert len(truth.labels) == len(ids) and truth.first_wrong_line == 1
+    # One label per character; a newline belongs to the line it ends; EOS to the last line.
+    assert truth.labels[:7] == ["prefix"] * 7 and truth.labels[7:14] == ["first_wrong"] * 7
+    assert truth.labels[14:] == ["after"] * (len(ids) - 14) and truth.lines[-1] == 3
