@@ -8,9 +8,12 @@ import torch
 
 import policy
 import rewards
+import tasks
 import tree
-from eval import bench, compare_rl, search_efficiency
+import treerl
+from eval import bench, compare_rl, credit, search_efficiency
 from eval.common import warm_started_policy
+from policy import build_char_tokenizer
 
 TINY = (
     "--hidden_size 32 --num_layers 1 --num_heads 2 --warmup_steps 20 --warmup_batch_size 16 "
@@ -310,3 +313,56 @@ def test_bench_refuses_what_it_cannot_run(tmp_path):
             bench.main(["throughput", "--device", "cuda", "--out", str(tmp_path)])
         with pytest.raises(SystemExit):
             bench.main(["gpu-memory", "--out", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------------------------------
+# eval/credit.py: advantages against the step truth
+# --------------------------------------------------------------------------------------------------
+
+
+def test_credit_measures_of_one_leaf():
+    labels = ["prefix", "prefix", "first_wrong", "first_wrong", "after"]
+    assert credit.leaf_auroc([1.0, 1.0, -1.0, -1.0, -1.0], labels) == 1.0
+    assert credit.leaf_auroc([-1.0, 1.0, 1.0, 1.0, 0.0], labels) == 0.25  # one prefix token ties, one loses
+    assert credit.leaf_auroc([0.0] * 5, labels) == 0.5  # one advantage for the whole leaf: no separation
+    assert credit.leaf_auroc([0.0] * 2, ["prefix", "answer"]) is None  # no wrong step to separate
+    truth = tasks.StepTruth(labels, [0, 0, 1, 1, 2])
+    assert credit.leaf_localisation([1.0, 1.0, -2.0, -2.0, -1.0], truth) == 1.0
+    assert credit.leaf_localisation([1.0, 1.0, -1.0, -1.0, -2.0], truth) == 0.0  # the line after is lower
+    assert credit.leaf_localisation([-1.0] * 5, truth) == pytest.approx(1 / 3)  # a chain: a random guess
+
+
+def test_forks_on_slip_count_the_forks_that_resample_the_first_wrong_step():
+    tokenizer = build_char_tokenizer()
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = "Compute 4+7-2.\n"  # 4+7=11, 11-2=9
+    root = tree.Node(encode(prompt))
+    chain = root.add(encode("4+7=11\n11-2=8\nAnswer: 8"), finished=True)
+    # Fork 1 at the slipped "8" (offset 12): a hit. Fork 2 inside the right first step (offset 2): not.
+    chain.split(12)
+    chain.add(encode("9\nAnswer: 9"), finished=True)
+    head_tail = chain.split(2)
+    chain.add(encode("7=11\n11-2=9\nAnswer: 9"), finished=True)
+    for leaf in tree.leaves(root):
+        leaf.reward = rewards.arith_reward(decode(tree.response_tokens(leaf)), 9)
+    assert [decode(tree.response_tokens(leaf)) for leaf in tree.leaves(root)][0] == "4+7=11\n11-2=8\nAnswer: 8"
+    assert head_tail.tokens == encode("7=11\n11-2=")
+    assert credit.forks_on_slip([root], [prompt], decode) == (1, 2)
+
+
+def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_verifier, monkeypatch):
+    argv = ["--quick", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), *TINY]
+    result = credit.main(argv)
+    sources = result["stages"]["warm-start"]["sources"]
+    assert set(sources) == set(credit.SOURCES)
+    assert sources["chains-grpo"]["M"] >= 2 and sources["treerl-nll"]["M"] == 4
+    for entry in sources.values():
+        for metric in ("localisation", "fork_on_slip"):
+            mean = entry[metric]["mean"]
+            assert mean is None or 0.0 <= mean <= 1.0
+    assert (tmp_path / "out" / "credit.png").stat().st_size > 0
+    # A second run reads every point back: no rollout at all.
+    monkeypatch.setattr(treerl, "rollout", lambda *a, **k: pytest.fail("a recorded point was measured again"))
+    again = credit.main(argv)
+    assert again["stages"]["warm-start"]["sources"]["treerl-nll"]["per_seed"] == sources["treerl-nll"]["per_seed"]

@@ -1,0 +1,368 @@
+"""Does the tree find the wrong step? Per-token advantages scored against the arithmetic task's
+own step truth.
+
+    python -m eval.credit --config configs/cpu_long.yaml --out results/long \\
+        [--stage warm-start] [--model DIR] [--seeds 0,1,2,3,4] [--prompts 200] [--quick] [train.py flags]
+
+TreeRL's case for process rewards is credit assignment: in a wrong response the step that slipped
+should be pushed down, and the right steps before it should not. The arithmetic task knows the
+truth of every step (`tasks.arith_step_truth`: each token is in the correct prefix, the first wrong
+step, after it, or the answer line), so the advantages each method would train with can be scored
+exactly. From one policy (the warm start, or a checkpoint with --model), for the same held-out
+prompts and seeds, every source grows its rollout as `treerl.rollout` does and computes its
+per-token advantages:
+
+  * treerl-nll       EPTree (M, N, L, T) of the preset, forks at the highest -log pi (the paper);
+  * treerl-entropy   forks at the highest entropy of the full distribution (an extension);
+  * treerl-random    forks at random eligible tokens (the paper's ablation);
+  * treerl-release   the release's fork rule and process rewards (release.py), -1 if truncated;
+  * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
+    chains-rloo      tokens treerl-nll generated (per seed, from its mean response length).
+
+Four measures on the *trained* leaves (forests whose leaves all agree carry no signal and are
+skipped, as in training), each a mean over seeds with a 95% t-interval:
+
+  * auroc         in every wrong leaf with both, the probability that a correct-prefix token has a
+                  higher advantage than a first-wrong-step token (ties count half), averaged over
+                  leaves: 0.5 is no separation, 1 perfect;
+  * localisation  in a wrong leaf with a wrong step, whether its lowest-advantage line (mean over
+                  the line's tokens) is the first wrong step; ties are broken at random, so a leaf
+                  whose lines all share one advantage (any chain) scores 1 / lines;
+  * collateral    the share of correct-prefix tokens of wrong leaves with a negative advantage;
+  * fork_on_slip  trees only: the share of forks in a wrong response that re-sample its first wrong
+                  step (the forked token in that step's line, or the newline just before it).
+
+Each (stage, source, seed) is appended to `<out>/credit_points.jsonl` when measured and skipped on a
+re-run. Writes `<out>/credit.json` (every stage measured so far) and `credit.png`; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import policy
+import tasks
+import train
+import tree
+import treerl
+from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_start_pool, warm_started_policy, write_json
+from hf_backend import HFBackend
+
+RELEASE = dict(
+    fork_exclusions="release",
+    full_length_branches=True,
+    leave_one_out=True,
+    reweight="release",
+    fill_in_paths=True,
+    truncated_penalty=-1.0,
+)
+SOURCES = {
+    "treerl-nll": {},
+    "treerl-entropy": {"fork_score": "entropy"},
+    "treerl-random": {"fork_score": "random"},
+    "treerl-release": RELEASE,
+    "chains-grpo": {"algo": "chainrl", "advantage": "grpo"},
+    "chains-rloo": {"algo": "chainrl", "advantage": "rloo"},
+}
+METRICS = ("auroc", "localisation", "collateral", "fork_on_slip")
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, df)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring one rollout against the step truth
+# --------------------------------------------------------------------------------------------------
+
+
+def leaf_auroc(advantages: list[float], labels: list[str]) -> float | None:
+    """P(a prefix token's advantage > a first-wrong token's), ties half; None without both."""
+    prefix = [a for a, label in zip(advantages, labels) if label == "prefix"]
+    wrong = [a for a, label in zip(advantages, labels) if label == "first_wrong"]
+    if not prefix or not wrong:
+        return None
+    wins = sum((p > w) + 0.5 * (p == w) for p in prefix for w in wrong)
+    return wins / (len(prefix) * len(wrong))
+
+
+def leaf_localisation(advantages: list[float], truth: tasks.StepTruth) -> float | None:
+    """1 / (lines tied at the lowest mean advantage) if the first wrong line is among them, else 0;
+    None for a leaf with no wrong step."""
+    first = truth.first_wrong_line
+    if first is None:
+        return None
+    by_line: dict[int, list[float]] = {}
+    for a, line in zip(advantages, truth.lines):
+        by_line.setdefault(line, []).append(a)
+    means = {line: sum(v) / len(v) for line, v in by_line.items()}
+    lowest = min(means.values())
+    tied = [line for line, m in means.items() if m <= lowest + 1e-9]
+    return 1 / len(tied) if first in tied else 0.0
+
+
+def forks_on_slip(forests: list[tree.Node], prompts: list[str], decode) -> tuple[int, int]:
+    """(forks that re-sample the first wrong step of the response they were taken from, forks taken
+    from a wrong response with a wrong step). A fork is a split segment: its first child is the
+    rest of the original response, the forked token the first token of that child."""
+    hits = total = 0
+    for root, prompt in zip(forests, prompts):
+        for node in tree.walk(root):
+            if node is root or len(node.children) < 2:
+                continue
+            original = node.children[0]
+            while original.children:
+                original = original.children[0]
+            response = tree.response_tokens(original)
+            truth = tasks.arith_step_truth(prompt, response, decode)
+            wrong = [k for k, label in enumerate(truth.labels) if label == "first_wrong"]
+            if original.reward or not wrong:
+                continue
+            offset = len(tree.response_tokens(node))  # the forked token's place in the response
+            total += 1
+            hits += wrong[0] - 1 <= offset <= wrong[-1]
+    return hits, total
+
+
+def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) -> dict[str, float]:
+    """The four measures of one rollout (see the module docstring), and what they were counted on."""
+    aurocs, hits, prefix_tokens, penalised, wrong_leaves = [], [], 0, 0, 0
+    prompt_of = {id(root): prompt for root, prompt in zip(rollout.forests, prompts)}
+    for seq in rollout.sequences:
+        if seq.reward:
+            continue
+        wrong_leaves += 1
+        truth = tasks.arith_step_truth(prompt_of[id(tree.ancestors(seq.leaf)[0])], seq.response_ids, decode)
+        for a, label in zip(seq.advantages, truth.labels):
+            if label == "prefix":
+                prefix_tokens += 1
+                penalised += a < 0
+        if (auroc := leaf_auroc(seq.advantages, truth.labels)) is not None:
+            aurocs.append(auroc)
+        if (hit := leaf_localisation(seq.advantages, truth)) is not None:
+            hits.append(hit)
+    result = {
+        "auroc": sum(aurocs) / len(aurocs) if aurocs else None,  # None: nothing to measure it on
+        "localisation": sum(hits) / len(hits) if hits else None,
+        "collateral": penalised / prefix_tokens if prefix_tokens else None,
+        "fork_on_slip": None,
+        "wrong_leaves": wrong_leaves,
+        "leaves_with_both": len(aurocs),
+        "trained_leaves": len(rollout.sequences),
+        "tokens_per_prompt": rollout.stats["generated_tokens"] / len(prompts),
+        "reward": rollout.stats["reward"],
+    }
+    if is_tree:
+        on, forks = forks_on_slip(rollout.forests, prompts, decode)
+        result["fork_on_slip"] = on / forks if forks else None
+        result["forks_in_wrong_responses"] = forks
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------------
+
+
+def chain_count(rollout: treerl.Rollout, prompts: int) -> int:
+    """Chains per prompt that cost what a tree rollout generated: its tokens per prompt over the mean
+    length of its first-round responses (each tree's leftmost leaf is its original chain)."""
+    lengths = []
+    for root in rollout.forests:
+        for top in tree.trees(root):
+            node = top
+            while node.children:
+                node = node.children[0]
+            lengths.append(len(tree.response_tokens(node)))
+    return max(2, round(rollout.stats["generated_tokens"] / prompts / (sum(lengths) / len(lengths))))
+
+
+def measure(config: train.Config, args) -> dict[str, list[dict]]:
+    """Every source x seed from the policy of --model (or the preset's warm start): per source, one
+    result per seed. Points measured before are read from the cache."""
+    model_dir = Path(args.model) if args.model else warm_started_policy(args.runs_dir, config.policy, config.task)
+    recipe = model_dir / "recipe.json"
+    model_id = hashlib.sha1((recipe.read_text() if recipe.exists() else str(model_dir)).encode()).hexdigest()[:12]
+    cache = Path(args.out) / "credit_points.jsonl"
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry["result"]
+
+    device = policy.pick_device(config.policy)
+    model, tokenizer = policy.load_policy(str(model_dir), config.policy, device)
+    task = tasks.build_task(config.task, tokenizer, warm_start_pool(config.policy))
+    held_out = task.eval[: args.prompts]
+    texts = [e.prompt for e in held_out]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    golds = [e.gold for e in held_out]
+    backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    answer_start = treerl.answer_start_fn(decode, task.answer_markers)
+
+    results: dict[str, list[dict]] = {name: [] for name in args.sources}
+    progress = policy.progress_bar(None, total=len(args.sources) * len(args.seeds), desc=f"credit ({args.stage})")
+    for seed in args.seeds:
+        point = f"{args.stage}|{model_id}|{args.prompts}|{config.rollout.max_new_tokens}"
+        keys = {name: f"{point}|{name}|{seed}" for name in [*SOURCES, "chains-equal-tokens"]}
+        for name in args.sources:
+            if keys[name] not in done:
+                fresh = [keys[name]]
+                cfg = treerl.RolloutConfig(**{**vars(config.rollout), **SOURCES[name]})
+                if cfg.algo == "chainrl":  # as many chains as cost what treerl-nll generated
+                    if keys["chains-equal-tokens"] not in done:
+                        fresh.append(keys["chains-equal-tokens"])
+                        nll = treerl.RolloutConfig(**vars(config.rollout))
+                        torch.manual_seed(seed)
+                        reference = treerl.rollout(backend, prompts, golds, task.score, decode, nll, seed, answer_start)
+                        done[keys["chains-equal-tokens"]] = {"M": chain_count(reference, len(prompts))}
+                    cfg.M = done[keys["chains-equal-tokens"]]["M"]
+                cfg.validate()
+                torch.manual_seed(seed)
+                result = treerl.rollout(backend, prompts, golds, task.score, decode, cfg, seed, answer_start)
+                done[keys[name]] = {**score(result, texts, decode, cfg.algo == "treerl"), "M": cfg.M}
+                if name == "treerl-nll":  # the same rollout the chains' count comes from
+                    done[keys["chains-equal-tokens"]] = {"M": chain_count(result, len(prompts))}
+                    fresh.append(keys["chains-equal-tokens"])
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with cache.open("a") as f:
+                    for k in fresh:
+                        f.write(json.dumps({"key": k, "result": done[k]}) + "\n")
+            results[name].append({"seed": seed, **done[keys[name]]})
+            progress.update()
+    progress.close()
+    return results
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval over seeds (None values, e.g. no wrong leaf, left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "low": None, "high": None, "seeds": 0}
+    mean, sd = mean_std(values)
+    half = T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(values)}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    summary = {}
+    for name, per_seed in results.items():
+        entry = {metric: interval([s[metric] for s in per_seed]) for metric in METRICS}
+        entry["tokens_per_prompt"] = mean_std([s["tokens_per_prompt"] for s in per_seed])[0]
+        entry["M"] = per_seed[0]["M"]
+        entry["wrong_leaves_per_seed"] = mean_std([s["wrong_leaves"] for s in per_seed])[0]
+        entry["per_seed"] = per_seed
+        summary[name] = entry
+    return summary
+
+
+def plot(stages: dict[str, dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+    names = list(SOURCES)
+    width = 0.8 / max(len(stages), 1)
+    for s, (stage, summary) in enumerate(stages.items()):
+        for ax, metric in zip(axes, METRICS):
+            xs, ys, errs = [], [], []
+            for i, name in enumerate(names):
+                entry = summary.get(name, {}).get(metric)
+                if entry and entry["mean"] is not None:
+                    xs.append(i + (s - (len(stages) - 1) / 2) * width)
+                    ys.append(entry["mean"])
+                    errs.append([[entry["mean"] - entry["low"]], [entry["high"] - entry["mean"]]])
+            if xs:
+                yerr = [[e[0][0] for e in errs], [e[1][0] for e in errs]]
+                ax.bar(xs, ys, width, yerr=yerr, capsize=3, label=stage)
+            ax.set_title(metric)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")  # AUROC of no separation
+    handles, labels = next(
+        (ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]), ([], [])
+    )
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("Per-token advantages against the step truth (95% intervals over seeds)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def print_table(stages: dict[str, dict]) -> None:
+    rows = []
+    for stage, summary in stages.items():
+        for name, entry in summary.items():
+            cells = []
+            for metric in METRICS:
+                e = entry[metric]
+                cells.append("n/a" if e["mean"] is None else f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]")
+            rows.append([stage, name, entry["M"], f"{entry['tokens_per_prompt']:.0f}", *cells])
+    print(markdown_table(["stage", "source", "M", "tokens/prompt", *METRICS], rows))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Other flags are passed to train.py (--config, task, ...)."
+    )
+    parser.add_argument("--model", default="", help="policy folder (default: the preset's warm start)")
+    parser.add_argument("--stage", default="warm-start", help="name of this policy in credit.json")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated sampling seeds")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, from: " + ", ".join(SOURCES))
+    parser.add_argument("--out", default="results", help="folder for credit.json/.png and the points")
+    parser.add_argument("--runs_dir", default="runs/experiments", help="where the warm start is cached")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, the first seed (for tests)")
+    args, train_args = parser.parse_known_args(argv)
+    args.seeds = parse_seeds(parser, args.seeds)
+    args.sources = [s for s in args.sources.split(",") if s]
+    unknown = sorted(set(args.sources) - set(SOURCES))
+    if unknown:
+        parser.error(f"--sources: unknown {', '.join(unknown)} (choose from {', '.join(SOURCES)})")
+    if args.prompts < 1:
+        parser.error(f"--prompts must be >= 1, got {args.prompts}")
+    if args.quick:
+        args.prompts, args.seeds = min(args.prompts, 4), args.seeds[:1]
+    return args, train_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args, train_args = parse_args(argv)
+    config = train.parse_config(train_args)
+    if config.task.task != "arith":
+        raise SystemExit("eval.credit: the step truth exists for the arithmetic task only (--task arith)")
+    started = time.perf_counter()
+    out = Path(args.out)
+    results = measure(config, args)
+    path = out / "credit.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    payload["stages"][args.stage] = {
+        "model": args.model or "warm start",
+        "prompts": args.prompts,
+        "seeds": args.seeds,
+        "M, N, L, T": [config.rollout.M, config.rollout.N, config.rollout.L, config.rollout.T],
+        "sources": summarise(results),
+        "machine": machine(),
+        "wall_seconds": time.perf_counter() - started,
+        "command": "python -m eval.credit " + " ".join(argv),
+    }
+    write_json(path, payload)
+    stages = {stage: entry["sources"] for stage, entry in payload["stages"].items()}
+    plot(stages, out / "credit.png")
+    print_table(stages)
+    print(f"{time.perf_counter() - started:.0f} s; wrote {path} and {out / 'credit.png'}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
