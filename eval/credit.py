@@ -16,6 +16,9 @@ per-token advantages:
   * treerl-entropy   forks at the highest entropy of the full distribution (an extension);
   * treerl-random    forks at random eligible tokens (the paper's ablation);
   * treerl-release   the release's fork rule and process rewards (release.py), -1 if truncated;
+  * treerl-no-sqrt,  the paper's rewards without the 1/sqrt(|L(s)|) re-weighting, with the global
+    -ga-only,        advantage only, and with the local advantage only (the forests of treerl-nll:
+    -la-only         same search, same seed);
   * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
     chains-rloo      tokens treerl-nll generated (per seed, from its mean response length).
 
@@ -69,6 +72,9 @@ SOURCES = {
     "treerl-entropy": {"fork_score": "entropy"},
     "treerl-random": {"fork_score": "random"},
     "treerl-release": RELEASE,
+    "treerl-no-sqrt": {"reweight": "none"},
+    "treerl-ga-only": {"use_local": False},
+    "treerl-la-only": {"use_global": False},
     "chains-grpo": {"algo": "chainrl", "advantage": "grpo"},
     "chains-rloo": {"algo": "chainrl", "advantage": "rloo"},
 }
