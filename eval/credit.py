@@ -274,7 +274,7 @@ def plot(stages: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.4))
     names = list(SOURCES)
     width = 0.8 / max(len(stages), 1)
     for s, (stage, summary) in enumerate(stages.items()):
@@ -297,9 +297,9 @@ def plot(stages: dict[str, dict], out: Path) -> None:
         (ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]), ([], [])
     )
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=8)
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("Per-token advantages against the step truth (95% intervals over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
