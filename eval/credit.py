@@ -19,6 +19,9 @@ per-token advantages:
   * treerl-no-sqrt,  the paper's rewards without the 1/sqrt(|L(s)|) re-weighting, with the global
     -ga-only,        advantage only, and with the local advantage only (the forests of treerl-nll:
     -la-only         same search, same seed);
+  * treerl-N4-T1,    other EPTree shapes and fork exclusions (4 forks of one branch, one fork of
+    -N1-T4, -L2-N1,  four, two rounds of one fork; no tail guard, a guard of 12 tokens), each at
+    -skip0, -skip12  its own cost (tokens per prompt are reported beside every measure);
   * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
     chains-rloo      tokens treerl-nll generated (per seed, from its mean response length).
 
@@ -75,6 +78,11 @@ SOURCES = {
     "treerl-no-sqrt": {"reweight": "none"},
     "treerl-ga-only": {"use_local": False},
     "treerl-la-only": {"use_global": False},
+    "treerl-N4-T1": {"N": 4, "T": 1},
+    "treerl-N1-T4": {"N": 1, "T": 4},
+    "treerl-L2-N1": {"N": 1, "L": 2},
+    "treerl-skip0": {"skip_last": 0},
+    "treerl-skip12": {"skip_last": 12},
     "chains-grpo": {"algo": "chainrl", "advantage": "grpo"},
     "chains-rloo": {"algo": "chainrl", "advantage": "rloo"},
 }
@@ -352,12 +360,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = measure(config, args)
     path = out / "credit.json"
     payload = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    earlier = payload["stages"].get(args.stage, {}).get("sources", {})  # other sources of this stage stay
     payload["stages"][args.stage] = {
         "model": args.model or "warm start",
         "prompts": args.prompts,
         "seeds": args.seeds,
         "M, N, L, T": [config.rollout.M, config.rollout.N, config.rollout.L, config.rollout.T],
-        "sources": summarise(results),
+        "sources": {**earlier, **summarise(results)},
         "machine": machine(),
         "wall_seconds": time.perf_counter() - started,
         "command": "python -m eval.credit " + " ".join(argv),

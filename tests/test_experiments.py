@@ -366,3 +366,6 @@ def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_v
     monkeypatch.setattr(treerl, "rollout", lambda *a, **k: pytest.fail("a recorded point was measured again"))
     again = credit.main(argv)
     assert again["stages"]["warm-start"]["sources"]["treerl-nll"]["per_seed"] == sources["treerl-nll"]["per_seed"]
+    # Measuring some sources of a stage again keeps the others in credit.json.
+    subset = credit.main([*argv, "--sources", "treerl-nll"])
+    assert set(subset["stages"]["warm-start"]["sources"]) == set(credit.SOURCES)
