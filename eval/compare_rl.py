@@ -237,8 +237,8 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 
 
 def differences(rows: list[dict], methods: list[str]) -> list[dict]:
-    """TreeRL - each other method (the ChainRL baselines, then the ablations): final avg@k and greedy
-    accuracy, mean and bootstrap 95% interval."""
+    """TreeRL (or, without it, the first TreeRL variant) - each other method (the ChainRL baselines,
+    then the ablations): final avg@k and greedy accuracy, mean and bootstrap 95% interval."""
 
     def finals(method, key):
         runs = {}
@@ -247,14 +247,15 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
                 runs[r["seed"]] = r[key]  # rows are in step order, so the last one stays
         return list(runs.values())
 
-    if "treerl" not in methods:
+    base = "treerl" if "treerl" in methods else next((m for m in methods if m.startswith("treerl")), None)
+    if base is None:
         return []
     out = []
-    others = sorted((m for m in methods if m != "treerl"), key=lambda m: not m.startswith("chainrl"))
+    others = sorted((m for m in methods if m != base), key=lambda m: not m.startswith("chainrl"))
     for other in others:
-        entry = {"comparison": f"treerl - {other}"}
+        entry = {"comparison": f"{base} - {other}"}
         for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
-            a, b = finals("treerl", key), finals(other, key)
+            a, b = finals(base, key), finals(other, key)
             entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_difference(a, b)
         out.append(entry)
     return out
