@@ -93,7 +93,7 @@ from functools import cached_property
 import torch
 
 import tree
-from treerl import token_stats
+from treerl import aggregation_weight, token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -238,7 +238,7 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
             )
         if len(seq.advantages) != len(rows):
             raise ValueError(f"a training sequence has {len(seq.advantages)} advantages for {len(rows)} tokens")
-        w = 1.0 if aggregation == "token" else 1.0 / max(len(rows), 1)
+        w = aggregation_weight(len(rows), aggregation)
         for i, a in zip(rows, seq.advantages):
             weight[i] += w
             count[i] += 1
@@ -410,9 +410,6 @@ class PackedBatch:
     row_positions: torch.Tensor  # [R, W] position ids (tree positions)
     attention_mask: torch.Tensor  # [R, 1, W, W] boolean, True where a query may attend to a key
     predictor: torch.Tensor  # [B, S] index into the R * W row positions: whose logits score token i
-    n_tokens: int  # flat response tokens of these forests' sequences
-    n_sequences: int
-    aggregation: str
 
     def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
         """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
@@ -498,9 +495,6 @@ def collate_packed(forests: Sequence[PackedForest], pad_token_id: int, device="c
         row_positions=position[grid].to(device),
         attention_mask=attention_mask(segment[grid], related, torch.bool)[:, None].to(device),
         predictor=predictor[numbers].to(device),
-        n_tokens=sum(f.n_tokens for f in forests),
-        n_sequences=sum(f.n_sequences for f in forests),
-        aggregation=forests[0].aggregation,
     )
 
 

@@ -31,13 +31,10 @@ from tree import Fork, Node
 def leave_one_out_values(root: Node) -> dict[Node, float]:
     """V(s) of leave-one-out centred leaf rewards (`--leave_one_out`)."""
     found = tree.leaves(root)
+    if len(found) < 2 or any(leaf.reward is None for leaf in found):
+        return tree.values(root)  # nothing to centre on (or unscored leaves: values() says so)
     n, total = len(found), sum(leaf.reward for leaf in found)
-    if n < 2:
-        return tree.values(root)
-    centred = {leaf: leaf.reward - (total - leaf.reward) / (n - 1) for leaf in found}
-    sums: dict[Node, float] = {}
-    for node in reversed(list(tree.walk(root))):  # children before parents
-        sums[node] = centred[node] if node.is_leaf else sum(sums[c] for c in node.children)
+    sums = tree.subtree_sums(root, lambda leaf: leaf.reward - (total - leaf.reward) / (n - 1))
     counts = tree.leaf_counts(root)
     return {node: sums[node] / counts[node] for node in sums}
 
@@ -45,10 +42,7 @@ def leave_one_out_values(root: Node) -> dict[Node, float]:
 def kept_counts(root: Node, kept: Sequence[Node]) -> dict[Node, int]:
     """sel(s): how many of the `kept` leaves (those trained on) are under every node."""
     kept = set(kept)
-    counts: dict[Node, int] = {}
-    for node in reversed(list(tree.walk(root))):
-        counts[node] = int(node in kept) if node.is_leaf else sum(counts[c] for c in node.children)
-    return counts
+    return tree.subtree_sums(root, lambda leaf: int(leaf in kept))
 
 
 def process_rewards(
@@ -63,8 +57,6 @@ def process_rewards(
     """R(s) for every non-root node with the release's variants switched on one at a time (the
     module docstring); with all of them off, `tree.process_rewards`. `kept`: the leaves trained
     on (all when None), for reweight="release"."""
-    if tree.leaves(root) and any(leaf.reward is None for leaf in tree.leaves(root)):
-        raise ValueError("a leaf has no reward: score every leaf before values()")
     v = leave_one_out_values(root) if leave_one_out else tree.values(root)
     counts = tree.leaf_counts(root)
     if reweight == "release":

@@ -360,22 +360,24 @@ def eptree_batch(
 # --------------------------------------------------------------------------------------------------
 
 
+def subtree_sums(root: Node, leaf_value: Callable[[Node], float]) -> dict[Node, float]:
+    """The sum of leaf_value(l) over the leaves l under every node (a leaf: its own value)."""
+    sums: dict[Node, float] = {}
+    for node in reversed(list(walk(root))):  # children before parents
+        sums[node] = leaf_value(node) if node.is_leaf else sum(sums[c] for c in node.children)
+    return sums
+
+
 def leaf_counts(root: Node) -> dict[Node, int]:
     """|L(s)|: the number of leaves under every node (a leaf counts itself)."""
-    counts: dict[Node, int] = {}
-    for node in reversed(list(walk(root))):  # children before parents
-        counts[node] = 1 if node.is_leaf else sum(counts[c] for c in node.children)
-    return counts
+    return subtree_sums(root, lambda leaf: 1)
 
 
 def values(root: Node) -> dict[Node, float]:
     """V(s): mean reward of the leaves under every node, the root (all M trees) included."""
     if any(leaf.reward is None for leaf in leaves(root)):
         raise ValueError("a leaf has no reward: score every leaf before values()")
-    sums: dict[Node, float] = {}
-    for node in reversed(list(walk(root))):  # children before parents
-        sums[node] = float(node.reward) if node.is_leaf else sum(sums[c] for c in node.children)
-    counts = leaf_counts(root)
+    sums, counts = subtree_sums(root, lambda leaf: float(leaf.reward)), leaf_counts(root)
     return {node: sums[node] / counts[node] for node in sums}
 
 

@@ -290,13 +290,7 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
 def _chain_leaves(root: tree.Node) -> list[tree.Node]:
     """The leaf that ends each of the M original chains (the leftmost leaf of each tree), so
     accuracy can be compared with ChainRL on the same footing."""
-    out = []
-    for top in tree.trees(root):
-        node = top
-        while node.children:
-            node = node.children[0]
-        out.append(node)
-    return out
+    return [tree.leaves(top)[0] for top in tree.trees(root)]
 
 
 def _mean(xs) -> float:
