@@ -270,6 +270,18 @@ def _worked_solution(
     return "\n".join(steps), total
 
 
+_ARITH_PROMPT = re.compile(r"Compute (\d+)((?:[+-]\d+)+)\.\n")
+
+
+def _parse_arith_prompt(prompt: str) -> tuple[list[int], list[str]]:
+    """The operands and operators of an arithmetic prompt ("Compute 4+7-2.\n": [4, 7, 2], ["+", "-"])."""
+    match = _ARITH_PROMPT.fullmatch(prompt)
+    if not match:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    pairs = re.findall(r"([+-])(\d+)", match.group(2))
+    return [int(match.group(1))] + [int(x) for _, x in pairs], [op for op, _ in pairs]
+
+
 def arith_teacher_solution(prompt: str, rng: random.Random, slip_rate: float) -> str:
     """A worked solution to `prompt` from a careless teacher: every step slips (result off by 1 or 2)
     with probability `slip_rate`, independently, and later steps build on the slipped value, so a
@@ -278,12 +290,7 @@ def arith_teacher_solution(prompt: str, rng: random.Random, slip_rate: float) ->
     outcome reward can remove, since the model already knows the right step."""
     if not 0.0 <= slip_rate <= 1.0:
         raise ValueError(f"slip_rate must be in [0, 1], got {slip_rate!r}")
-    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
-    if not match:
-        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
-    pairs = re.findall(r"([+-])(\d+)", match.group(2))
-    operands = [int(match.group(1))] + [int(x) for _, x in pairs]
-    return _worked_solution(operands, [op for op, _ in pairs], rng, slip_rate)[0]
+    return _worked_solution(*_parse_arith_prompt(prompt), rng, slip_rate)[0]
 
 
 def _arith_space_size(fewest: int, most: int, digits: int) -> int:
@@ -295,7 +302,7 @@ def _arith_space_size(fewest: int, most: int, digits: int) -> int:
 
 def _arith_prompt_in_space(prompt: str, fewest: int, most: int, digits: int) -> bool:
     """Whether `prompt` is one the knobs could generate (to count exclusions exactly)."""
-    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
+    match = _ARITH_PROMPT.fullmatch(prompt)
     if not match:
         return False
     operands = [match.group(1)] + re.findall(r"[+-](\d+)", match.group(2))
@@ -364,24 +371,12 @@ class StepTruth:
         return next((line for label, line in zip(self.labels, self.lines) if label == "first_wrong"), None)
 
 
-def arith_steps(prompt: str) -> list[tuple[int, str, int, int]]:
-    """The true steps of an arithmetic prompt: (left side, operator, operand, result) each."""
-    match = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.\n", prompt)
-    if not match:
-        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
-    total, steps = int(match.group(1)), []
-    for op, operand in re.findall(r"([+-])(\d+)", match.group(2)):
-        result = total + int(operand) if op == "+" else total - int(operand)
-        steps.append((total, op, int(operand), result))
-        total = result
-    return steps
-
-
 def line_labels(prompt: str, response: str) -> list[str]:
     """The label of every line of `response` (split at newlines), by the rules above. The last line
     of a response that was cut off is wrong only once it differs from the true step (a cut "11-2="
     is not wrong yet); a response cut before its answer line has no answer line."""
-    truth = [f"{left}{op}{operand}={result}" for left, op, operand, result in arith_steps(prompt)]
+    solution, answer = _worked_solution(*_parse_arith_prompt(prompt))
+    truth = solution.split("\n")[:-1]  # the right steps; the answer line is checked by value
     lines = response.split("\n")
     labels, wrong = [], False
     for i, line in enumerate(lines):
@@ -389,7 +384,7 @@ def line_labels(prompt: str, response: str) -> list[str]:
             labels.append("after")
             continue
         if line.startswith("Answer:"):
-            right = i == len(truth) and rewards.arith_reward(line, truth[-1].split("=")[-1]) == 1.0
+            right = i == len(truth) and rewards.arith_reward(line, answer) == 1.0
             labels.append("answer" if right else "first_wrong")
         else:
             expected = truth[i] if i < len(truth) else None
