@@ -263,7 +263,7 @@ def rollout(
     n_leaves = len(all_leaves)
     stats = {
         "reward": sum(leaf_rewards) / n_leaves,
-        "accuracy_chains": _mean([leaf.reward for root in forests for leaf in _chain_leaves(root)]),
+        "accuracy_chains": _mean([leaf.reward for root in forests for leaf in chain_leaves(root)]),
         "leaves": n_leaves,
         "zero_signal_frac": zero_signal / len(forests),
         "truncated_frac": sum(not leaf.finished for _, leaf in all_leaves) / n_leaves,
@@ -287,7 +287,7 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
     return tree.to_sequences(root, advantages, truncated_penalty=cfg.penalty, chosen=chosen)
 
 
-def _chain_leaves(root: tree.Node) -> list[tree.Node]:
+def chain_leaves(root: tree.Node) -> list[tree.Node]:
     """The leaf that ends each of the M original chains (the leftmost leaf of each tree), so
     accuracy can be compared with ChainRL on the same footing."""
     return [tree.leaves(top)[0] for top in tree.trees(root)]

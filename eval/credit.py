@@ -50,6 +50,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,22 +121,34 @@ def leaf_localisation(advantages: list[float], truth: tasks.StepTruth) -> float 
     return 1 / len(tied) if first in tied else 0.0
 
 
-def forks_on_slip(forests: list[tree.Node], prompts: list[str], decode) -> tuple[int, int]:
+def leaf_truths(forests: list[tree.Node], prompts: list[str], decode) -> Callable[[tree.Node], tasks.StepTruth]:
+    """The step truth of a leaf's response (`tasks.arith_step_truth`), computed once per leaf."""
+    prompt_of = {id(root): prompt for root, prompt in zip(forests, prompts)}
+    known: dict[tree.Node, tasks.StepTruth] = {}
+
+    def truth(leaf: tree.Node) -> tasks.StepTruth:
+        if leaf not in known:
+            prompt = prompt_of[id(tree.ancestors(leaf)[0])]
+            known[leaf] = tasks.arith_step_truth(prompt, tree.response_tokens(leaf), decode)
+        return known[leaf]
+
+    return truth
+
+
+def forks_on_slip(forests: list[tree.Node], truth: Callable[[tree.Node], tasks.StepTruth]) -> tuple[int, int]:
     """(forks that re-sample the first wrong step of the response they were taken from, forks taken
     from a wrong response with a wrong step). A fork is a split segment: its first child is the
     rest of the original response, the forked token the first token of that child."""
     hits = total = 0
-    for root, prompt in zip(forests, prompts):
+    for root in forests:
         for node in tree.walk(root):
             if node is root or len(node.children) < 2:
                 continue
-            original = node.children[0]
-            while original.children:
-                original = original.children[0]
-            response = tree.response_tokens(original)
-            truth = tasks.arith_step_truth(prompt, response, decode)
-            wrong = [k for k, label in enumerate(truth.labels) if label == "first_wrong"]
-            if original.reward or not wrong:
+            original = tree.leaves(node.children[0])[0]  # the response the fork was taken from
+            if original.reward:
+                continue
+            wrong = [k for k, label in enumerate(truth(original).labels) if label == "first_wrong"]
+            if not wrong:
                 continue
             offset = len(tree.response_tokens(node))  # the forked token's place in the response
             total += 1
@@ -146,12 +159,12 @@ def forks_on_slip(forests: list[tree.Node], prompts: list[str], decode) -> tuple
 def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) -> dict[str, float]:
     """The four measures of one rollout (see the module docstring), and what they were counted on."""
     aurocs, hits, prefix_tokens, penalised, wrong_leaves = [], [], 0, 0, 0
-    prompt_of = {id(root): prompt for root, prompt in zip(rollout.forests, prompts)}
+    truth_of = leaf_truths(rollout.forests, prompts, decode)  # shared with forks_on_slip
     for seq in rollout.sequences:
         if seq.reward:
             continue
         wrong_leaves += 1
-        truth = tasks.arith_step_truth(prompt_of[id(tree.ancestors(seq.leaf)[0])], seq.response_ids, decode)
+        truth = truth_of(seq.leaf)
         for a, label in zip(seq.advantages, truth.labels):
             if label == "prefix":
                 prefix_tokens += 1
@@ -172,7 +185,7 @@ def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) ->
         "reward": rollout.stats["reward"],
     }
     if is_tree:
-        on, forks = forks_on_slip(rollout.forests, prompts, decode)
+        on, forks = forks_on_slip(rollout.forests, truth_of)
         result["fork_on_slip"] = on / forks if forks else None
         result["forks_in_wrong_responses"] = forks
     return result
@@ -186,13 +199,7 @@ def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) ->
 def chain_count(rollout: treerl.Rollout, prompts: int) -> int:
     """Chains per prompt that cost what a tree rollout generated: its tokens per prompt over the mean
     length of its first-round responses (each tree's leftmost leaf is its original chain)."""
-    lengths = []
-    for root in rollout.forests:
-        for top in tree.trees(root):
-            node = top
-            while node.children:
-                node = node.children[0]
-            lengths.append(len(tree.response_tokens(node)))
+    lengths = [len(tree.response_tokens(leaf)) for root in rollout.forests for leaf in treerl.chain_leaves(root)]
     return max(2, round(rollout.stats["generated_tokens"] / prompts / (sum(lengths) / len(lengths))))
 
 

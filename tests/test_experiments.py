@@ -348,7 +348,7 @@ def test_forks_on_slip_count_the_forks_that_resample_the_first_wrong_step():
         leaf.reward = rewards.arith_reward(decode(tree.response_tokens(leaf)), 9)
     assert [decode(tree.response_tokens(leaf)) for leaf in tree.leaves(root)][0] == "4+7=11\n11-2=8\nAnswer: 8"
     assert head_tail.tokens == encode("7=11\n11-2=")
-    assert credit.forks_on_slip([root], [prompt], decode) == (1, 2)
+    assert credit.forks_on_slip([root], credit.leaf_truths([root], [prompt], decode)) == (1, 2)
 
 
 def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_verifier, monkeypatch):
