@@ -23,6 +23,7 @@ the arithmetic task. Nothing here needs a network or a GPU, and nothing imports 
 from __future__ import annotations
 
 import re
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, localcontext
 
 import sandbox
 
@@ -44,10 +45,8 @@ def arith_reward(response: str, gold: int | str) -> float:
         gold_value = int(gold.strip()) if isinstance(gold, str) else int(gold)
     except (TypeError, ValueError):
         raise ValueError(f"arith_reward: gold answer must be an integer, got {gold!r}") from None
-    position = response.rfind("Answer:")
-    if position < 0:
-        return 0.0
-    match = _FINAL_INTEGER.fullmatch(response[position + len("Answer:") :])
+    _, marker, tail = response.rpartition("Answer:")
+    match = _FINAL_INTEGER.fullmatch(tail) if marker else None
     return 1.0 if match and int(match.group(1)) == gold_value else 0.0
 
 
@@ -229,9 +228,7 @@ def _text_word(answer: str) -> str | None:
         answer = wrapped.group(1).strip()
     if not re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", answer):
         return None
-    if not wrapped and len(answer) < 3:
-        return None
-    if len(answer) < 2:
+    if len(answer) < (2 if wrapped else 3):
         return None
     return answer.lower()
 
@@ -254,19 +251,40 @@ def _as_boxed_latex(answer: str) -> str:
 _MAX_DIGITS = 10_000
 
 
-def _exact_equal(gold, answer) -> bool | None:
+def _is_rounding_of(written: str, gold) -> bool:
+    """True iff `written` is a decimal of at least 6 significant digits and the exact number `gold`
+    (one with no decimal in it), rounded half-up or cut at the decimal's last digit, is that decimal:
+    `3.14159` (cut) and `3.141593` (rounded) are pi, `0.333333` is 1/3, `-1.414214` is -sqrt 2; not
+    `3.1416` or `0.33` (too few digits: they also round nearby wrong answers), nor `0.333334`. A gold
+    that rounds to itself (7, 3/4) matches only itself. (Other graders' rules: docs/evaluation.md.)
+    """
+    import sympy
+
+    if not re.fullmatch(r"[-+]?\d*\.\d+", written) or gold.atoms(sympy.Float):  # a plain decimal; a gold with none
+        return False
+    value = Decimal(written)
+    _, digits, exponent = value.as_tuple()  # `3.14160`: digits 3,1,4,1,6,0; exponent -5
+    if len(digits) < 6:
+        return False
+    numeric = sympy.N(gold, len(digits) + 20)  # 20 digits past the written ones: enough to round and cut
+    if not numeric.is_Float:  # gold is complex, or exactly 0
+        return False
+    with localcontext(prec=len(digits) + 20):  # room for every written digit, and more
+        exact, unit = Decimal(str(numeric)), Decimal(1).scaleb(exponent)  # unit 0.00001 for 3.14160
+        near = abs(exact - value) < unit  # if not, neither a rounding nor a cut (nor cheap to quantize)
+        return near and value in (exact.quantize(unit, ROUND_HALF_UP), exact.quantize(unit, ROUND_DOWN))
+
+
+def _exact_equal(gold, answer, written: str = "") -> bool | None:
     """Exact equality of two parsed numbers, or None to leave the pair to math-verify's `verify`.
 
     Decided here: two finite numbers (integers, fractions, surds, powers, pi, logs, decimals), with
     no tolerance: 2^{-60} - 2^{-61} is not 0 (math-verify's 15-digit evaluation chops it to 0). A
-    decimal is the exact decimal it writes, so a response that rounds an exact answer is wrong
-    (`0.333333` for 1/3, `3.14` for pi; `0.75` for 3/4 is exact): the problems ask for exact values
-    ("as a common fraction", "in simplest radical form"), a rounding also matches nearby wrong
-    answers, and rewarding it would teach the policy to approximate instead of solving. Left to
-    math-verify (and its tolerance, rounding to 6 places): percentages (50*UnevaluatedExpr(1/100)),
-    symbols, equations, sets, tuples, intervals, matrices. Cheapest test first: the same expression;
-    a rational difference; certified nonzero digits; else sympy's `equals` (minimal polynomials for
-    surds). Sizes are checked innermost first: 9^{9^{9^9}} stops at its first huge level.
+    decimal is its exact value, unless `written` rounds an exact gold (`_is_rounding_of`). Left to
+    math-verify (and its tolerance): percentages (50*UnevaluatedExpr(1/100)), symbols, equations,
+    sets, tuples, intervals, matrices. Cheapest test first: the same expression; a rational
+    difference; certified nonzero digits; else sympy's `equals` (minimal polynomials for surds).
+    Sizes are checked innermost first: 9^{9^{9^9}} stops at its first huge level.
     """
     import sympy
 
@@ -282,6 +300,8 @@ def _exact_equal(gold, answer) -> bool | None:
             size = abs(node.evalf(5))  # a Float carries any exponent: cheap even for 10^{10^{10}}
             if size != 0 and not 1 / bound < size < bound:
                 return False
+    if _is_rounding_of(written, gold):
+        return True
     decimals = {f: sympy.Rational(str(f)) for v in values for f in v.atoms(sympy.Float)}
     difference = (gold - answer).xreplace(decimals).doit()
     if difference.is_Rational:
@@ -302,9 +322,8 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
     accepted, an equation as gold is compared as an equation). Only the LaTeX extractor is enabled:
     the plain-expression extractor goes through sympy's `parse_expr`, which `eval`s text, and model
     text should never be evaluated. `seconds` is math-verify's own SIGALRM limit for each step; the
-    pool's hard limit (a kill) backs it up for work that never returns to the interpreter.
-
-    Two plain numbers are not left to verify's tolerance: `_exact_equal` decides them exactly.
+    pool's hard limit (a kill) backs it up for work that never returns to the interpreter. Two plain
+    numbers are not left to verify's tolerance: `_exact_equal` decides them.
     """
     from math_verify import LatexExtractionConfig, parse, verify
     from math_verify.grader import is_assignment_relation, is_equation, take_last_relation
@@ -328,7 +347,7 @@ def _math_equal(answer: str, gold: str, seconds: int) -> bool:
         answer_value = take_last_relation(answer_value).rhs
     elif is_assignment_relation(gold_value) and not is_equation(answer_value):
         gold_value = take_last_relation(gold_value).rhs
-    exact = timeout(seconds)(_exact_equal)(gold_value, answer_value)
+    exact = timeout(seconds)(_exact_equal)(gold_value, answer_value, _strip_math_delimiters(answer))
     if exact is not None:
         return exact
     return bool(verify(parsed_gold, parsed_answer, timeout_seconds=seconds))
@@ -350,33 +369,23 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
 def math_rewards(responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT) -> list[float]:
     """Score many responses at once: 1.0 where the extracted answer is equivalent to the gold, else 0.0.
 
-    The checks run in parallel on the pool's 2 workers; each has a hard wall-clock limit of `timeout`
-    seconds (a timed-out or failed check scores 0.0). A response without an answer scores 0.0
-    without reaching a worker.
+    The checks run in parallel on the pool's 2 workers, each with a hard limit of `timeout` seconds
+    (a timed-out or failed check scores 0.0); a response without an answer scores 0.0 unchecked.
     """
     if len(responses) != len(golds):
         raise ValueError(f"math_rewards got {len(responses)} responses but {len(golds)} gold answers")
-    scores = [0.0] * len(responses)
-    to_check: list[tuple[str, str]] = []
-    where: list[int] = []
-    for index, (response, gold) in enumerate(zip(responses, golds)):
-        answer = extract_answer(response)
-        if answer is None or gold is None:
-            continue
-        to_check.append((answer, str(gold)))
-        where.append(index)
-    if to_check:
-        for index, score in zip(where, math_pool().check(to_check, timeout)):
-            scores[index] = score
-    return scores
+    answers = [extract_answer(response) for response in responses]
+    to_check = [i for i, gold in enumerate(golds) if answers[i] is not None and gold is not None]
+    checked = math_pool().check([(answers[i], str(golds[i])) for i in to_check], timeout) if to_check else []
+    scores = dict(zip(to_check, checked))  # index -> score; a response not checked scores 0.0
+    return [scores.get(i, 0.0) for i in range(len(responses))]
 
 
 def math_reward(response: str, gold: str, timeout: float = DEFAULT_MATH_TIMEOUT) -> float:
     """1.0 if the final answer of `response` is mathematically equivalent to `gold`, else 0.0.
 
     Never hangs (hard limit of `timeout` seconds, enforced by killing a worker) and never raises for
-    a malformed response. `gold` is the reference answer (`\\frac{1}{2}`), or a solution containing
-    a `\\boxed{}` answer.
+    a malformed response. `gold` is the reference answer (`\\frac{1}{2}`) or a boxed solution.
     """
     return math_rewards([response], [gold], timeout)[0]
 

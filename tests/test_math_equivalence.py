@@ -70,7 +70,7 @@ PAIRS = {
         (r"\sqrt{3+2\sqrt2}", r"1+\sqrt{2}", 1),  # nested radical that denests
         (r"\frac{2}{\sqrt5-1}", r"\frac{1+\sqrt{5}}{2}", 1),  # golden ratio, two forms
         (r"2\sqrt[3]{2}", r"\sqrt[3]{16}", 1),  # cube roots
-        (r"1.41421356", r"\sqrt{2}", 0),  # a rounding of sqrt 2 (fixed)
+        (r"1.41421357", r"\sqrt{2}", 0),  # 1.41421356...: last digit neither rounded nor cut (fixed)
         (r"2\sqrt3", r"3\sqrt{2}", 0),  # coefficient and radicand swapped
         (r"\sqrt{3+2\sqrt2}", r"1+\sqrt{3}", 0),  # close nested radical, wrong value
         (r"\frac{1+\sqrt5}{2}", r"\frac{1-\sqrt{5}}{2}", 0),  # the conjugate
@@ -79,8 +79,8 @@ PAIRS = {
         (r"\frac12\pi", r"\frac{\pi}{2}", 1),  # coefficient written in front
         (r"\frac{3\pi}{4}", r"\frac{\pi}{4}\cdot 3", 1),  # same multiple, rearranged
         (r"2\pi", r"\pi + \pi", 1),  # a sum
-        (r"3.14", r"\pi", 0),  # a rounding of pi
-        (r"6.283185", r"2\pi", 0),  # a 6-place rounding of 2 pi (fixed)
+        (r"3.14", r"\pi", 0),  # a rounding of pi to only 3 significant digits
+        (r"6.2831854", r"2\pi", 0),  # 6.28318530...: last digit off, equal to 6 places (fixed)
         (r"\frac{\pi}{3}", r"\frac{\pi}{6}", 0),  # a different multiple
         (r"4\pi^2", r"4\pi", 0),  # an extra power
     ],

@@ -152,6 +152,47 @@ def test_math_rewards_checks_lengths():
 
 
 # --------------------------------------------------------------------------------------------------
+# A decimal for an exact gold: right iff it has at least 6 significant digits and equals the gold
+# rounded (half-up) or cut at its last written digit; exact forms and decimal golds stay exact
+# --------------------------------------------------------------------------------------------------
+
+DECIMAL_CASES = [
+    ("3.14159265358979", r"\pi", 1.0),  # pi to 15 digits
+    ("3.14159265358979323846264338327950288", r"\pi", 1.0),  # more digits than a default Decimal holds
+    ("3.14159", r"\pi", 1.0),  # 6 significant digits, cut
+    ("3.141593", r"\pi", 1.0),  # rounded
+    ("3.1416", r"\pi", 0.0),  # rounded, but only 5 significant digits
+    ("3.14160", r"\pi", 0.0),  # 6 digits, but pi to 5 places is 3.14159 (rounded or cut)
+    ("3.14", r"\pi", 0.0),  # 3 significant digits
+    ("0.333333", r"\frac13", 1.0),  # cut
+    ("0.333334", r"\frac13", 0.0),  # 1/3 rounded or cut to 6 places is 0.333333
+    ("0.33", r"\frac{1}{3}", 0.0),  # 2 significant digits
+    ("1.414214", r"\sqrt{2}", 1.0),  # rounded
+    ("1.41421", r"\sqrt{2}", 1.0),  # cut: 6 significant digits, 5 places
+    ("1.414215", r"\sqrt{2}", 0.0),  # one unit too high
+    ("-1.414214", r"-\sqrt{2}", 1.0),  # a negative value, rounded
+    ("-1.414213", r"-\sqrt{2}", 1.0),  # cut (towards zero)
+    ("-1.414215", r"-\sqrt{2}", 0.0),
+    ("-1.414214", r"\sqrt{2}", 0.0),  # the wrong sign
+    ("2.71828", "e", 1.0),
+    ("0.000000000000000000867362", r"2^{-60}", 1.0),  # 6 significant digits of a tiny number ...
+    ("0.000000000000000000867362", r"2^{-61}", 0.0),  # ... tell 2^{-60} from 2^{-61}
+    (r"2^{-60}", r"2^{-61}", 0.0),  # exact forms are compared exactly
+    ("7.000000", "7", 1.0),  # an integer gold matches only its own value
+    ("7.0000001", "7", 0.0),
+    ("6.999999", "7", 0.0),
+    (r"\pi", "3.14159", 0.0),  # a decimal gold is compared exactly, as before
+    ("3.14159", "3.141592", 0.0),
+    ("3.141590", "3.14159", 1.0),
+]
+
+
+@pytest.mark.parametrize("answer, gold, expected", DECIMAL_CASES)
+def test_decimal_answers_for_exact_golds(answer, gold, expected):
+    assert math_reward(rf"So the result is $\boxed{{{answer}}}$.", gold) == expected
+
+
+# --------------------------------------------------------------------------------------------------
 # Never hang, never crash: pathological inputs and the worker pool
 # --------------------------------------------------------------------------------------------------
 
