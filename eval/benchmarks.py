@@ -4,8 +4,9 @@ The paper reports TreeRL against ChainRL on math benchmarks (MATH500, AIME, AMC,
 rule-based verifier it trains with, and this project adds two code benchmarks run in the sandbox of
 `sandbox.py`. Each benchmark here is one `Bench` entry that knows three things:
 
-* **where its rows are**: a local JSONL file (a `shared/data/` folder beside the repository's
-  folder by default, `--data_dir` elsewhere), or a file / hub dataset the user names instead;
+* **where its rows are**: a JSONL file in the folder `--data_dir` (or `$TREERL_DATA`) names; with
+  neither, the public copy on the Hugging Face hub at a pinned commit (`HubSource`); or a file /
+  hub dataset the user names with `--bench_file` instead;
 * **what the model is asked**: math problems get the standard instruction
   "Please reason step by step, and put your final answer within \\boxed{}." (the one `tasks.py`
   trains with), inside the tokenizer's chat template when it has one, plain text otherwise;
@@ -25,13 +26,15 @@ rule-based verifier it trains with, and this project adds two code benchmarks ru
 | mbpp       | mbpp.jsonl          | text, test_list | test_list (assert statements), as a `check`       |
 
 Any other name given with `--bench_file NAME=FILE` is read as a math benchmark with a `problem`
-(or `question`) and an `answer` field.
+(or `question`) and an `answer` field. docs/evaluation.md, "Getting the benchmark data", says where
+each file comes from.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +44,12 @@ from pathlib import Path
 import rewards
 from tasks import MATH_INSTRUCTION, chat_prompt, load_rows
 
-# The benchmark copies for offline use: a shared/data folder beside the repository's folder.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The environment variable that names the folder of benchmark files when --data_dir does not.
+DATA_ENV = "TREERL_DATA"
+DATA_DOC = "docs/evaluation.md"  # its section "Getting the benchmark data" says where the files come from
+# eval/bench.py times the verifier on MATH500 from this folder when the file is there (on generated
+# pairs otherwise): the folder $TREERL_DATA names, or the repository's own, which holds no data.
+DEFAULT_DATA_DIR = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[1]).expanduser()
 
 
 @dataclass
@@ -58,6 +65,25 @@ class Problem:
     entry_point: str = ""  # code: the function the tests call
     completion_prefix: str = ""  # HumanEval: the signature + docstring the program completes
     row: dict = field(default_factory=dict, repr=False)  # the raw data row
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A bench's public copy on the Hugging Face hub, pinned to one commit of the dataset repository,
+    and what makes its rows the rows of the bench's file (the parsers read both the same way)."""
+
+    dataset: str
+    revision: str  # a commit of the dataset repository: the rows cannot change under a result
+    split: str = "test"
+    configs: tuple[str | None, ...] = (None,)  # read one after the other (AIME 2025: part I, then part II)
+    year: str = ""  # keep only the rows whose url is this year's (the AIMO sets hold several years)
+    position_field: str = ""  # a field set to each row's 0-based position (GSM8K's idx)
+
+    def __str__(self) -> str:
+        """E.g. "hf:AI-MO/aimo-validation-aime@13f9e12 (train, 2024 rows)"."""
+        configs = "+".join(config for config in self.configs if config)
+        where = ", ".join(part for part in (configs, self.split, self.year and f"{self.year} rows") if part)
+        return f"hf:{self.dataset}@{self.revision[:7]} ({where})"
 
 
 @dataclass(frozen=True)
@@ -188,6 +214,25 @@ def mbpp_test_split(rows: list[dict]) -> list[dict]:
     return split or rows
 
 
+# Where each bench's rows come from without a data directory: its public copy on the Hugging Face
+# hub, pinned to a commit. The files under --data_dir have the same rows and fields
+# (docs/evaluation.md names the file each came from): AIME 2024 and AMC 2023 are the 2024 and 2023
+# rows of the AIMO validation sets, GSM8K's file numbers its rows (idx), MBPP's is the "full" set
+# (its test split is task ids 11-510, what mbpp_test_split keeps of the file).
+HUB = {
+    "math500": HubSource("HuggingFaceH4/MATH-500", "ff5b20257d8185524591543f8ff5993951537bb8"),
+    "aime24": HubSource("AI-MO/aimo-validation-aime", "13f9e12f613e720c2a2b2f345dd04b998a29494d", "train", year="2024"),
+    "aime25": HubSource(
+        "opencompass/AIME2025", "a6ad95f611d72cf628a80b58bd0432ef6638f958", configs=("AIME2025-I", "AIME2025-II")
+    ),
+    "amc23": HubSource("AI-MO/aimo-validation-amc", "69d78a4a2c840e82d69af6bc742bda09005f6316", "train", year="2023"),
+    "gsm8k": HubSource(
+        "openai/gsm8k", "e53f048856ff4f594e959d75785d2c2d37b678ee", configs=("main",), position_field="idx"
+    ),
+    "humaneval": HubSource("openai/openai_humaneval", "7dce6050a7d6d172f3cc5c32aa97f52fa1a2e544"),
+    "mbpp": HubSource("google-research-datasets/mbpp", "4bb6404fdc6cacfda99d4ac4205087b89d32030c", configs=("full",)),
+}
+
 BENCHES: dict[str, Bench] = {
     "math500": Bench("math500", "math", "math500.jsonl", math_parser(("problem",), id_field="unique_id")),
     "aime24": Bench("aime24", "math", "aime24.jsonl", math_parser(("problem",), id_field="id")),
@@ -232,8 +277,35 @@ def parse_bench_files(items: list[str]) -> dict[str, str]:
     return sources
 
 
-def resolve_bench(name: str, sources: dict[str, str], data_dir: Path | None) -> tuple[Bench, str]:
-    """The Bench for `name` and the source to read it from (a file path or a hub dataset id)."""
+def data_dir_from(flag: str) -> Path | None:
+    """The folder of benchmark files: --data_dir when given, else $TREERL_DATA, else None (then each
+    bench is read from its pinned hub copy). A folder that is named but missing is an error, never a
+    silent switch to the hub."""
+    named, origin = (flag, "--data_dir") if flag else (os.environ.get(DATA_ENV, ""), f"${DATA_ENV}")
+    if not named.strip():
+        return None
+    folder = Path(named).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{origin} {named}: no such folder")
+    return folder
+
+
+def data_help() -> str:
+    """What every error about missing benchmark data ends with: the file each bench is read from, the
+    hub copy it matches, and where to read more."""
+    width = max(len(bench.filename) for bench in BENCHES.values())
+    rows = [f"  {name:<10} {bench.filename:<{width}}  {HUB[name]}" for name, bench in BENCHES.items()]
+    return (
+        f"Put the benchmark files in a folder and pass it with --data_dir DIR (or set {DATA_ENV}=DIR);\n"
+        f"each bench's file, then the pinned Hugging Face hub copy it is read from without a folder:\n"
+        + "\n".join(rows)
+        + f'\nSee {DATA_DOC}, "Getting the benchmark data".'
+    )
+
+
+def resolve_bench(name: str, sources: dict[str, str], data_dir: Path | None) -> tuple[Bench, str | HubSource]:
+    """The Bench for `name` and the source to read it from: a file path or hub dataset id the user
+    gave, the bench's file in `data_dir`, or (without a data directory) its pinned hub copy."""
     if name in sources:
         return BENCHES.get(name) or custom_math_bench(name), sources[name]
     if name not in BENCHES:
@@ -242,14 +314,40 @@ def resolve_bench(name: str, sources: dict[str, str], data_dir: Path | None) -> 
             f"(or give a file for a new math bench with --bench_file {name}=FILE.jsonl)"
         )
     if data_dir is None:
-        raise ValueError(
-            f"no data directory for {name!r}: {DEFAULT_DATA_DIR} does not exist; "
-            f"pass --data_dir or --bench_file {name}=FILE.jsonl"
-        )
+        return BENCHES[name], HUB[name]
     path = data_dir / BENCHES[name].filename
     if not path.exists():
-        raise ValueError(f"{name}: data file not found: {path} (pass --data_dir or --bench_file {name}=FILE.jsonl)")
+        raise ValueError(
+            f"{name}: data file not found: {path} (or name another file with --bench_file {name}=FILE.jsonl)\n"
+            + data_help()
+        )
     return BENCHES[name], str(path)
+
+
+def read_pinned(hub: HubSource, bench: str) -> list[tuple[int, dict]]:
+    """(position from 1, row) pairs of a pinned hub copy, its rows made the rows of the bench's file.
+    Needs the optional `datasets` package, and a network unless the copy is in the local hub cache;
+    without them the error says which files to get instead."""
+    try:
+        import datasets
+
+        rows = [
+            dict(row)
+            for config in hub.configs
+            for row in datasets.load_dataset(hub.dataset, config, split=hub.split, revision=hub.revision)
+        ]
+    except Exception as error:  # no `datasets`, no network, a moved dataset: the remedy is the same
+        why = "`datasets` is not installed" if isinstance(error, ImportError) else type(error).__name__
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{bench}: no data folder is given (--data_dir or ${DATA_ENV}) and its hub copy {hub} "
+            f"could not be read ({why}: {first_line})\n" + data_help()
+        ) from None
+    if hub.year:
+        rows = [row for row in rows if f"/{hub.year}_" in str(row.get("url", ""))]
+    if hub.position_field:
+        rows = [{**row, hub.position_field: i} for i, row in enumerate(rows)]
+    return list(enumerate(rows, 1))
 
 
 def read_hub(dataset_id: str) -> list[tuple[int, dict]]:
@@ -270,11 +368,13 @@ def looks_like_file(source: str) -> bool:
     return source.endswith((".jsonl", ".json", ".gz")) or source.startswith((".", "/", "~"))
 
 
-def load_problems(bench: Bench, source: str, limit: int = 0) -> list[Problem]:
-    """The benchmark's problems from `source` (file or hub id), the first `limit` when limit > 0."""
-    path = Path(source).expanduser()
-    if path.exists():
-        numbered = load_rows(str(path))
+def load_problems(bench: Bench, source: str | HubSource, limit: int = 0) -> list[Problem]:
+    """The benchmark's problems from `source` (file, hub id or pinned hub copy), the first `limit`
+    when limit > 0."""
+    if isinstance(source, HubSource):
+        numbered = read_pinned(source, bench.name)
+    elif Path(source).expanduser().exists():
+        numbered = load_rows(str(Path(source).expanduser()))
     elif looks_like_file(source):
         raise ValueError(f"{bench.name}: data file not found: {source}")
     else:

@@ -21,6 +21,11 @@ prompt. `make_responder` is the one place a backend is chosen (today `hf_backend
 transformers decode loop that also samples in training; vLLM is meant to plug in there); tests swap in an "oracle" responder that answers with the gold
 solution, which checks extraction and verification end to end with no model at all.
 
+The benchmark files are read from the folder `--data_dir` (or the environment variable
+`TREERL_DATA`) names; with neither, each bench is read from its public copy on the Hugging Face hub
+at a pinned commit (`benchmarks.HUB`), and without a network the error lists the files to get
+(docs/evaluation.md, "Getting the benchmark data").
+
 Writes to `--out` (default `results/eval/<model name>`): `samples.jsonl` (one row per sampled
 response: bench, index, prompt, response, extracted answer, gold, correct, ...), `summary.json`
 (per bench: n, samples, avg@k, pass@k, response length, truncation, the sampling settings) and
@@ -104,7 +109,10 @@ class EvalConfig:
     samples: int = field(default=1, metadata={"help": "k: sampled responses per problem"})
     data_dir: str = field(
         default="",
-        metadata={"help": "folder with the benchmark files (default: ../shared/data next to the repository)"},
+        metadata={
+            "help": "folder with the benchmark files (default: $TREERL_DATA; with neither, the pinned "
+            "Hugging Face hub copies; docs/evaluation.md, 'Getting the benchmark data')"
+        },
     )
     bench_file: list[str] = field(
         default_factory=list,
@@ -359,15 +367,9 @@ def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> 
 
 
 def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) -> dict:
-    """Load every bench first (so a missing file fails before a model is loaded), then sample,
+    """Load every bench first (so missing data fails before a model is loaded), then sample,
     grade, and write the outputs. `responder` replaces the model when given."""
-    data_dir = (
-        Path(config.data_dir)
-        if config.data_dir
-        else (benchmarks.DEFAULT_DATA_DIR if benchmarks.DEFAULT_DATA_DIR.is_dir() else None)
-    )
-    if config.data_dir and not data_dir.is_dir():
-        raise ValueError(f"--data_dir {config.data_dir}: no such folder")
+    data_dir = benchmarks.data_dir_from(config.data_dir)  # None: the pinned hub copies
     names = benchmarks.parse_bench_list(config.bench)
     sources = benchmarks.parse_bench_files(config.bench_file)
     stray = sorted(set(sources) - set(names))

@@ -2,9 +2,14 @@
 bench loaders and their errors, an "oracle" responder that must score 100%, and a run on a tiny
 random model saved with save_pretrained."""
 
+import gzip
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,8 +19,27 @@ import tasks
 from eval import benchmarks, evaluate
 from eval.evaluate import Generation, bench_metrics, k_values, pass_at_k
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="shared benchmark copies not present")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# The real benchmark files, for the tests that read them: the folder $TREERL_DATA names, else a
+# shared/data folder beside the repository's folder where one is (this project's machines keep a
+# copy there).
+REAL_DATA = Path(os.environ.get(benchmarks.DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture(autouse=True)
+def no_data_env(monkeypatch):
+    """Every test starts without $TREERL_DATA; the tests of it set it themselves."""
+    monkeypatch.delenv(benchmarks.DATA_ENV, raising=False)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """REAL_DATA; the test skips without it."""
+    if not all((REAL_DATA / bench.filename).exists() for bench in benchmarks.BENCHES.values()):
+        pytest.skip(f"no benchmark files in {REAL_DATA} (set {benchmarks.DATA_ENV})")
+    return REAL_DATA
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +182,153 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path):
         evaluate.main(["--bench", "mine", "--bench_file", f"mine={no_answer}"], responder=no_model)
 
 
+def test_a_named_data_folder_must_exist_and_the_flag_comes_before_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(benchmarks.DATA_ENV, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match=r"\$TREERL_DATA .*missing: no such folder"):
+        evaluate.main(["--bench", "math500"], responder=no_model)
+    with pytest.raises(SystemExit, match=r"--data_dir .*elsewhere: no such folder"):
+        evaluate.main(["--bench", "math500", "--data_dir", str(tmp_path / "elsewhere")], responder=no_model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the data comes from: a folder, else the pinned hub copies, else an error that says what to get
+# --------------------------------------------------------------------------------------------------
+
+# Two or three problems of each bench as its hub copy holds them (keyed by dataset, config, split)...
+HUB_ROWS = {
+    ("HuggingFaceH4/MATH-500", None, "test"): [
+        {"problem": "1+1?", "solution": "\\boxed{2}", "answer": "2", "level": 1, "unique_id": "test/a/1.json"}
+    ],
+    ("AI-MO/aimo-validation-aime", None, "train"): [
+        {"id": 0, "problem": "Old?", "answer": "7", "url": "https://a.org/wiki/index.php/2022_AIME_I_Problems/P_1"},
+        {"id": 60, "problem": "Aya?", "answer": "204", "url": "https://a.org/wiki/index.php/2024_AIME_I_Problems/P_1"},
+    ],
+    ("opencompass/AIME2025", "AIME2025-I", "test"): [{"question": "Bases?", "answer": "70"}],
+    ("opencompass/AIME2025", "AIME2025-II", "test"): [{"question": "Cake?", "answer": "468"}],
+    ("AI-MO/aimo-validation-amc", None, "train"): [
+        {
+            "id": 0,
+            "problem": "Cities?",
+            "answer": 27.0,
+            "url": "https://a.org/wiki/index.php/2023_AMC_12A_Problems/P_1",
+        },
+        {"id": 50, "problem": "Older?", "answer": 3.0, "url": "https://a.org/wiki/index.php/2022_AMC_12A_Problems/P_1"},
+    ],
+    ("openai/gsm8k", "main", "test"): [
+        {"question": "Ducks?", "answer": "16-3-4=9\n#### 1,018"},
+        {"question": "Robe?", "answer": "2+1=3\n#### 3"},
+    ],
+    ("openai/openai_humaneval", None, "test"): [
+        {
+            "task_id": "HumanEval/0",
+            "prompt": "def same(x):\n",
+            "canonical_solution": "    return x\n",
+            "test": "def check(candidate):\n    assert candidate(1) == 1\n",
+            "entry_point": "same",
+        }
+    ],
+    ("google-research-datasets/mbpp", "full", "test"): [
+        {"task_id": 11, "text": "Write same.", "code": "def same(x): return x", "test_list": ["assert same(1) == 1"]}
+    ],
+}
+# ... and as the files under --data_dir hold the same problems (AIME 2024 / AMC 2023: one year, with a
+# copy of the problem as "question"; GSM8K: numbered by idx).
+FILE_ROWS = {
+    "math500.jsonl": HUB_ROWS["HuggingFaceH4/MATH-500", None, "test"],
+    "aime24.jsonl": [{"id": 60, "problem": "Aya?", "answer": "204", "question": "Aya?"}],
+    "aime25.jsonl": [{"question": "Bases?", "answer": "70"}, {"question": "Cake?", "answer": "468"}],
+    "amc23.jsonl": [{"id": 0, "problem": "Cities?", "answer": 27.0, "question": "Cities?"}],
+    "gsm8k_test.jsonl": [
+        {"question": "Ducks?", "answer": "16-3-4=9\n#### 1,018", "idx": 0},
+        {"question": "Robe?", "answer": "2+1=3\n#### 3", "idx": 1},
+    ],
+    "HumanEval.jsonl.gz": HUB_ROWS["openai/openai_humaneval", None, "test"],
+    "mbpp.jsonl": HUB_ROWS["google-research-datasets/mbpp", "full", "test"],
+}
+
+
+def fake_hub(monkeypatch, load_dataset) -> None:
+    """`datasets.load_dataset` replaced (the `datasets` package itself need not be installed)."""
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_hub_rows_are_read_as_the_files_rows(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(path, name=None, *, split, revision):
+        calls.append((path, revision))
+        return [dict(row) for row in HUB_ROWS[path, name, split]]
+
+    fake_hub(monkeypatch, load_dataset)
+    for filename, rows in FILE_ROWS.items():
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        (tmp_path / filename).write_bytes(gzip.compress(text.encode()) if filename.endswith(".gz") else text.encode())
+
+    def graded(problems):
+        return [(p.id, p.kind, p.question, p.gold, p.entry_point, p.completion_prefix) for p in problems]
+
+    for name in benchmarks.BENCHES:
+        from_hub = benchmarks.load_problems(*benchmarks.resolve_bench(name, {}, None))
+        from_file = benchmarks.load_problems(*benchmarks.resolve_bench(name, {}, tmp_path))
+        assert graded(from_hub) == graded(from_file), name
+    pinned = {(hub.dataset, hub.revision) for hub in benchmarks.HUB.values()}
+    assert set(calls) == pinned and all(len(revision) == 40 for _, revision in pinned)
+
+    # End to end: no --data_dir and no $TREERL_DATA read the hub copies.
+    prompts = {f"{q}\n{tasks.MATH_INSTRUCTION}\n": a for q, a in [("Ducks?", "\\boxed{1018}"), ("Robe?", "\\boxed{4}")]}
+    summary = evaluate.main(["--bench", "gsm8k", "--out", str(tmp_path / "out")], responder=responder_from(prompts))
+    assert summary["benches"]["gsm8k"]["n"] == 2 and summary["benches"]["gsm8k"]["avg@1"] == 0.5
+
+
+@pytest.mark.parametrize("hub", ["offline", "not installed"])
+def test_without_data_or_hub_the_error_lists_the_files_and_their_sources(monkeypatch, hub):
+    if hub == "offline":
+
+        def load_dataset(*args, **kwargs):
+            raise ConnectionError("Couldn't reach 'HuggingFaceH4/MATH-500' on the Hub (OfflineModeIsEnabled)")
+
+        fake_hub(monkeypatch, load_dataset)
+    else:
+        monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--bench", "all"], responder=no_model)
+    message = str(exit.value)
+    assert "math500: no data folder is given" in message
+    assert ("ConnectionError" if hub == "offline" else "`datasets` is not installed") in message
+    for name, bench in benchmarks.BENCHES.items():
+        assert bench.filename in message and benchmarks.HUB[name].dataset in message, name
+    assert "--data_dir" in message and "TREERL_DATA" in message and "docs/evaluation.md" in message
+
+
+def test_an_empty_data_folder_names_the_missing_file_and_lists_them_all(tmp_path, monkeypatch):
+    monkeypatch.setenv(benchmarks.DATA_ENV, str(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--bench", "math500"], responder=no_model)
+    message = str(exit.value)
+    assert f"math500: data file not found: {tmp_path / 'math500.jsonl'}" in message
+    assert all(bench.filename in message for bench in benchmarks.BENCHES.values())
+
+
+def test_a_fresh_clone_without_data_or_network_is_told_what_to_get(tmp_path):
+    """The command as a user first runs it: no data folder, and the hub out of reach (offline mode
+    and an empty cache, so the answer is the same with or without a network)."""
+    env = {key: value for key, value in os.environ.items() if key != benchmarks.DATA_ENV}
+    cache = str(tmp_path / "hf")
+    env.update(HF_HOME=cache, HF_HUB_CACHE=cache, HF_DATASETS_CACHE=cache, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "eval.evaluate", "--model", "unused", "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "math500: no data folder is given" in done.stderr
+    assert all(bench.filename in done.stderr for bench in benchmarks.BENCHES.values())
+    assert "docs/evaluation.md" in done.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="`datasets` is installed")
 def test_hub_dataset_without_datasets_installed_says_what_to_install():
     with pytest.raises(SystemExit, match="pip install datasets"):
@@ -201,12 +372,12 @@ def test_custom_math_bench_from_a_file_end_to_end(tmp_path):
     assert rows[0]["extracted"] == "\\frac{3}{4}" and rows[3]["gold"] == "4"
 
 
-def oracle_texts(names: list[str], limit: int) -> dict[str, str]:
+def oracle_texts(names: list[str], limit: int, data_dir: Path) -> dict[str, str]:
     """The gold solution of each problem, keyed by its prompt: MATH500's answer in a box, HumanEval's
     prompt + canonical solution, MBPP's reference code in a fenced block."""
     texts = {}
     for name in names:
-        bench, source = benchmarks.resolve_bench(name, {}, DATA)
+        bench, source = benchmarks.resolve_bench(name, {}, data_dir)
         for problem in benchmarks.load_problems(bench, source, limit):
             row = problem.row
             if name == "humaneval":
@@ -219,11 +390,10 @@ def oracle_texts(names: list[str], limit: int) -> dict[str, str]:
     return texts
 
 
-@needs_data
-def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path):
+def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path, data_dir):
     names, limit = ["math500", "humaneval", "mbpp"], 3
-    texts = oracle_texts(names, limit)
-    args = ["--bench", ",".join(names), "--limit", str(limit), "--samples", "2", "--data_dir", str(DATA)]
+    texts = oracle_texts(names, limit, data_dir)
+    args = ["--bench", ",".join(names), "--limit", str(limit), "--samples", "2", "--data_dir", str(data_dir)]
     summary = evaluate.main(args + ["--out", str(tmp_path / "oracle")], responder=responder_from(texts))
     for name in names:
         assert summary["benches"][name]["avg@2"] == 1.0, name
@@ -234,8 +404,7 @@ def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path):
         assert summary["benches"][name]["avg@2"] == 0.0, name
 
 
-@needs_data
-def test_tiny_random_model_over_every_bench(tmp_path):
+def test_tiny_random_model_over_every_bench(tmp_path, data_dir):
     """The whole CLI path with a real (random) model loaded from a save_pretrained folder."""
     tokenizer = policy.build_char_tokenizer()
     model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)
@@ -257,7 +426,7 @@ def test_tiny_random_model_over_every_bench(tmp_path):
             "--device",
             "cpu",
             "--data_dir",
-            str(DATA),
+            str(data_dir),
             "--out",
             str(out),
         ]
