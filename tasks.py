@@ -34,7 +34,9 @@ from treerl import arg
 class TaskConfig:
     """What the policy learns and is scored on."""
 
-    task: Literal["arith", "math", "code"] = arg("arith", "arith (built in), math or code")
+    task: Literal["arith", "arith_chat", "math", "code"] = arg(
+        "arith", "arith (built in), arith_chat (arith for a chat model: chat template, \\boxed{} answer), math or code"
+    )
     data: str = arg("", "math/code: training JSONL file (or hub dataset id with `datasets` installed)")
     eval_data: str = arg("", "math/code: held-out JSONL file (default: the last eval_size rows of --data)")
     problem_field: str = arg("problem", "field holding the question")
@@ -49,7 +51,7 @@ class TaskConfig:
 
     def validate(self) -> None:
         treerl.check_choices(self, TaskConfig)
-        if self.task != "arith" and not self.data:
+        if self.task in ("math", "code") and not self.data:
             raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
         for name in ("eval_size", "eval_samples"):
             if getattr(self, name) < 1:
@@ -98,8 +100,9 @@ def arith_train_size(warmup_examples: int, rl_prompts: int) -> int:
 def build_task(cfg: TaskConfig, tokenizer, train_size: int | None = None) -> Task:
     """The task named by --task. `train_size`: problems in the arithmetic training pool (None: what
     train.py's default warm start draws); math and code take every row of their file."""
-    if cfg.task == "arith":
-        return arith_task(cfg, train_size or arith_train_size(600 * 48, 0))
+    if cfg.task in ("arith", "arith_chat"):
+        task = arith_task(cfg, train_size or arith_train_size(600 * 48, 0))
+        return task if cfg.task == "arith" else as_chat_task(task, tokenizer)
     rows = load_rows(cfg.data)
     held_out = load_rows(cfg.eval_data) if cfg.eval_data else rows[-cfg.eval_size :]
     if not cfg.eval_data:
@@ -152,6 +155,38 @@ def arith_task(cfg: TaskConfig, train_size: int) -> Task:
         rewards.ANSWER_MARKERS,
         teacher,
     )
+
+
+# The arithmetic task for a chat model (--task arith_chat): the same problems, asked in words through
+# the tokenizer's chat template, with the answer in \boxed{} graded by math-verify (rewards.math_rewards),
+# the format of the math benchmarks: "What is 4 + 7 - 2? ..." -> "4 + 7 = 11\n11 - 2 = 9\nThe answer is
+# \boxed{9}."
+CHAT_ARITH_QUESTION = "What is {}? Put the final answer in \\boxed{{}}."
+_BETWEEN_NUMBERS = re.compile(r"(?<=\d)([+=-])")  # an operator or "=" right after a digit (not a minus sign)
+
+
+def chat_arith_solution(solution: str) -> str:
+    """A worked arithmetic solution in the chat format: spaced steps and a boxed answer."""
+    *steps, answer = solution.split("\n")
+    steps = [_BETWEEN_NUMBERS.sub(r" \1 ", step) for step in steps]
+    return "\n".join(steps + [f"The answer is \\boxed{{{answer.removeprefix('Answer: ')}}}."])
+
+
+def as_chat_task(task: Task, tokenizer) -> Task:
+    """The arithmetic task rendered for a chat model; the teacher's slips carry over."""
+    source = {}  # chat prompt -> the arithmetic prompt it renders, for the teacher
+
+    def render(e: Example) -> Example:
+        expression = _BETWEEN_NUMBERS.sub(r" \1 ", e.prompt.removeprefix("Compute ").removesuffix(".\n"))
+        prompt = chat_prompt(tokenizer, CHAT_ARITH_QUESTION.format(expression))
+        source[prompt] = e.prompt
+        return Example(prompt, str(e.gold), chat_arith_solution(e.solution))
+
+    teacher = None
+    if task.teacher is not None:
+        teacher = lambda e, rng: chat_arith_solution(task.teacher(Example(source[e.prompt], e.gold), rng))  # noqa: E731
+    train, held_out = [render(e) for e in task.train], [render(e) for e in task.eval]
+    return Task("arith_chat", train, held_out, rewards.math_rewards, ("\\boxed{",), teacher)
 
 
 def load_rows(source: str) -> list[tuple[int, dict]]:

@@ -170,9 +170,8 @@ class Run:
 
 def load(config: Config) -> Run:
     """The policy, its tokenizer, the task, the rollout engine and the KL reference. The policy is the
-    latest checkpoint (--resume), a hub model (--model), or the tiny model after its supervised warm
-    start, which runs once per run directory and is reused by later runs (and --resume) as long as
-    the settings it was made with are unchanged."""
+    latest checkpoint (--resume), else --model (or the tiny model) after its supervised warm start,
+    which runs once per run directory and is reused by later runs while its settings are unchanged."""
     run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
         raise SystemExit(
@@ -194,22 +193,23 @@ def load(config: Config) -> Run:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
     train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
-    if checkpoint is None and not pcfg.model:
+    if checkpoint is None:
         model, tokenizer, task = policy.warm_started_policy(pcfg, config.task, run.seed, warm_dir, device, train_size)
     else:
-        model, tokenizer = policy.load_policy(str(checkpoint or pcfg.model), pcfg, device)
+        model, tokenizer = policy.load_policy(str(checkpoint), pcfg, device)
         task = tasks.build_task(config.task, tokenizer, train_size)
     size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     print(
         f"task {task.name}: {len(task.train)} training problems, {len(task.eval)} held out; policy: {size}", flush=True
     )
     backend = make_backend(config, model, tokenizer)
-    # The KL reference is the policy RL started from (the hub model or the warm start), also when
+    # The KL reference is the policy RL started from (the warm start, else --model), also when
     # resuming: never the latest checkpoint.
     ref_model = None
     if config.update.kl_coef > 0:
-        if pcfg.model or (warm_dir / "config.json").exists():
-            ref_model = type(model).from_pretrained(pcfg.model or str(warm_dir), dtype=getattr(torch, pcfg.dtype))
+        start = warm_dir if (warm_dir / "config.json").exists() else policy.resolve_model(pcfg.model)
+        if start:
+            ref_model = type(model).from_pretrained(start, dtype=getattr(torch, pcfg.dtype))
         else:  # an untrained tiny model (--warmup_steps 0): rebuilt from the same seed
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)

@@ -719,10 +719,11 @@ def add_verifier(sub) -> None:
 
 def math_pairs(count: int) -> tuple[list[str], list[str], str]:
     """(responses, golds, description) for the math throughput run."""
-    from eval.benchmarks import DEFAULT_DATA_DIR
+    from eval.benchmarks import data_dir_from
 
-    path = DEFAULT_DATA_DIR / "math500.jsonl"
-    if path.exists():
+    folder = data_dir_from("")  # $TREERL_DATA, if set
+    path = folder / "math500.jsonl" if folder else None
+    if path and path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = (rows * (count // len(rows) + 1))[:count]
         return [r["solution"] for r in rows], [r["answer"] for r in rows], "MATH500 gold solution vs answer"
@@ -1150,7 +1151,18 @@ def run_ours_arm(name: str, args, warm_dir: Path, search_flags: list[str]) -> di
     cpu_seconds: list[float] = []
     with cpu_seconds_per_step(cpu_seconds):
         train.main(
-            ["--model", str(warm_dir), "--output_dir", args.runs_dir, "--run_name", name, "--seed", str(args.seed)]
+            [
+                "--model",
+                str(warm_dir),
+                "--warmup_steps",
+                "0",
+                "--output_dir",
+                args.runs_dir,
+                "--run_name",
+                name,
+                "--seed",
+                str(args.seed),
+            ]
             + ["--lr", str(args.lr), "--steps", "10000", "--max_generated_tokens", str(args.budget)]
             + ["--eval_every", "0", "--save_every", "0", "--save_trees", "false", *flags]
         )

@@ -47,9 +47,6 @@ from tasks import MATH_INSTRUCTION, chat_prompt, load_rows
 # The environment variable that names the folder of benchmark files when --data_dir does not.
 DATA_ENV = "TREERL_DATA"
 DATA_DOC = "docs/evaluation.md"  # its section "Getting the benchmark data" says where the files come from
-# eval/bench.py times the verifier on MATH500 from this folder when the file is there (on generated
-# pairs otherwise): the folder $TREERL_DATA names, or the repository's own, which holds no data.
-DEFAULT_DATA_DIR = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[1]).expanduser()
 
 
 @dataclass

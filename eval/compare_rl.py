@@ -105,6 +105,8 @@ def train_one(
         *METHODS[method],
         "--model",
         str(warm_dir),
+        "--warmup_steps",
+        "0",
         "--seed",
         str(seed),
         "--output_dir",
