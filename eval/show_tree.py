@@ -6,7 +6,8 @@
 The policy is `--model` (a folder or hub id), or the latest checkpoint of `--run` (its warm start
 when it has none). The run's settings (task, EPTree, rewards; its config.json) are the defaults,
 and flags override them. The problem is held-out problem `--index` of the task, or `--prompt` with
-`--gold` (for the arithmetic task the gold is worked out when not given). The forest is grown and
+`--gold` (for the arithmetic task the gold is worked out when not given; the other tasks put
+`--prompt` through the model's chat template). The forest is grown and
 scored as in training (treerl.rollout) and drawn by treeview.py; the text goes to the terminal,
 the page to `--out` (default: trees/forest.html in the run folder, or ./forest.html).
 """
@@ -48,6 +49,15 @@ def policy_folder(run: Path) -> Path:
     raise SystemExit(f"show_tree: {run} has neither a checkpoint nor a warm start; give --model")
 
 
+def question(tokenizer, prompt: str) -> str:
+    """The user's message of a chat-template prompt (the template around it removed), else the prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        before, after = tasks.chat_prompt(tokenizer, "\0").split("\0")
+        if prompt.startswith(before) and prompt.endswith(after):
+            return prompt[len(before) : len(prompt) - len(after)]
+    return prompt.strip()
+
+
 def main(argv: list[str] | None = None) -> str:
     from transformers import HfArgumentParser
 
@@ -75,6 +85,8 @@ def main(argv: list[str] | None = None) -> str:
     task = tasks.build_task(task_cfg, tokenizer, train_size=1)
     if args.prompt:
         prompt = args.prompt if args.prompt.endswith("\n") else args.prompt + "\n"
+        if task.name != "arith":  # the other tasks ask through the chat template, when there is one
+            prompt = tasks.chat_prompt(tokenizer, args.prompt)
         gold = args.gold
         if not gold and task.name == "arith":
             gold = tasks.arith_teacher_solution(prompt, random.Random(0), 0.0).rsplit("Answer: ", 1)[1]
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> str:
     root = treeview.grow_forest(backend, tokenizer, task, example, rollout_cfg, seed=args.seed)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     text = treeview.render_text(root, decode, rollout_cfg)
-    title = f"{Path(folder).name}: {example.prompt.strip()} (gold {example.gold})"
+    title = f"{Path(folder).name}: {question(tokenizer, example.prompt)} (gold {example.gold})"
     page = treeview.render_html(root, decode, title, rollout_cfg)
     out = Path(args.out or (Path(args.run) / "trees" / "forest.html" if args.run else "forest.html"))
     out.parent.mkdir(parents=True, exist_ok=True)
