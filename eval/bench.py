@@ -252,6 +252,9 @@ def build_subject(name: str, device: str) -> Subject:
     if name == "qwen2.5-1.5b":
         model = random_qwen_1_5b(device, torch.bfloat16)
         return Subject(model.eval(), QWEN_1_5B["vocab_size"], 0, QWEN_1_5B["vocab_size"], 16)
+    if name in policy.PACKAGED_MODELS:  # real weights (requirements-smollm2.txt); random-token prompts
+        model, tokenizer = policy.load_policy(name, policy.PolicyConfig(), torch.device(device))
+        return Subject(model.eval(), len(tokenizer), tokenizer.pad_token_id, len(tokenizer), 4)
     torch.manual_seed(0)
     hidden, layers, heads = MODELS[name]
     cfg = policy.PolicyConfig(hidden_size=hidden, num_layers=layers, num_heads=heads)
@@ -414,8 +417,9 @@ THROUGHPUT_DOC = """Where a TreeRL step spends its time, and how close each phas
 
 For each model, with random weights (every response runs to the length limit, so runs are
 comparable). Models: the CPU default architecture (0.9M parameters) and a 30M-parameter one, both
-over the character vocabulary; and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary,
-bfloat16). The search is train.py's (--M --N --L --T, --max_new_tokens).
+over the character vocabulary; SmolLM2-135M-Instruct with its real weights (smollm2-135m, 49,152-token
+vocabulary; it too runs every response to the limit: the backend stops at an id outside the
+vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bfloat16). The search is train.py's (--M --N --L --T, --max_new_tokens).
 
   generation    tokens/s of the transformers backend (`hf_backend.HFBackend`: its decode loop with
                 per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
@@ -441,7 +445,7 @@ keeps the rest). Timings are medians over --repeats after one warm-up run."""
 
 def add_throughput(sub) -> None:
     parser = sub.add_parser("throughput", help="where a TreeRL step spends its time", description=THROUGHPUT_DOC)
-    choices = ", ".join([*MODELS, "qwen2.5-1.5b"])
+    choices = ", ".join([*MODELS, *policy.PACKAGED_MODELS, "qwen2.5-1.5b"])
     parser.add_argument("--models", default="default,30m", help=f"comma-separated, from: {choices}")
     parser.add_argument("--batch", type=int, default=256, help="generation batch (train.py's gen_batch_size)")
     parser.add_argument(
@@ -464,7 +468,7 @@ def add_throughput(sub) -> None:
 
 def run_throughput(parser, args, argv) -> dict:
     names = args.models.split(",")
-    known = [*MODELS, "qwen2.5-1.5b"]
+    known = [*MODELS, *policy.PACKAGED_MODELS, "qwen2.5-1.5b"]
     for name in names:
         if name not in known:
             parser.error(f"unknown model {name!r}; choose from {', '.join(known)}")
