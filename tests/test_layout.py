@@ -2,6 +2,7 @@
 run one way (from the run down to tree.py), and a README that stays a front door."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,20 @@ def test_readme_is_a_front_door():
     """Short enough to read in a few minutes: about 2,000 words (lines are not counted, so a long
     line saves nothing)."""
     assert len((ROOT / "README.md").read_text().split()) <= 2200
+
+
+def test_nothing_outside_the_tests_refers_to_a_path_outside_the_repository():
+    """Data, models and caches are named by the user (flags, environment variables) or live in the
+    repository: a clone on another machine finds nothing at a sibling folder or an absolute path."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    outside = re.compile(r"\.\./shared|\.\./\.\./|/work/|/home/[a-z]|/root/")
+    found = []
+    for name in tracked:
+        path = ROOT / name
+        if name.startswith("tests/") or path.suffix not in {".py", ".md", ".yaml", ".txt", ".toml", ".cfg", ""}:
+            continue
+        if path.is_file():
+            found += [f"{name}: {m.group(0)}" for m in outside.finditer(path.read_text(errors="replace"))]
+    assert not found, found
