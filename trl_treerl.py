@@ -517,7 +517,12 @@ def code_reward_func(completions, tests, **kwargs) -> list[float]:
     return [rewards.code_reward(rewards.extract_program(_text(c)), t) for c, t in zip(completions, tests)]
 
 
-REWARD_FUNCS = {"arith": arith_reward_func, "math": math_reward_func, "code": code_reward_func}
+REWARD_FUNCS = {
+    "arith": arith_reward_func,
+    "arith_chat": math_reward_func,
+    "math": math_reward_func,
+    "code": code_reward_func,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,7 +609,9 @@ def main(argv: list[str] | None = None):
     policy_cfg.validate()
     train_size = tasks.arith_train_size(policy_cfg.warmup_steps * policy_cfg.warmup_batch_size, 0)
     if script.model:  # TRL loads the model itself (model_init_kwargs), so every process does it its way
-        model, tokenizer = script.model, AutoTokenizer.from_pretrained(script.model)
+        with config.main_process_first(desc="model"):  # a packaged model or GGUF file is converted once
+            model = policy.resolve_model(script.model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
         task = tasks.build_task(task_cfg, tokenizer, train_size)
     else:  # the main process warm-starts and caches; the others then load the cache
         with config.main_process_first(desc="warm start"):

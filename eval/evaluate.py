@@ -102,7 +102,9 @@ BACKENDS = ("hf",)  # "vllm" is planned; it is added in make_responder
 class EvalConfig:
     """Every setting is a flag: `python -m eval.evaluate --help`."""
 
-    model: str = field(default="", metadata={"help": "hub id or local path (save_pretrained folder) of a causal LM"})
+    model: str = field(
+        default="", metadata={"help": "hub id, save_pretrained folder, GGUF file or packaged model (smollm2-135m)"}
+    )
     bench: str = field(
         default="math500", metadata={"help": "comma-separated: " + ",".join(benchmarks.BENCHES) + ", or all"}
     )
