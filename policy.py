@@ -7,7 +7,9 @@ tokenizer to train:
   code (nothing is downloaded), warm-started by a short supervised stage on worked solutions so
   that RL starts from a policy that is right some of the time (RL needs both correct and wrong
   leaves). `warm_started_policy` caches that stage in a folder, keyed by its settings;
-- with `--model`, any causal LM that transformers can load (hub id or local folder).
+- with `--model`, any causal LM that transformers can load (hub id or local folder), or a GGUF file
+  or a model packaged on the registry (`smollm2-135m`), converted once into a cached folder
+  (`resolve_model`); on a task with worked solutions it gets the same warm start.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from treerl import arg
 
 @dataclass
 class PolicyConfig:
-    """The model trained, and the supervised warm start of the tiny one."""
+    """The model trained, and its supervised warm start."""
 
     model: str = arg("", "hub id, folder, GGUF file or packaged model (smollm2-135m); empty: the tiny CPU model")
     hidden_size: int = arg(128, "tiny model: hidden size")

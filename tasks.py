@@ -5,7 +5,8 @@ a batch verifier (from rewards.py) and the text markers where a final answer sta
 
 - the settings of the task (`TaskConfig`, part of train.py's command line);
 - the built-in arithmetic task of the CPU default, with the careless teacher whose worked
-  solutions give the warm start its slips (RL's headroom);
+  solutions give the warm start its slips (RL's headroom), and the same task asked of a chat model
+  (`arith_chat`: the chat template, `\\boxed{}` answers graded by math-verify);
 - math and code tasks from JSONL files (`load_rows`, with file-and-line errors), prompts in the
   tokenizer's chat template;
 - held-out evaluation: greedy accuracy and avg@k.
