@@ -1,7 +1,7 @@
 """Experiment 2 of the paper: does TreeRL train better than ChainRL for the same generation cost?
 
     python -m eval.compare_rl --config configs/cpu_long.yaml --out results/long --runs_dir runs/long \
-        [--seeds 0,1,2,3,4] [--budget 600000] [--methods treerl,chainrl-grpo,chainrl-release,treerl-random]
+        [--seeds 0,1,2,3,4] [--budget 600000] [--max_steps N] [--methods treerl,chainrl-grpo,chainrl-release,treerl-random]
         [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seed 100] [--lrs treerl=3e-5,...] [--jobs 2] [--quick] [train.py flags]
 
 Every method starts from the same warm-started policy (made and cached by train.py's warm start for
@@ -116,7 +116,7 @@ def train_one(
         "--lr",
         str(lr),
         "--steps",
-        "100000",
+        str(args.max_steps),
         "--max_generated_tokens",
         str(args.budget),
         "--eval_every",
@@ -316,6 +316,13 @@ def parse_args(argv):
     )
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated RL seeds")
     parser.add_argument("--budget", type=int, default=200_000, help="generated tokens per run")
+    parser.add_argument(
+        "--max_steps",
+        type=int,
+        default=100_000,
+        help="steps at most, should the budget last longer (train.py's --steps; for the arithmetic tasks it "
+        "also sizes the pool of training problems, drawn as a pool of that many steps' prompts)",
+    )
     parser.add_argument(
         "--methods", default=DEFAULT_METHODS, help=f"comma-separated or 'all', from: {', '.join(METHODS)}"
     )
