@@ -22,7 +22,7 @@ The learning rate is chosen, not inherited: `--lr_sweep` first trains every meth
 `--sweep_seed` (a seed the comparison does not use) and keeps, per method, the rate with the best
 final avg@k among those that do not lose greedy accuracy (final greedy >= start greedy - 2 points;
 if none, the rate that loses the least greedy accuracy). `--lrs method=rate,...` sets rates by
-hand; otherwise `--lr` is used.
+hand; otherwise `--lr` is used (default: the preset's, else train.py's).
 
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
 and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
@@ -327,7 +327,11 @@ def parse_args(argv):
         "--methods", default=DEFAULT_METHODS, help=f"comma-separated or 'all', from: {', '.join(METHODS)}"
     )
     parser.add_argument(
-        "--lr", type=float, default=3e-5, help="RL learning rate where neither --lrs nor --lr_sweep sets one"
+        "--lr",
+        type=float,
+        default=None,
+        help="RL learning rate where neither --lrs nor --lr_sweep sets one "
+        "(default: the --config preset's, else train.py's)",
     )
     parser.add_argument("--lrs", default="", help="per-method rates, e.g. treerl=3e-5,chainrl-grpo=1e-5")
     parser.add_argument(
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_rows += points
         save()
     rates.update({m: choose_lr(sweep_rows, m) for m in to_sweep})
-    rates = {m: rates.get(m, args.lr) for m in args.methods}
+    rates = {m: rates.get(m, config.update.lr if args.lr is None else args.lr) for m in args.methods}
     jobs = [(m, seed, rates[m], None) for seed in args.seeds for m in args.methods]
     for points in run_all(jobs, args, warm_dir, train_args):
         rows += points
