@@ -26,6 +26,10 @@ The benchmark files are read from the folder `--data_dir` (or the environment va
 at a pinned commit (`benchmarks.HUB`), and without a network the error lists the files to get
 (docs/evaluation.md, "Getting the benchmark data").
 
+An interrupted evaluation resumes: every batch of responses is kept in `<out>/progress/` as it
+comes, and the same command run again samples only what is missing (the folder goes once the
+outputs are written).
+
 Writes to `--out` (default `results/eval/<model name>`): `samples.jsonl` (one row per sampled
 response: bench, index, prompt, response, extracted answer, gold, correct, ...), `summary.json`
 (per bench: n, samples, avg@k, pass@k, response length, truncation, the sampling settings) and
@@ -34,9 +38,11 @@ response: bench, index, prompt, response, extracted answer, gold, correct, ...),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -274,32 +280,83 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def generate_all(prompts: list[str], responder: Responder, config: EvalConfig, desc: str) -> list[list[Generation]]:
-    """All responses, in batches of about --batch_size sequences, with a progress bar."""
+def generate_all(
+    prompts: list[str], responder: Responder, config: EvalConfig, desc: str, progress: Path | None = None
+) -> tuple[list[list[Generation]], float]:
+    """All responses, in batches of about --batch_size sequences, with a progress bar, and the
+    seconds spent sampling them.
+
+    Each batch is sampled from the seed --seed + its first prompt's position, so what a batch
+    gets does not depend on the batches before it. With `progress` (a JSONL file), every batch's
+    responses are appended there as they come, and a rerun with the same model, prompts and
+    settings reads the batches already there instead of sampling them again: an interrupted
+    evaluation resumes where it stopped, with the results an uninterrupted one would have had."""
     from policy import progress_bar
 
     per_batch = max(1, config.batch_size // config.samples)  # prompts per batch
-    groups: list[list[Generation]] = []
-    for start in progress_bar(range(0, len(prompts), per_batch), desc=desc, unit="batch"):
+    starts = range(0, len(prompts), per_batch)
+    made_with = {
+        "model": config.model,
+        "samples": config.samples,
+        "per_batch": per_batch,
+        "sampling": config.sampling(),
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+    }
+    done = read_progress(progress, made_with) if progress else []
+    if progress:  # the settings, then the batches kept (a line cut off by an interruption goes)
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in [made_with, *done]))
+    groups = [[Generation(**g) for g in group] for batch in done for group in batch["groups"]]
+    seconds = sum(batch["seconds"] for batch in done)
+    for start in progress_bar(starts[len(done) :], desc=desc, unit="batch", initial=len(done), total=len(starts)):
         chunk = prompts[start : start + per_batch]
+        seed_everything(config.seed + start)
+        began = time.time()
         answered = responder(chunk, config.samples)
         if len(answered) != len(chunk) or any(len(g) != config.samples for g in answered):
             raise RuntimeError(
                 f"the responder returned {[len(g) for g in answered]} responses for "
                 f"{len(chunk)} prompts x {config.samples} samples"
             )
+        seconds += time.time() - began
         groups += answered
-    return groups
+        if progress:
+            batch = {
+                "start": start,
+                "seconds": time.time() - began,
+                "groups": [[asdict(g) for g in group] for group in answered],
+            }
+            with open(progress, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(batch, ensure_ascii=False) + "\n")
+    return groups, seconds
+
+
+def read_progress(path: Path, made_with: dict) -> list[dict]:
+    """The batches an earlier, interrupted run wrote to `path` with the same settings (none if the
+    file is missing or was made otherwise); a last line cut off mid-write is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != json.dumps(made_with):
+        return []
+    batches = []
+    for line in lines[1:]:
+        try:
+            batches.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return batches
 
 
 def evaluate_bench(
-    name: str, problems: list[Problem], responder: Responder, tokenizer, config: EvalConfig
+    name: str, problems: list[Problem], responder: Responder, tokenizer, config: EvalConfig, out: Path | None = None
 ) -> BenchResult:
-    """Sample, grade and score one benchmark."""
-    started = time.time()
-    seed_everything(config.seed)  # the same seed for each bench: results do not depend on order
+    """Sample, grade and score one benchmark; with `out`, resumably (`generate_all`)."""
     prompts = [benchmarks.prompt_for(p, tokenizer) for p in problems]
-    groups = generate_all(prompts, responder, config, desc=f"{name} ({len(problems)} x {config.samples})")
+    desc = f"{name} ({len(problems)} x {config.samples})"
+    progress = out / "progress" / f"{name}.jsonl" if out else None
+    groups, sampling_seconds = generate_all(prompts, responder, config, desc, progress)
+    started = time.time()
     flat = [(p, prompt, j, g) for p, prompt, group in zip(problems, prompts, groups) for j, g in enumerate(group)]
     extracted, correct = benchmarks.grade(
         [p for p, *_ in flat], [g.text for *_, g in flat], code_timeout=config.code_timeout
@@ -327,7 +384,7 @@ def evaluate_bench(
         **bench_metrics(per_problem),
         "mean_response_tokens": sum(g.num_tokens for *_, g in flat) / len(flat),
         "truncated": sum(not g.finished for *_, g in flat) / len(flat),
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(sampling_seconds + time.time() - started, 2),  # sampling (over resumes) and grading
         "sampling": config.sampling(),
     }
     return BenchResult(name, metrics, records)
@@ -383,9 +440,10 @@ def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) 
         loaded[name] = benchmarks.load_problems(bench, source, config.limit)
     if responder is None:
         responder, tokenizer = make_responder(config)
-    results = [evaluate_bench(name, problems, responder, tokenizer, config) for name, problems in loaded.items()]
     out = Path(config.out) if config.out else Path("results") / "eval" / model_name(config)
+    results = [evaluate_bench(name, problems, responder, tokenizer, config, out) for name, problems in loaded.items()]
     summary = write_outputs(out, config, results)
+    shutil.rmtree(out / "progress", ignore_errors=True)  # the outputs now hold every response
     print(results_table(results), end="")
     print(f"wrote {out}/summary.json, summary.md, samples.jsonl")
     return summary

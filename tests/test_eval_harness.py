@@ -446,3 +446,40 @@ def test_tiny_random_model_over_every_bench(tmp_path, data_dir):
     assert json.loads((out / "summary.json").read_text())["benches"].keys() == summary["benches"].keys()
     table = (out / "summary.md").read_text()
     assert all(f"| {name} | 2 | 2 |" in table for name in names)
+
+
+def test_an_interrupted_evaluation_resumes_and_samples_only_what_is_missing(tmp_path):
+    """Batches are kept as they come; the rerun asks the responder for the rest only, and the
+    outputs equal an uninterrupted run's (each batch has its own seed)."""
+    problems = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)]
+    source = write_jsonl(tmp_path / "mine.jsonl", problems)
+    asked: list[str] = []
+    import torch
+
+    def responder(prompts, n, fail_after=None):
+        if fail_after is not None and len(asked) >= fail_after:
+            raise KeyboardInterrupt
+        asked.extend(prompts)
+        # The answer depends on the seed: right when a seeded draw is even.
+        return [[Generation(f"\\boxed{{{int(torch.randint(0, 2, ()))}}}", 1)] * n for _ in prompts]
+
+    args = ["--bench", "mine", "--bench_file", f"mine={source}", "--batch_size", "6", "--samples", "2"]
+    whole = evaluate.main(args + ["--out", str(tmp_path / "whole")], responder=responder)
+    assert len(asked) == 10
+    asked.clear()
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):  # 3 prompts a batch: stopped after two batches
+        evaluate.main(args + ["--out", str(out)], responder=lambda p, n: responder(p, n, fail_after=6))
+    assert len((out / "progress" / "mine.jsonl").read_text().splitlines()) == 1 + 2
+    asked.clear()
+    resumed = evaluate.main(args + ["--out", str(out)], responder=responder)
+    assert len(asked) == 4  # the last two batches only
+    assert not (out / "progress").exists()
+    assert (out / "samples.jsonl").read_text() == (tmp_path / "whole" / "samples.jsonl").read_text()
+    assert {k: v for k, v in resumed["benches"]["mine"].items() if k != "seconds"} == {
+        k: v for k, v in whole["benches"]["mine"].items() if k != "seconds"
+    }
+    # Other settings start afresh rather than mixing responses.
+    asked.clear()
+    evaluate.main(args + ["--out", str(out), "--temperature", "1.0"], responder=responder)
+    assert len(asked) == 10
