@@ -82,8 +82,9 @@ class VLLMBackend:
     with the old weights. How the engine is set up, and why:
 
     * token-id prompts and no tokenizer in the engine (`skip_tokenizer_init`): the trainer
-      tokenizes; the engine stops at `eos_token_id` and nowhere else (`ignore_eos` turns off the
-      model config's own end tokens, `stop_token_ids` puts ours back), as HFBackend does;
+      tokenizes; the engine stops at `eos_token_id` (one id or a list) and nowhere else
+      (`ignore_eos` turns off the model config's own end tokens, `stop_token_ids` puts ours
+      back), as HFBackend does;
     * dummy start: only config.json is written and the engine starts with random weights
       (`load_format="dummy"`); the first `sync` loads the trainer's, so nothing is read from disk
       (`path`, a save_pretrained folder of the same weights, makes the engine read them instead);
@@ -116,7 +117,7 @@ class VLLMBackend:
     def __init__(
         self,
         model,
-        eos_token_id: int,
+        eos_token_id: int | Sequence[int],
         gpu_memory_utilization: float = 0.3,
         kv_cache_gb: float = 0.0,
         entropy_top_k: int = 20,
@@ -129,7 +130,10 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         device = next(model.parameters()).device
         on_gpu = device.type == "cuda"
-        self.eos, self.top_k = eos_token_id, entropy_top_k
+        # The tokens that end a response: training passes the tokenizer's EOS, the benchmark
+        # harness every stop token of a chat model (as for HFBackend).
+        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.top_k = entropy_top_k
         self.sleep_enabled = on_gpu if sleep is None else (sleep and on_gpu)
         self.asleep = False
         self.workdir = tempfile.mkdtemp(prefix="treerl-vllm-")
@@ -217,7 +221,7 @@ class VLLMBackend:
                 top_p=1.0 if greedy else top_p,
                 seed=None if greedy else seed,
                 ignore_eos=True,
-                stop_token_ids=[self.eos],
+                stop_token_ids=self.stop_ids,
                 logprobs=self.top_k,
                 detokenize=False,
                 flat_logprobs=True,
@@ -242,7 +246,7 @@ class VLLMBackend:
             logprobs.append(values[ids.index(token)])
             entropies.append(topk_entropy([v for v, r in zip(values, ranks) if r <= self.top_k]))
         self.stats["generated_tokens"] += len(tokens)
-        finished = bool(tokens) and tokens[-1] == self.eos
+        finished = bool(tokens) and tokens[-1] in self.stop_ids
         return Sample(tokens, logprobs, entropies, finished)
 
     # ---- weights --------------------------------------------------------------------------------

@@ -304,3 +304,25 @@ def test_backend_vllm_without_vllm_fails_at_once_with_the_install_command(tmp_pa
     with pytest.raises(SystemExit, match="requirements-cpu-vllm.txt"):
         train.main(["--backend", "vllm", "--output_dir", str(tmp_path)])
     assert not (tmp_path / "default").exists(), "nothing should have run"
+
+
+@needs_vllm
+def test_the_benchmark_harness_on_vllm_answers_as_on_transformers(tokenizer, tmp_path):
+    """`eval.evaluate --backend vllm`: the engine reads the model's folder and stops at its stop
+    tokens; greedy responses, their lengths and grades equal the HF backend's."""
+    from eval import evaluate
+
+    random_model(tokenizer).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rows = [{"problem": f"Compute {a}+{b}.", "answer": str(a + b)} for a, b in [(4, 7), (9, 3), (1, 1)]]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(tmp_path / "tiny"), "--bench", "mine", "--bench_file", f"mine={tmp_path / 'mine.jsonl'}"]
+    args += ["--temperature", "0", "--max_new_tokens", "24", "--device", "cpu", "--vllm_kv_cache_gb", "0.25"]
+    summaries = {b: evaluate.main(args + ["--backend", b, "--out", str(tmp_path / b)]) for b in ("hf", "vllm")}
+    responses = {
+        b: [json.loads(line) for line in (tmp_path / b / "samples.jsonl").read_text().splitlines()] for b in summaries
+    }
+    keys = ("response", "num_tokens", "finished", "correct")
+    assert [[r[k] for k in keys] for r in responses["vllm"]] == [[r[k] for k in keys] for r in responses["hf"]]
+    assert any(r["response"] for r in responses["vllm"])
+    assert summaries["vllm"]["benches"]["mine"]["sampling"]["backend"] == "vllm"
