@@ -152,7 +152,7 @@ def no_model(prompts, n):
         (["--bench", "math501"], "unknown bench 'math501'"),
         (["--samples", "0"], "--samples"),
         (["--temperature", "-1"], "--temperature"),
-        (["--backend", "vllm"], "--backend must be one of hf"),
+        (["--backend", "sglang"], "--backend must be one of hf, vllm"),
         (["--bench", "math500", "--bench_file", "math500"], "NAME=FILE"),
         (["--bench", "math500", "--bench_file", "gsm8k=x.jsonl"], "--bench does not list"),
         (["--bench", "mine", "--bench_file", "mine=missing.jsonl"], "data file not found: missing.jsonl"),
