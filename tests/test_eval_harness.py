@@ -483,3 +483,15 @@ def test_an_interrupted_evaluation_resumes_and_samples_only_what_is_missing(tmp_
     asked.clear()
     evaluate.main(args + ["--out", str(out), "--temperature", "1.0"], responder=responder)
     assert len(asked) == 10
+
+
+def test_backend_vllm_without_vllm_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    source = write_jsonl(tmp_path / "mine.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(SystemExit, match="requirements-cpu-vllm.txt"):
+        evaluate.main(
+            ["--model", "no-such-model", "--backend", "vllm", "--bench", "mine", "--bench_file", f"mine={source}"]
+        )
