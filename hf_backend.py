@@ -64,9 +64,7 @@ class HFBackend:
         reuse_prefixes: bool | None = None,
     ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
-        # The tokens that end a response: training passes the tokenizer's EOS; the benchmark
-        # harness (eval/evaluate.py) passes every stop token of a chat model, which often has two.
-        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.stop_ids = stop_token_list(eos_token_id)
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
         self.reuse_prefixes = reuse_prefixes
@@ -231,6 +229,12 @@ class HFBackend:
         ):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
+
+
+def stop_token_list(eos_token_id: int | Sequence[int]) -> list[int]:
+    """The tokens that end a response, as a list: training passes the tokenizer's EOS; the
+    benchmark harness (eval/evaluate.py) passes every stop token of a chat model, which often has two."""
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def budgets_per_prefix(max_new_tokens: int | Sequence[int], count: int) -> list[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_backend import budgets_per_prefix
+from hf_backend import budgets_per_prefix, stop_token_list
 from tree import Sample
 from treerl import arg
 
@@ -130,9 +130,7 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         device = next(model.parameters()).device
         on_gpu = device.type == "cuda"
-        # The tokens that end a response: training passes the tokenizer's EOS, the benchmark
-        # harness every stop token of a chat model (as for HFBackend).
-        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.stop_ids = stop_token_list(eos_token_id)
         self.top_k = entropy_top_k
         self.sleep_enabled = on_gpu if sleep is None else (sleep and on_gpu)
         self.asleep = False
