@@ -174,10 +174,7 @@ def load(config: Config) -> Run:
     which runs once per run directory and is reused by later runs while its settings are unchanged."""
     run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
-        raise SystemExit(
-            "train.py: error: --backend vllm needs vLLM: pip install -r requirements-gpu.txt "
-            "(GPU) or requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
-        )
+        raise SystemExit(f"train.py: error: --backend vllm needs vLLM: {vllm_backend.INSTALL_HINT}")
     run_dir = Path(run.output_dir) / run.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.as_dict(), indent=2))

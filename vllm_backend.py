@@ -68,6 +68,10 @@ def topk_entropy(top_logprobs: Sequence[float]) -> float:
     return -sum(p * lp for p, lp in zip(probs, logps)) - tail * min(logps)
 
 
+# What to install for the vllm backend; train.py and eval/evaluate.py say it before loading a model.
+INSTALL_HINT = "pip install -r requirements-gpu.txt (GPU) or requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
+
+
 class VLLMBackend:
     """Sampling with vLLM, colocated: the engine runs inside the training process, beside the model.
 
@@ -190,10 +194,7 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError as error:
-            raise ImportError(
-                "the vllm backend needs vLLM: `pip install -r requirements-gpu.txt` on a "
-                "GPU, `pip install -r requirements-cpu-vllm.txt` on CPU (see docs/gpu.md)"
-            ) from error
+            raise ImportError(f"the vllm backend needs vLLM: {INSTALL_HINT}") from error
         _quiet_rotary_reload_warning()
         return LLM(model=path, load_format=load_format, **self.engine_args)
 

@@ -276,10 +276,9 @@ def make_responder(config: EvalConfig) -> tuple[Responder, object]:
     if config.backend not in BACKENDS:
         raise ValueError(f"--backend {config.backend!r} is not available (choose from {', '.join(BACKENDS)})")
     if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # before loading the model
-        raise ValueError(
-            "--backend vllm needs vLLM: pip install -r requirements-gpu.txt (GPU) or "
-            "requirements-cpu-vllm.txt (CPU), see docs/gpu.md"
-        )
+        from vllm_backend import INSTALL_HINT
+
+        raise ValueError(f"--backend vllm needs vLLM: {INSTALL_HINT}")
     model, tokenizer = load_model(config)
     stops = stop_token_ids(model, tokenizer)
     if config.backend == "hf":
