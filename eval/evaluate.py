@@ -360,12 +360,13 @@ def generate_all(
                 f"the responder returned {[len(g) for g in answered]} responses for "
                 f"{len(chunk)} prompts x {config.samples} samples"
             )
-        seconds += time.time() - began
+        elapsed = time.time() - began
+        seconds += elapsed
         groups += answered
         if progress:
             batch = {
                 "start": start,
-                "seconds": time.time() - began,
+                "seconds": elapsed,
                 "groups": [[asdict(g) for g in group] for group in answered],
             }
             with open(progress, "a", encoding="utf-8") as handle:
