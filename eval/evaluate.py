@@ -429,8 +429,16 @@ def evaluate_bench(
         "truncated": sum(not g.finished for *_, g in flat) / len(flat),
         "seconds": round(sampling_seconds + time.time() - started, 2),  # sampling (over resumes) and grading
         "sampling": config.sampling(),
+        "problems_sha256": problems_fingerprint(problems),
     }
     return BenchResult(name, metrics, records)
+
+
+def problems_fingerprint(problems: list[Problem]) -> str:
+    """A hash of what was asked and graded (ids, questions, gold answers or tests): two results with the
+    same fingerprint come from the same problems, whichever folder or hub copy they were read from."""
+    asked = [[p.id, p.question, p.gold, p.entry_point, p.completion_prefix] for p in problems]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def results_table(results: list[BenchResult]) -> str:
@@ -461,7 +469,11 @@ def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> 
         for result in results:
             for record in result.records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {"model": config.model, "benches": {r.name: r.metrics for r in results}, "config": asdict(config)}
+    settings = asdict(config)
+    # The data folder by its name only: its path belongs to one machine, and each bench's
+    # `problems_sha256` says which problems were read.
+    settings["data_dir"] = Path(config.data_dir).name if config.data_dir else ""
+    summary = {"model": config.model, "benches": {r.name: r.metrics for r in results}, "config": settings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = results_table(results)
     (out / "summary.md").write_text(f"# {model_name(config)}\n\n{table}")

@@ -279,6 +279,19 @@ def test_hub_rows_are_read_as_the_files_rows(tmp_path, monkeypatch):
     summary = evaluate.main(["--bench", "gsm8k", "--out", str(tmp_path / "out")], responder=responder_from(prompts))
     assert summary["benches"]["gsm8k"]["n"] == 2 and summary["benches"]["gsm8k"]["avg@1"] == 0.5
 
+    # The summary names the data by a hash of the problems, the same from the hub and from the folder,
+    # and keeps the folder's name but not its path.
+    from_folder = evaluate.main(
+        ["--bench", "gsm8k", "--data_dir", str(tmp_path), "--out", str(tmp_path / "out2")],
+        responder=responder_from(prompts),
+    )
+    fingerprint = summary["benches"]["gsm8k"]["problems_sha256"]
+    assert from_folder["benches"]["gsm8k"]["problems_sha256"] == fingerprint and len(fingerprint) == 64
+    assert from_folder["config"]["data_dir"] == tmp_path.name
+    problems = benchmarks.load_problems(*benchmarks.resolve_bench("gsm8k", {}, tmp_path))
+    problems[1].gold = "4"
+    assert evaluate.problems_fingerprint(problems) != fingerprint
+
 
 @pytest.mark.parametrize("hub", ["offline", "not installed"])
 def test_without_data_or_hub_the_error_lists_the_files_and_their_sources(monkeypatch, hub):
