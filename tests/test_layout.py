@@ -90,3 +90,26 @@ def test_nothing_outside_the_tests_refers_to_a_path_outside_the_repository():
         if path.is_file():
             found += [f"{name}: {m.group(0)}" for m in outside.finditer(path.read_text(errors="replace"))]
     assert not found, found
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces as hyphens
+    (headings inside code blocks are not headings)."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_in_the_docs_reaches_its_file_and_heading():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            if not dest.exists() or (
+                anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest.read_text())
+            ):
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
