@@ -84,7 +84,7 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
     ):
         return {}
     runs = {}
-    for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []):
+    for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []) + saved.get("other_recorded_rows", []):
         runs.setdefault((r["method"], r["seed"], r["lr"]), []).append(r)
     return runs
 
@@ -408,6 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
             "rows": rows,
             "wall_seconds": time.perf_counter() - started,
             "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)},
+            # Runs recorded by an earlier invocation that this one has not (or not yet) used: kept, so
+            # that an interrupted sweep or a narrower --methods does not erase them from the record.
+            "other_recorded_rows": [
+                r
+                for key, points in args.recorded.items()
+                if not any((p["method"], p["seed"], p["lr"]) == key for p in rows + sweep_rows)
+                for r in points
+            ],
         }
         write_json(out / "compare_rl.json", result)
         if rows:

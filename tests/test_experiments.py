@@ -116,9 +116,12 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
 
 def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, coin_verifier, monkeypatch):
     argv = [
-        "--quick",
+        "--methods",
+        "treerl,chainrl-grpo",
+        "--seeds",
+        "0",
         "--budget",
-        "2000",
+        "200",
         "--eval_every",
         "1",
         "--lr_sweep",
@@ -147,6 +150,12 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
     shutil.rmtree(tmp_path / "runs" / "treerl-seed0")
     again = compare_rl.main([*argv, "--jobs", "1"])
     assert again["rows"] == result["rows"] and again["lr_sweep"] == result["lr_sweep"]
+    # A narrower invocation keeps the runs it does not use in the record, so the full one still
+    # finds them all.
+    treerl_only = compare_rl.main([*argv, "--methods", "treerl"])
+    assert {r["method"] for r in treerl_only["rows"] + treerl_only["lr_sweep"]["rows"]} == {"treerl"}
+    assert {r["method"] for r in treerl_only["other_recorded_rows"]} == {"chainrl-grpo"}
+    assert compare_rl.main(argv)["rows"] == result["rows"]
 
 
 def test_compare_rl_rejects_bad_flags():
