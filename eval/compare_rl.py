@@ -33,8 +33,9 @@ seeds), and the differences TreeRL - each other method of the final accuracies a
 bootstrap 95% interval over seeds (each method's seeds resampled independently). Writes
 <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens, accuracy,
 greedy_accuracy, run_seconds; run_seconds is also summed per experiment: the cost of the runs
-however many invocations they took, where wall_seconds is the last invocation's) and a PNG of
-accuracy against generated tokens (mean over seeds, band = ± sd), and prints Markdown tables.
+however many invocations they took, where wall_seconds is the last invocation's), a PNG of
+accuracy against generated tokens (mean over seeds, band = ± sd) and, after a sweep,
+<out>/compare_rl_sweep.png (final accuracy against the rate), and prints Markdown tables.
 Unknown flags go to every train.py run.
 """
 
@@ -296,6 +297,45 @@ def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> None:
+    """The learning-rate sweep: final avg@k and greedy accuracy against the rate, one line per method,
+    its chosen rate circled, the start as a dotted line and the greedy floor the choice keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in sweep_rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in (
+        (axes[0], "accuracy", "final held-out avg@k"),
+        (axes[1], "greedy_accuracy", "final held-out greedy accuracy"),
+    ):
+        for method in methods:
+            runs = {}
+            for r in sweep_rows:
+                if r["method"] == method:
+                    runs.setdefault(r["lr"], []).append(r)  # rows are in step order
+            lrs = sorted(runs)
+            [line] = ax.plot(lrs, [runs[lr][-1][key] for lr in lrs], "o-", label=method)
+            if rates.get(method) in runs:
+                ax.plot(rates[method], runs[rates[method]][-1][key], "o", ms=14, mfc="none", color=line.get_color())
+        start = sweep_rows[0][key]  # every run starts from the same warm start
+        ax.axhline(start, ls=":", color="gray", label="start")
+        if key == "greedy_accuracy":
+            ax.axhline(start - GREEDY_TOLERANCE, ls="--", color="gray", lw=0.8, label="greedy floor of the choice")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    seed = sweep_rows[0]["seed"]
+    fig.suptitle(f"Learning-rate sweep (seed {seed}); circled: the rate each method is compared at")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def parse_rates(parser, text: str, methods: list[str]) -> dict[str, float]:
     """--lrs "treerl=3e-5,chainrl-grpo=1e-5" as {method: rate}."""
     rates = {}
@@ -430,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_rows += points
         save()
     rates.update({m: choose_lr(sweep_rows, m) for m in to_sweep})
+    if sweep_rows:
+        plot_sweep(sweep_rows, rates, out / "compare_rl_sweep.png")
     rates = {m: rates.get(m, config.update.lr if args.lr is None else args.lr) for m in args.methods}
     jobs = [(m, seed, rates[m], None) for seed in args.seeds for m in args.methods]
     for points in run_all(jobs, args, warm_dir, train_args):

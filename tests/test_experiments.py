@@ -143,6 +143,7 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
     }
     assert result["learning_rates"] == {m: compare_rl.choose_lr(sweep, m) for m in ("treerl", "chainrl-grpo")}
     assert {t["method"]: t["lr"] for t in result["summary"]} == result["learning_rates"]
+    assert (tmp_path / "out" / "compare_rl_sweep.png").stat().st_size > 0
     # The results file is the record: with the run folders gone, nothing is trained again.
     monkeypatch.setattr(compare_rl.train, "main", lambda argv: pytest.fail("trained again"))
     import shutil
