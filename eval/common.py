@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -54,9 +55,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name where the system tells it (Linux's /proc/cpuinfo), else what Python knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    """One line naming the machine a measurement was taken on."""
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {platform.system()}"
+    """One line naming the machine a measurement was taken on: the CPU, its cores, the kernels torch
+    runs on it (AVX2, AVX512, ...; ATEN_CPU_CAPABILITY=avx2 holds a faster CPU to AVX2), torch's
+    threads, the system, and the GPU where there is one. Timings compare only on equal lines."""
+    line = (
+        f"{cpu_model()} ({os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()} kernels, "
+        f"{torch.get_num_threads()} threads), {platform.system()}"
+    )
+    if torch.cuda.is_available():
+        line += f", {torch.cuda.get_device_name()}"
+    return line
 
 
 def write_json(path: Path, payload: dict) -> None:

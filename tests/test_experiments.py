@@ -12,7 +12,7 @@ import tasks
 import tree
 import treerl
 from eval import bench, compare_rl, credit, search_efficiency
-from eval.common import warm_started_policy
+from eval.common import cpu_model, machine, warm_started_policy
 from policy import build_char_tokenizer
 
 TINY = (
@@ -379,3 +379,10 @@ def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_v
     # Measuring some sources of a stage again keeps the others in credit.json.
     subset = credit.main([*argv, "--sources", "treerl-nll"])
     assert set(subset["stages"]["warm-start"]["sources"]) == set(credit.SOURCES)
+
+
+def test_the_machine_line_names_the_cpu_and_the_kernels_torch_runs(monkeypatch):
+    line = machine()
+    assert cpu_model() in line and torch.backends.cpu.get_cpu_capability() in line
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "torch AVX2 kernels" in machine()  # what ATEN_CPU_CAPABILITY=avx2 shows
