@@ -72,6 +72,11 @@ def settings(train_args: list[str]) -> dict:
     return json.loads(json.dumps(train.parse_config(train_args).as_dict()))
 
 
+def run_key(row: dict) -> tuple:
+    """The run an evaluation point belongs to: (method, seed, lr)."""
+    return row["method"], row["seed"], row["lr"]
+
+
 def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[dict]]:
     """The runs an earlier invocation already wrote to <out>/compare_rl.json with the same budget and
     train.py settings, by (method, seed, lr): the JSON is the record, so a comparison can continue on
@@ -86,7 +91,7 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
         return {}
     runs = {}
     for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []) + saved.get("other_recorded_rows", []):
-        runs.setdefault((r["method"], r["seed"], r["lr"]), []).append(r)
+        runs.setdefault(run_key(r), []).append(r)
     return runs
 
 
@@ -160,16 +165,22 @@ def train_one(
 def total_run_seconds(rows: list[dict]) -> float:
     """The wall time of the runs behind `rows`, each counted once: what the experiment cost, however
     many invocations it took (wall_seconds is only the last invocation's)."""
-    return sum({(r["method"], r["seed"], r["lr"]): r["run_seconds"] for r in rows}.values())
+    return sum({run_key(r): r["run_seconds"] for r in rows}.values())
+
+
+def runs_by_rate(sweep_rows: list[dict], method: str) -> dict[float, list[dict]]:
+    """`method`'s sweep runs: each rate's evaluation points, in step order."""
+    runs = {}
+    for r in sweep_rows:
+        if r["method"] == method:
+            runs.setdefault(r["lr"], []).append(r)
+    return runs
 
 
 def choose_lr(sweep_rows: list[dict], method: str) -> float:
     """The sweep's choice for `method`: the best final avg@k among the rates that keep greedy
     accuracy (final >= start - GREEDY_TOLERANCE); if no rate does, the one that loses least of it."""
-    runs = {}
-    for r in sweep_rows:
-        if r["method"] == method:
-            runs.setdefault(r["lr"], []).append(r)
+    runs = runs_by_rate(sweep_rows, method)
     keeps_greedy = [
         lr
         for lr, points in runs.items()
@@ -312,10 +323,7 @@ def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> No
         (axes[1], "greedy_accuracy", "final held-out greedy accuracy"),
     ):
         for method in methods:
-            runs = {}
-            for r in sweep_rows:
-                if r["method"] == method:
-                    runs.setdefault(r["lr"], []).append(r)  # rows are in step order
+            runs = runs_by_rate(sweep_rows, method)
             lrs = sorted(runs)
             [line] = ax.plot(lrs, [runs[lr][-1][key] for lr in lrs], "o-", label=method)
             if rates.get(method) in runs:
@@ -434,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.sort(key=lambda r: (args.methods.index(r["method"]), r["seed"], r["step"]))
         sweep_rows.sort(key=lambda r: (args.methods.index(r["method"]), r["lr"], r["step"]))
         methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+        used = {run_key(r) for r in rows + sweep_rows}
         result = {
             "command": "python -m eval.compare_rl " + " ".join(argv),
             "machine": machine(),
@@ -450,12 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
             "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)},
             # Runs recorded by an earlier invocation that this one has not (or not yet) used: kept, so
             # that an interrupted sweep or a narrower --methods does not erase them from the record.
-            "other_recorded_rows": [
-                r
-                for key, points in args.recorded.items()
-                if not any((p["method"], p["seed"], p["lr"]) == key for p in rows + sweep_rows)
-                for r in points
-            ],
+            "other_recorded_rows": [r for key, points in args.recorded.items() if key not in used for r in points],
         }
         write_json(out / "compare_rl.json", result)
         if rows:
