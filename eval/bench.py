@@ -9,6 +9,7 @@ file into `--out` (default `results/`):
     python -m eval.bench trl          [--budget 128000]                       -> trl_compare.json
     python -m eval.bench warm-start   [--recipes 600x64@2e-3,...]             -> warm_start_sweep.json
     python -m eval.bench greedy-flips --before DIR --after DIR [train.py flags] -> greedy_flips.json
+    python -m eval.bench train-run    --seeds 0,1,2 [train.py flags]          -> train_run.json
 
 `python -m eval.bench SUBCOMMAND --help` says what each one measures. Skip this file on a first
 reading: the paper's experiments are `eval/search_efficiency.py` and `eval/compare_rl.py`.
@@ -1437,10 +1438,94 @@ def run_greedy_flips(parser, args, argv) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# train-run: what `python train.py` (or a preset) costs and gives, seed by seed, from a fresh start
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_RUN_DOC = """What a whole run costs and gives: wall time, peak memory and held-out accuracy, per seed.
+
+    python -m eval.bench train-run --seeds 0,1,2 --out results/default
+    python -m eval.bench train-run --seeds 0,1 --out results/smollm2 --config configs/smollm2-135m.yaml
+
+Runs `/usr/bin/time -v python train.py --seed S --run_name <name>-seedS [train.py flags]` once per
+seed, one after another, each into a fresh run folder (its warm start included, as a new user's
+first run), and reads the wall time and maximum resident set size that `time -v` reports and the
+accuracies of the run's summary.json (avg@k and greedy, before and after RL). Writes train_run.json
+with one row per seed and the full configuration of the first. Flags other than these go to
+train.py. Time only on an otherwise idle machine."""
+
+
+def add_train_run(sub) -> None:
+    parser = sub.add_parser("train-run", help="wall time, memory and accuracy of whole runs", description=TRAIN_RUN_DOC)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
+    parser.add_argument("--runs_dir", default="runs/train-run", help="parent folder of the runs (cleared per seed)")
+    parser.set_defaults(run=run_train_run, train_flags=True)
+
+
+def time_v(stderr: str) -> tuple[float, float]:
+    """Wall seconds and maximum resident set size (GiB) from the report of GNU time's -v."""
+    clock = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    if not clock or not rss:
+        raise RuntimeError("no wall clock or maximum RSS in the output of /usr/bin/time -v")
+    hours, minutes, seconds = int(clock[1] or 0), int(clock[2]), float(clock[3])
+    return hours * 3600 + minutes * 60 + seconds, int(rss[1]) / 2**20
+
+
+def run_train_run(parser, args, argv) -> dict:
+    import shutil
+    import subprocess
+
+    if not Path("/usr/bin/time").exists():
+        parser.error("needs GNU time at /usr/bin/time (Debian/Ubuntu: apt-get install time)")
+    name = "preset" if "--config" in args.train_args else "default"
+    payload = {"command": command(argv), "machine": machine(), "rows": []}
+    for seed in parse_seeds(parser, args.seeds):
+        run_name = f"{name}-seed{seed}"
+        shutil.rmtree(Path(args.runs_dir) / run_name, ignore_errors=True)  # a fresh run: warm start included
+        flags = [*args.train_args, "--seed", str(seed), "--output_dir", args.runs_dir, "--run_name", run_name]
+        cmd = ["/usr/bin/time", "-v", sys.executable, "train.py", *flags]
+        print("running:", " ".join(cmd[2:]), flush=True)
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(done.stderr[-2000:])
+        if done.returncode != 0:
+            raise SystemExit(f"train.py failed with exit code {done.returncode} for seed {seed}")
+        wall, rss_gib = time_v(done.stderr)
+        summary = json.loads((Path(args.runs_dir) / run_name / "summary.json").read_text())
+        payload.setdefault("config", summary["config"])
+        payload["accuracy_metric"] = summary["accuracy_metric"]
+        row = {"seed": seed, "wall_seconds": round(wall, 1), "max_rss_gib": round(rss_gib, 3)}
+        for key in ("accuracy_before", "accuracy_after", "greedy_accuracy_before", "greedy_accuracy_after"):
+            row[key] = summary[key]
+        row.update(generated_tokens=summary["generated_tokens"], wall_seconds_train=round(summary["wall_seconds"], 1))
+        payload["rows"].append(row)
+        write_json(Path(args.out) / "train_run.json", payload)  # after every seed: an interrupted sweep keeps its rows
+    header = ["seed", "wall s", "max RSS GiB", "avg@k before", "after", "greedy before", "after"]
+    rows = [
+        [r["seed"], r["wall_seconds"], r["max_rss_gib"]]
+        + [
+            f"{r[k]:.1%}"
+            for k in ("accuracy_before", "accuracy_after", "greedy_accuracy_before", "greedy_accuracy_after")
+        ]
+        for r in payload["rows"]
+    ]
+    print(markdown_table(header, rows))
+    return payload
+
+
+# --------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_throughput, add_backends, add_verifier, add_gpu_memory, add_trl, add_warm_start, add_greedy_flips)
+SUBCOMMANDS = (
+    add_throughput,
+    add_backends,
+    add_verifier,
+    add_gpu_memory,
+    add_trl,
+    add_warm_start,
+    add_greedy_flips,
+    add_train_run,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1464,7 +1549,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "train_flags", False):  # only greedy-flips passes flags on
+    if extra and not getattr(args, "train_flags", False):  # greedy-flips and train-run pass flags on
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.train_args = extra
     return args.run(args.subparser, args, argv)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -78,8 +79,23 @@ def machine() -> str:
     return line
 
 
+def commit() -> str:
+    """The git commit a measurement ran from, with "+changes" when tracked files differed from it."""
+    try:
+        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def write_json(path: Path, payload: dict) -> None:
+    """A results file: the payload, led by the commit it ran from (unless the payload names one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"commit": commit(), **payload} if "commit" not in payload else payload
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
