@@ -116,7 +116,9 @@ def evaluate(name: str, expr: str, doc: Path) -> str:
     try:
         value = eval(expr, {"__builtins__": __builtins__, **helpers}, names)  # the docs are ours
     except Exception as error:
-        raise ValueError(f"{doc.relative_to(ROOT)}: {name}: {expr.strip()!r}: {type(error).__name__}: {error}")
+        raise ValueError(
+            f"{doc.relative_to(ROOT)}: {name}: {expr.strip()!r}: {type(error).__name__}: {error}"
+        ) from error
     return value if isinstance(value, str) else str(value)
 
 
