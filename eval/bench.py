@@ -1471,6 +1471,27 @@ def time_v(stderr: str) -> tuple[float, float]:
     return hours * 3600 + minutes * 60 + seconds, int(rss[1]) / 2**20
 
 
+def run_record(run_dir: Path) -> tuple[dict, dict]:
+    """A finished run's summary.json, and what a row records of it: the accuracies before and after,
+    the evaluations along training, and the mean seconds of a step's phases (metrics.jsonl)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = ("accuracy_before", "accuracy_after", "greedy_accuracy_before", "greedy_accuracy_after")
+    record = {key: summary[key] for key in keys}
+    record["evaluations"] = [
+        {"step": m["step"], "sampled": m["eval_sampled"], "greedy": m["eval_greedy"]}
+        for m in metrics
+        if "eval_sampled" in m
+    ]
+    steps = [m for m in metrics if "time_rollout" in m]
+    record["mean_step"] = {
+        key: statistics.fmean(m[key] for m in steps) if steps else 0.0
+        for key in ("time_rollout", "time_verify", "time_update", "generated_tokens", "leaves", "response_length")
+    }
+    record.update(generated_tokens=summary["generated_tokens"], wall_seconds_train=round(summary["wall_seconds"], 1))
+    return summary, record
+
+
 def run_train_run(parser, args, argv) -> dict:
     import shutil
     import subprocess
@@ -1490,14 +1511,11 @@ def run_train_run(parser, args, argv) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"train.py failed with exit code {done.returncode} for seed {seed}")
         wall, rss_gib = time_v(done.stderr)
-        summary = json.loads((Path(args.runs_dir) / run_name / "summary.json").read_text())
+        row = {"seed": seed, "wall_seconds": round(wall, 1), "max_rss_gib": round(rss_gib, 3)}
+        summary, record = run_record(Path(args.runs_dir) / run_name)
         payload.setdefault("config", summary["config"])
         payload["accuracy_metric"] = summary["accuracy_metric"]
-        row = {"seed": seed, "wall_seconds": round(wall, 1), "max_rss_gib": round(rss_gib, 3)}
-        for key in ("accuracy_before", "accuracy_after", "greedy_accuracy_before", "greedy_accuracy_after"):
-            row[key] = summary[key]
-        row.update(generated_tokens=summary["generated_tokens"], wall_seconds_train=round(summary["wall_seconds"], 1))
-        payload["rows"].append(row)
+        payload["rows"].append({**row, **record})
         write_json(Path(args.out) / "train_run.json", payload)  # after every seed: an interrupted sweep keeps its rows
     header = ["seed", "wall s", "max RSS GiB", "avg@k before", "after", "greedy before", "after"]
     rows = [

@@ -2,6 +2,7 @@
 measurements of eval/bench.py at tiny sizes."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,6 +324,31 @@ def test_bench_refuses_what_it_cannot_run(tmp_path):
             bench.main(["throughput", "--device", "cuda", "--out", str(tmp_path)])
         with pytest.raises(SystemExit):
             bench.main(["gpu-memory", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs GNU time at /usr/bin/time")
+def test_bench_train_run_records_time_memory_and_accuracy_per_seed(tmp_path):
+    flags = [*TINY, "--steps", "2", "--prompts_per_step", "2", "--eval_every", "1", "--save_trees", "false"]
+    out = bench.main(
+        ["train-run", "--seeds", "3", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path), *flags]
+    )
+    assert json.loads((tmp_path / "train_run.json").read_text()) == json.loads(json.dumps(out))
+    (row,) = out["rows"]
+    assert row["seed"] == 3 and out["config"]["seed"] == 3 and out["config"]["hidden_size"] == 32
+    assert row["wall_seconds"] > 0 and 0.05 < row["max_rss_gib"] < 8
+    assert [e["step"] for e in row["evaluations"]] == [0, 1, 2]
+    assert row["evaluations"][-1]["sampled"] == row["accuracy_after"]
+    assert row["mean_step"]["generated_tokens"] > 0 and row["generated_tokens"] > 0
+
+
+def test_time_v_reads_wall_clock_and_peak_memory():
+    report = (
+        "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.50\n\tMaximum resident set size (kbytes): 1048576\n"
+    )
+    assert bench.time_v(report) == (3723.5, 1.0)
+    assert bench.time_v(report.replace("1:02:03.50", "4:10.25"))[0] == 250.25
+    with pytest.raises(RuntimeError, match="time -v"):
+        bench.time_v("no report")
 
 
 # --------------------------------------------------------------------------------------------------
