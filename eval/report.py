@@ -114,7 +114,8 @@ def evaluate(name: str, expr: str, doc: Path) -> str:
     helpers = {"pct": pct, "pts": pts, "num": num, "mean": mean, "table": table, "math": math}
     helpers["source"] = lambda: source_line(data, name).replace("RESULTS/", results_link(doc))
     try:
-        value = eval(expr, {"__builtins__": __builtins__, **helpers}, names)  # the docs are ours
+        # One namespace, so that a comprehension inside a comprehension sees the file's names too.
+        value = eval(expr, {"__builtins__": __builtins__, **helpers, **names})  # the docs are ours
     except Exception as error:
         raise ValueError(
             f"{doc.relative_to(ROOT)}: {name}: {expr.strip()!r}: {type(error).__name__}: {error}"
