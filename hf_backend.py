@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from logprobs import entropy, tempered_log_softmax
 from tree import Sample
-from treerl import entropy, tempered_log_softmax
 
 
 class HFBackend:

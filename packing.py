@@ -5,7 +5,7 @@ Skip this file on a first reading: `TreeLayout` is a batch layout that `treerl.u
 (tests/test_packing.py checks it) with less compute, by running each token of a forest through
 the model once instead of once per leaf below it. train.py passes it with --pack_tree (default).
 
-The flat update (`treerl.collate`) turns every leaf of a forest into its own sequence, prompt and
+The flat update (`logprobs.collate`) turns every leaf of a forest into its own sequence, prompt and
 shared prefixes included, so a segment high in the tree is run through the model once per leaf
 below it. A forest of M = 4 trees with one round of forking (L = 1, N = T = 2) has 20 leaves, and
 its prompt is processed 20 times. Tree packing lays the tokens out once; a tree, as one row:
@@ -93,7 +93,7 @@ from functools import cached_property
 import torch
 
 import tree
-from treerl import aggregation_weight, token_stats
+from logprobs import aggregation_weight, token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest

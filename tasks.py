@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 
 import rewards
-import treerl
-from treerl import arg
+from settings import arg, check_choices
 
 
 @dataclass
@@ -51,7 +50,7 @@ class TaskConfig:
     eval_samples: int = arg(4, "sampled responses per held-out problem for avg@k")
 
     def validate(self) -> None:
-        treerl.check_choices(self, TaskConfig)
+        check_choices(self, TaskConfig)
         if self.task in ("math", "code") and not self.data:
             raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
         for name in ("eval_size", "eval_samples"):

@@ -44,8 +44,9 @@ import treerl
 import treeview
 import vllm_backend
 from policy import PolicyConfig
+from settings import arg, check_choices
 from tasks import TaskConfig
-from treerl import RolloutConfig, UpdateConfig, arg
+from treerl import RolloutConfig, UpdateConfig
 from vllm_backend import VLLMConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class RunConfig:
     resume: bool = arg(False, "continue from the latest checkpoint of this run")
 
     def validate(self) -> None:
-        treerl.check_choices(self, RunConfig)
+        check_choices(self, RunConfig)
         for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")

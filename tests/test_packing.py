@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import logprobs
 import packing
 import policy
 import tree
@@ -202,7 +203,7 @@ def test_packed_log_probs_equal_the_flat_ones(model, tokenizer, attention, seed)
     model = copy.deepcopy(model)
     model.set_attn_implementation(attention)
     sequences = random_sequences(seed, keep=None)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id)
     packed = packing.collate_packed(packing.pack_sequences(sequences), tokenizer.pad_token_id)
     with torch.no_grad():
         flat = batch.logprobs(model)
@@ -230,7 +231,7 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
         # The case that needs the sign split: a token shared by leaves of both advantage signs.
         forests = packing.pack_sequences(sequences)
         assert any(a[0] > 0 and a[1] < 0 for f in forests for a in f.advantage)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id, aggregation)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id, aggregation)
     packed = packing.collate_packed(packing.pack_sequences(sequences, aggregation), tokenizer.pad_token_id)
     # Response tokens (token aggregation) or responses (sequence aggregation) of the batch.
     denominator = sum(len(s.response_ids) for s in sequences) if aggregation == "token" else len(sequences)
@@ -295,7 +296,7 @@ def test_one_step_update_is_reinforce_on_the_token_advantages(model, tokenizer):
     """With one epoch and one mini-batch the old log-probs are the new ones detached (no extra
     forward): the step must be plain REINFORCE, -sum(A * log pi) / tokens, in both layouts."""
     sequences = random_sequences(2, keep=None, truncated_penalty=None)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id)
     expected = copy.deepcopy(model)
     expected.train()
     logp = batch.logprobs(expected)
