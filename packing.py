@@ -184,7 +184,7 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
         raise ValueError(f"aggregation must be token or sequence; got {aggregation!r}")
     root = tree.ancestors(sequences[0].leaf)[0]
     if any(tree.ancestors(seq.leaf)[0] is not root for seq in sequences):
-        raise ValueError("pack_forest takes the sequences of one forest; use pack_sequences for several")
+        raise ValueError("pack_forest takes the sequences of one forest; group several with forests_of")
     if not root.tokens:
         raise ValueError("tree packing needs a non-empty prompt: its last token predicts the first response token")
 
@@ -263,11 +263,6 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
         n_sequences=len(sequences),
         aggregation=aggregation,
     )
-
-
-def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[PackedForest]:
-    """One `PackedForest` per forest among `sequences`."""
-    return [pack_forest([sequences[k] for k in group], aggregation) for group in forests_of(sequences)]
 
 
 def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[list[PackedForest]]:
@@ -371,23 +366,6 @@ def attention_mask(segments: torch.Tensor, related: torch.Tensor, dtype: torch.d
     if dtype == torch.bool:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def tree_attention_mask(forest: PackedForest, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention mask [width, width] of a forest laid out as one row: 0 where query i
-    may attend to key j, the dtype's most negative number elsewhere.
-
-    i may attend to j when j <= i and j's segment is i's own segment or one of its ancestors.
-    Because ancestors come first in the row, "j <= i" only matters inside a segment, where it is
-    the ordinary causal rule; the prompt (segment 0, everybody's ancestor) is causal too.
-    Padding (positions past the forest) forms one more segment that sees only padding, so no
-    query row is fully masked (that would give NaN) and no real token ever sees padding.
-    The model's rows (`collate_packed`) follow the same rule, over trees of several forests.
-    """
-    related = torch.block_diag(forest.related, torch.ones(1, 1, dtype=torch.bool))
-    segments = torch.full((1, width), len(forest.lineage), dtype=torch.long)
-    segments[0, : len(forest)] = forest.tensors["segment"]
-    return attention_mask(segments, related, dtype)[0]
 
 
 @dataclass

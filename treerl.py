@@ -246,7 +246,9 @@ def rollout(
 
 def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) -> list[tree.TrainSequence]:
     """One scored forest as training sequences: the leaves to train on (all, or `keep_leaves` of
-    them drawn with `rng`), the advantage of every segment, every token carrying its segment's."""
+    them drawn with `rng`), the advantage of every segment, every token carrying its segment's.
+    This is where advantages become per-token: a per-token credit maps a segment to a list of one
+    advantage per token instead of one number, and tree.to_sequences passes it on as it is."""
     chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
     if cfg.algo == "treerl":
         advantages = cfg.process_rewards(root, chosen)
