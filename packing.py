@@ -58,29 +58,28 @@ What it costs
 Each token goes through the model once (plus one copy of the prompt per tree, below), so the MLPs
 and projections do about (unique / flat) of the flat work (`token_ratio`). Attention is where a
 packed row pays: SDPA scores every query against every key of its row, masked or not, so a
-query's cost grows with the row's length, where a flat row is one leaf's path. Measured on the
-default CPU model (SDPA's CPU flash kernel, forward + backward, same number of tokens), a query
-costs ~2.2x as much in a row of 256 tokens as in one of 80; the causal case, which skips the
-blocks above the diagonal, is only ~7% cheaper than a masked row of the same length, so clever
-orderings buy little: only shorter rows do. Hence:
+query's cost grows with the row's length, where a flat row is one leaf's path: on the default CPU
+model a query in a row of 256 tokens costs about twice one in a row of 80. The causal case, which
+skips the blocks above the diagonal, is barely cheaper than a masked row of the same length, so
+clever orderings buy little: only shorter rows do. Hence:
 
 - **one row per tree, not per forest** (`layout_rows`): the trees of a forest (the children of the
   prompt) share nothing but the prompt, so each gets its own row with a copy of the prompt (short
-  ones may share a row, up to the length of the longest). Rows are ~4x shorter than the forest's
-  (M = 4), and attention ~4x cheaper than over one forest row;
+  ones may share a row, up to the length of the longest). Rows are about M times shorter than the
+  forest's, and attention over them about M times cheaper than over one forest row;
 - **micro-batches of trees of about the same length** (`TreeLayout`, `group_by_length`):
   little padding, and a short tree never waits for a long one's row length;
 - a **boolean mask** (SDPA's own form, a quarter of an additive float mask's memory), made by one
   gather from the small segment relation; a micro-batch's tensors are built once and serve the
   old log-probs and the update.
 
-Default model, 16 prompts, M = 4, N = T = 2, 64-token responses (`python -m eval.bench throughput`, 2 CPU
-cores): L = 1, unique/flat 0.53, tokens through the model / flat 0.59 (prompt copies and padding),
-update 1.35-1.40x the flat tokens/s (0.88x with one row per forest); L = 2, unique/flat 0.42,
-1.57x (0.97x). What is left is mostly attention: rows of ~250 tokens cost about 1.3x the flat
-batch's attention for 0.6x its tokens, a fifth of the packed update. The mask is dense,
-[rows, 1, W, W] per micro-batch with W the longest tree: trees of thousands of tokens need a lot
-of memory for it.
+So on a CPU the packed update runs faster than the flat one, and more so the more a forest shares
+(L = 2 more than L = 1); laid out one row per forest, attention ate the gain. What is left is
+mostly attention over the rows, and the prompt copies and padding. On a GPU the flat rows get fused
+causal kernels that the tree mask does not, and packing saves memory rather than time. The
+measurements (`python -m eval.bench throughput`): docs/performance.md, section "Where the default
+run's time goes, on a slow CPU". The mask is dense, [rows, 1, W, W] per micro-batch with W the
+longest tree: trees of thousands of tokens need a lot of memory for it.
 """
 
 from __future__ import annotations
