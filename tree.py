@@ -99,7 +99,7 @@ class Node:
         scores: Sequence[float] = (),
     ) -> Node:
         """Append a child segment and return it. `scores` is another name of `entropies` (the fork
-        scores of `fork_score="entropy"`), the one the design's contract for this method uses."""
+        scores of `fork_score="entropy"`), part of this method's documented interface."""
         child = Node(list(tokens), list(logprobs), list(entropies or scores), parent=self, finished=finished)
         self.children.append(child)
         return child

@@ -13,9 +13,9 @@ One TreeRL step (Hou et al., 2025, arXiv 2506.11902) is
                 DAPO's asymmetric clip), then backend.sync(model)
 
 Read it top to bottom: the Backend protocol, the rollout settings and `rollout`, then the update
-settings, `policy_loss`, the batch layouts and `update`. The token log-probs and the flat batch
-it uses (`logprobs.py`) and its settings helpers (`settings.py`) are shared with the modules below
-it, and a first reading skips them.
+settings, `policy_loss`, the batch layouts and `update`. Its settings helpers (`settings.py`), the
+token log-probs and the flat batch (`logprobs.py`) live in modules of their own, shared with the
+engines, the packed layout and the warm start; a first reading skips them.
 
 Engines stay outside: `hf_backend.HFBackend` (a KV-cache decode loop over the transformers model)
 and `vllm_backend.VLLMBackend` (a colocated vLLM engine) implement the protocol, and any engine
