@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from logprobs import entropy, tempered_log_softmax
 from tree import Sample
-from treerl import entropy, tempered_log_softmax
 
 
 class HFBackend:
@@ -321,10 +321,10 @@ class _BufferedLayer(DynamicLayer):
     """One layer's KV cache in a buffer allocated once for the whole decode.
 
     transformers' DynamicLayer appends each step's keys and values with `torch.cat`, which copies
-    the whole cache every step: decoding k tokens copies O(k^2) token states, and on a 2-core CPU
-    that copy took about as long as the model's matrix products (30M-parameter model, batch 256,
-    140 positions). Here each step writes its new states into place and the attention reads a view
-    of the filled part.
+    the whole cache every step: decoding k tokens copies O(k^2) token states, and on a small model
+    on a CPU that copy can cost as much as the model's matrix products (measured: docs/performance.md,
+    section "Where the default run's time goes, on a slow CPU"). Here each step writes its new
+    states into place and the attention reads a view of the filled part.
     """
 
     def __init__(self, capacity: int):

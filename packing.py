@@ -5,7 +5,7 @@ Skip this file on a first reading: `TreeLayout` is a batch layout that `treerl.u
 (tests/test_packing.py checks it) with less compute, by running each token of a forest through
 the model once instead of once per leaf below it. train.py passes it with --pack_tree (default).
 
-The flat update (`treerl.collate`) turns every leaf of a forest into its own sequence, prompt and
+The flat update (`logprobs.collate`) turns every leaf of a forest into its own sequence, prompt and
 shared prefixes included, so a segment high in the tree is run through the model once per leaf
 below it. A forest of M = 4 trees with one round of forking (L = 1, N = T = 2) has 20 leaves, and
 its prompt is processed 20 times. Tree packing lays the tokens out once; a tree, as one row:
@@ -58,29 +58,28 @@ What it costs
 Each token goes through the model once (plus one copy of the prompt per tree, below), so the MLPs
 and projections do about (unique / flat) of the flat work (`token_ratio`). Attention is where a
 packed row pays: SDPA scores every query against every key of its row, masked or not, so a
-query's cost grows with the row's length, where a flat row is one leaf's path. Measured on the
-default CPU model (SDPA's CPU flash kernel, forward + backward, same number of tokens), a query
-costs ~2.2x as much in a row of 256 tokens as in one of 80; the causal case, which skips the
-blocks above the diagonal, is only ~7% cheaper than a masked row of the same length, so clever
-orderings buy little: only shorter rows do. Hence:
+query's cost grows with the row's length, where a flat row is one leaf's path: on the default CPU
+model a query in a row of 256 tokens costs about twice one in a row of 80. The causal case, which
+skips the blocks above the diagonal, is barely cheaper than a masked row of the same length, so
+clever orderings buy little: only shorter rows do. Hence:
 
 - **one row per tree, not per forest** (`layout_rows`): the trees of a forest (the children of the
   prompt) share nothing but the prompt, so each gets its own row with a copy of the prompt (short
-  ones may share a row, up to the length of the longest). Rows are ~4x shorter than the forest's
-  (M = 4), and attention ~4x cheaper than over one forest row;
+  ones may share a row, up to the length of the longest). Rows are about M times shorter than the
+  forest's, and attention over them about M times cheaper than over one forest row;
 - **micro-batches of trees of about the same length** (`TreeLayout`, `group_by_length`):
   little padding, and a short tree never waits for a long one's row length;
 - a **boolean mask** (SDPA's own form, a quarter of an additive float mask's memory), made by one
   gather from the small segment relation; a micro-batch's tensors are built once and serve the
   old log-probs and the update.
 
-Default model, 16 prompts, M = 4, N = T = 2, 64-token responses (`python -m eval.bench throughput`, 2 CPU
-cores): L = 1, unique/flat 0.53, tokens through the model / flat 0.59 (prompt copies and padding),
-update 1.35-1.40x the flat tokens/s (0.88x with one row per forest); L = 2, unique/flat 0.42,
-1.57x (0.97x). What is left is mostly attention: rows of ~250 tokens cost about 1.3x the flat
-batch's attention for 0.6x its tokens, a fifth of the packed update. The mask is dense,
-[rows, 1, W, W] per micro-batch with W the longest tree: trees of thousands of tokens need a lot
-of memory for it.
+So on a CPU the packed update runs faster than the flat one, and more so the more a forest shares
+(L = 2 more than L = 1); laid out one row per forest, attention ate the gain. What is left is
+mostly attention over the rows, and the prompt copies and padding. On a GPU the flat rows get fused
+causal kernels that the tree mask does not, and packing saves memory rather than time. The
+measurements (`python -m eval.bench throughput`): docs/performance.md, section "Where the default
+run's time goes, on a slow CPU". The mask is dense, [rows, 1, W, W] per micro-batch with W the
+longest tree: trees of thousands of tokens need a lot of memory for it.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ from functools import cached_property
 import torch
 
 import tree
-from treerl import aggregation_weight, token_stats
+from logprobs import aggregation_weight, token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -184,7 +183,7 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
         raise ValueError(f"aggregation must be token or sequence; got {aggregation!r}")
     root = tree.ancestors(sequences[0].leaf)[0]
     if any(tree.ancestors(seq.leaf)[0] is not root for seq in sequences):
-        raise ValueError("pack_forest takes the sequences of one forest; use pack_sequences for several")
+        raise ValueError("pack_forest takes the sequences of one forest; group several with forests_of")
     if not root.tokens:
         raise ValueError("tree packing needs a non-empty prompt: its last token predicts the first response token")
 
@@ -263,11 +262,6 @@ def pack_forest(sequences: Sequence[tree.TrainSequence], aggregation: str = "tok
         n_sequences=len(sequences),
         aggregation=aggregation,
     )
-
-
-def pack_sequences(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[PackedForest]:
-    """One `PackedForest` per forest among `sequences`."""
-    return [pack_forest([sequences[k] for k in group], aggregation) for group in forests_of(sequences)]
 
 
 def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "token") -> list[list[PackedForest]]:
@@ -371,23 +365,6 @@ def attention_mask(segments: torch.Tensor, related: torch.Tensor, dtype: torch.d
     if dtype == torch.bool:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def tree_attention_mask(forest: PackedForest, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention mask [width, width] of a forest laid out as one row: 0 where query i
-    may attend to key j, the dtype's most negative number elsewhere.
-
-    i may attend to j when j <= i and j's segment is i's own segment or one of its ancestors.
-    Because ancestors come first in the row, "j <= i" only matters inside a segment, where it is
-    the ordinary causal rule; the prompt (segment 0, everybody's ancestor) is causal too.
-    Padding (positions past the forest) forms one more segment that sees only padding, so no
-    query row is fully masked (that would give NaN) and no real token ever sees padding.
-    The model's rows (`collate_packed`) follow the same rule, over trees of several forests.
-    """
-    related = torch.block_diag(forest.related, torch.ones(1, 1, dtype=torch.bool))
-    segments = torch.full((1, width), len(forest.lineage), dtype=torch.long)
-    segments[0, : len(forest)] = forest.tensors["segment"]
-    return attention_mask(segments, related, dtype)[0]
 
 
 @dataclass

@@ -28,10 +28,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+import logprobs
 import tree
-import treerl
+from settings import arg, check_choices
 from tasks import Task, TaskConfig, build_task
-from treerl import arg
 
 
 @dataclass
@@ -50,7 +50,7 @@ class PolicyConfig:
     warmup_lr: float = arg(2e-3, "learning rate of the supervised stage")
 
     def validate(self) -> None:
-        treerl.check_choices(self, PolicyConfig)
+        check_choices(self, PolicyConfig)
         for name in ("hidden_size", "num_layers", "num_heads", "warmup_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
@@ -238,7 +238,7 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
         sequences = [
             tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None) for p, a in zip(prompts, answers)
         ]
-        b = treerl.collate(sequences, tokenizer.pad_token_id, device=device)
+        b = logprobs.collate(sequences, tokenizer.pad_token_id, device=device)
         logp = b.logprobs(model)
         loss = -(logp * b.mask).sum() / b.mask.sum()
         optimizer.zero_grad(set_to_none=True)

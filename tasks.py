@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 
 import rewards
-import treerl
-from treerl import arg
+from settings import arg, check_choices
 
 
 @dataclass
@@ -51,7 +50,7 @@ class TaskConfig:
     eval_samples: int = arg(4, "sampled responses per held-out problem for avg@k")
 
     def validate(self) -> None:
-        treerl.check_choices(self, TaskConfig)
+        check_choices(self, TaskConfig)
         if self.task in ("math", "code") and not self.data:
             raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
         for name in ("eval_size", "eval_samples"):
@@ -242,7 +241,8 @@ def code_rewards(responses: list[str], tests: list) -> list[float]:
 # unambiguous: "Compute 4+7-2.\n" -> "4+7=11\n11-2=9\nAnswer: 9". Intermediate results may be negative.
 # Difficulty knobs: the number of operands and their digits. A tiny model learns the format in a few
 # hundred supervised steps with 1-digit operands, which is what makes a CPU run of the full TreeRL
-# loop possible; with two-digit operands it stays near 1% after 1,000 steps.
+# loop possible; with two-digit operands it learns the arithmetic far more slowly, too slowly for a
+# short warm start.
 
 
 @dataclass(frozen=True)

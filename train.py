@@ -1,9 +1,9 @@
 """Train a language model with TreeRL (or the ChainRL baseline): `python train.py`.
 
 The paper's RL training procedure (Section 3: EPTree rollouts, process rewards, a policy-gradient
-update, repeated over batches of prompts), as a run: settings, the loop, logging, checkpoints.
-The algorithm itself is in tree.py and treerl.py. With no arguments this runs the CPU default end
-to end, in minutes, with nothing downloaded:
+update, repeated over batches of prompts), as a run: the loop, logging, checkpoints, then (at the
+end of the file) the settings. The algorithm itself is in tree.py and treerl.py. With no arguments
+this runs the CPU default end to end, in minutes, with nothing downloaded:
 
 1. build a small Llama-architecture model and a character-level tokenizer in code, and warm-start
    it with a short supervised stage on worked arithmetic solutions (policy.py, tasks.py), so that
@@ -44,97 +44,10 @@ import treerl
 import treeview
 import vllm_backend
 from policy import PolicyConfig
+from settings import arg, check_choices
 from tasks import TaskConfig
-from treerl import RolloutConfig, UpdateConfig, arg
+from treerl import RolloutConfig, UpdateConfig
 from vllm_backend import VLLMConfig
-
-# --------------------------------------------------------------------------------------------------
-# Settings: this file's own, then those of the modules it drives, composed into one command line
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunConfig:
-    """The run: where results go, the seed, the rollout engine, and the loop."""
-
-    run_name: str = arg("default", "results go to <output_dir>/<run_name>/")
-    output_dir: str = arg("runs", "parent folder of all runs")
-    seed: int = arg(0, "seed of model init, data order and sampling")
-    backend: Literal["hf", "vllm"] = arg("hf", "rollout engine: transformers (hf) or a colocated vLLM engine")
-    gen_batch_size: int = arg(256, "sequences per generation batch (hf backend)")
-    steps: int = arg(120, "RL steps")
-    max_generated_tokens: int = arg(0, "stop RL after this many generated tokens (0: no limit)")
-    prompts_per_step: int = arg(16, "prompts per RL step (each grows a forest)")
-    eval_every: int = arg(20, "held-out evaluation every this many steps (0: only before and after)")
-    save_trees: bool = arg(True, "at every evaluation, draw a held-out forest to <run>/trees/ (treeview.py)")
-    save_every: int = arg(20, "checkpoint every this many steps (0: only at the end)")
-    resume: bool = arg(False, "continue from the latest checkpoint of this run")
-
-    def validate(self) -> None:
-        treerl.check_choices(self, RunConfig)
-        for name in ("prompts_per_step", "gen_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
-
-
-CONFIG_CLASSES = (RunConfig, VLLMConfig, PolicyConfig, TaskConfig, RolloutConfig, UpdateConfig)
-
-
-@dataclass
-class Config:
-    run: RunConfig
-    vllm: VLLMConfig
-    policy: PolicyConfig
-    task: TaskConfig
-    rollout: RolloutConfig
-    update: UpdateConfig
-
-    def as_dict(self) -> dict:
-        """Every setting by flag name, the vLLM ones after --backend: the order in which the settings
-        recorded in results/ are compared (eval/compare_rl.py)."""
-        run = list(asdict(self.run).items())
-        at = [key for key, _ in run].index("backend") + 1
-        rest = [item for part in (self.policy, self.task, self.rollout, self.update) for item in asdict(part).items()]
-        return dict(run[:at] + list(asdict(self.vllm).items()) + run[at:] + rest)
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Flags from the settings dataclasses (transformers' HfArgumentParser: a field's type, default
-    and help make a flag, a Literal its choices); `--config FILE.yaml` supplies defaults that flags
-    given on the command line override."""
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="")
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(CONFIG_CLASSES, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="", help="YAML preset (flags after it override it)")
-    if known.config:
-        parser.set_defaults(**load_preset(known.config))
-    config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
-    for part in fields(config):
-        getattr(config, part.name).validate()
-    return config
-
-
-def load_preset(path: str) -> dict:
-    """A preset: a mapping of flag names to values."""
-    import yaml
-
-    if not Path(path).is_file():
-        raise ValueError(f"--config: no such file {path!r}")
-    with open(path) as f:
-        preset = yaml.safe_load(f) or {}
-    if not isinstance(preset, dict):
-        raise ValueError(f"{path}: a preset is a mapping of flag names to values")
-    unknown = sorted(set(preset) - {f.name for cls in CONFIG_CLASSES for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (see python train.py --help)")
-    return preset  # its values are checked with the flags' (Config.validate)
-
 
 # --------------------------------------------------------------------------------------------------
 # The run, in three steps: load, start or resume, loop
@@ -403,6 +316,94 @@ def save_checkpoint(run: Run, state: State) -> None:
     os.replace(tmp, final)
     for old in sorted((run.dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings: this file's own, then those of the modules it drives, composed into one command line
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """The run: where results go, the seed, the rollout engine, and the loop."""
+
+    run_name: str = arg("default", "results go to <output_dir>/<run_name>/")
+    output_dir: str = arg("runs", "parent folder of all runs")
+    seed: int = arg(0, "seed of model init, data order and sampling")
+    backend: Literal["hf", "vllm"] = arg("hf", "rollout engine: transformers (hf) or a colocated vLLM engine")
+    gen_batch_size: int = arg(256, "sequences per generation batch (hf backend)")
+    steps: int = arg(120, "RL steps")
+    max_generated_tokens: int = arg(0, "stop RL after this many generated tokens (0: no limit)")
+    prompts_per_step: int = arg(16, "prompts per RL step (each grows a forest)")
+    eval_every: int = arg(20, "held-out evaluation every this many steps (0: only before and after)")
+    save_trees: bool = arg(True, "at every evaluation, draw a held-out forest to <run>/trees/ (treeview.py)")
+    save_every: int = arg(20, "checkpoint every this many steps (0: only at the end)")
+    resume: bool = arg(False, "continue from the latest checkpoint of this run")
+
+    def validate(self) -> None:
+        check_choices(self, RunConfig)
+        for name in ("prompts_per_step", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+
+
+CONFIG_CLASSES = (RunConfig, VLLMConfig, PolicyConfig, TaskConfig, RolloutConfig, UpdateConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    vllm: VLLMConfig
+    policy: PolicyConfig
+    task: TaskConfig
+    rollout: RolloutConfig
+    update: UpdateConfig
+
+    def as_dict(self) -> dict:
+        """Every setting by flag name, the vLLM ones after --backend: the order in which the settings
+        recorded in results/ are compared (eval/compare_rl.py)."""
+        run = list(asdict(self.run).items())
+        at = [key for key, _ in run].index("backend") + 1
+        rest = [item for part in (self.policy, self.task, self.rollout, self.update) for item in asdict(part).items()]
+        return dict(run[:at] + list(asdict(self.vllm).items()) + run[at:] + rest)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Flags from the settings dataclasses (transformers' HfArgumentParser: a field's type, default
+    and help make a flag, a Literal its choices); `--config FILE.yaml` supplies defaults that flags
+    given on the command line override."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(CONFIG_CLASSES, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="", help="YAML preset (flags after it override it)")
+    if known.config:
+        parser.set_defaults(**load_preset(known.config))
+    config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
+    for part in fields(config):
+        getattr(config, part.name).validate()
+    return config
+
+
+def load_preset(path: str) -> dict:
+    """A preset: a mapping of flag names to values."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ValueError(f"--config: no such file {path!r}")
+    with open(path) as f:
+        preset = yaml.safe_load(f) or {}
+    if not isinstance(preset, dict):
+        raise ValueError(f"{path}: a preset is a mapping of flag names to values")
+    unknown = sorted(set(preset) - {f.name for cls in CONFIG_CLASSES for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (see python train.py --help)")
+    return preset  # its values are checked with the flags' (Config.validate)
 
 
 def main(argv: list[str] | None = None) -> dict:

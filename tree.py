@@ -98,7 +98,8 @@ class Node:
         *,
         scores: Sequence[float] = (),
     ) -> Node:
-        """Append a child segment and return it (`scores`: an older name of `entropies`)."""
+        """Append a child segment and return it. `scores` is another name of `entropies` (the fork
+        scores of `fork_score="entropy"`), part of this method's documented interface."""
         child = Node(list(tokens), list(logprobs), list(entropies or scores), parent=self, finished=finished)
         self.children.append(child)
         return child
@@ -266,32 +267,6 @@ def _attach(parent: Node, sample: Sample, budget: int | None = None) -> Node:
     return parent.add(sample.tokens, sample.logprobs, sample.entropies, finished=sample.finished)
 
 
-def eptree(
-    prompt_ids: Sequence[int],
-    sample_fn: SampleFn,
-    M: int,
-    N: int,
-    L: int,
-    T: int,
-    fork_score: str = "nll",
-    candidates: ForkCandidates = Forkable(),
-    seed: int = 0,
-    max_response_tokens: int | None = None,
-    full_length_branches: bool = False,
-) -> Node:
-    """Grow an EPTree forest for one prompt and return its root (Algorithm 1).
-
-    M chains first, then L rounds of N forks per tree with T continuations per fork. Each round sends
-    every prefix of every tree to `sample_fn` in one batch. L = 0 gives M independent chains:
-    ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
-    `max_response_tokens` caps every complete response, including the part before a fork.
-    `candidates` says where a tree may fork (`Forkable`: not in the answer, not at the very end).
-    """
-    return eptree_batch(
-        [prompt_ids], sample_fn, M, N, L, T, fork_score, candidates, seed, max_response_tokens, full_length_branches
-    )[0]
-
-
 def eptree_batch(
     prompts: Sequence[Sequence[int]],
     sample_fn: SampleFn,
@@ -305,13 +280,18 @@ def eptree_batch(
     max_response_tokens: int | None = None,
     full_length_branches: bool = False,
 ) -> list[Node]:
-    """EPTree for many prompts at once: the same search as `eptree`, one forest per prompt, but
-    each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
-    stays busy (one call for the chains, then one call per round).
+    """Grow an EPTree forest for every prompt and return their roots (Algorithm 1).
 
-    A branch may fill what the response budget leaves below its fork; with `full_length_branches`
-    (the release) it may add `max_response_tokens` tokens of its own, so a forked response can be
-    longer than a chain. The settings are checked once, by `treerl.TreeConfig.validate`."""
+    M chains per prompt first, then L rounds of N forks per tree with T continuations per fork.
+    Each step sends the prefixes of *all* forests to `sample_fn` together, so a batched sampler
+    stays busy (one call for the chains, then one call per round). L = 0 gives M independent
+    chains: ChainRL's rollout. Rewards are not assigned here: set `leaf.reward` on `leaves(root)`.
+    `candidates` says where a tree may fork (`Forkable`: not in the answer, not at the very end).
+
+    `max_response_tokens` caps every complete response, the part before a fork included: a branch
+    may fill what that budget leaves below its fork; with `full_length_branches` (the release) it
+    may add `max_response_tokens` tokens of its own, so a forked response can be longer than a
+    chain. The settings are checked once, by `treerl.TreeConfig.validate`."""
     rng = random.Random(seed)
     roots = [Node(list(p)) for p in prompts]
 
@@ -450,7 +430,8 @@ def chain_advantages(root: Node, kind: str = "grpo", clamp: bool = False) -> dic
 
 @dataclass
 class TrainSequence:
-    """One leaf path as a training example: every token of a segment carries its advantage."""
+    """One leaf path as a training example: every token carries its segment's advantage (or its own,
+    under a per-token credit: `to_sequences`)."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -479,7 +460,7 @@ def pick_leaves(root: Node, keep: int | None = None, rng: random.Random | None =
 
 def to_sequences(
     root: Node,
-    advantages: dict[Node, float],
+    advantages: dict[Node, float | Sequence[float]],
     keep: int | None = None,
     rng: random.Random | None = None,
     truncated_penalty: float | None = None,
@@ -487,10 +468,11 @@ def to_sequences(
 ) -> list[TrainSequence]:
     """Flatten a forest into one training sequence per leaf.
 
-    `advantages` maps every non-root segment to the advantage of its tokens (process_rewards or
-    chain_advantages). The leaves are `chosen` (pick_leaves), or else `pick_leaves(root, keep,
-    rng)`. `truncated_penalty` (the release uses -1.0) replaces the advantage of every token of a
-    response that never ended.
+    `advantages` maps every non-root segment to the advantage of its tokens: one number, which
+    every token of the segment carries (process_rewards, chain_advantages), or a list of one number
+    per token of the segment, a per-token credit, which reaches the loss as it is. The leaves are
+    `chosen` (pick_leaves), or else `pick_leaves(root, keep, rng)`. `truncated_penalty` (the
+    release uses -1.0) replaces the advantage of every token of a response that never ended.
     """
     if chosen is None:
         chosen = pick_leaves(root, keep, rng)
@@ -500,7 +482,7 @@ def to_sequences(
         if truncated_penalty is not None and not leaf.finished:
             token_advantages = [truncated_penalty] * sum(len(s.tokens) for s in segments)
         else:
-            token_advantages = [advantages[s] for s in segments for _ in s.tokens]
+            token_advantages = [a for s in segments for a in token_credit(s, advantages[s])]
         sequences.append(
             TrainSequence(
                 prompt_ids=list(root.tokens),
@@ -513,3 +495,16 @@ def to_sequences(
             )
         )
     return sequences
+
+
+def token_credit(segment: Node, advantage: float | Sequence[float]) -> list[float]:
+    """The advantages of a segment's tokens: one value on every token (R(s), Eq. 4), or the
+    segment's per-token credit, one value per token."""
+    if not isinstance(advantage, Sequence):
+        return [advantage] * len(segment.tokens)
+    if len(advantage) != len(segment.tokens):
+        raise ValueError(
+            f"a per-token advantage needs one value per token: got {len(advantage)} for a segment of "
+            f"{len(segment.tokens)} tokens"
+        )
+    return list(advantage)

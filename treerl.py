@@ -12,8 +12,10 @@ One TreeRL step (Hou et al., 2025, arXiv 2506.11902) is
             ──► update: a clipped policy-gradient loss on those advantages (GRPO-style, with
                 DAPO's asymmetric clip), then backend.sync(model)
 
-Read it top to bottom: the Backend protocol and token statistics, the rollout settings and
-`rollout`, then the update settings, collation, `policy_loss` and `update`.
+Read it top to bottom: the Backend protocol, the rollout settings and `rollout`, then the update
+settings, `policy_loss`, the batch layouts and `update`. Its settings helpers (`settings.py`), the
+token log-probs and the flat batch (`logprobs.py`) live in modules of their own, shared with the
+engines, the packed layout and the warm start; a first reading skips them.
 
 Engines stay outside: `hf_backend.HFBackend` (a KV-cache decode loop over the transformers model)
 and `vllm_backend.VLLMBackend` (a colocated vLLM engine) implement the protocol, and any engine
@@ -29,31 +31,16 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Literal, Protocol, get_args, get_origin, get_type_hints
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 
+import logprobs
 import release
 import tree
+from settings import arg, check_choices
 from tree import Sample
-
-
-def arg(default, help: str):
-    """A configuration field with its --help line (dataclasses become flags: train.parse_config)."""
-    return field(default=default, metadata={"help": help})
-
-
-def check_choices(config, cls: type) -> None:
-    """Every `Literal` field of dataclass `cls` holds one of its values in `config` (the flag
-    parser checks the command line; this checks configurations built in code)."""
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        hint = hints[f.name]
-        if get_origin(hint) is Literal and getattr(config, f.name) not in get_args(hint):
-            raise ValueError(f"--{f.name} must be one of {', '.join(get_args(hint))}; got {getattr(config, f.name)!r}")
-
 
 # --------------------------------------------------------------------------------------------------
 # What the rollout needs from a generation engine
@@ -83,25 +70,6 @@ class Backend(Protocol):
 
     def sync(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (called after every update)."""
-
-
-def token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of `tokens` and entropy of the distribution softmax(logits / temperature).
-
-    Both are of the temperature-scaled distribution before top-p truncation, the distribution the
-    policy gradient is taken on. logits: [..., V], tokens: [...] -> two tensors shaped like tokens.
-    """
-    logp = tempered_log_softmax(logits, temperature)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy(logp)
-
-
-def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-
-
-def entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution given by log-probs over the last dimension."""
-    return -(logp.exp() * logp).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +246,9 @@ def rollout(
 
 def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) -> list[tree.TrainSequence]:
     """One scored forest as training sequences: the leaves to train on (all, or `keep_leaves` of
-    them drawn with `rng`), the advantage of every segment, every token carrying its segment's."""
+    them drawn with `rng`), the advantage of every segment, every token carrying its segment's.
+    This is where advantages become per-token: a per-token credit maps a segment to a list of one
+    advantage per token instead of one number, and tree.to_sequences passes it on as it is."""
     chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
     if cfg.algo == "treerl":
         advantages = cfg.process_rewards(root, chosen)
@@ -388,7 +358,8 @@ def optimizer_for(model, cfg: UpdateConfig, steps: int):
 # The loss sees a micro-batch only through per-token tensors. A *position* of a micro-batch stands
 # for one or more (leaf, response token) pairs of the rollout: in the flat layout below exactly
 # one (every leaf is its own row), in the tree-packed layout (packing.py) every leaf that shares
-# the token. Each pair carries its leaf's advantage A and an aggregation weight w:
+# the token. Each pair carries its leaf's advantage A and an aggregation weight w
+# (`logprobs.aggregation_weight`):
 #
 #     token aggregation (DAPO):    w = 1,             loss = sum of w * f / response tokens
 #     sequence aggregation (GRPO): w = 1 / |o_leaf|,  loss = sum of w * f / responses
@@ -396,61 +367,8 @@ def optimizer_for(model, cfg: UpdateConfig, steps: int):
 # with f(rho, A) = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)) the clipped
 # surrogate. f is positively homogeneous in A, so w * f(rho, A) = f(rho, w * A): a batch hands the
 # loss the *weighted* advantages w * A, in K columns whose surrogates add up (one column in the
-# flat layout; in the packed one, the pairs of each advantage sign summed, which is exact, and a
-# third column for pairs with A = 0, which count in the statistics only).
-
-
-@dataclass
-class Batch:
-    """A micro-batch in the flat layout: right-padded sequences, one row per leaf.
-
-    Every per-token tensor is aligned with the *targets* input_ids[:, 1:], so position t holds the
-    quantities of the token predicted at step t; rows [B] and positions [W-1] are the same for the
-    tensors the loss reads (`advantages`, `pairs`, `weight`) and the log-probs of `logprobs`.
-    """
-
-    input_ids: torch.Tensor  # [B, W]
-    attention_mask: torch.Tensor  # [B, W]
-    advantages: torch.Tensor  # [B, W-1, 1] w * A on response tokens, 0 elsewhere
-    pairs: torch.Tensor  # [B, W-1, 1] (leaf, token) pairs behind each column: 1 on response tokens
-    weight: torch.Tensor  # [B, W-1] w on response tokens (the weight of the KL term)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """[B, W-1] 1 on response tokens."""
-        return self.pairs[..., 0]
-
-    def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
-        """log pi(target token) at every position, under softmax(logits / temperature): [B, W-1]."""
-        logits = model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits[:, :-1]
-        return token_stats(logits, self.input_ids[:, 1:], temperature)[0]
-
-
-def aggregation_weight(response_length: int, aggregation: str) -> float:
-    """w of every token of a response: 1 for token aggregation, 1 / length for sequence aggregation."""
-    return 1.0 if aggregation == "token" else 1.0 / max(response_length, 1)
-
-
-def collate(
-    sequences: Sequence[tree.TrainSequence], pad_token_id: int, aggregation: str = "token", device="cpu"
-) -> Batch:
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width - 1))
-    advantages = torch.zeros((len(sequences), width - 1))
-    weight = torch.zeros((len(sequences), width - 1))
-    for row, s in enumerate(sequences):
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
-        attention[row, : p + r] = 1
-        # Response token j sits at input position p + j and is predicted from position p + j - 1.
-        w = aggregation_weight(r, aggregation)
-        mask[row, p - 1 : p + r - 1] = 1
-        weight[row, p - 1 : p + r - 1] = w
-        advantages[row, p - 1 : p + r - 1] = w * torch.tensor(s.advantages)
-    tensors = (ids, attention, advantages[..., None], mask[..., None], weight)
-    return Batch(*(t.to(device) for t in tensors))
+# flat layout, `logprobs.Batch`; in the packed one, the pairs of each advantage sign summed, which
+# is exact, and a third column for pairs with A = 0, which count in the statistics only).
 
 
 def clipped_surrogate(
@@ -482,13 +400,13 @@ def policy_loss(
     """Clipped surrogate on per-token advantages (PPO's objective with GRPO's group advantages).
 
     per position:  sum over columns k of  max(-A_k * rho, -A_k * clip(rho, 1 - clip_low, 1 + clip_high)),
-                   rho = pi / pi_old, A_k the batch's weighted advantages (the comment above `Batch`),
+                   rho = pi / pi_old, A_k the batch's weighted advantages (the comment above `clipped_surrogate`),
                    plus kl_coef * w * (exp(ref - logp) - (ref - logp) - 1)   (the k3 KL estimator)
     loss:          sum over positions / denominator
 
     `denominator` is the number of response tokens (token aggregation) or of responses (sequence
     aggregation) of the whole mini-batch, so that its micro-batches add up to its loss under
-    gradient accumulation. `batch` is any layout's micro-batch (`Batch`, `packing.PackedBatch`).
+    gradient accumulation. `batch` is any layout's micro-batch (`logprobs.Batch`, `packing.PackedBatch`).
     Statistics are means over the (leaf, token) pairs.
     """
     ratio = torch.exp(logp - old_logp)[..., None]  # one ratio for every column
@@ -522,12 +440,12 @@ class Layout(Protocol):
     def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
         """`units` cut into micro-batches of about `size` leaves."""
 
-    def batch(self, units: list[int], device) -> Batch:
+    def batch(self, units: list[int], device) -> logprobs.Batch:
         """The micro-batch of `units` (row r is units[r]) with `logprobs(model, temperature)`."""
 
 
 class FlatLayout:
-    """Every training sequence its own row, prompt and shared prefixes included (`collate`)."""
+    """Every training sequence its own row, prompt and shared prefixes included (`logprobs.collate`)."""
 
     def __init__(self, sequences: Sequence[tree.TrainSequence], aggregation: str, pad_token_id: int):
         self.sequences, self.aggregation, self.pad_token_id = sequences, aggregation, pad_token_id
@@ -539,8 +457,8 @@ class FlatLayout:
     def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
         return [units[i : i + size] for i in range(0, len(units), size)]
 
-    def batch(self, units: list[int], device) -> Batch:
-        return collate([self.sequences[k] for k in units], self.pad_token_id, self.aggregation, device)
+    def batch(self, units: list[int], device) -> logprobs.Batch:
+        return logprobs.collate([self.sequences[k] for k in units], self.pad_token_id, self.aggregation, device)
 
 
 def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> list[list[int]]:

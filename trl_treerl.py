@@ -566,8 +566,9 @@ class ScriptArguments:
 # train.py's CPU default (configs/cpu_default.yaml) as TRL flags: 16 prompts x 20 leaves per step in
 # one optimizer step, constant learning rate 3e-5, clip [0.8, 1.28] with token-level averaging
 # (TRL's default loss_type "dapo"), at most 64 new tokens, 120 steps, no gradient checkpointing (TRL
-# turns it on by default; for this model it only halves the speed). Used for the tiny model, for
-# every flag the command line does not give.
+# turns it on by default; a model this small needs no memory saved, and the forward pass it runs
+# again in the backward only costs time). Used for the tiny model, for every flag the command line
+# does not give.
 CPU_DEFAULT_FLAGS = {
     "--output_dir": "runs/trl_treerl",
     "--learning_rate": "3e-5",

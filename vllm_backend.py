@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from hf_backend import budgets_per_prefix, stop_token_list
+from settings import arg
 from tree import Sample
-from treerl import arg
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class VLLMBackend:
       that the update has the memory, and `sync` brings them back. Level 2, no CPU copy of the
       weights, because `sync` overwrites them anyway;
     * log-probs (`logprobs_mode="processed_logprobs"`): vLLM reports log-probs of softmax(logits/T),
-      the temperature-scaled distribution, like `token_stats`; greedy decoding reports T = 1.
+      the temperature-scaled distribution, like `logprobs.token_stats`; greedy decoding reports T = 1.
       With top_p < 1 they are of the nucleus distribution that was actually sampled (renormalised
       after the cut), where HFBackend reports the distribution before the cut. The update never
       uses them as old log-probs (it recomputes those), only the fork scores do;

@@ -270,9 +270,9 @@ def make_responder(config: EvalConfig) -> tuple[Responder, object]:
     * `hf`: `hf_backend.HFBackend`, the decode loop that samples in training (one prefill per
       prompt shared by its n samples, a KV cache written in place);
     * `vllm`: `vllm_backend.VLLMBackend` reading the model's folder (paged attention, continuous
-      batching): on the CPU build about twice the HF loop's tokens/s on long greedy responses
-      (docs/evaluation.md). Its KV cache is `--vllm_kv_cache_gb` on a CPU, and
-      `--vllm_gpu_memory_utilization` of the card on a GPU."""
+      batching): on the CPU build faster than the HF loop on long greedy responses (measured:
+      docs/evaluation.md, section "The benchmark harness"). Its KV cache is `--vllm_kv_cache_gb` on
+      a CPU, and `--vllm_gpu_memory_utilization` of the card on a GPU."""
     if config.backend not in BACKENDS:
         raise ValueError(f"--backend {config.backend!r} is not available (choose from {', '.join(BACKENDS)})")
     if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # before loading the model

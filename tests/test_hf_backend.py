@@ -8,8 +8,8 @@ import torch
 from conftest import EOS, PAD, VOCAB  # the tiny_model fixture is there too
 
 import hf_backend
+import logprobs
 import tree
-import treerl
 from hf_backend import HFBackend
 
 
@@ -28,7 +28,7 @@ def test_backend_log_probs_match_a_fresh_forward_pass(tiny_model):
             sequences.append(
                 tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None)
             )
-    batch = treerl.collate(sequences, PAD)
+    batch = logprobs.collate(sequences, PAD)
     with torch.no_grad():
         recomputed = batch.logprobs(tiny_model)
     for row, seq in enumerate(sequences):
@@ -44,7 +44,7 @@ def test_backend_entropies_and_log_probs_are_of_the_tempered_distribution(tiny_m
     ids = torch.tensor([[5, 6, 7] + sample.tokens])
     with torch.no_grad():
         logits = tiny_model(ids).logits[0, 2:-1]  # the logits that predicted each sampled token
-    logp, ent = treerl.token_stats(logits, ids[0, 3:], temperature)
+    logp, ent = logprobs.token_stats(logits, ids[0, 3:], temperature)
     assert sample.logprobs == pytest.approx(logp.tolist(), abs=1e-4)
     assert sample.entropies == pytest.approx(ent.tolist(), abs=1e-4)
 
@@ -69,7 +69,7 @@ def test_backend_keeps_each_prefix_to_its_own_budget(tiny_model):
             sequences.append(
                 tree.TrainSequence(prefix, s.tokens, s.logprobs, [0.0] * len(s.tokens), 0.0, s.finished, None)
             )
-    batch = treerl.collate(sequences, PAD)
+    batch = logprobs.collate(sequences, PAD)
     with torch.no_grad():
         recomputed = batch.logprobs(tiny_model)
     for row, seq in enumerate(sequences):

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 READING_PATH = ("tree.py", "treerl.py", "rewards.py", "train.py")
+# The modules treerl.py sits above: the algorithm imports them (or they stand beside it), never the
+# other way round.
+BELOW_THE_ALGORITHM = ("tasks", "policy", "hf_backend", "vllm_backend", "packing")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -22,6 +25,33 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
     return names
+
+
+def project_imports(module: str) -> dict[str, str]:
+    """The project's modules that `module` (a dotted name) imports, directly or through other
+    modules of the project, lazy imports included: each mapped to the module that imports it."""
+    importer: dict[str, str] = {}
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        for name in imported_modules(ROOT / (current.replace(".", "/") + ".py")):
+            if name not in importer and name != module and (ROOT / (name.replace(".", "/") + ".py")).is_file():
+                importer[name] = current
+                todo.append(name)
+    return importer
+
+
+@pytest.mark.parametrize("module", BELOW_THE_ALGORITHM)
+def test_the_algorithm_sits_above_the_modules_it_drives(module):
+    """No path in the import graph leads from these modules to treerl.py: the settings helpers, the
+    log-prob helpers and the flat batch they share with it live below it (settings.py, logprobs.py)."""
+    importer = project_imports(module)
+    if "treerl" in importer:
+        chain = ["treerl"]
+        while chain[-1] != module:
+            chain.append(importer[chain[-1]])
+        pytest.fail(f"{module} reaches treerl: {' <- '.join(chain)}")
+    assert importer, f"found no module of the project that {module} imports: the walk is broken"
 
 
 def test_the_reading_path_is_at_most_2000_lines_of_formatted_code():
@@ -63,6 +93,8 @@ def test_the_algorithm_knows_no_engine_and_no_verifier():
         "packing.py",
         "hf_backend.py",
         "vllm_backend.py",
+        "logprobs.py",
+        "settings.py",
     ],
 )
 def test_train_is_an_entry_point_not_a_library(path):

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import logprobs
 import packing
 import policy
 import tree
@@ -57,6 +58,29 @@ def random_sequences(seed: int, keep=None, truncated_penalty=None, forests: int 
     return sequences
 
 
+def pack_sequences(sequences, aggregation: str = "token") -> list[packing.PackedForest]:
+    """One `PackedForest` per forest among `sequences`: each forest as one row, the layout these
+    tests compare with the flat one (`packing.TreeLayout` packs each tree of a forest on its own)."""
+    return [packing.pack_forest([sequences[k] for k in group], aggregation) for group in packing.forests_of(sequences)]
+
+
+def tree_attention_mask(forest: packing.PackedForest, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask [width, width] of a forest laid out as one row: 0 where query i
+    may attend to key j, the dtype's most negative number elsewhere (`packing.attention_mask`).
+
+    i may attend to j when j <= i and j's segment is i's own segment or one of its ancestors.
+    Because ancestors come first in the row, "j <= i" only matters inside a segment, where it is
+    the ordinary causal rule; the prompt (segment 0, everybody's ancestor) is causal too.
+    Padding (positions past the forest) forms one more segment that sees only padding, so no
+    query row is fully masked (that would give NaN) and no real token ever sees padding.
+    The model's rows (`packing.collate_packed`) follow the same rule, over trees of several forests.
+    """
+    related = torch.block_diag(forest.related, torch.ones(1, 1, dtype=torch.bool))
+    segments = torch.full((1, width), len(forest.lineage), dtype=torch.long)
+    segments[0, : len(forest)] = forest.tensors["segment"]
+    return packing.attention_mask(segments, related, dtype)[0]
+
+
 def flat_positions(sequences):
     """For every sequence, the flat batch's columns of its response tokens (the collate rule)."""
     return [range(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)) for s in sequences]
@@ -66,7 +90,7 @@ def packed_positions(sequences):
     """For every sequence (in the order given), (row, indices) of its response tokens in the
     packed batch made by pack_sequences."""
     where = [None] * len(sequences)
-    for row, (group, forest) in enumerate(zip(packing.forests_of(sequences), packing.pack_sequences(sequences))):
+    for row, (group, forest) in enumerate(zip(packing.forests_of(sequences), pack_sequences(sequences))):
         for k, tokens in zip(group, forest.sequence_tokens):
             where[k] = (row, tokens)
     return where
@@ -98,7 +122,7 @@ def test_layout_and_mask_of_a_small_tree():
     assert forest.position_ids == [0, 1, 2, 3, 4, 4, 5]  # z starts where y starts
     assert forest.source[2:] == [1, 2, 3, 3, 5]  # y and z both predicted at 13
     assert forest.count == [0, 0, 2, 2, 1, 1, 1]  # x is in both leaves
-    allowed = packing.tree_attention_mask(forest, 7, torch.float32) == 0
+    allowed = tree_attention_mask(forest, 7, torch.float32) == 0
     assert allowed.int().tolist() == [
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
@@ -109,7 +133,7 @@ def test_layout_and_mask_of_a_small_tree():
         [1, 1, 1, 1, 0, 1, 1],
     ]
     # The blocked entries are the dtype's most negative number, not -inf (no NaN in softmax).
-    assert packing.tree_attention_mask(forest, 7, torch.bfloat16).min() == torch.finfo(torch.bfloat16).min
+    assert tree_attention_mask(forest, 7, torch.bfloat16).min() == torch.finfo(torch.bfloat16).min
     # Token aggregation: each token weighs as many leaves as contain it; sequence: 1/len per leaf.
     assert packing.pack_forest(sequences).weight == [0, 0, 2, 2, 1, 1, 1]
     assert packing.pack_forest(sequences, "sequence").weight == pytest.approx(
@@ -134,7 +158,7 @@ def test_token_ratio_is_below_one_for_a_forked_tree_and_one_for_a_chain():
 def test_sequences_without_leaves_are_refused():
     seq = tree.TrainSequence([1, 2], [3], [0.0], [1.0], 1.0, True, None)
     with pytest.raises(ValueError, match="leaf"):
-        packing.pack_sequences([seq])
+        packing.pack_trees([seq])
 
 
 def test_group_by_size_fills_runs_up_to_the_limit():
@@ -177,7 +201,7 @@ def test_group_by_length_finds_the_cheapest_cut():
 
 def test_rows_hold_each_tree_once_with_its_prompt():
     sequences = random_sequences(seed=5, forests=3)
-    forests = packing.pack_sequences(sequences)
+    forests = pack_sequences(sequences)
     rows = packing.layout_rows(forests)
     capacity = max(len(f.trees[0]) + len(t) for f in forests for t in f.trees[1])
     seen = {b: [] for b in range(len(forests))}
@@ -202,8 +226,8 @@ def test_packed_log_probs_equal_the_flat_ones(model, tokenizer, attention, seed)
     model = copy.deepcopy(model)
     model.set_attn_implementation(attention)
     sequences = random_sequences(seed, keep=None)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
-    packed = packing.collate_packed(packing.pack_sequences(sequences), tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id)
+    packed = packing.collate_packed(pack_sequences(sequences), tokenizer.pad_token_id)
     with torch.no_grad():
         flat = batch.logprobs(model)
         unique = packed.logprobs(model)
@@ -228,10 +252,10 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
     sequences = random_sequences(2, keep=keep, truncated_penalty=truncated_penalty)
     if truncated_penalty is not None:
         # The case that needs the sign split: a token shared by leaves of both advantage signs.
-        forests = packing.pack_sequences(sequences)
+        forests = pack_sequences(sequences)
         assert any(a[0] > 0 and a[1] < 0 for f in forests for a in f.advantage)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id, aggregation)
-    packed = packing.collate_packed(packing.pack_sequences(sequences, aggregation), tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id, aggregation)
+    packed = packing.collate_packed(pack_sequences(sequences, aggregation), tokenizer.pad_token_id)
     # Response tokens (token aggregation) or responses (sequence aggregation) of the batch.
     denominator = sum(len(s.response_ids) for s in sequences) if aggregation == "token" else len(sequences)
 
@@ -295,7 +319,7 @@ def test_one_step_update_is_reinforce_on_the_token_advantages(model, tokenizer):
     """With one epoch and one mini-batch the old log-probs are the new ones detached (no extra
     forward): the step must be plain REINFORCE, -sum(A * log pi) / tokens, in both layouts."""
     sequences = random_sequences(2, keep=None, truncated_penalty=None)
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id)
     expected = copy.deepcopy(model)
     expected.train()
     logp = batch.logprobs(expected)

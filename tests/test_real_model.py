@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+import logprobs
 import policy
 import tasks
 import tree
@@ -130,7 +131,7 @@ def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, adva
     response = tokenizer(example.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(response)
     sequences = [tree.TrainSequence(prompt, response, [0.0] * n, [advantage] * n, 1.0, True, None)]
-    batch = treerl.collate(sequences, tokenizer.pad_token_id)
+    batch = logprobs.collate(sequences, tokenizer.pad_token_id)
 
     def mean_logp() -> float:
         with torch.no_grad():
@@ -171,7 +172,7 @@ def test_vllm_reads_the_converted_folder_and_after_a_step_sync_matches_the_train
             response = backend.sample(prompts[:1], 1, 32, temperature=0.0)[0][0]
             zeros = [0.0] * len(response.tokens)
             sequence = tree.TrainSequence(prompts[0], response.tokens, response.logprobs, zeros, 0.0, True, None)
-            batch = treerl.collate([sequence], tokenizer.pad_token_id)
+            batch = logprobs.collate([sequence], tokenizer.pad_token_id)
             with torch.no_grad():
                 trainer = batch.logprobs(model)[batch.mask.bool()]
             return torch.tensor(response.logprobs), trainer

@@ -11,7 +11,6 @@ from tree import (
     Node,
     Sample,
     chain_advantages,
-    eptree,
     eptree_batch,
     generated_tokens,
     leaf_counts,
@@ -28,6 +27,11 @@ from tree import (
 )
 
 EOS = 0
+
+
+def eptree(prompt_ids, sample_fn, *args, **kwargs) -> Node:
+    """EPTree (Algorithm 1) for one prompt: its forest as `eptree_batch` grows it in a batch of one."""
+    return eptree_batch([prompt_ids], sample_fn, *args, **kwargs)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +228,34 @@ def test_subsampling_keeps_a_correct_leaf_and_truncation_penalty():
     penalised = to_sequences(root, adv, truncated_penalty=-1.0)
     assert penalised[3].advantages == [-1.0, -1.0] and not penalised[3].finished
     assert penalised[0].advantages == [adv[trees(root)[0]]] * 2
+
+
+def test_the_tree_contract_of_the_design():
+    """The tree API as the project's design states it, `scores=` for the entropies included."""
+    root = Node(tokens=[1, 2])
+    a = root.add([5, 6, 7], logprobs=[-0.1, -2.0, -0.5], scores=[0.3, 1.5, 0.2])
+    assert a.entropies == [0.3, 1.5, 0.2] and a.logprobs == [-0.1, -2.0, -0.5] and a.parent is root
+    b = a.add([8])
+    c = a.add([9, 9])
+    b.reward, c.reward = 1.0, 0.0
+    assert leaves(root) == [b, c]
+    assert values(root) == {root: 0.5, a: 0.5, b: 1.0, c: 0.0}
+    assert process_rewards(root, reweight="none") == {a: 0.0, b: 1.0, c: -1.0}
+    assert process_rewards(root)[b] == 1.0 and process_rewards(root)[a] == 0.0
+
+
+def test_a_per_token_credit_reaches_the_sequences():
+    """A segment's advantage may be one value per token instead of one for all (tree.to_sequences):
+    each leaf's sequence then carries, token by token, the credit of the segments on its path."""
+    root = Node([1])
+    a = root.add([2, 3])
+    b, c = a.add([4, EOS], finished=True), a.add([5], finished=True)
+    b.reward, c.reward = 1.0, 0.0
+    credit = {a: [0.5, -0.25], b: [1.0, 0.0], c: -1.0}  # lists for a and b, one number for c
+    first, second = to_sequences(root, credit)
+    assert first.advantages == [0.5, -0.25, 1.0, 0.0] and second.advantages == [0.5, -0.25, -1.0]
+    with pytest.raises(ValueError, match="one value per token"):
+        to_sequences(root, {**credit, a: [0.5]})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for treerl.py: the loss, collation, the rollout step and one update."""
+"""Tests for treerl.py: the loss, collation (the flat layout of logprobs.py), the rollout step and one
+update."""
 
 import math
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ import torch
 from conftest import EOS, PAD  # the tiny_model fixture is there too
 
 import hf_backend
+import logprobs
 import tree
 import treerl
 from hf_backend import HFBackend
@@ -20,7 +22,7 @@ from treerl import RolloutConfig, UpdateConfig, policy_loss
 
 def flat_terms(advantages: torch.Tensor, mask: torch.Tensor, aggregation: str = "token"):
     """What policy_loss reads from a flat batch, for the given per-token advantages and mask (the
-    rule of treerl.collate), and the denominator of the aggregation."""
+    rule of logprobs.collate), and the denominator of the aggregation."""
     w = mask if aggregation == "token" else mask / mask.sum(-1, keepdim=True)
     terms = SimpleNamespace(advantages=(w * advantages)[..., None], pairs=mask[..., None], weight=w)
     return terms, float(mask.sum() if aggregation == "token" else len(mask))
@@ -80,13 +82,13 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
 def test_collate_aligns_response_tokens_with_their_predictions():
     seq = tree.TrainSequence([7, 8, 9], [4, 5], [0.0, 0.0], [0.5, -1.0], 1.0, True, None)
     short = tree.TrainSequence([7], [4], [0.0], [2.0], 1.0, True, None)
-    batch = treerl.collate([seq, short], PAD)
+    batch = logprobs.collate([seq, short], PAD)
     assert batch.input_ids.tolist() == [[7, 8, 9, 4, 5], [7, 4, PAD, PAD, PAD]]
     assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
     assert batch.advantages[..., 0].tolist() == [[0, 0, 0.5, -1.0], [2.0, 0, 0, 0]]
     assert batch.weight.tolist() == batch.mask.tolist()
     # Sequence aggregation: every token of a response weighs 1 / its length, advantages included.
-    batch = treerl.collate([seq, short], PAD, "sequence")
+    batch = logprobs.collate([seq, short], PAD, "sequence")
     assert batch.advantages[..., 0].tolist() == [[0, 0, 0.25, -0.5], [2.0, 0, 0, 0]]
     assert batch.weight.tolist() == [[0, 0, 0.5, 0.5], [1.0, 0, 0, 0]]
 

@@ -159,8 +159,8 @@ def scripted_sampler(tokenizer, prompt_ids, script=SCRIPT, first=""):
 def expected_forest(tokenizer, prompt_ids, sample):
     """The forest and its per-token advantages computed with tree.py alone, no TRL."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    root = tree.eptree(
-        prompt_ids,
+    root = tree.eptree_batch(
+        [prompt_ids],
         sample,
         M=2,
         N=1,
@@ -169,7 +169,7 @@ def expected_forest(tokenizer, prompt_ids, sample):
         fork_score="entropy",
         candidates=tree.Forkable(4, treerl.answer_start_fn(decode, rewards.ANSWER_MARKERS)),
         max_response_tokens=24,
-    )
+    )[0]
     for leaf in tree.leaves(root):
         leaf.reward = rewards.arith_reward(decode(tree.response_tokens(leaf)), GOLD)
     sequences = tree.to_sequences(root, tree.process_rewards(root))

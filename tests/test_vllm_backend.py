@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
+import logprobs
 import policy
 import train
-import treerl
 import vllm_backend
 from hf_backend import HFBackend
 
@@ -51,7 +51,7 @@ def test_topk_entropy_is_exact_with_the_whole_vocabulary_and_a_lower_bound_other
     torch.manual_seed(0)
     for scale in (0.5, 2.0, 8.0):
         logp = torch.log_softmax(torch.randn(50) * scale, -1)
-        exact = treerl.entropy(logp).item()
+        exact = logprobs.entropy(logp).item()
         assert vllm_backend.topk_entropy(logp.tolist()) == pytest.approx(exact, abs=1e-5)
         top = logp.topk(5).values.tolist()
         approx = vllm_backend.topk_entropy(top)
@@ -144,9 +144,9 @@ def test_sampled_log_probs_are_of_the_tempered_distribution(tokenizer, temperatu
                 ids = torch.tensor([prompt + s.tokens])
                 with torch.no_grad():
                     logits = model(ids).logits[0, len(prompt) - 1 : -1]
-                logp, ent = treerl.token_stats(logits, ids[0, len(prompt) :], temperature)
+                logp, ent = logprobs.token_stats(logits, ids[0, len(prompt) :], temperature)
                 assert s.logprobs == pytest.approx(logp.tolist(), abs=TOL)
-                top20 = treerl.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
+                top20 = logprobs.tempered_log_softmax(logits, temperature).topk(20, dim=-1).values
                 assert s.entropies == pytest.approx([vllm_backend.topk_entropy(row) for row in top20.tolist()], abs=TOL)
                 assert all(a <= b + TOL for a, b in zip(s.entropies, ent.tolist()))
                 assert s.finished == (s.tokens[-1] == tokenizer.eos_token_id)
