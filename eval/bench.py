@@ -1169,6 +1169,7 @@ def run_ours_arm(name: str, args, warm_dir: Path, search_flags: list[str]) -> di
             ]
             + ["--lr", str(args.lr), "--steps", "10000", "--max_generated_tokens", str(args.budget)]
             + ["--eval_every", "0", "--save_every", "0", "--save_trees", "false", *flags]
+            + ["--overwrite", "true"]  # each measurement runs the arm afresh, whatever the folder held
         )
     run_dir = Path(args.runs_dir) / name
     summary = json.loads((run_dir / "summary.json").read_text())

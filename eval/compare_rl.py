@@ -85,8 +85,10 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("budget_tokens") != args.budget or json.dumps(saved.get("settings")) != json.dumps(
-        settings(train_args)
+    # The settings that define a run (train.NOT_DEFINING aside: e.g. a preset's run_name, a new flag
+    # like --overwrite, which runs recorded before it lack).
+    if saved.get("budget_tokens") != args.budget or train.settings_differences(
+        saved.get("settings", {}), settings(train_args)
     ):
         return {}
     runs = {}
