@@ -235,6 +235,8 @@ class MathVerifierPool:
     def _pool(self) -> pebble.ProcessPool:
         """The running pool; a fresh one if there is none or it is no longer usable."""
         with self.lock:
+            if os.getpid() != self.owner_pid:  # a forked copy: the pool it holds is its parent's, not to stop
+                self.pool, self.owner_pid = None, os.getpid()
             stale = self.pool if self.pool is not None and not _is_active(self.pool) else None
             if self.pool is None or stale is not None:
                 self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=_WorkerContext())

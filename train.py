@@ -177,7 +177,8 @@ class Run:
 def load(config: Config) -> Run:
     """The policy, its tokenizer, the task, the rollout engine and the KL reference. The policy is the
     latest checkpoint (--resume), else --model (or the tiny model) after its supervised warm start,
-    which runs once per run directory and is reused by later runs while its settings are unchanged."""
+    cached in the run's folder (open_run_dir: one run's settings per folder) and reused when the run
+    starts over with the same warm-start settings."""
     run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
         raise SystemExit(f"train.py: error: --backend vllm needs vLLM: {vllm_backend.INSTALL_HINT}")
