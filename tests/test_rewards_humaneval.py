@@ -53,5 +53,5 @@ def test_all_164_canonical_solutions_pass_and_broken_ones_fail(code_sandbox):
     sweep(selected, "auto")
 
 
-def test_sample_in_the_rlimit_fallback():
+def test_sample_in_the_rlimit_mode():
     sweep(random.Random(0).sample(problems(), 20), "rlimit")

@@ -24,23 +24,23 @@ NOBODY = 65534  # the uid programs run as when the tests run as root
 
 @pytest.fixture(params=MODES)
 def mode(request):
-    """Run a test once with bubblewrap and once with the rlimit fallback."""
+    """Run a test once with bubblewrap and once with the rlimit mode (opted in: `sandbox=mode`)."""
     if request.param == "bwrap" and not sandbox._bwrap_usable():
         pytest.skip("bubblewrap is not installed or not usable here (apt-get install bubblewrap)")
     return request.param
 
 
-def needs_root_in_fallback(mode):
-    """Without bubblewrap and without root, the fallback runs programs as the calling user: it cannot
+def needs_root_in_rlimit_mode(mode):
+    """Without bubblewrap and without root, the rlimit mode runs programs as the calling user: it cannot
     hide that user's processes, files or network (install bubblewrap for real isolation)."""
     if mode == "rlimit" and os.geteuid() != 0:
-        pytest.skip("the rlimit fallback isolates users only when running as root")
+        pytest.skip("the rlimit mode isolates users only when running as root")
 
 
 def needs_bwrap_for(mode, what):
-    """What the rlimit fallback does not cover at all (sandbox.py's docstring says so)."""
+    """What the rlimit mode does not cover at all (sandbox.py's docstring says so)."""
     if mode == "rlimit":
-        pytest.skip(f"the rlimit fallback does not isolate {what}")
+        pytest.skip(f"the rlimit mode does not isolate {what}")
 
 
 def processes_of(uid):
@@ -285,7 +285,7 @@ def test_extract_program(response, program):
 
 # --------------------------------------------------------------------------------------------------
 # Hostile programs: each is contained, scores 0.0, finishes within its limit, leaves nothing behind.
-# Short limits keep these fast; each runs with bubblewrap and with the rlimit fallback.
+# Short limits keep these fast; each runs with bubblewrap and in the rlimit mode.
 # --------------------------------------------------------------------------------------------------
 
 SECRET = "treerl-secret-7f3a9c"
@@ -387,7 +387,7 @@ def run_hostile(program, tests, mode, reasons, limit=LIMIT):
 @pytest.mark.parametrize("name", [name for name, case in HOSTILE.items() if case is not None])
 def test_hostile_program(name, mode, monkeypatch):
     if name == "reading the parent's environment":
-        needs_root_in_fallback(mode)
+        needs_root_in_rlimit_mode(mode)
     monkeypatch.setenv("TREERL_TEST_SECRET", SECRET)  # the parent's environment holds a secret
     program, tests, reasons = HOSTILE[name]
     run_hostile(program, tests, mode, reasons)
@@ -502,7 +502,7 @@ def test_rlimit_mode_ends_every_process_a_program_starts(kind, then):
 
 
 def test_hostile_writing_outside_its_directory(mode, tmp_path):
-    needs_root_in_fallback(mode)
+    needs_root_in_rlimit_mode(mode)
     outside = tmp_path / "outside"
     outside.mkdir()
     name = f"treerl-escape-{os.getpid()}-{mode}"
@@ -521,7 +521,7 @@ def test_hostile_writing_outside_its_directory(mode, tmp_path):
     )
     try:
         run_hostile(program, [{"input": "", "output": "ESCAPED\n"}], mode, {"wrong_answer"})
-        # With bubblewrap the shared temp directories are private to the sandbox; the rlimit fallback
+        # With bubblewrap the shared temp directories are private to the sandbox; the rlimit mode
         # lets the program write there (sandbox.py's docstring says so).
         for path in [outside / name, os.path.join(os.getcwd(), name), "/" + name, "/etc/" + name]:
             assert not os.path.exists(path), f"{path} was left behind"
