@@ -692,8 +692,8 @@ Writes verifier_throughput.json with:
     answers when the offline benchmark copies are present, see eval/benchmarks.py, else generated
     fractions), after warm-up;
   * code runs per second (one program, one stdin/stdout test, one sandbox each) with 2 runs in
-    flight, for each sandbox mode available (bubblewrap, the rlimit mode, which a benchmark of it asks for by name), plus HumanEval-style
-    `check(candidate)` runs (judge + runner per run);
+    flight, for each sandbox mode available (bubblewrap where usable; the rlimit mode, asked for by
+    name), plus HumanEval-style `check(candidate)` runs (judge + runner per run);
   * median and worst latency of each pathological math input (each repeated), which must stay
     within the per-check limit."""
 
