@@ -244,10 +244,10 @@ def open_run_dir(config: Config) -> Path:
         differences = settings_differences(json.loads(saved.read_text()), config.as_dict())
         if differences:
             listed = "; ".join(differences[:6]) + (f"; {len(differences) - 6} more" if len(differences) > 6 else "")
-            resume = "continue it with its own settings" if run.resume else "continue it (--resume, its settings)"
             raise SystemExit(
-                f"train.py: error: {run_dir} holds a run of other settings ({listed}). Choose another "
-                f"--run_name, {resume}, or discard it and start over (--overwrite)."
+                f"train.py: error: {run_dir} holds a run of other settings ({listed}). Name another folder "
+                f"(--run_name), give the folder's settings (with --resume to continue its run), or discard "
+                f"that run and start over (--overwrite)."
             )
     if run_dir.is_dir() and not run.resume:
         found = [path for path in run_dir.iterdir() if path.name != "warmstart"]
