@@ -499,16 +499,18 @@ def _supervise() -> None:
     def end(signum, frame):
         raise Ended
 
-    def children():  # ours, adopted orphans included: from /proc/<pid>/stat, "pid (name) state ppid ..."
-        found = []
+    def descendants():  # every process below this one, from /proc/<pid>/stat: "pid (name) state ppid ..."
+        parents = {}
         for entry in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{entry}/stat", "rb") as handle:
-                    parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+                    parents[int(entry)] = int(handle.read().rsplit(b")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue  # gone since the listing
-            if parent == os.getpid():
-                found.append(int(entry))
+        found, generation = set(), {os.getpid()}
+        while generation:
+            generation = {pid for pid, parent in parents.items() if parent in generation} - found
+            found |= generation
         return found
 
     signal.signal(signal.SIGTERM, end)  # before the fork: a SIGTERM never ends this process alone
@@ -534,13 +536,16 @@ def _supervise() -> None:
     except Ended:
         pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    while True:  # kill every child (orphans re-parent here as their parents die) and reap, until none
+    # Kill every descendant at once (a process with a SIGKILL pending can no longer fork, so a fork
+    # bomb stops growing), then reap: the killed re-parent their orphans here as they die. Again until
+    # no child is left, alive or dead.
+    while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0]:
                 continue  # reaped one; look again
         except ChildProcessError:
-            break  # none left, alive or dead
-        for pid in children():
+            break
+        for pid in descendants():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -31,7 +31,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +39,7 @@ import torch
 
 import packing
 import policy
-import sandbox
+import run_folder
 import tasks
 import treerl
 import treeview
@@ -70,9 +70,7 @@ class RunConfig:
     save_trees: bool = arg(True, "at every evaluation, draw a held-out forest to <run>/trees/ (treeview.py)")
     save_every: int = arg(20, "checkpoint every this many steps (0: only at the end)")
     resume: bool = arg(False, "continue this run from its latest checkpoint (only with the folder's settings)")
-    overwrite: bool = arg(
-        False, "start over: clear <output_dir>/<run_name>/ first, whatever run of what settings it holds"
-    )
+    overwrite: bool = arg(False, "start over: clear <output_dir>/<run_name>/ first, whatever run it holds")
 
     def validate(self) -> None:
         treerl.check_choices(self, RunConfig)
@@ -177,17 +175,11 @@ class Run:
 def load(config: Config) -> Run:
     """The policy, its tokenizer, the task, the rollout engine and the KL reference. The policy is the
     latest checkpoint (--resume), else --model (or the tiny model) after its supervised warm start,
-    cached in the run's folder (open_run_dir: one run's settings per folder) and reused when the run
-    starts over with the same warm-start settings."""
+    which runs once per run directory and is reused by later runs while its settings are unchanged."""
     run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
         raise SystemExit(f"train.py: error: --backend vllm needs vLLM: {vllm_backend.INSTALL_HINT}")
-    if config.task.task == "code":  # the programs run only in a sandbox: say so if there is none
-        try:
-            sandbox.resolve_sandbox()
-        except sandbox.SandboxUnavailable as error:
-            raise SystemExit(f"train.py: error: --task code: {error}") from None
-    run_dir = open_run_dir(config)
+    run_dir = run_folder.open_run_dir(config)  # a folder holds one run's settings, or stops the command
     print("config:", json.dumps(config.as_dict()), flush=True)
     device = policy.pick_device(pcfg)
     random.seed(run.seed)
@@ -221,73 +213,6 @@ def load(config: Config) -> Run:
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
     return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint)
-
-
-# Settings that do not define a run, left out when a run folder's config.json is compared with this
-# command's (open_run_dir): where the run lives (a moved or renamed folder holds the same run), how this
-# command treats the folder (--resume, --overwrite), and how often it checkpoints (saving changes
-# nothing the run computes). Every other setting, batch sizes and the device included, may change
-# what the run computes, and so defines it.
-NOT_DEFINING = ("run_name", "output_dir", "resume", "overwrite", "save_every")
-
-
-def open_run_dir(config: Config) -> Path:
-    """<output_dir>/<run_name>/, ready for this run; runs of different settings never mix there. A
-    folder that holds a run (its config.json) of other settings stops the command, unless --overwrite
-    clears it. --resume continues the folder's run, and only with its settings. Otherwise (the same
-    command run again, or --overwrite) the folder is cleared and the run starts over; the cached warm
-    start stays if this run would make the same one (it costs minutes, and its recipe proves it)."""
-    run = config.run
-    run_dir = Path(run.output_dir) / run.run_name
-    saved = run_dir / "config.json"
-    if saved.exists() and not run.overwrite:
-        differences = settings_differences(json.loads(saved.read_text()), config.as_dict())
-        if differences:
-            listed = "; ".join(differences[:6]) + (f"; {len(differences) - 6} more" if len(differences) > 6 else "")
-            raise SystemExit(
-                f"train.py: error: {run_dir} holds a run of other settings ({listed}). Name another folder "
-                f"(--run_name), give the folder's settings (with --resume to continue its run), or discard "
-                f"that run and start over (--overwrite)."
-            )
-    if run_dir.is_dir() and not run.resume:
-        found = [path for path in run_dir.iterdir() if path.name != "warmstart"]
-        if found and not saved.exists() and not run.overwrite:  # not a run of train.py: leave it alone
-            raise SystemExit(
-                f"train.py: error: {run_dir} holds files but no run (no config.json): choose another "
-                f"--run_name, or clear it with --overwrite."
-            )
-        if found:
-            why = "--overwrite" if run.overwrite else "a run of the same settings (--resume would continue it)"
-            print(f"{run_dir}: {why}: starting over, the folder cleared", flush=True)
-        recipe = run_dir / "warmstart" / "recipe.json"
-        same = policy.warm_start_recipe(config.policy, config.task, run.seed)
-        keep_warm_start = recipe.exists() and json.loads(recipe.read_text()) == same
-        for path in run_dir.iterdir():
-            if path.name == "warmstart" and keep_warm_start:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(config.as_dict(), indent=2))
-    return run_dir
-
-
-def settings_differences(saved: dict, current: dict) -> list[str]:
-    """The defining settings (all but NOT_DEFINING) in which a folder's run (`saved`, its config.json)
-    and this command (`current`, Config.as_dict()) differ, each as "name: <saved> in the folder,
-    <current> here"; equal values are equal in Python or as JSON (NaN and NaN, a tuple and a list). A
-    setting newer than the saved run counts there as its default, which by convention keeps the
-    behaviour from before the setting existed."""
-    defaults = {f.name: f.default for cls in CONFIG_CLASSES for f in fields(cls) if f.default is not MISSING}
-    saved_or_default = {**defaults, **saved}
-    differences = []
-    for name in dict.fromkeys([*saved, *current]):
-        was, now = saved_or_default.get(name, "(absent)"), current.get(name, "(absent)")
-        if name not in NOT_DEFINING and was != now and json.dumps(was) != json.dumps(now):
-            differences.append(f"{name}: {json.dumps(was)} in the folder, {json.dumps(now)} here")
-    return differences
 
 
 @dataclass
@@ -478,13 +403,7 @@ def save_checkpoint(run: Run, state: State) -> None:
     torch.save(saved, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    # Keep this checkpoint and the one before it; never this one. Any other goes, a later step's too
-    # (--resume would take it for this run's latest).
-    others = sorted(path for path in (run.dir / "checkpoints").glob("step-??????") if path != final)
-    previous = [path for path in others if path.name < final.name][-1:]
-    for old in others:
-        if old not in previous:
-            shutil.rmtree(old, ignore_errors=True)
+    run_folder.prune_checkpoints(final)  # keep the last two, never the one just written
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -250,20 +250,6 @@ def test_a_folder_with_files_but_no_run_is_left_alone(tmp_path):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
-def test_settings_that_do_not_define_a_run_may_differ():
-    defaults = train.parse_config([]).as_dict()
-    saved = json.loads(json.dumps(defaults))  # as config.json holds it (NaN included)
-    moved = dict(defaults, run_name="x", output_dir="elsewhere", resume=True, save_every=5)
-    assert train.settings_differences(saved, moved) == []
-    assert train.settings_differences(saved, dict(defaults, lr=1e-4)) == ["lr: 3e-05 in the folder, 0.0001 here"]
-    # A setting newer than the folder's run counts there as its default.
-    older = {key: value for key, value in saved.items() if key != "keep_leaves"}
-    assert train.settings_differences(older, defaults) == []
-    assert train.settings_differences(older, dict(defaults, keep_leaves=16)) == [
-        "keep_leaves: 0 in the folder, 16 here"
-    ]
-
-
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     """Keep the checkpoint just written and the one before it; later steps (another run's) go."""
     from types import SimpleNamespace
