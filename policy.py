@@ -270,6 +270,12 @@ WARM_START_FIELDS = (
 )
 
 
+def warm_start_recipe(cfg: PolicyConfig, task_cfg: TaskConfig, seed: int) -> dict:
+    """The settings a warm start made with these settings is cached with (its recipe.json)."""
+    settings = {**vars(cfg), **vars(task_cfg), "seed": seed}
+    return {name: settings[name] for name in WARM_START_FIELDS}
+
+
 def warm_started_policy(
     cfg: PolicyConfig, task_cfg: TaskConfig, seed: int, warm_dir: Path, device, train_size: int | None = None
 ):
@@ -281,8 +287,7 @@ def warm_started_policy(
     redoes it. A pretrained model skips it when the task has no worked solutions (math and code
     files). Returns (model, tokenizer, task); `train_size` as for tasks.build_task.
     """
-    settings = {**vars(cfg), **vars(task_cfg), "seed": seed}
-    recipe = {name: settings[name] for name in WARM_START_FIELDS}
+    recipe = warm_start_recipe(cfg, task_cfg, seed)
     recipe_file = Path(warm_dir) / "recipe.json"
     if cfg.warmup_steps > 0 and recipe_file.exists():
         if json.loads(recipe_file.read_text()) == recipe:

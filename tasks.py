@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 import rewards
+import sandbox
 from settings import arg, check_choices
 
 
@@ -53,6 +54,11 @@ class TaskConfig:
         check_choices(self, TaskConfig)
         if self.task in ("math", "code") and not self.data:
             raise ValueError(f"--task {self.task} needs --data (a JSONL file or hub dataset id)")
+        if self.task == "code":  # its programs run only in a sandbox: without one, stop before any work
+            try:
+                sandbox.resolve_sandbox()
+            except sandbox.SandboxUnavailable as error:
+                raise ValueError(f"--task code: {error}") from None
         for name in ("eval_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")

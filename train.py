@@ -39,6 +39,7 @@ import torch
 
 import packing
 import policy
+import run_folder
 import tasks
 import treerl
 import treeview
@@ -88,9 +89,7 @@ def load(config: Config) -> Run:
     run, pcfg = config.run, config.policy
     if run.backend == "vllm" and importlib.util.find_spec("vllm") is None:  # say so before the warm start
         raise SystemExit(f"train.py: error: --backend vllm needs vLLM: {vllm_backend.INSTALL_HINT}")
-    run_dir = Path(run.output_dir) / run.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.as_dict(), indent=2))
+    run_dir = run_folder.open_run_dir(config)  # a folder holds one run's settings, or stops the command
     print("config:", json.dumps(config.as_dict()), flush=True)
     device = policy.pick_device(pcfg)
     random.seed(run.seed)
@@ -314,8 +313,7 @@ def save_checkpoint(run: Run, state: State) -> None:
     torch.save(saved, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted((run.dir / "checkpoints").glob("step-??????"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+    run_folder.prune_checkpoints(final)  # keep the last two, never the one just written
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,10 +336,13 @@ class RunConfig:
     eval_every: int = arg(20, "held-out evaluation every this many steps (0: only before and after)")
     save_trees: bool = arg(True, "at every evaluation, draw a held-out forest to <run>/trees/ (treeview.py)")
     save_every: int = arg(20, "checkpoint every this many steps (0: only at the end)")
-    resume: bool = arg(False, "continue from the latest checkpoint of this run")
+    resume: bool = arg(False, "continue this run from its latest checkpoint (only with the folder's settings)")
+    overwrite: bool = arg(False, "start over: clear <output_dir>/<run_name>/ first, whatever run it holds")
 
     def validate(self) -> None:
         check_choices(self, RunConfig)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the folder's run and --overwrite discards it: give one of them")
         for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")

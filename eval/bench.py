@@ -694,8 +694,8 @@ Writes verifier_throughput.json with:
     answers when the offline benchmark copies are present, see eval/benchmarks.py, else generated
     fractions), after warm-up;
   * code runs per second (one program, one stdin/stdout test, one sandbox each) with 2 runs in
-    flight, for each sandbox mode available (bubblewrap, rlimit fallback), plus HumanEval-style
-    `check(candidate)` runs (judge + runner per run);
+    flight, for each sandbox mode available (bubblewrap where usable; the rlimit mode, asked for by
+    name), plus HumanEval-style `check(candidate)` runs (judge + runner per run);
   * median and worst latency of each pathological math input (each repeated), which must stay
     within the per-check limit."""
 
@@ -1171,6 +1171,7 @@ def run_ours_arm(name: str, args, warm_dir: Path, search_flags: list[str]) -> di
             ]
             + ["--lr", str(args.lr), "--steps", "10000", "--max_generated_tokens", str(args.budget)]
             + ["--eval_every", "0", "--save_every", "0", "--save_trees", "false", *flags]
+            + ["--overwrite", "true"]  # each measurement runs the arm afresh, whatever the folder held
         )
     run_dir = Path(args.runs_dir) / name
     summary = json.loads((run_dir / "summary.json").read_text())

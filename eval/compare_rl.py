@@ -49,6 +49,7 @@ import sys
 import time
 from pathlib import Path
 
+import run_folder
 import train
 from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
 
@@ -85,9 +86,10 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("budget_tokens") != args.budget or json.dumps(saved.get("settings")) != json.dumps(
-        settings(train_args)
-    ):
+    # The settings that define a run (run_folder.NOT_DEFINING aside, e.g. a preset's run_name; a flag
+    # newer than the record counts there as its default).
+    differences = run_folder.settings_differences(saved.get("settings", {}), train.parse_config(train_args))
+    if saved.get("budget_tokens") != args.budget or differences:
         return {}
     runs = {}
     for r in saved["rows"] + saved.get("lr_sweep", {}).get("rows", []) + saved.get("other_recorded_rows", []):

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import sandbox
 from eval import benchmarks
 from eval.benchmarks import Problem
 from eval.common import markdown_table
@@ -481,8 +482,8 @@ def write_outputs(out: Path, config: EvalConfig, results: list[BenchResult]) -> 
 
 
 def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) -> dict:
-    """Load every bench first (so missing data fails before a model is loaded), then sample,
-    grade, and write the outputs. `responder` replaces the model when given."""
+    """Load every bench first (so missing data, or no sandbox for a code bench, fails before a model
+    is loaded), then sample, grade, and write the outputs. `responder` replaces the model when given."""
     data_dir = benchmarks.data_dir_from(config.data_dir)  # None: the pinned hub copies
     names = benchmarks.parse_bench_list(config.bench)
     sources = benchmarks.parse_bench_files(config.bench_file)
@@ -493,6 +494,8 @@ def run(config: EvalConfig, responder: Responder | None = None, tokenizer=None) 
     for name in names:
         bench, source = benchmarks.resolve_bench(name, sources, data_dir)
         loaded[name] = benchmarks.load_problems(bench, source, config.limit)
+    if any(problem.kind == "code" for problems in loaded.values() for problem in problems):
+        sandbox.resolve_sandbox()  # no sandbox to run programs in: say so before any sampling
     if responder is None:
         responder, tokenizer = make_responder(config)
     out = Path(config.out) if config.out else Path("results") / "eval" / model_name(config)
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None, responder: Responder | None = None) -> d
     try:
         config = parse_config(argv, need_model=responder is None)
         return run(config, responder)
-    except ValueError as error:
+    except (ValueError, sandbox.SandboxUnavailable) as error:
         sys.exit(f"evaluate: error: {error}")
 
 

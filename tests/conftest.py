@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Qwen2 model over a 24-token vocabulary (EOS 1, padding 0)."""
+"""Shared fixtures: a tiny random Qwen2 model over a 24-token vocabulary (EOS 1, padding 0); the code
+sandbox, present (`code_sandbox`) or absent (`no_bwrap`)."""
 
 import pytest
 import torch
@@ -25,3 +26,28 @@ def tiny_model():
         tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM(config)
+
+
+@pytest.fixture
+def code_sandbox(monkeypatch):
+    """For tests that run programs but do not test the sandbox itself: bubblewrap where it is usable,
+    else the weak rlimit mode, opted into explicitly (as a user must), so that they run anywhere."""
+    import sandbox
+
+    if not sandbox._bwrap_usable():
+        monkeypatch.setenv("TREERL_SANDBOX", "rlimit")
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch):
+    """A machine without bubblewrap: no `bwrap` on PATH, no opt-in to the rlimit mode."""
+    import os
+
+    import sandbox
+
+    monkeypatch.delenv("TREERL_SANDBOX", raising=False)
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not os.path.exists(os.path.join(d, "bwrap"))]
+    monkeypatch.setenv("PATH", os.pathsep.join(path))
+    sandbox._bwrap_problem.cache_clear()  # the probe's verdict is cached per process
+    yield
+    sandbox._bwrap_problem.cache_clear()

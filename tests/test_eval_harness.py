@@ -163,6 +163,17 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, extra, message):
         evaluate.main(["--data_dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra], responder=no_model)
 
 
+@pytest.mark.parametrize("bench", ["humaneval", "mbpp"])
+def test_a_code_bench_without_a_sandbox_stops_before_any_sampling(tmp_path, no_bwrap, bench):
+    for filename in ("HumanEval.jsonl.gz", "mbpp.jsonl"):
+        text = "".join(json.dumps(row) + "\n" for row in FILE_ROWS[filename])
+        (tmp_path / filename).write_bytes(gzip.compress(text.encode()) if filename.endswith(".gz") else text.encode())
+    with pytest.raises(SystemExit, match="evaluate: error: no usable bubblewrap.*TREERL_SANDBOX=rlimit"):
+        evaluate.main(
+            ["--bench", bench, "--data_dir", str(tmp_path), "--out", str(tmp_path / "out")], responder=no_model
+        )
+
+
 def test_missing_bench_file_in_the_data_dir_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"aime24: data file not found: .*aime24\.jsonl"):
         evaluate.main(["--bench", "aime24", "--data_dir", str(tmp_path)], responder=no_model)
@@ -403,7 +414,7 @@ def oracle_texts(names: list[str], limit: int, data_dir: Path) -> dict[str, str]
     return texts
 
 
-def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path, data_dir):
+def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path, data_dir, code_sandbox):
     names, limit = ["math500", "humaneval", "mbpp"], 3
     texts = oracle_texts(names, limit, data_dir)
     args = ["--bench", ",".join(names), "--limit", str(limit), "--samples", "2", "--data_dir", str(data_dir)]
@@ -417,7 +428,7 @@ def test_oracle_responder_scores_100_percent_and_a_wrong_one_0(tmp_path, data_di
         assert summary["benches"][name]["avg@2"] == 0.0, name
 
 
-def test_tiny_random_model_over_every_bench(tmp_path, data_dir):
+def test_tiny_random_model_over_every_bench(tmp_path, data_dir, code_sandbox):
     """The whole CLI path with a real (random) model loaded from a save_pretrained folder."""
     tokenizer = policy.build_char_tokenizer()
     model = policy.build_tiny_model(policy.PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), tokenizer)

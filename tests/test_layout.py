@@ -88,6 +88,7 @@ def test_the_algorithm_knows_no_engine_and_no_verifier():
         "treerl.py",
         "rewards.py",
         "sandbox.py",
+        "run_folder.py",
         "tasks.py",
         "policy.py",
         "packing.py",

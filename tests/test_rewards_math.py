@@ -1,15 +1,21 @@
 """Tests for the math verifier in rewards.py: answer extraction, equivalence, the worker pool."""
 
+import concurrent.futures
 import json
+import logging
 import multiprocessing
 import os
 import random
 import signal
 import string
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import pebble
 import pytest
 
 import rewards
@@ -296,6 +302,125 @@ def test_worker_processes_are_stopped_by_close():
     assert not workers & children()
     assert pool.check([("2", "2")], timeout=5.0) == [1.0]  # usable again after close
     pool.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Any caller: an unguarded script, `python -`, a worker killed from outside, a pool that fails
+# --------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# A caller as a researcher writes one: no `if __name__ == "__main__":` guard. Each run of its body
+# adds a line to the file named by $RUNS, so the test sees whether a worker ran it again.
+CALLER = (
+    "import os\n"
+    "import rewards\n"
+    "open(os.environ['RUNS'], 'a').write('ran\\n')\n"
+    'print(rewards.math_reward("so \\\\boxed{1/2}", "0.5"))\n'
+)
+
+
+@pytest.mark.parametrize("how", ["script file", "python - on stdin"])
+def test_math_reward_from_an_unguarded_caller(how, tmp_path):
+    """multiprocessing would have each worker run the caller's main script again (or, for `python -`,
+    a file `<stdin>` that does not exist): every worker died at start, BrokenProcessPool."""
+    script = tmp_path / "score.py"
+    script.write_text(CALLER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RUNS=str(tmp_path / "runs"))
+    command, stdin = ([sys.executable, str(script)], None) if how == "script file" else ([sys.executable, "-"], CALLER)
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "1.0", done.stderr[-3000:]
+    assert (tmp_path / "runs").read_text() == "ran\n"  # the caller's body ran once, in the caller only
+
+
+def note_pid(answer: str, gold: str, seconds: int) -> bool:
+    """A check for pools of their own: writes its worker's pid to the file `gold`, then, for the
+    answer "sleep", takes a minute (a slow check); it passes every answer."""
+    Path(gold).write_text(str(os.getpid()))
+    if answer == "sleep":
+        time.sleep(60)
+    return True
+
+
+def kill_when_written(pid_file: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_worker_killed_from_outside_mid_check_and_the_next_check_works(tmp_path):
+    pool = sandbox.MathVerifierPool(note_pid, workers=1)
+    try:
+        assert pool.check([("warm", str(tmp_path / "first"))], timeout=30.0) == [1.0]
+        killer = threading.Thread(target=kill_when_written, args=(tmp_path / "slow",))
+        killer.start()
+        assert pool.check([("sleep", str(tmp_path / "slow"))], timeout=30.0) == [0.0]  # its worker died
+        killer.join()
+        assert pool.check([("next", str(tmp_path / "next"))], timeout=30.0) == [1.0]
+        assert (tmp_path / "next").read_text() != (tmp_path / "slow").read_text()  # a new worker
+    finally:
+        pool.close()
+
+
+def test_a_worker_killed_while_idle_breaks_the_pool_and_a_fresh_one_takes_over(tmp_path, caplog):
+    """pebble gives up a pool whose workers all die with no task running ("All workers expired")."""
+    pool = sandbox.MathVerifierPool(note_pid, workers=1)
+    try:
+        assert pool.check([("warm", str(tmp_path / "first"))], timeout=30.0) == [1.0]
+        os.kill(int((tmp_path / "first").read_text()), signal.SIGKILL)
+        time.sleep(0.5)  # pebble notices within 0.1 s
+        with caplog.at_level(logging.WARNING, logger="sandbox"):
+            assert pool.check([("next", str(tmp_path / "next"))], timeout=30.0) == [1.0]
+        assert not caplog.records
+    finally:
+        pool.close()
+
+
+def broken_future(*args, **kwargs):
+    future = concurrent.futures.Future()
+    future.set_exception(BrokenProcessPool("All workers expired"))
+    return future
+
+
+def cannot_start(*args, **kwargs):
+    raise BrokenProcessPool("a worker could not start")
+
+
+@pytest.mark.parametrize("failure", [broken_future, cannot_start])
+def test_a_failed_pool_is_rebuilt_and_its_checks_retried_once_else_they_score_zero(failure, monkeypatch, caplog):
+    """The first failure costs nothing (a fresh pool, a retry); a pool that keeps failing scores its
+    checks 0.0 with a warning, and no pool error reaches the caller (in training it would end the run)."""
+    real = pebble.ProcessPool.schedule
+    failures = [failure]
+
+    def flaky(pool, *args, **kwargs):
+        return failures.pop()(*args, **kwargs) if failures else real(pool, *args, **kwargs)
+
+    monkeypatch.setattr(pebble.ProcessPool, "schedule", flaky)
+    pool = rewards.math_pool(workers=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sandbox"):
+            assert pool.check([("1", "1"), ("2", "3")], timeout=30.0) == [1.0, 0.0]
+        assert not failures and not caplog.records
+        monkeypatch.setattr(pebble.ProcessPool, "schedule", lambda pool, *args, **kwargs: failure())
+        with caplog.at_level(logging.WARNING, logger="sandbox"):
+            assert pool.check([("1", "1"), ("2", "2")], timeout=30.0) == [0.0, 0.0]
+        assert "2 of 2 check(s) could not run" in caplog.text and "BrokenProcessPool" in caplog.text
+    finally:
+        pool.close()
+
+
+def test_check_functions_must_be_importable_by_the_workers():
+    with pytest.raises(ValueError, match="cannot be sent to a worker"):
+        sandbox.MathVerifierPool(lambda answer, gold, seconds: True)
+
+    def in_main(answer, gold, seconds):
+        return True
+
+    in_main.__module__ = "__main__"  # as if defined in a script: workers do not import it
+    with pytest.raises(ValueError, match="defined in __main__"):
+        sandbox.MathVerifierPool(in_main)
 
 
 # --------------------------------------------------------------------------------------------------

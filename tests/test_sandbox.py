@@ -1,15 +1,16 @@
 """Tests for the code sandbox of sandbox.py (test kinds, comparisons, isolation) and sandbox.py's
 code_reward and extract_program on top of it."""
 
+import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,23 +24,23 @@ NOBODY = 65534  # the uid programs run as when the tests run as root
 
 @pytest.fixture(params=MODES)
 def mode(request):
-    """Run a test once with bubblewrap and once with the rlimit fallback."""
+    """Run a test once with bubblewrap and once with the rlimit mode (opted in: `sandbox=mode`)."""
     if request.param == "bwrap" and not sandbox._bwrap_usable():
         pytest.skip("bubblewrap is not installed or not usable here (apt-get install bubblewrap)")
     return request.param
 
 
-def needs_root_in_fallback(mode):
-    """Without bubblewrap and without root, the fallback runs programs as the calling user: it cannot
+def needs_root_in_rlimit_mode(mode):
+    """Without bubblewrap and without root, the rlimit mode runs programs as the calling user: it cannot
     hide that user's processes, files or network (install bubblewrap for real isolation)."""
     if mode == "rlimit" and os.geteuid() != 0:
-        pytest.skip("the rlimit fallback isolates users only when running as root")
+        pytest.skip("the rlimit mode isolates users only when running as root")
 
 
 def needs_bwrap_for(mode, what):
-    """What the rlimit fallback does not cover at all (sandbox.py's docstring says so)."""
+    """What the rlimit mode does not cover at all (sandbox.py's docstring says so)."""
     if mode == "rlimit":
-        pytest.skip(f"the rlimit fallback does not isolate {what}")
+        pytest.skip(f"the rlimit mode does not isolate {what}")
 
 
 def processes_of(uid):
@@ -126,7 +127,7 @@ def test_humaneval_style_check(mode):
     assert_contained(wrong, before)
 
 
-def test_check_sees_tuples_sets_and_dicts_as_such():
+def test_check_sees_tuples_sets_and_dicts_as_such(code_sandbox):
     program = "def f():\n    return (1, 2), {3}, {(1, 2): b'x'}, None, 2.5, True\n"
     check = (
         "def check(candidate):\n    t, s, d, n, x, b = candidate()\n"
@@ -136,7 +137,7 @@ def test_check_sees_tuples_sets_and_dicts_as_such():
     assert run_tests(program, [{"check": check, "entry_point": "f"}]).all_passed
 
 
-def test_mixed_kinds_and_fail_fast():
+def test_mixed_kinds_and_fail_fast(code_sandbox):
     tests = [{"input": "1 2\n", "output": "4\n"}, {"input": "1 2\n", "output": "3\n"}]
     report = run_tests(ADD_STDIO, tests, fail_fast=True)
     assert [o.reason for o in report.outcomes] == ["wrong_answer", "skipped"]
@@ -160,13 +161,47 @@ def test_sandbox_mode_is_logged_once(caplog):
             run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}], sandbox="rlimit")
     announced = [r for r in caplog.records if r.name == "sandbox" and "code sandbox:" in r.getMessage()]
     assert len(announced) == 1, [r.getMessage() for r in announced]
-    assert announced[0].levelno == logging.WARNING  # the fallback does not isolate: a warning
-    assert "rlimit fallback (requested" in announced[0].getMessage()
+    assert announced[0].levelno == logging.WARNING  # the rlimit mode does not isolate: a warning
+    assert "rlimit mode (opted in)" in announced[0].getMessage()
 
 
 def test_sandbox_can_be_forced_by_environment(monkeypatch):
     monkeypatch.setenv("TREERL_SANDBOX", "rlimit")
     assert run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}]).sandbox == "rlimit"
+    monkeypatch.setenv("TREERL_SANDBOX", "docker")
+    with pytest.raises(ValueError, match=r"\$TREERL_SANDBOX must be"):
+        run_tests(ADD_FUNCTION, [{"call": "add", "args": [1, 2], "expected": 3}])
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe by default: no usable bubblewrap, no code execution unless the weak mode is asked for by name
+# --------------------------------------------------------------------------------------------------
+
+
+def test_without_bubblewrap_code_execution_stops_naming_the_install_and_the_opt_in(no_bwrap, monkeypatch):
+    tests = [{"input": "1 2\n", "output": "3\n"}]
+    for run in (lambda: code_reward(ADD_STDIO, tests), lambda: run_tests(ADD_STDIO, tests, sandbox="bwrap")):
+        with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap") as error:
+            run()
+        message = str(error.value)
+        assert "not installed" in message and "apt-get install bubblewrap" in message
+        assert "TREERL_SANDBOX=rlimit" in message and "does not isolate" in message
+    # The explicit opt-ins, by argument and by environment:
+    assert code_reward(ADD_STDIO, tests, sandbox="rlimit") == 1.0
+    monkeypatch.setenv("TREERL_SANDBOX", "rlimit")
+    assert code_reward(ADD_STDIO, tests) == 1.0
+    assert sandbox.resolve_sandbox() == "rlimit"
+
+
+def test_a_bubblewrap_that_cannot_start_a_sandbox_is_not_usable(no_bwrap, monkeypatch, tmp_path):
+    """Installed is not enough (user namespaces may be off): usable means a probe run succeeds."""
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(sandbox.SandboxUnavailable, match="cannot start a sandbox here: bwrap: No permissions"):
+        code_reward(ADD_STDIO, [{"input": "1 2\n", "output": "3\n"}])
 
 
 def test_program_runs_as_an_unprivileged_user(mode):
@@ -250,7 +285,7 @@ def test_extract_program(response, program):
 
 # --------------------------------------------------------------------------------------------------
 # Hostile programs: each is contained, scores 0.0, finishes within its limit, leaves nothing behind.
-# Short limits keep these fast; each runs with bubblewrap and with the rlimit fallback.
+# Short limits keep these fast; each runs with bubblewrap and in the rlimit mode.
 # --------------------------------------------------------------------------------------------------
 
 SECRET = "treerl-secret-7f3a9c"
@@ -352,7 +387,7 @@ def run_hostile(program, tests, mode, reasons, limit=LIMIT):
 @pytest.mark.parametrize("name", [name for name, case in HOSTILE.items() if case is not None])
 def test_hostile_program(name, mode, monkeypatch):
     if name == "reading the parent's environment":
-        needs_root_in_fallback(mode)
+        needs_root_in_rlimit_mode(mode)
     monkeypatch.setenv("TREERL_TEST_SECRET", SECRET)  # the parent's environment holds a secret
     program, tests, reasons = HOSTILE[name]
     run_hostile(program, tests, mode, reasons)
@@ -377,10 +412,10 @@ def test_hostile_network_connection(mode):
         listener.close()
 
 
-def test_hostile_daemon_escaping_with_setsid(mode):
-    """bubblewrap's PID namespace ends the daemon with the run. The rlimit fallback (as root) kills
-    only the process group: the daemon lives on, as uid 65534 under its CPU limit (the documented gap)."""
-    needs_root_in_fallback(mode)
+def test_hostile_daemon_escaping_with_setsid_under_bubblewrap(mode):
+    """bubblewrap's PID namespace ends the daemon with the run: its marker is never written. (The
+    rlimit mode's supervisor ends it too: the next test, which can see its pid.)"""
+    needs_bwrap_for(mode, "the PID namespace")
     drop = tempfile.mkdtemp(prefix="treerl-drop-")  # in the shared /tmp, writable by anyone who sees it
     os.chmod(drop, 0o777)
     marker = os.path.join(drop, "daemon-was-here")
@@ -395,29 +430,79 @@ def test_hostile_daemon_escaping_with_setsid(mode):
         "        time.sleep(60)\n"
         "    os._exit(0)\n"
     )
-    before = processes_of(NOBODY)
     try:
-        if mode == "bwrap":
-            run_hostile(program, [{"input": "", "output": "3\n"}], mode, {"wrong_answer"})
-            time.sleep(1.0)  # the daemon would have written its marker by now
-            assert not os.path.exists(marker)
-            return
-        limits = SandboxLimits(timeout=LIMIT, memory_mb=256)
-        report = run_tests(program, [{"input": "", "output": "3\n"}], sandbox=mode, limits=limits)
-        assert report.outcomes[0].reason == "wrong_answer"  # its late output is not read
-        time.sleep(1.0)
-        (daemon,) = processes_of(NOBODY) - before
-        with open(f"/proc/{daemon}/limits") as handle:
-            assert re.search(r"Max cpu time\s+2\s+3\s", handle.read())  # RLIMIT_CPU: ceil(LIMIT) + 1
-        assert os.stat(marker).st_uid == NOBODY  # it acts as nobody, not as the trainer
+        run_hostile(program, [{"input": "", "output": "3\n"}], mode, {"wrong_answer"})
+        time.sleep(1.0)  # the daemon would have written its marker by now
+        assert not os.path.exists(marker)
     finally:
-        for pid in processes_of(NOBODY) - before if mode == "rlimit" else ():  # the escaped daemon
-            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(drop)
+
+
+def leaving_behind(drop: str, then: str) -> str:
+    """A program that leaves processes behind, each writing its pid to a file in `drop` first: a
+    `setsid` daemon (fork, setsid, fork again), a child in a process group of its own and a `sleep`
+    started with subprocess. Then it `then`: "exits" (and defines `add`), or "hangs" until killed."""
+    return (
+        "import os, subprocess, time\n"
+        f"drop = {drop!r}\n"
+        "def note(name, pid):\n"
+        "    with open(os.path.join(drop, name + '.part'), 'w') as handle:\n"
+        "        handle.write(str(pid))\n"
+        "    os.rename(os.path.join(drop, name + '.part'), os.path.join(drop, name))\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        note('daemon', os.getpid())\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "if os.fork() == 0:\n"
+        "    os.setpgid(0, 0)\n"
+        "    note('group', os.getpid())\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "note('sleep', subprocess.Popen(['sleep', '60']).pid)\n"
+        "while sorted(os.listdir(drop)) != ['daemon', 'group', 'sleep']:\n"
+        "    time.sleep(0.01)\n"
+        + ("print(3)\ndef add(a, b):\n    return a + b\n" if then == "exits" else "time.sleep(60)\n")
+    )
+
+
+def assert_gone(pid: int, wait: float = 2.0) -> None:
+    """No process `pid` exists (a zombie would still count: the supervisor must reap what it kills)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} outlived its run"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("then", ["exits", "hangs"])
+@pytest.mark.parametrize("kind", ["stdio", "call"])
+def test_rlimit_mode_ends_every_process_a_program_starts(kind, then):
+    """Opted in, the weak mode still ends all a program started, at the end of its run: whether the
+    program exits or is stopped at its time limit, and processes that left its process group (a
+    `setsid` daemon, a process group of its own) as well. As any user, not only root."""
+    drop = tempfile.mkdtemp(prefix="treerl-drop-")  # the program may run as uid 65534: open to it
+    os.chmod(drop, 0o777)
+    test = {"input": "", "output": "3\n"} if kind == "stdio" else {"call": "add", "args": [1, 2], "expected": 3}
+    try:
+        report = run_tests(leaving_behind(drop, then), [test], sandbox="rlimit", limits=SandboxLimits(timeout=LIMIT))
+        assert report.outcomes[0].reason == ("passed" if then == "exits" else "timeout"), report.outcomes[0]
+        pids = {name: int(Path(drop, name).read_text()) for name in ("daemon", "group", "sleep")}
+        for pid in pids.values():
+            assert_gone(pid)
+    finally:
+        for name in ("daemon", "group", "sleep"):  # should a check above fail: leave nothing running
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(Path(drop, name).read_text()), signal.SIGKILL)
         shutil.rmtree(drop)
 
 
 def test_hostile_writing_outside_its_directory(mode, tmp_path):
-    needs_root_in_fallback(mode)
+    needs_root_in_rlimit_mode(mode)
     outside = tmp_path / "outside"
     outside.mkdir()
     name = f"treerl-escape-{os.getpid()}-{mode}"
@@ -436,7 +521,7 @@ def test_hostile_writing_outside_its_directory(mode, tmp_path):
     )
     try:
         run_hostile(program, [{"input": "", "output": "ESCAPED\n"}], mode, {"wrong_answer"})
-        # With bubblewrap the shared temp directories are private to the sandbox; the rlimit fallback
+        # With bubblewrap the shared temp directories are private to the sandbox; the rlimit mode
         # lets the program write there (sandbox.py's docstring says so).
         for path in [outside / name, os.path.join(os.getcwd(), name), "/" + name, "/etc/" + name]:
             assert not os.path.exists(path), f"{path} was left behind"

@@ -1,6 +1,7 @@
 """Tests for train.py: configuration and data errors, a smoke run of the default path, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -148,11 +149,14 @@ def test_the_default_update_runs_treerl_policy_loss(tmp_path, monkeypatch):
 def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsys):
     train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
     capsys.readouterr()
-    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
-    assert "warm start: reusing" in capsys.readouterr().out
-    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache", "--warmup_slip_rate", "0"))
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))  # the same command again
     out = capsys.readouterr().out
-    assert "settings differ" in out and "reusing" not in out
+    assert "starting over" in out and "warm start: reusing" in out
+    (tmp_path / "cache" / "trees" / "stale.html").write_text("from the run before")
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache", "--warmup_slip_rate", "0", "--overwrite"))
+    assert "reusing" not in capsys.readouterr().out  # another warm start: made anew
+    recipe = json.loads((tmp_path / "cache" / "warmstart" / "recipe.json").read_text())
+    assert recipe["warmup_slip_rate"] == 0 and not (tmp_path / "cache" / "trees" / "stale.html").exists()
 
 
 def test_token_budget_stops_training_early(tmp_path):
@@ -215,6 +219,69 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert a["accuracy_after"] == b["accuracy_after"] and a["generated_tokens"] == b["generated_tokens"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders never mix
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_run_of_other_settings_stops_at_a_folder_that_holds_another_run(tmp_path):
+    """The README's two commands in a row, `python train.py` then another model into the same folder:
+    the second stops before any work (exit status 1, a message) and the first run stays as it was."""
+    train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "shared"))
+    summary = (tmp_path / "shared" / "summary.json").read_bytes()
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as stopped:
+            train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "shared", "--model", "smollm2-135m", *extra))
+        message = str(stopped.value.code)  # a message: Python exits with status 1
+        assert "holds a run of other settings" in message and 'model: "" in the folder, "smollm2-135m" here' in message
+        assert "--overwrite" in message and "--run_name" in message
+    assert (tmp_path / "shared" / "summary.json").read_bytes() == summary
+    with pytest.raises(SystemExit, match="give one of them"):
+        train.main(tiny_args(tmp_path, "--run_name", "shared", "--resume", "--overwrite"))
+
+
+def test_a_folder_with_files_but_no_run_is_left_alone(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files but no run"):
+        train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "notes"))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Keep the checkpoint just written and the one before it; later steps (another run's) go."""
+    from types import SimpleNamespace
+
+    class Saved:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+        def state_dict(self):
+            return {}
+
+    run = SimpleNamespace(dir=tmp_path, model=Saved(), tokenizer=Saved())
+    state = SimpleNamespace(optimizer=Saved(), scheduler=Saved(), before={}, generated=0, elapsed=0.0, resumed_at=0.0)
+    for step in (100, 120):  # left by a run of a longer schedule
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    for step, kept in [
+        (20, ["step-000020"]),
+        (40, ["step-000020", "step-000040"]),
+        (60, ["step-000040", "step-000060"]),
+    ]:
+        state.step = step
+        train.save_checkpoint(run, state)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == kept
+
+
+def test_task_code_without_a_sandbox_stops_before_any_work(tmp_path, no_bwrap):
+    data = tmp_path / "code.jsonl"
+    data.write_text(json.dumps({"problem": "Add.", "tests": [{"input": "1 2\n", "output": "3\n"}]}) + "\n")
+    argv = tiny_args(tmp_path, "--task", "code", "--data", str(data), "--warmup_steps", "0", "--run_name", "code")
+    with pytest.raises(SystemExit, match="--task code: no usable bubblewrap.*apt-get install bubblewrap"):
+        train.main(argv)
+    assert not (tmp_path / "code").exists()
 
 
 def test_kl_to_the_starting_policy_is_logged(tmp_path, monkeypatch):
