@@ -9,7 +9,7 @@ file into `--out` (default `results/`):
     python -m eval.bench trl          [--budget 128000]                       -> trl_compare.json
     python -m eval.bench warm-start   [--recipes 600x64@2e-3,...]             -> warm_start_sweep.json
     python -m eval.bench greedy-flips --before DIR --after DIR [train.py flags] -> greedy_flips.json
-    python -m eval.bench train-run    --seeds 0,1,2 [train.py flags]          -> train_run.json
+    python -m eval.bench train-run    --seeds 0,1,2 [--file F] [train.py flags] -> train_run.json
 
 `python -m eval.bench SUBCOMMAND --help` says what each one measures. Skip this file on a first
 reading: the paper's experiments are `eval/search_efficiency.py` and `eval/compare_rl.py`.
@@ -1460,6 +1460,12 @@ def add_train_run(sub) -> None:
     parser = sub.add_parser("train-run", help="wall time, memory and accuracy of whole runs", description=TRAIN_RUN_DOC)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
     parser.add_argument("--runs_dir", default="runs/train-run", help="parent folder of the runs (cleared per seed)")
+    parser.add_argument("--file", default="train_run.json", help="name of the JSON file in --out")
+    parser.add_argument(
+        "--fresh_model_cache",
+        action="store_true",
+        help="each run converts --model anew into an empty cache ($TREERL_CACHE), as on a new machine",
+    )
     parser.set_defaults(run=run_train_run, train_flags=True)
 
 
@@ -1491,6 +1497,8 @@ def run_record(run_dir: Path) -> tuple[dict, dict]:
         for key in ("time_rollout", "time_verify", "time_update", "generated_tokens", "leaves", "response_length")
     }
     record.update(generated_tokens=summary["generated_tokens"], wall_seconds_train=round(summary["wall_seconds"], 1))
+    if "peak_rss_gib_by_phase" in summary:  # the largest resident memory of each phase (train.py)
+        record["peak_rss_gib_by_phase"] = summary["peak_rss_gib_by_phase"]
     return summary, record
 
 
@@ -1501,14 +1509,18 @@ def run_train_run(parser, args, argv) -> dict:
     if not Path("/usr/bin/time").exists():
         parser.error("needs GNU time at /usr/bin/time (Debian/Ubuntu: apt-get install time)")
     name = "preset" if "--config" in args.train_args else "default"
-    payload = {"command": command(argv), "machine": machine(), "rows": []}
+    payload = {"command": command(argv), "machine": machine(), "fresh_model_cache": args.fresh_model_cache, "rows": []}
     for seed in parse_seeds(parser, args.seeds):
         run_name = f"{name}-seed{seed}"
         shutil.rmtree(Path(args.runs_dir) / run_name, ignore_errors=True)  # a fresh run: warm start included
         flags = [*args.train_args, "--seed", str(seed), "--output_dir", args.runs_dir, "--run_name", run_name]
         cmd = ["/usr/bin/time", "-v", sys.executable, "train.py", *flags]
+        env = dict(os.environ)
+        if args.fresh_model_cache:  # the model's conversion is part of what is timed
+            env["TREERL_CACHE"] = str(Path(args.runs_dir) / f"{run_name}-model-cache")
+            shutil.rmtree(env["TREERL_CACHE"], ignore_errors=True)
         print("running:", " ".join(cmd[2:]), flush=True)
-        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, env=env)
         sys.stderr.write(done.stderr[-2000:])
         if done.returncode != 0:
             raise SystemExit(f"train.py failed with exit code {done.returncode} for seed {seed}")
@@ -1518,7 +1530,7 @@ def run_train_run(parser, args, argv) -> dict:
         payload.setdefault("config", summary["config"])
         payload["accuracy_metric"] = summary["accuracy_metric"]
         payload["rows"].append({**row, **record})
-        write_json(Path(args.out) / "train_run.json", payload)  # after every seed: an interrupted sweep keeps its rows
+        write_json(Path(args.out) / args.file, payload)  # after every seed: an interrupted sweep keeps its rows
     header = ["seed", "wall s", "max RSS GiB", "avg@k before", "after", "greedy before", "after"]
     rows = [
         [r["seed"], r["wall_seconds"], r["max_rss_gib"]]
