@@ -332,7 +332,8 @@ def test_bench_train_run_records_time_memory_and_accuracy_per_seed(tmp_path):
     out = bench.main(
         ["train-run", "--seeds", "3", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path), *flags]
     )
-    assert json.loads((tmp_path / "train_run.json").read_text()) == json.loads(json.dumps(out))
+    written = json.loads((tmp_path / "train_run.json").read_text())
+    assert written.pop("commit") and written == json.loads(json.dumps(out))  # the file leads with its commit
     (row,) = out["rows"]
     assert row["seed"] == 3 and out["config"]["seed"] == 3 and out["config"]["hidden_size"] == 32
     assert row["wall_seconds"] > 0 and 0.05 < row["max_rss_gib"] < 8
