@@ -14,6 +14,7 @@ tokenizer to train:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import random
 import string
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -201,6 +203,62 @@ class GpuPeak:
         peak = torch.cuda.max_memory_allocated(self.device) / 1e9
         torch.cuda.reset_peak_memory_stats(self.device)
         return peak
+
+
+class RssPeaks:
+    """Peak resident memory (RSS) of this process, phase by phase: `with peaks.phase("update"):`
+    records the block's peak, in GiB, in `last["update"]`, and the largest over all such blocks in
+    `by_phase["update"]`.
+
+    The kernel keeps the process's peak (VmHWM in /proc/self/status). Writing "5" to
+    /proc/self/clear_refs would reset it per phase, but it would also reset the maximum RSS that
+    getrusage and `/usr/bin/time -v` report for the whole run, so it is left alone. Instead, a phase
+    that raises the peak peaked at the new one (exact), and a phase that stays below an earlier
+    one's peak is watched by a thread that reads the resident size (/proc/self/statm) every few
+    milliseconds, which can miss only shorter spikes. Without /proc (not Linux) nothing is recorded.
+    """
+
+    INTERVAL = 0.002  # seconds between two reads of the resident size
+
+    def __init__(self):
+        self.by_phase: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.available = os.path.exists("/proc/self/statm")
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.available:
+            yield
+            return
+        high_water, high, done = _vm_hwm(), [_rss()], threading.Event()
+
+        def watch():
+            while not done.wait(self.INTERVAL):
+                high[0] = max(high[0], _rss())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            new_high_water = _vm_hwm()
+            peak = new_high_water if new_high_water > high_water else max(high[0], _rss())
+            self.last[name] = peak / 2**30
+            self.by_phase[name] = max(self.by_phase.get(name, 0.0), self.last[name])
+
+
+def _rss() -> int:
+    """Resident size of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_hwm() -> int:
+    """Peak resident size of this process so far, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def progress_bar(iterable, **kwargs):

@@ -76,6 +76,7 @@ class Run:
     backend: treerl.Backend  # the rollout engine (--backend)
     ref_model: torch.nn.Module | None  # the KL reference (--kl_coef > 0)
     checkpoint: Path | None  # the checkpoint the policy came from (--resume), else None
+    memory: policy.RssPeaks  # peak memory (RSS) of each phase: warm start, rollout, update, evaluation
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -103,8 +104,12 @@ def load(config: Config) -> Run:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
     train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
+    memory = policy.RssPeaks()
     if checkpoint is None:
-        model, tokenizer, task = policy.warm_started_policy(pcfg, config.task, run.seed, warm_dir, device, train_size)
+        with memory.phase("warm_start"):
+            model, tokenizer, task = policy.warm_started_policy(
+                pcfg, config.task, run.seed, warm_dir, device, train_size
+            )
     else:
         model, tokenizer = policy.load_policy(str(checkpoint), pcfg, device)
         task = tasks.build_task(config.task, tokenizer, train_size)
@@ -123,7 +128,7 @@ def load(config: Config) -> Run:
         else:  # an untrained tiny model (--warmup_steps 0): rebuilt from the same seed
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
-    return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint)
+    return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint, memory)
 
 
 @dataclass
@@ -175,12 +180,14 @@ def loop(run: Run, state: State) -> None:
     steps = range(state.step + 1, last_step + 1)
     progress = policy.progress_bar(steps, desc=f"RL ({run.config.rollout.algo})", initial=state.step, total=cfg.steps)
     for step in progress:
+        run.memory.last.clear()  # the row below records this step's phases only
         row = rl_step(run, state, step)
         state.step, last = step, step == cfg.steps or state.generated >= budget
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             state.after = evaluate(run)
             save_tree_page(run, step)
             row.update(eval_greedy=state.after["greedy"], eval_sampled=state.after["sampled"])
+        row.update({f"peak_rss_gib_{phase}": gib for phase, gib in run.memory.last.items()})
         with (run.dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         progress.set_postfix(reward=f"{row['reward']:.2f}", eval=f"{state.after['sampled']:.2f}", refresh=False)
@@ -204,9 +211,10 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
-    result = treerl.rollout(
-        run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
-    )
+    with run.memory.phase("rollout"):
+        result = treerl.rollout(
+            run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
+        )
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
         run.backend.sleep()
@@ -214,18 +222,19 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
     stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
     if result.sequences:
-        stats = treerl.update(
-            run.model,
-            state.optimizer,
-            state.scheduler,
-            result.sequences,
-            ucfg,
-            run.tokenizer.pad_token_id,
-            temperature,
-            run.ref_model,
-            seed=step,
-            layout=layout,
-        )
+        with run.memory.phase("update"):
+            stats = treerl.update(
+                run.model,
+                state.optimizer,
+                state.scheduler,
+                result.sequences,
+                ucfg,
+                run.tokenizer.pad_token_id,
+                temperature,
+                run.ref_model,
+                seed=step,
+                layout=layout,
+            )
     t1, update_peak = time.perf_counter(), gpu_peak.read()
     run.backend.sync(run.model)
     state.generated += result.stats["generated_tokens"]
@@ -252,6 +261,7 @@ def summarize(run: Run, state: State, started: float) -> dict:
         "generated_tokens": state.generated,
         "wall_seconds": wall,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_gib_by_phase": run.memory.by_phase,  # each phase's largest peak over the run
         "config": config.as_dict(),
     }
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -281,7 +291,8 @@ def evaluate(run: Run) -> dict[str, float]:
     """Held-out accuracy, greedy and avg@k at the training temperature (tasks.evaluate)."""
     k, rollout = run.config.task.eval_samples, run.config.rollout
     sampling = (k, rollout.max_new_tokens, rollout.temperature, rollout.top_p)
-    return tasks.evaluate(run.backend, run.tokenizer, run.task, *sampling, seed=run.config.run.seed)
+    with run.memory.phase("evaluation"):
+        return tasks.evaluate(run.backend, run.tokenizer, run.task, *sampling, seed=run.config.run.seed)
 
 
 def save_tree_page(run: Run, step: int) -> None:
