@@ -49,6 +49,7 @@ class PolicyConfig:
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update")
     warmup_steps: int = arg(600, "supervised steps on worked solutions (arith tasks) before RL (0: none)")
     warmup_batch_size: int = arg(48, "examples per supervised step")
+    warmup_micro_batch_size: int = arg(0, "examples per forward/backward of a supervised step (0: all of them)")
     warmup_lr: float = arg(2e-3, "learning rate of the supervised stage")
 
     def validate(self) -> None:
@@ -56,8 +57,9 @@ class PolicyConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "warmup_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup_steps must be >= 0; got {self.warmup_steps}")
+        for name in ("warmup_steps", "warmup_micro_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size ({self.hidden_size}) must be divisible by --num_heads ({self.num_heads})")
 
@@ -272,7 +274,9 @@ def progress_bar(iterable, **kwargs):
 
 
 def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: int = 0) -> None:
-    """Next-token cross-entropy on prompt + solution + EOS, the loss on the solution tokens only."""
+    """Next-token cross-entropy on prompt + solution + EOS, the loss on the solution tokens only:
+    their mean over the step's batch, whose gradient is accumulated over micro-batches of
+    `warmup_micro_batch_size` examples (the same step, with less memory for activations)."""
     examples = [e for e in task.train if e.solution]
     if not examples:
         raise ValueError(
@@ -296,15 +300,17 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
         sequences = [
             tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None) for p, a in zip(prompts, answers)
         ]
-        b = logprobs.collate(sequences, tokenizer.pad_token_id, device=device)
-        logp = b.logprobs(model)
-        loss = -(logp * b.mask).sum() / b.mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        tokens, micro, loss = sum(map(len, answers)), cfg.warmup_micro_batch_size or len(sequences), 0.0
+        for start in range(0, len(sequences), micro):
+            b = logprobs.collate(sequences[start : start + micro], tokenizer.pad_token_id, device=device)
+            part = -(b.logprobs(model) * b.mask).sum() / tokens
+            part.backward()  # the micro-batches' gradients add up to the batch's
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # not held until RL's first step
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
 
 # The settings a cached warm start depends on (the held-out set, excluded from its data, is drawn
