@@ -284,7 +284,9 @@ def make_backend(config: Config, model, tokenizer) -> treerl.Backend:
         return vllm_backend.VLLMBackend.from_config(model, tokenizer.eos_token_id, config.vllm, config.run.seed)
     from hf_backend import HFBackend
 
-    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    run = config.run
+    cap = int(run.gen_kv_cache_gib * 2**30)  # fewer rows per batch where their KV cache would pass it
+    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size, kv_cache_bytes=cap)
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -343,6 +345,7 @@ class RunConfig:
     seed: int = arg(0, "seed of model init, data order and sampling")
     backend: Literal["hf", "vllm"] = arg("hf", "rollout engine: transformers (hf) or a colocated vLLM engine")
     gen_batch_size: int = arg(256, "sequences per generation batch (hf backend)")
+    gen_kv_cache_gib: float = arg(0.0, "most KV-cache memory (GiB) of one generation batch (hf backend; 0: no limit)")
     steps: int = arg(120, "RL steps")
     max_generated_tokens: int = arg(0, "stop RL after this many generated tokens (0: no limit)")
     prompts_per_step: int = arg(16, "prompts per RL step (each grows a forest)")
@@ -356,7 +359,7 @@ class RunConfig:
         for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
+        for name in ("steps", "eval_every", "save_every", "max_generated_tokens", "gen_kv_cache_gib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
 
