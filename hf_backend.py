@@ -62,8 +62,10 @@ class HFBackend:
         pad_token_id: int,
         batch_size: int = 256,
         reuse_prefixes: bool | None = None,
+        kv_cache_bytes: int = 0,
     ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        self.kv_cache_bytes = kv_cache_bytes  # most memory the KV cache of one decode batch may take (0: any)
         self.stop_ids = stop_token_list(eos_token_id)
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
@@ -100,9 +102,9 @@ class HFBackend:
         self.stats["prompt_tokens"] += sum(map(len, prefixes))
         self.stats["cached_prompt_tokens"] += sum(s.count for s in stored if s is not None)
         # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
-        # (`batch_size` rows = prefixes x n).
+        # (`batch_size` rows = prefixes x n, fewer where their KV cache would pass kv_cache_bytes).
         order = sorted(range(len(prefixes)), key=lambda k: (stored[k] is None, -budgets[k]))
-        per_batch = max(1, self.batch_size // n)
+        per_batch = max(1, self.rows_per_batch(max(map(len, prefixes)) + max(budgets)) // n)
         groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
@@ -125,6 +127,14 @@ class HFBackend:
         finally:
             self.model.train(was_training)
         return groups
+
+    def rows_per_batch(self, positions: int) -> int:
+        """Rows of one decode batch: `batch_size`, or fewer where the KV cache of that many rows of
+        `positions` tokens each would take more than `kv_cache_bytes` (with no limit set, or a
+        model as small as the default's, the rows and so the samples drawn are as without one)."""
+        if not self.kv_cache_bytes:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.kv_cache_bytes // (positions * kv_bytes_per_token(self.model))))
 
     def _start(self, prefixes, capacity: int, stored):
         """The KV cache after every prefix (rows left-padded to the longest), the next-token
@@ -229,6 +239,14 @@ class HFBackend:
         ):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values that one token adds to a KV cache, from the model's shapes."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 def stop_token_list(eos_token_id: int | Sequence[int]) -> list[int]:

@@ -92,7 +92,7 @@ from functools import cached_property
 import torch
 
 import tree
-from logprobs import aggregation_weight, token_stats
+from logprobs import aggregation_weight, hidden_states, target_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -389,12 +389,13 @@ class PackedBatch:
     predictor: torch.Tensor  # [B, S] index into the R * W row positions: whose logits score token i
 
     def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
-        """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
+        """log pi(token) under softmax(logits / temperature) for every token of packed forests that
+        some trained leaf's response holds, 0 elsewhere (prompt, padding): [B, S].
 
         One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few
         short ones) with the tree mask and tree positions; token i of a forest is scored with the
-        logits at `predictor[i]`, the row position of the token before it on its own path. The
-        result is in the per-forest layout of `input_ids`.
+        hidden state at `predictor[i]`, the row position of the token before it on its own path
+        (logprobs.target_logprobs). The result is in the per-forest layout of `input_ids`.
 
         The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
         adds the mask to its scores) get it additive, in the model's dtype.
@@ -403,8 +404,10 @@ class PackedBatch:
         if getattr(model.config, "_attn_implementation", None) != "sdpa":
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-        logits = model(input_ids=self.row_ids, attention_mask=mask, position_ids=self.row_positions).logits
-        return token_stats(logits.flatten(0, 1)[self.predictor], self.input_ids, temperature)[0]
+        hidden = hidden_states(model, input_ids=self.row_ids, attention_mask=mask, position_ids=self.row_positions)
+        scored = self.pairs.sum(-1) > 0
+        logp = target_logprobs(model, hidden.flatten(0, 1)[self.predictor[scored]], self.input_ids[scored], temperature)
+        return torch.zeros(scored.shape, device=logp.device).masked_scatter(scored, logp)
 
     def to(self, device) -> PackedBatch:
         return dataclasses.replace(

@@ -477,9 +477,12 @@ def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> lis
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm."""
+    """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm. The
+    gradient is freed at once, not held (a copy of the weights' size) through the rollout and
+    evaluation that follow."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
     return float(grad_norm)

@@ -162,3 +162,30 @@ def test_a_response_ends_at_any_of_several_stop_tokens(tiny_model):
     for stop in set(free.tokens) - {EOS}:
         [[sample]] = HFBackend(tiny_model, [EOS, stop], PAD).sample([prompt], 1, max_new_tokens=8, temperature=0.0)
         assert sample.tokens == free.tokens[: free.tokens.index(stop) + 1] and sample.finished
+
+
+def test_a_kv_cache_budget_caps_the_rows_of_a_decode_batch(tiny_model, monkeypatch):
+    """With kv_cache_bytes, a decode batch holds as many rows as their KV caches (longest prefix +
+    budget, each) fit in; a budget that never binds leaves the batches, and so the samples drawn
+    for a seed, as without one."""
+    per_token = hf_backend.kv_bytes_per_token(tiny_model)
+    with torch.no_grad():  # what a cache really holds per token
+        cache = tiny_model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == 3 * per_token
+
+    prefixes, budget = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], 6
+    positions = max(map(len, prefixes)) + budget
+
+    def draw(kv_cache_bytes):
+        backend = HFBackend(tiny_model, EOS, PAD, batch_size=64, kv_cache_bytes=kv_cache_bytes)
+        rows, generate = [], backend._generate
+        monkeypatch.setattr(backend, "_generate", lambda p, n, *a: rows.append(len(p) * n) or generate(p, n, *a))
+        torch.manual_seed(0)
+        groups = backend.sample(prefixes, 2, budget)
+        return rows, [[s.tokens for s in g] for g in groups]
+
+    capped_rows, capped = draw(5 * positions * per_token)  # room for 5 rows: 2 prefixes x 2 per batch
+    assert capped_rows == [4, 2] and [len(g) for g in capped] == [2, 2, 2]
+    free_rows, free = draw(0)
+    assert free_rows == [6] and draw(10**9) == (free_rows, free)

@@ -145,6 +145,41 @@ def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, adva
     assert (after - before) * advantage > 1e-3, (before, after)
 
 
+def test_chunked_log_probs_and_gradients_equal_the_full_vocabulary_ones(smollm2, monkeypatch):
+    """On the 49k-token vocabulary with tied embeddings, in several chunks of positions, at
+    temperature 0.7: the flat and the tree-packed layout's log-probs and gradients equal those of
+    the full-vocabulary logits (tolerances of tests/test_logprobs.py)."""
+    from test_logprobs import assert_gradients_close, full_vocabulary_logprobs, logprobs_and_gradients
+
+    import packing
+
+    model, tokenizer, task = smollm2
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 16 * model.config.vocab_size)  # 16 positions per chunk
+    example = task.train[2]
+    root = tree.Node(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    solution = tokenizer(example.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    shared = root.add(solution[:8])
+    shared.add(solution[8:]).reward = 1.0
+    shared.add(tokenizer(" so the answer is \\boxed{0}.", add_special_tokens=False)["input_ids"]).reward = 0.0
+    sequences = tree.to_sequences(root, tree.process_rewards(root))
+
+    def check(batch):
+        scored = batch.pairs.sum(-1) > 0
+        assert scored.sum() > 2 * 16  # several chunks
+        new, new_grads = logprobs_and_gradients(model, batch, lambda: batch.logprobs(model, 0.7))
+        old, old_grads = logprobs_and_gradients(
+            model, batch, lambda: full_vocabulary_logprobs(batch, model, 0.7) * scored
+        )
+        torch.testing.assert_close(new[scored], old[scored], rtol=0, atol=1e-5)
+        assert_gradients_close(new_grads, old_grads)
+
+    try:
+        check(logprobs.collate(sequences, tokenizer.pad_token_id))
+        check(packing.collate_packed(packing.pack_trees(sequences)[0], tokenizer.pad_token_id))
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (requirements-cpu-vllm.txt)"
 )
