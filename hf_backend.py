@@ -194,11 +194,12 @@ class HFBackend:
         stops = torch.tensor(self.stop_ids, device=device)
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
-            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
+            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)[:, 0]
             live = ~stopped
             tokens[row[live], step] = token[live]
-            logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
-            entropies[row[live], step] = entropy(logp[live])
+            # Over every row, then kept for the live ones: indexing logp by `live` would copy it.
+            logprobs[row[live], step] = logp.gather(-1, token[:, None]).squeeze(-1)[live]
+            entropies[row[live], step] = entropy(logp)[live]
             lengths[row[live]] = step + 1
             ended = live & torch.isin(token, stops)
             finished[row[ended]] = True
@@ -399,13 +400,40 @@ def _trim_left_padding(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     return mask[:, first:]
 
 
-def sample_top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """One token per row of log-probs [B, V], drawn from the smallest set of most likely tokens
-    whose probabilities add up to at least `top_p` (nucleus sampling), renormalised."""
+def sample_top_p(logp: torch.Tensor, top_p: float, samples: int = 1) -> torch.Tensor:
+    """Tokens drawn from each row of log-probs [B, V]: `samples` independent draws per row
+    ([B, samples]), each from the smallest set of most likely tokens whose probabilities add up
+    to at least `top_p` (nucleus sampling), renormalised."""
     probs = logp.exp()
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the tokens more likely than it hold less than top_p (the top one always).
-        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
+    if top_p >= 1.0:
+        return draw(probs.cumsum(-1, dtype=torch.float64), samples)
+    # Most likely first; tied tokens in token order, so the nucleus is the same set every time.
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    cdf = sorted_probs.cumsum(-1, dtype=torch.float64)
+    # Keep a token if the tokens more likely than it hold less than top_p (the top one always):
+    # the kept tokens lead the sorted row, so the draw is among its first `kept`, renormalised
+    # by the mass they hold.
+    kept = ((cdf - sorted_probs) < top_p).sum(-1, keepdim=True)
+    return order.gather(-1, draw(cdf, samples, total=cdf.gather(-1, kept - 1)))
+
+
+def draw(cdf: torch.Tensor, samples: int = 1, total: torch.Tensor | None = None) -> torch.Tensor:
+    """`samples` independent indices per row [B, samples], index i with probability w_i / total,
+    from the running sums of non-negative weights w (`cdf` [B, V] float64: cdf[:, i] = w_0 + ... +
+    w_i). `total` [B, 1] defaults to each row's whole sum; a smaller one (a running sum of the
+    row) draws among the indices up to it.
+
+    Inverse transform sampling: one uniform number u per draw, and the first index whose running
+    sum exceeds u * total. torch.multinomial draws from the same distribution with one random
+    number per entry (an exponential race), which over a 49k-token vocabulary costs a real
+    model's decode step much more than a running sum does. The sums are float64, exact to far
+    below what any number of draws could tell apart. An index of zero weight is never drawn (its
+    running sum equals the one before it, which is already past any target it could have), and
+    the target stays strictly below the total, so the index never runs past the last weighted one.
+    """
+    total = cdf[:, -1:] if total is None else total
+    if not bool((total > 0).all()):  # NaN logits, or nothing to draw from
+        raise ValueError("sampling: a row of probabilities is all zero or not a number")
+    u = torch.rand(len(cdf), samples, dtype=torch.float64, device=cdf.device)
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)

@@ -287,6 +287,7 @@ def test_bench_throughput_writes_every_ratio(tmp_path):
     )
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
+    assert saved["sampler_share"] == saved["models"]["default"]["generation"]["sampler_share"] > 0
     assert saved["command"].startswith("python -m eval.bench throughput")
     default = saved["models"]["default"]
     (pair,) = default["tree_vs_chain"]
