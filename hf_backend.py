@@ -77,14 +77,16 @@ class HFBackend:
         self.model = model
 
     @contextlib.contextmanager
-    def reusing_prefixes(self, max_bytes: int = 4 * 2**30):
+    def reusing_prefixes(self, max_bytes: int = 4 * 2**30, calls: int | None = None):
         """Within the block, keep the KV states of every sampled row (up to `max_bytes` of them)
         and start later prefixes that extend one of them from those states. For one search: the
         weights must not change inside the block (the states would be stale), and the states are
         dropped when it ends. (A 1.5B model's states take 28 KiB per token: 4 GiB hold about 150k
-        tokens, the M chains of 16 prompts at 1.5k tokens each.) Does nothing when the backend was
-        made with reuse_prefixes=False."""
-        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0)
+        tokens, the M chains of 16 prompts at 1.5k tokens each.) With `calls`, only the first
+        `calls` sampling calls of the block keep theirs: the forks of an EPTree search of L rounds
+        start inside the chains and the first L - 1 rounds, never inside the last round. Does
+        nothing when the backend was made with reuse_prefixes=False."""
+        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0, calls)
         try:
             yield self
         finally:
@@ -124,6 +126,8 @@ class HFBackend:
                     groups[k] = samples[j * n : (j + 1) * n]
         finally:
             self.model.train(was_training)
+        if self.prefix_store is not None:
+            self.prefix_store.call_ended()
         return groups
 
     def _start(self, prefixes, capacity: int, stored):
@@ -141,7 +145,7 @@ class HFBackend:
         if stored is None:
             input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prefixes], device=device)
         else:
-            _load_states(cache, stored, width - 1)
+            _load_states(cache, stored, width - 1, capacity)
             input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
             positions = positions[:, -1:]
         out = self.model(
@@ -195,18 +199,20 @@ class HFBackend:
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
             token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)[:, 0]
+            # Every batch row is written: a row that has stopped writes past its length, and what
+            # lies past a row's length is cut off at the end.
+            tokens[row, step] = token
+            logprobs[row, step] = logp.gather(-1, token[:, None]).squeeze(-1)
+            entropies[row, step] = entropy(logp)
             live = ~stopped
-            tokens[row[live], step] = token[live]
-            # Over every row, then kept for the live ones: indexing logp by `live` would copy it.
-            logprobs[row[live], step] = logp.gather(-1, token[:, None]).squeeze(-1)[live]
-            entropies[row[live], step] = entropy(logp)[live]
-            lengths[row[live]] = step + 1
+            lengths[row] += live
             ended = live & torch.isin(token, stops)
-            finished[row[ended]] = True
+            finished[row] |= ended
             stopped |= ended | (step + 1 >= budget)
-            if bool(stopped.all()):
+            halted = int(stopped.sum())
+            if halted == len(stopped):
                 break
-            if stopped.float().mean() >= self.COMPACT_FRACTION:
+            if halted >= self.COMPACT_FRACTION * len(stopped):
                 store(stopped.nonzero().squeeze(-1))
                 keep = (~stopped).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
@@ -270,17 +276,22 @@ class _PrefixStore:
     row), with a token sequence and its place in a snapshot per row. `find(p)` gives the states of
     p from any sequence that starts with p: the sequences are kept sorted, and all those that start
     with p follow p directly in that order. Snapshots stop being taken once they hold `max_bytes`
-    (the first ones, the chains, are what the first forks need); prefixes found in none are run
-    through the model as usual.
+    (the first ones, the chains, are what the first forks need), or once `calls` sampling calls
+    have ended; prefixes found in none are run through the model as usual.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, calls: int | None = None):
         self.max_bytes, self.bytes = max_bytes, 0
+        self.calls_left = calls  # sampling calls whose states are still to be kept (None: all)
         self.entries: list[tuple[tuple[int, ...], torch.Tensor, int, int]] = []
         self.sorted = True
 
     def full(self) -> bool:
-        return self.bytes >= self.max_bytes
+        return self.bytes >= self.max_bytes or self.calls_left == 0
+
+    def call_ended(self) -> None:
+        if self.calls_left:
+            self.calls_left -= 1
 
     def add(self, snapshot: torch.Tensor, rows: Sequence[tuple[Sequence[int], int]]) -> None:
         """Keep a snapshot and, for each of its rows, the tokens whose states it holds and the
@@ -306,16 +317,18 @@ def _snapshot(cache, batch_rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([layer.keys[batch_rows], layer.values[batch_rows]]) for layer in cache.layers])
 
 
-def _load_states(cache, stored: Sequence[_Stored], width: int) -> None:
-    """Fill an empty buffered cache with stored states, one row per entry, right-aligned at
-    `width` columns (left padding before the shorter ones): one copy per row for all layers."""
+def _load_states(cache, stored: Sequence[_Stored], width: int, capacity: int) -> None:
+    """Fill an empty buffered cache of `capacity` positions with stored states, one row per entry,
+    right-aligned at `width` columns (zeros before the shorter ones: padding, masked out, but read
+    by the attention): one copy per row for all layers, straight into the layers' buffers."""
     first = stored[0].snapshot
     layers, _, _, heads, _, dim = first.shape
-    states = first.new_zeros(layers, 2, len(stored), heads, width, dim)
+    buffers = first.new_empty(layers, 2, len(stored), heads, capacity, dim)
     for b, s in enumerate(stored):
-        states[:, :, b, :, width - s.count :] = s.states()
+        buffers[:, :, b, :, : width - s.count] = 0
+        buffers[:, :, b, :, width - s.count : width] = s.states()
     for k, layer in enumerate(cache.layers):
-        layer.load(states[k, 0], states[k, 1])
+        layer.load(buffers[k, 0], buffers[k, 1], width)
 
 
 class _BufferedLayer(DynamicLayer):
@@ -325,7 +338,9 @@ class _BufferedLayer(DynamicLayer):
     the whole cache every step: decoding k tokens copies O(k^2) token states, and on a small model
     on a CPU that copy can cost as much as the model's matrix products (measured: docs/performance.md,
     section "Where the default run's time goes, on a slow CPU"). Here each step writes its new
-    states into place and the attention reads a view of the filled part.
+    states into place and the attention reads a view of the filled part. Positions past the filled
+    part are never read, so a new buffer is left uninitialised there and copies of it (a row's
+    continuations, the rows left after a compaction) copy the filled part only.
     """
 
     def __init__(self, capacity: int):
@@ -335,8 +350,8 @@ class _BufferedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
-        self.key_buffer = key_states.new_zeros(batch, heads, self.capacity, dim)
-        self.value_buffer = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -353,23 +368,27 @@ class _BufferedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start from given states [batch, heads, tokens, head_dim] instead of empty."""
-        self.lazy_initialization(keys, values)
-        self.update(keys, values)
+    def load(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Start from buffers [batch, heads, capacity, head_dim] whose first `length` positions
+        hold states, instead of empty ones."""
+        super().lazy_initialization(key_buffer, value_buffer)
+        self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
+        self._refresh()
 
     def _refresh(self) -> None:
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self.key_buffer, self.value_buffer = (_repeat_rows(b, self.length, repeats) for b in self.buffers())
         self._refresh()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.key_buffer, self.value_buffer = (_select_rows(b, self.length, indices) for b in self.buffers())
         self._refresh()
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_buffer, self.value_buffer
 
     def drop_first(self, columns: int) -> None:
         """Forget the first `columns` positions (padding that no row attends to any more)."""
@@ -377,6 +396,23 @@ class _BufferedLayer(DynamicLayer):
         self.value_buffer = self.value_buffer[:, :, columns:]
         self.length -= columns
         self._refresh()
+
+
+def _repeat_rows(buffer: torch.Tensor, length: int, repeats: int) -> torch.Tensor:
+    """A new buffer like `buffer` [B, H, capacity, D] with every row repeated `repeats` times
+    (row-major: a row's copies next to each other); only the first `length` positions copied."""
+    rows, heads, capacity, dim = buffer.shape
+    out = buffer.new_empty(rows, repeats, heads, capacity, dim)
+    out[:, :, :, :length] = buffer[:, None, :, :length]
+    return out.view(rows * repeats, heads, capacity, dim)
+
+
+def _select_rows(buffer: torch.Tensor, length: int, indices: torch.Tensor) -> torch.Tensor:
+    """A new buffer like `buffer` [B, H, capacity, D] with its rows `indices`; only the first
+    `length` positions copied."""
+    out = buffer.new_empty(len(indices), *buffer.shape[1:])
+    torch.index_select(buffer[:, :, :length], 0, indices, out=out[:, :, :length])
+    return out
 
 
 def preallocated_kv_cache(model, capacity: int) -> DynamicCache:

@@ -130,7 +130,7 @@ def grow_forests(
     reusing = getattr(backend, "reusing_prefixes", None)  # vLLM keeps prefixes in its own cache
     torch.manual_seed(seed)
     started = clock()
-    with reusing() if reuse and reusing else contextlib.nullcontext():
+    with reusing(calls=cfg.rounds) if reuse and reusing else contextlib.nullcontext():
         forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     seconds["total"] = clock() - started
     return forests, seconds

@@ -121,6 +121,28 @@ def test_forks_resume_from_the_stored_states_of_their_prefix(tiny_model):
             assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
 
 
+def test_with_calls_only_the_first_sampling_calls_keep_their_states(tiny_model):
+    """reusing_prefixes(calls=1), as a search of one round opens it: the chains keep their states
+    and the forks start from them, but the forks' own states are not kept (no later call of the
+    search starts inside them), so a prefix that extends a fork is run through the model again."""
+    backend = HFBackend(tiny_model, EOS, PAD, batch_size=64)
+    prompt = [5, 6, 7]
+    with backend.reusing_prefixes(calls=1):
+        torch.manual_seed(4)
+        [chains] = backend.sample([prompt], 2, 12, temperature=1.3)
+        fork = prompt + chains[0].tokens[:2]
+        before = backend.stats["cached_prompt_tokens"]
+        [branches] = backend.sample([fork], 2, 6, temperature=1.3)
+        assert backend.stats["cached_prompt_tokens"] - before == len(fork) - 1
+        entries = len(backend.prefix_store.entries)
+        deeper = fork + branches[0].tokens[:3]
+        before = backend.stats["cached_prompt_tokens"]
+        backend.sample([deeper], 1, 2)
+        assert len(backend.prefix_store.entries) == entries  # nothing kept after the first call
+        # Found, at most, as far as the chain it extends: never inside the branch.
+        assert backend.stats["cached_prompt_tokens"] - before <= len(fork)
+
+
 def test_prefix_store_finds_any_entry_that_starts_with_the_prefix():
     # A snapshot of two rows [layers=1, 2, rows=2, heads=1, columns=5, dim=1]: row 0 holds its
     # tokens from column 1 on (one column of left padding), row 1 from column 0; each column's
