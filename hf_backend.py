@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from logprobs import entropy, tempered_log_softmax
+from logprobs import tempered_log_softmax
 from tree import Sample
 
 
@@ -198,12 +198,13 @@ class HFBackend:
         stops = torch.tensor(self.stop_ids, device=device)
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
-            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)[:, 0]
+            probs = logp.exp()  # for the sampler and the entropy both
+            token = logp.argmax(-1) if greedy else sample_top_p(probs, top_p)[:, 0]
             # Every batch row is written: a row that has stopped writes past its length, and what
             # lies past a row's length is cut off at the end.
             tokens[row, step] = token
             logprobs[row, step] = logp.gather(-1, token[:, None]).squeeze(-1)
-            entropies[row, step] = entropy(logp)
+            entropies[row, step] = -(probs * logp).sum(-1)  # as logprobs.entropy, from probs at hand
             live = ~stopped
             lengths[row] += live
             ended = live & torch.isin(token, stops)
@@ -436,11 +437,10 @@ def _trim_left_padding(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     return mask[:, first:]
 
 
-def sample_top_p(logp: torch.Tensor, top_p: float, samples: int = 1) -> torch.Tensor:
-    """Tokens drawn from each row of log-probs [B, V]: `samples` independent draws per row
+def sample_top_p(probs: torch.Tensor, top_p: float, samples: int = 1) -> torch.Tensor:
+    """Tokens drawn from each row of probabilities [B, V]: `samples` independent draws per row
     ([B, samples]), each from the smallest set of most likely tokens whose probabilities add up
     to at least `top_p` (nucleus sampling), renormalised."""
-    probs = logp.exp()
     if top_p >= 1.0:
         return draw(probs.cumsum(-1, dtype=torch.float64), samples)
     # Most likely first; tied tokens in token order, so the nucleus is the same set every time.

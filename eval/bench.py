@@ -280,7 +280,7 @@ def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
     out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
-        token = sample_top_p(torch.log_softmax(logits.float(), -1), 1.0)
+        token = sample_top_p(torch.softmax(logits.float(), -1), 1.0)
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return batch.shape[0] * steps
@@ -304,10 +304,10 @@ def measure_generation(subject: Subject, batch: int, length: int, repeats: int) 
     # and torch.multinomial's on the same distributions, the exponential race it replaced.
     with torch.no_grad():
         logits = subject.model(input_ids=torch.tensor(rows, device=device), logits_to_keep=1).logits[:, -1]
-    logp = torch.log_softmax(logits.float(), -1)
+    probs = torch.softmax(logits.float(), -1)
     draws = 10 * repeats
-    sampler_s, _ = timed(lambda: sample_top_p(logp, 1.0), draws)
-    multinomial_s, _ = timed(lambda: torch.multinomial(logp.exp(), 1), draws)
+    sampler_s, _ = timed(lambda: sample_top_p(probs, 1.0), draws)
+    multinomial_s, _ = timed(lambda: torch.multinomial(probs, 1), draws)
     step_s = limit_s / length
     return {
         "batch": batch,

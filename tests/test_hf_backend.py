@@ -164,7 +164,7 @@ def test_top_p_draws_only_from_the_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     torch.manual_seed(0)
     for top_p, support, first_share in ((0.7, {0, 1}, 0.5 / 0.8), (0.45, {0}, 1.0), (0.81, {0, 1, 2}, 0.5 / 0.95)):
-        draws = torch.stack([hf_backend.sample_top_p(probs.log(), top_p) for _ in range(4000)]).flatten()
+        draws = torch.stack([hf_backend.sample_top_p(probs, top_p) for _ in range(4000)]).flatten()
         assert set(draws.tolist()) == support
         assert (draws == 0).float().mean().item() == pytest.approx(first_share, abs=0.03)
 
@@ -193,17 +193,17 @@ def test_a_response_ends_at_any_of_several_stop_tokens(tiny_model):
 SMOLLM2_VOCAB = 49_152
 
 
-def zipf_log_probs(vocab: int = SMOLLM2_VOCAB, zeros: int = 4096) -> torch.Tensor:
-    """Log-probs [vocab] of a heavy-tailed next-token distribution, as a language model's: the
-    token of rank r has probability proportional to (r + 2.7)^-1.1 (the top one about 6%, more than
-    a quarter of the mass beyond the 1,000 most likely), ranks scattered over the token ids, and
-    `zeros` tokens of probability 0 (log-prob -inf, as a masked logit gives)."""
+def zipf_probs(vocab: int = SMOLLM2_VOCAB, zeros: int = 4096) -> torch.Tensor:
+    """Probabilities [vocab] (float32) of a heavy-tailed next-token distribution, as a language
+    model's: the token of rank r has probability proportional to (r + 2.7)^-1.1 (the top one about
+    6%, more than a quarter of the mass beyond the 1,000 most likely), ranks scattered over the
+    token ids, and `zeros` tokens of probability 0 (as a masked logit gives)."""
     generator = torch.Generator().manual_seed(0)
     weights = (torch.arange(vocab, dtype=torch.float64) + 2.7) ** -1.1
     weights[vocab - zeros :] = 0.0
     scattered = torch.empty_like(weights)
     scattered[torch.randperm(vocab, generator=generator)] = weights / weights.sum()
-    return scattered.log().float()
+    return scattered.float()
 
 
 def chi_square(tokens: torch.Tensor, probs: torch.Tensor, min_expected: float = 20.0) -> tuple[float, float]:
@@ -247,10 +247,10 @@ def test_the_sampler_draws_a_full_vocabulary_distribution_with_its_tail(top_p):
     """100,000 draws from a 49,152-token heavy-tailed distribution fit it (chi-square over some
     5,000 bins, the tail's rare tokens binned together), as torch.multinomial's draws do; no token
     of probability 0, and with top_p < 1 no token outside the nucleus, is ever drawn."""
-    logp = zipf_log_probs()
-    want = nucleus(logp.double().exp(), top_p)
+    probs = zipf_probs()
+    want = nucleus(probs.double(), top_p)
     torch.manual_seed(0)
-    drawn = hf_backend.sample_top_p(logp[None], top_p, samples=DRAWS)
+    drawn = hf_backend.sample_top_p(probs[None], top_p, samples=DRAWS)
     assert drawn.shape == (1, DRAWS)
     statistic, critical = chi_square(drawn, want)
     assert statistic < critical, (statistic, critical)
@@ -261,13 +261,13 @@ def test_the_sampler_draws_a_full_vocabulary_distribution_with_its_tail(top_p):
 
 WRONG_SAMPLERS = {
     # every token drawn with its neighbour's probability
-    "off by one": lambda logp: (hf_backend.sample_top_p(logp, 1.0, DRAWS) + 1) % logp.shape[-1],
+    "off by one": lambda probs: (hf_backend.sample_top_p(probs, 1.0, DRAWS) + 1) % probs.shape[-1],
     # the tail beyond the 2,000 most likely tokens (about a fifth of the mass) never drawn
-    "tail lost": lambda logp: hf_backend.sample_top_p(
-        logp.masked_fill(logp < logp.topk(2000).values[:, -1:], -math.inf), 1.0, DRAWS
+    "tail lost": lambda probs: hf_backend.sample_top_p(
+        probs.masked_fill(probs < probs.topk(2000).values[:, -1:], 0.0), 1.0, DRAWS
     ),
     # a temperature 5% too low
-    "biased": lambda logp: hf_backend.sample_top_p(torch.log_softmax(logp / 0.95, -1), 1.0, DRAWS),
+    "biased": lambda probs: hf_backend.sample_top_p(torch.softmax(probs.log() / 0.95, -1), 1.0, DRAWS),
 }
 
 
@@ -275,11 +275,11 @@ WRONG_SAMPLERS = {
 def test_the_goodness_of_fit_test_rejects_a_wrong_sampler(wrong):
     """The test above can fail: a sampler that is off by one token, loses the tail or is biased
     fails it (or draws a token of probability 0, which fails at once)."""
-    logp = zipf_log_probs()
+    probs = zipf_probs()
     torch.manual_seed(0)
-    drawn = WRONG_SAMPLERS[wrong](logp[None])
+    drawn = WRONG_SAMPLERS[wrong](probs[None])
     try:
-        statistic, critical = chi_square(drawn, logp.double().exp())
+        statistic, critical = chi_square(drawn, probs.double())
     except AssertionError:
         return  # a token of probability 0 was drawn
     assert statistic > critical, (statistic, critical)
@@ -291,11 +291,11 @@ def test_the_sampler_never_draws_a_token_of_probability_zero_even_at_the_ends(mo
     probs = torch.tensor([[0.0, 0.0, 0.5, 0.0, 0.25, 0.25, 0.0, 0.0]])
     for u, token in ((0.0, 2), (1.0 - 2.0**-53, 5)):
         monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u, dtype=torch.float64))
-        assert hf_backend.sample_top_p(probs.log(), 1.0).item() == token
-        assert hf_backend.sample_top_p(probs.log(), 0.6).item() == (2 if u == 0.0 else 4)  # nucleus {2, 4}
+        assert hf_backend.sample_top_p(probs, 1.0).item() == token
+        assert hf_backend.sample_top_p(probs, 0.6).item() == (2 if u == 0.0 else 4)  # nucleus {2, 4}
     monkeypatch.undo()
     torch.manual_seed(0)
-    drawn = hf_backend.sample_top_p(probs.log(), 1.0, samples=20_000)
+    drawn = hf_backend.sample_top_p(probs, 1.0, samples=20_000)
     assert set(drawn.flatten().tolist()) == {2, 4, 5}
     with pytest.raises(ValueError, match="all zero or not a number"):
         hf_backend.sample_top_p(torch.full((1, 4), math.nan), 1.0)
@@ -312,7 +312,7 @@ def test_top_p_with_tied_probabilities_keeps_the_lower_token_ids():
         (0.55, {1: 0.4, 3: 0.4, 0: 0.2}),  # 0, 2, 4 and 5 tie; 0 comes first
         (0.7, {1: 1 / 3, 3: 1 / 3, 0: 1 / 6, 2: 1 / 6}),
     ):
-        drawn = hf_backend.sample_top_p(probs.log(), top_p, samples=20_000).flatten()
+        drawn = hf_backend.sample_top_p(probs, top_p, samples=20_000).flatten()
         assert set(drawn.tolist()) == set(want)
         for token, share in want.items():
             assert (drawn == token).double().mean().item() == pytest.approx(share, abs=0.015)
