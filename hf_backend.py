@@ -69,9 +69,10 @@ class HFBackend:
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
         self.reuse_prefixes = reuse_prefixes
         self.prefix_store: _PrefixStore | None = None  # set inside reusing_prefixes()
-        # Prefix tokens asked for (once per prefix, not per continuation) and those whose KV
-        # states came from the store instead of a forward pass.
-        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        # Prefix tokens asked for (once per prefix, not per continuation), those whose KV states
+        # came from the store instead of a forward pass, and the forward passes run (one per
+        # decode step of a batch, and its start).
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "forward_passes": 0}
 
     def sync(self, model) -> None:
         self.model = model
@@ -148,6 +149,7 @@ class HFBackend:
             _load_states(cache, stored, width - 1, capacity)
             input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
             positions = positions[:, -1:]
+        self.stats["forward_passes"] += 1
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -221,6 +223,7 @@ class HFBackend:
                 stopped = stopped[keep]
                 mask = _trim_left_padding(cache, mask)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            self.stats["forward_passes"] += 1
             out = self.model(
                 input_ids=token[:, None],
                 attention_mask=mask,

@@ -330,18 +330,22 @@ def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: 
     for reuse in (True, False):
         totals, fork_rounds = [], []
         for seed in range(repeats + 1):  # the first run warms up
+            passes = backend.stats["forward_passes"]
             forests, seconds = grow_forests(backend, rows, cfg, seed, reuse)
             totals.append(seconds["total"])
             fork_rounds.append(seconds["forks"])
         name = "forest" if reuse else "forest_no_reuse"
         result[f"{name}_tokens"] = generated_tokens(forests)
+        result[f"{name}_forward_passes"] = backend.stats["forward_passes"] - passes  # of one growth
         result[f"{name}_tokens_per_s"] = result[f"{name}_tokens"] / statistics.median(totals[1:])
         result[f"{name}_fork_round_seconds"] = statistics.median(fork_rounds[1:])
     chains = max(1, round(result["forest_tokens"] / (len(rows) * cfg.max_new_tokens)))
+    passes = backend.stats["forward_passes"]
     chain_s, groups = timed(lambda: backend.sample(rows, chains, cfg.max_new_tokens), repeats)
     chain_rate = sampled_tokens(groups) / chain_s
     result.update(
         chains_per_prompt=chains,
+        chain_forward_passes=(backend.stats["forward_passes"] - passes) // (repeats + 1),  # of one sampling
         chain_tokens=sampled_tokens(groups),
         chain_tokens_per_s=chain_rate,
         tree_vs_chain=result["forest_tokens_per_s"] / chain_rate,
@@ -457,7 +461,10 @@ vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bf
                 chains per prompt, fills a batch as the chains do). The forest is grown as
                 `treerl.rollout` grows it, forks starting from their prefixes' stored KV states,
                 and again re-reading every prefix: fork_prefill_share is the share of the fork
-                round that re-reading costs.
+                round that re-reading costs. *_forward_passes: the model's forward passes (decode
+                steps and starts of a batch) of one forest and of the chains: a branch starts
+                from a complete first-round response, so a forest takes more of them, in smaller
+                batches.
   update        training tokens/s (forward + backward) over the leaf sequences of that forest, flat
                 (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                 forest), counted in *leaf-path* tokens, the work the loss stands for.
