@@ -200,9 +200,10 @@ def rollout(
         return backend.sample(prefixes, n, budgets or cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     # Within one search the weights are fixed, so a backend that can may start each fork from the
-    # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes).
-    reusing = getattr(backend, "reusing_prefixes", contextlib.nullcontext)
-    with reusing():
+    # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes); only the
+    # chains and the rounds before the last hold prefixes of later forks.
+    reusing = getattr(backend, "reusing_prefixes", None)
+    with reusing(calls=cfg.rounds) if reusing else contextlib.nullcontext():
         forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     t1 = time.perf_counter()
 

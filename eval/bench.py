@@ -50,7 +50,7 @@ import tasks
 import tree
 import treerl
 from eval.common import machine, markdown_table, parse_seeds, warm_started_policy, write_json
-from hf_backend import HFBackend, preallocated_kv_cache
+from hf_backend import HFBackend, preallocated_kv_cache, sample_top_p
 
 # --------------------------------------------------------------------------------------------------
 # What the measurements share
@@ -130,7 +130,7 @@ def grow_forests(
     reusing = getattr(backend, "reusing_prefixes", None)  # vLLM keeps prefixes in its own cache
     torch.manual_seed(seed)
     started = clock()
-    with reusing() if reuse and reusing else contextlib.nullcontext():
+    with reusing(calls=cfg.rounds) if reuse and reusing else contextlib.nullcontext():
         forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     seconds["total"] = clock() - started
     return forests, seconds
@@ -274,13 +274,13 @@ def random_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 @torch.no_grad()
 def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
-    """The limit: prefill, then one forward per token with a KV cache written in place, and
-    multinomial sampling; no padding, masks, per-token statistics or stopping."""
+    """The limit: prefill, then one forward per token with a KV cache written in place, and the
+    backend's sampler; no padding, masks, per-token statistics or stopping."""
     cache = preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
     out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
-        token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+        token = sample_top_p(torch.softmax(logits.float(), -1), 1.0)
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return batch.shape[0] * steps
@@ -299,11 +299,25 @@ def measure_generation(subject: Subject, batch: int, length: int, repeats: int) 
     backend = subject_backend(subject, batch)
     backend_s, groups = timed(lambda: backend.sample(rows, 1, length), repeats)
     backend_rate, limit_rate = sampled_tokens(groups) / backend_s, tokens / limit_s
+    # The sampler's share of a decode step: one draw per row from the model's next-token
+    # distributions after the prompts, against a step of the bare loop (the sampler included);
+    # and torch.multinomial's on the same distributions, the exponential race it replaced.
+    with torch.no_grad():
+        logits = subject.model(input_ids=torch.tensor(rows, device=device), logits_to_keep=1).logits[:, -1]
+    probs = torch.softmax(logits.float(), -1)
+    draws = 10 * repeats
+    sampler_s, _ = timed(lambda: sample_top_p(probs, 1.0), draws)
+    multinomial_s, _ = timed(lambda: torch.multinomial(probs, 1), draws)
+    step_s = limit_s / length
     return {
         "batch": batch,
         "limit_tokens_per_s": limit_rate,
         "backend_tokens_per_s": backend_rate,
         "gen_vs_limit": backend_rate / limit_rate,
+        "decode_step_seconds": step_s,
+        "sampler_seconds": sampler_s,
+        "sampler_share": sampler_s / step_s,
+        "multinomial_share": multinomial_s / step_s,
     }
 
 
@@ -316,18 +330,22 @@ def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: 
     for reuse in (True, False):
         totals, fork_rounds = [], []
         for seed in range(repeats + 1):  # the first run warms up
+            passes = backend.stats["forward_passes"]
             forests, seconds = grow_forests(backend, rows, cfg, seed, reuse)
             totals.append(seconds["total"])
             fork_rounds.append(seconds["forks"])
         name = "forest" if reuse else "forest_no_reuse"
         result[f"{name}_tokens"] = generated_tokens(forests)
+        result[f"{name}_forward_passes"] = backend.stats["forward_passes"] - passes  # of one growth
         result[f"{name}_tokens_per_s"] = result[f"{name}_tokens"] / statistics.median(totals[1:])
         result[f"{name}_fork_round_seconds"] = statistics.median(fork_rounds[1:])
     chains = max(1, round(result["forest_tokens"] / (len(rows) * cfg.max_new_tokens)))
+    passes = backend.stats["forward_passes"]
     chain_s, groups = timed(lambda: backend.sample(rows, chains, cfg.max_new_tokens), repeats)
     chain_rate = sampled_tokens(groups) / chain_s
     result.update(
         chains_per_prompt=chains,
+        chain_forward_passes=(backend.stats["forward_passes"] - passes) // (repeats + 1),  # of one sampling
         chain_tokens=sampled_tokens(groups),
         chain_tokens_per_s=chain_rate,
         tree_vs_chain=result["forest_tokens_per_s"] / chain_rate,
@@ -377,7 +395,14 @@ def throughput_rows(name: str, r: dict) -> list[list[str]]:
             f"{g['backend_tokens_per_s']:.0f} tok/s",
             f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)",
             f"{g['gen_vs_limit']:.2f}",
-        ]
+        ],
+        [
+            name,
+            f"sampler, one draw per row (batch {g['batch']})",
+            f"{g['sampler_seconds'] * 1e3:.1f} ms",
+            f"{g['decode_step_seconds'] * 1e3:.0f} ms (decode step)",
+            f"{g['sampler_share']:.3f}",
+        ],
     ]
     for t in r["tree_vs_chain"]:
         chains = f"{t['chain_tokens_per_s']:.0f} tok/s (chains)"
@@ -427,14 +452,19 @@ vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bf
                 per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
                 the *limit*: a bare batched decode loop in plain torch on the same model, batch and
                 length, with the same in-place KV cache and nothing else in it.
-                gen_vs_limit = backend / limit.
+                gen_vs_limit = backend / limit. sampler_share: seconds of the sampler
+                (`hf_backend.sample_top_p`, one draw per row) per step of the bare loop, at the
+                same batch; multinomial_share: the same for torch.multinomial.
   tree vs chain tokens/s of an EPTree forest against independent chains of about the same total
                 tokens, for the same prompts. tree_vs_chain = forest / chains, for train.py's
                 prompts per step and for --batch / M prompts (where the forest's first round, M
                 chains per prompt, fills a batch as the chains do). The forest is grown as
                 `treerl.rollout` grows it, forks starting from their prefixes' stored KV states,
                 and again re-reading every prefix: fork_prefill_share is the share of the fork
-                round that re-reading costs.
+                round that re-reading costs. *_forward_passes: the model's forward passes (decode
+                steps and starts of a batch) of one forest and of the chains: a branch starts
+                from a complete first-round response, so a forest takes more of them, in smaller
+                batches.
   update        training tokens/s (forward + backward) over the leaf sequences of that forest, flat
                 (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                 forest), counted in *leaf-path* tokens, the work the loss stands for.
@@ -508,7 +538,8 @@ def run_throughput(parser, args, argv) -> dict:
 
         result = {"parameters": params}
         result["generation"] = measure_generation(subject, args.batch, cfg.max_new_tokens, args.repeats)
-        report(f"generation: gen_vs_limit {result['generation']['gen_vs_limit']:.2f}")
+        g = result["generation"]
+        report(f"generation: gen_vs_limit {g['gen_vs_limit']:.2f}, sampler_share {g['sampler_share']:.3f}")
         result["tree_vs_chain"] = []
         for count in prompt_counts:
             result["tree_vs_chain"].append(measure_tree_vs_chain(subject, cfg, count, args.batch, args.repeats))
@@ -521,6 +552,7 @@ def run_throughput(parser, args, argv) -> dict:
         if name == names[0]:  # the headline ratios: the first model, train.py's step where it applies
             payload.update(
                 gen_vs_limit=result["generation"]["gen_vs_limit"],
+                sampler_share=result["generation"]["sampler_share"],
                 tree_vs_chain=result["tree_vs_chain"][0]["tree_vs_chain"],
                 packed_speedup=result["update"][0]["packed_speedup"],
             )

@@ -287,11 +287,13 @@ def test_bench_throughput_writes_every_ratio(tmp_path):
     )
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
+    assert saved["sampler_share"] == saved["models"]["default"]["generation"]["sampler_share"] > 0
     assert saved["command"].startswith("python -m eval.bench throughput")
     default = saved["models"]["default"]
     (pair,) = default["tree_vs_chain"]
     assert pair["prompts"] == 2 and pair["forest_tokens"] == pair["forest_no_reuse_tokens"] > 0
     assert saved["tree_vs_chain"] == pair["tree_vs_chain"] > 0
+    assert pair["forest_forward_passes"] > pair["chain_forward_passes"] > 0
     assert [u["L"] for u in default["update"]] == [1, 2]  # train.py's L, and one round deeper
     assert all(0 < u["unique_over_flat"] < 1 and u["packed_speedup"] > 0 for u in default["update"])
 

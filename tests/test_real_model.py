@@ -123,6 +123,42 @@ def test_an_eptree_forest_of_the_real_model_never_forks_in_the_answer_and_splits
     assert any(len(tree.ancestors(leaf)) > 2 for f in forests for leaf in tree.leaves(f)), "nothing was forked"
 
 
+def test_forks_resumed_from_stored_states_have_the_log_probs_of_a_full_prefill(smollm2):
+    """Prefix re-use on the real model: forks sampled inside HFBackend.reusing_prefixes (each starts
+    from the KV states stored while its chain was sampled) and the same forks sampled with re-use
+    off (every prefix run through the model again) draw the same tokens with the same log-probs,
+    and both equal a fresh forward pass over prompt and response: within 1e-4 per token (float32
+    on a CPU, where the two ways only differ in the order of their sums)."""
+    model, tokenizer, task = smollm2
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval[:2]]
+    backend = HFBackend(model, eos, pad, reuse_prefixes=True)
+    with backend.reusing_prefixes():
+        torch.manual_seed(0)
+        chains = backend.sample(prompts, 2, 16)
+        forks = [
+            p + s.tokens[:k] for p, group in zip(prompts, chains) for s in group for k in (3, 9) if len(s.tokens) > k
+        ]
+        before = backend.stats["cached_prompt_tokens"]
+        torch.manual_seed(1)
+        resumed = backend.sample(forks, 2, 6)
+        assert backend.stats["cached_prompt_tokens"] - before == sum(len(f) - 1 for f in forks)
+    torch.manual_seed(1)
+    prefilled = HFBackend(model, eos, pad, reuse_prefixes=False).sample(forks, 2, 6)
+    sequences = []
+    for fork, got, want in zip(forks, resumed, prefilled):
+        for a, b in zip(got, want):
+            assert a.tokens == b.tokens
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            n = len(a.tokens)
+            sequences.append(tree.TrainSequence(fork, a.tokens, a.logprobs, [0.0] * n, 0.0, a.finished, None))
+    batch = logprobs.collate(sequences, pad)
+    with torch.no_grad():
+        fresh = batch.logprobs(model)
+    for row, seq in enumerate(sequences):
+        assert fresh[row][batch.mask[row].bool()].tolist() == pytest.approx(seq.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
 def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, advantage):
     model, tokenizer, task = smollm2
