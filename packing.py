@@ -120,6 +120,7 @@ class PackedForest:
     n_tokens: int  # response tokens of its sequences, flat (token denominator)
     n_sequences: int  # its training sequences (sequence denominator)
     aggregation: str  # "token" or "sequence": what the weights were made for
+    one_row: bool = False  # laid out as one row, its trees after a single copy of the prompt
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -317,8 +318,40 @@ def group_by_length(
 
 
 # --------------------------------------------------------------------------------------------------
-# The model's rows: trees, not forests
+# The model's rows: trees, not forests (unless the prompt costs more than the attention)
 # --------------------------------------------------------------------------------------------------
+
+
+def attention_cost(config) -> float:
+    """kappa: the multiply-adds a row spends per (query, key) pair of its attention, over those it
+    spends per token on everything else of a layer, for a Llama-shaped `config` (q, k, v and o
+    projections, a gated MLP). A row of n tokens then costs about n + kappa * n^2 token-units.
+
+    The output layer is left out: `TreeLayout` weighs prompt tokens, which it never scores.
+    SmolLM2-135M gives about 3e-4 (a 576-wide layer, a 1,536-wide MLP); the default tiny model,
+    whose layers are narrow, about 1e-3.
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
+    per_pair = 2 * heads * head_dim  # q.k and the weighted sum of v
+    return per_pair / per_token
+
+
+def shares_its_prompt(forest: Sequence[PackedForest], kappa: float) -> bool:
+    """Whether `forest` (its trees, each packed with the prompt) is cheaper as one row, the prompt
+    once, than as a row per tree, each with a copy of the prompt: the prompt copies saved, against
+    the attention of one long row instead of several short ones (the cost model of
+    `attention_cost`). Wide layers and short rows (a real model's forests) favour one row; narrow
+    layers (the default tiny model) a row per tree."""
+    if len(forest) < 2:
+        return False
+    prompt = len(forest[0].trees[0])
+    rows = [len(t) for t in forest]
+    one = prompt + sum(n - prompt for n in rows)
+    return one + kappa * one**2 < sum(n + kappa * n**2 for n in rows)
 
 
 def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.Tensor]]]:
@@ -326,14 +359,17 @@ def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.T
     the forest's order), a piece being a prompt and one or more of the trees below it.
 
     A row costs attention in proportion to its length squared, so a forest is not laid out as one
-    row: its trees are, longest first, each put in the first row it fits in (first-fit
-    decreasing), a row holding at most as many tokens as the longest prompt + tree. A tree that
-    joins a row holding its own prompt does not bring the prompt again. So a row is one tree, or a
-    few short ones.
+    row unless it asks to be (`one_row`, chosen by `TreeLayout`): its trees are, longest first,
+    each put in the first row it fits in (first-fit decreasing), a row holding at most as many
+    tokens as the longest prompt + tree. A tree that joins a row holding its own prompt does not
+    bring the prompt again. So a row is one tree, or a few short ones.
     """
+    whole = [[(b, torch.arange(len(f)))] for b, f in enumerate(forests) if f.one_row]
     prompts = [f.trees[0] for f in forests]
-    trees = [(b, t) for b, f in enumerate(forests) for t in f.trees[1]]
-    trees += [(b, prompts[b][:0]) for b, f in enumerate(forests) if not f.trees[1]]  # prompt only
+    trees = [(b, t) for b, f in enumerate(forests) if not f.one_row for t in f.trees[1]]
+    trees += [(b, prompts[b][:0]) for b, f in enumerate(forests) if not f.one_row and not f.trees[1]]
+    if not trees:
+        return whole
     capacity = max(len(prompts[b]) + len(t) for b, t in trees)
     rows: list[dict[int, list[torch.Tensor]]] = []  # per row: forest -> its trees there
     sizes: list[int] = []
@@ -346,7 +382,7 @@ def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.T
             cost.append(len(prompts[b]) + len(t))
         sizes[r] += cost[r]
         rows[r].setdefault(b, []).append(t)
-    return [[(b, torch.cat([prompts[b], *ts]).sort().values) for b, ts in row.items()] for row in rows]
+    return whole + [[(b, torch.cat([prompts[b], *ts]).sort().values) for b, ts in row.items()] for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,12 +533,27 @@ class TreeLayout:
     mini-batch (a forest's trees share only the prompt, so their losses add up), as many as fit in
     micro_batch_size leaves, longest first: trees of about the same length share a forward, and
     the rows need little padding.
+
+    With `attention_cost` (kappa of the model, `attention_cost(model.config)`), a forest whose
+    prompt copies would cost more than one longer row (`shares_its_prompt`) is one unit instead,
+    laid out as one row with its prompt once; it takes a micro-batch of its own where it holds
+    more than micro_batch_size leaves. The loss is the same either way.
     """
 
-    def __init__(self, sequences: Sequence[tree.TrainSequence], aggregation: str, pad_token_id: int):
-        self.trees: list[PackedForest] = []
+    def __init__(
+        self,
+        sequences: Sequence[tree.TrainSequence],
+        aggregation: str,
+        pad_token_id: int,
+        attention_cost: float | None = None,
+    ):
+        self.trees: list[PackedForest] = []  # the units: trees, or whole forests laid out as one row
         self.groups: list[list[int]] = []
-        for forest in pack_trees(sequences, aggregation):
+        groups = forests_of(sequences)
+        for group, forest in zip(groups, pack_trees(sequences, aggregation)):
+            if attention_cost is not None and shares_its_prompt(forest, attention_cost):
+                whole = pack_forest([sequences[k] for k in group], aggregation)
+                forest = [dataclasses.replace(whole, one_row=True)]
             self.groups.append(list(range(len(self.trees), len(self.trees) + len(forest))))
             self.trees += forest
         self.leaves = [t.n_sequences for t in self.trees]

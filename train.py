@@ -23,6 +23,7 @@ configs/ and docs/gpu.md for the single-GPU presets).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -217,8 +218,11 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
         run.backend.sleep()
-    # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
-    layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
+    # --pack_tree: the same loss with each token of a forest through the model once (packing.py),
+    # a forest's trees sharing one copy of the prompt where the model's shape makes that cheaper.
+    layout = treerl.FlatLayout
+    if ucfg.pack_tree:
+        layout = functools.partial(packing.TreeLayout, attention_cost=packing.attention_cost(run.model.config))
     stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
     if result.sequences:
         with run.memory.phase("update"):

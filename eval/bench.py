@@ -145,12 +145,15 @@ def sampled_tokens(groups) -> int:
     return sum(len(s.tokens) for group in groups for s in group)
 
 
-def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool, **options):
+def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool | str, **options):
     """One policy update over `sequences` as train.py runs it, `treerl.update` in the flat layout
     (one row per leaf) or the tree-packed one (`packing.TreeLayout`, train.py's --pack_tree: every
     token of a forest through the model once). The one place the measurements call an update;
     `cpu_seconds_per_step` below wraps the same function."""
-    layout = packing.TreeLayout if packed else treerl.FlatLayout
+    layout = treerl.FlatLayout
+    if packed:  # "shared": a forest's trees share one copy of the prompt where it is cheaper, as in train.py
+        cost = packing.attention_cost(model.config) if packed == "shared" else None
+        layout = functools.partial(packing.TreeLayout, attention_cost=cost)
     return treerl.update(model, optimizer, None, sequences, cfg, pad_token_id, layout=layout, **options)
 
 
@@ -247,6 +250,7 @@ class Subject:
     pad: int
     never: int  # an EOS id the model cannot emit: random weights then never stop early
     update_prompts: int  # prompts whose forests the update is timed on
+    prompt_tokens: int = PROMPT_TOKENS  # length of its random prompts
 
 
 def build_subject(name: str, device: str) -> Subject:
@@ -267,9 +271,9 @@ def build_subject(name: str, device: str) -> Subject:
     return Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer), update_prompts)
 
 
-def random_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(count: int, vocab: int, seed: int = 0, length: int = PROMPT_TOKENS) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
 
 
 @torch.no_grad()
@@ -293,7 +297,7 @@ def subject_backend(subject: Subject, batch: int) -> HFBackend:
 
 def measure_generation(subject: Subject, batch: int, length: int, repeats: int) -> dict:
     """HFBackend's tokens/s against a bare decode loop on the same model, batch and length."""
-    rows = random_prompts(batch, subject.vocab)
+    rows = random_prompts(batch, subject.vocab, length=subject.prompt_tokens)
     device = next(subject.model.parameters()).device
     limit_s, tokens = timed(lambda: bare_decode(subject.model, torch.tensor(rows, device=device), length), repeats)
     backend = subject_backend(subject, batch)
@@ -324,7 +328,7 @@ def measure_generation(subject: Subject, batch: int, length: int, repeats: int) 
 def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: int, batch: int, repeats: int) -> dict:
     """A forest per prompt against chains of about the same total tokens, for the same prompts;
     the forest with and without re-using its prefixes' KV states."""
-    rows = random_prompts(prompts, subject.vocab, seed=1)
+    rows = random_prompts(prompts, subject.vocab, seed=1, length=subject.prompt_tokens)
     backend = subject_backend(subject, batch)
     result = {"prompts": len(rows), "batch": batch}
     for reuse in (True, False):
@@ -360,7 +364,7 @@ def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repe
     """Training tokens/s over the leaves of forests of this search, flat and tree-packed."""
     model = subject.model
     device = next(model.parameters()).device
-    rows = random_prompts(subject.update_prompts, subject.vocab, seed=2)
+    rows = random_prompts(subject.update_prompts, subject.vocab, seed=2, length=subject.prompt_tokens)
     forests, _ = grow_forests(subject_backend(subject, batch), rows, cfg)
     sequences = random_rewards(forests)
     leaf_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
@@ -371,7 +375,8 @@ def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repe
         "leaf_path_tokens": leaf_tokens,
         "unique_over_flat": packing.token_ratio(sequences),
     }
-    for name, packed in (("flat", False), ("packed", True)):
+    # "shared": packed, a forest's trees sharing one prompt where packing.shares_its_prompt says so.
+    for name, packed in (("flat", False), ("packed", True), ("shared", "shared")):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -383,6 +388,11 @@ def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repe
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
         result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)
     result["packed_speedup"] = result["packed_leaf_tokens_per_s"] / result["flat_leaf_tokens_per_s"]
+    result["shared_prompt_speedup"] = result["shared_leaf_tokens_per_s"] / result["packed_leaf_tokens_per_s"]
+    kappa = packing.attention_cost(model.config)
+    result["forests_sharing_their_prompt"] = sum(
+        packing.shares_its_prompt(f, kappa) for f in packing.pack_trees(sequences)
+    )
     return result
 
 
@@ -434,6 +444,15 @@ def throughput_rows(name: str, r: dict) -> list[list[str]]:
                 f"{u['packed_speedup']:.2f}",
             ]
         )
+        rows.append(
+            [
+                name,
+                f"same, {u['forests_sharing_their_prompt']} of {u['prompts']} forests sharing their prompt",
+                f"{u['shared_leaf_tokens_per_s']:.0f} tok/s (shared)",
+                f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
+                f"{u['shared_prompt_speedup']:.2f}",
+            ]
+        )
     return rows
 
 
@@ -469,6 +488,9 @@ vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bf
                 (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                 forest), counted in *leaf-path* tokens, the work the loss stands for.
                 packed_speedup = packed / flat; also for a forest one round deeper (L + 1).
+                shared_prompt_speedup: packed with train.py's choice of rows (a forest's trees
+                after one copy of its prompt where `packing.shares_its_prompt` finds that
+                cheaper for the model's shape) over packed with a row per tree.
 
 The phase shares of a whole training step (rollout, verification, update, sync) are in every
 train.py run's metrics.jsonl (time_* keys). Writes throughput.json (after every model: a cut run
@@ -485,6 +507,12 @@ def add_throughput(sub) -> None:
         default="",
         help="prompts per step for the tree-vs-chain comparison, comma-separated "
         "(default: train.py's prompts_per_step, and --batch / M, where the M chains per prompt fill a batch)",
+    )
+    parser.add_argument(
+        "--prompt_tokens",
+        type=int,
+        default=PROMPT_TOKENS,
+        help=f"length of the random prompts (default {PROMPT_TOKENS}; the SmolLM2 preset's chat prompts hold about 52)",
     )
     parser.add_argument(
         "--update_prompts",
@@ -521,7 +549,7 @@ def run_throughput(parser, args, argv) -> dict:
         "command": command(argv),
         "machine": machine(),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "prompt_tokens": PROMPT_TOKENS,
+        "prompt_tokens": args.prompt_tokens,
         "response_tokens": cfg.max_new_tokens,
         "models": {},
     }
@@ -530,6 +558,7 @@ def run_throughput(parser, args, argv) -> dict:
     for name in names:
         subject = build_subject(name, args.device)
         subject.update_prompts = args.update_prompts or subject.update_prompts
+        subject.prompt_tokens = args.prompt_tokens
         params = sum(p.numel() for p in subject.model.parameters())
         print(f"{name}: {params / 1e6:.1f}M parameters", flush=True)
 
