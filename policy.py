@@ -211,24 +211,39 @@ class GpuPeak:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
-def return_large_blocks_when_freed(threshold: int = 2**20) -> bool:
+def return_large_blocks_when_freed(threshold: int = 2**19) -> bool:
     """Have glibc's malloc hand every block of `threshold` bytes or more back to the system as soon
-    as it is freed; returns whether it applied (a Linux with glibc).
+    as it is freed, and what is left free in its heap at `release_free_heap`; returns whether it
+    applied (a Linux with glibc).
 
     Torch takes its CPU tensors from malloc. glibc maps large blocks on their own, but it raises
     the size it counts as large (up to 32 MiB) each time such a block is freed. The activations
     of a micro-batch, freed and asked for again at every step in shifting sizes, then come from
     the heap, where freed blocks stay resident behind live ones: the resident size grows by
-    hundreds of MiB that nothing uses. A fixed threshold of 1 MiB keeps the large tensors out of
-    the heap, and costs one mapping per large tensor.
+    hundreds of MiB that nothing uses. A fixed threshold of 512 KiB keeps the large tensors (a
+    few hundred tokens of a 576-wide model) out of the heap, and costs one mapping per large tensor.
     """
+    global _LIBC
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        applied = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # another C library (musl has no mallopt)
         return False
+    _LIBC = libc if applied else None
+    return applied
+
+
+_LIBC = None  # glibc, once return_large_blocks_when_freed applied
+
+
+def release_free_heap() -> None:
+    """Hand the free pages inside glibc's heap back to the system (malloc_trim), where
+    return_large_blocks_when_freed applied; `RssPeaks` does it as each phase starts, so that a
+    phase does not inherit what the one before left free."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class RssPeaks:
@@ -256,6 +271,7 @@ class RssPeaks:
         if not self.available:
             yield
             return
+        release_free_heap()
         high_water, high, done = _vm_hwm(), [_rss()], threading.Event()
 
         def watch():
