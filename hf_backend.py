@@ -107,16 +107,15 @@ class HFBackend:
         # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
         # (`batch_size` rows = prefixes x n, fewer where their KV cache would pass kv_cache_bytes).
         order = sorted(range(len(prefixes)), key=lambda k: (stored[k] is None, -budgets[k]))
-        per_batch = max(1, self.rows_per_batch(max(map(len, prefixes)) + max(budgets)) // n)
         groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
         try:
             start = 0
             while start < len(order):
-                resumed = stored[order[start]] is not None
-                chunk = [k for k in order[start : start + per_batch] if (stored[k] is not None) == resumed]
+                chunk = self._next_batch(order[start:], prefixes, n, budgets, stored)
                 start += len(chunk)
+                resumed = stored[chunk[0]] is not None
                 samples = self._generate(
                     [list(prefixes[k]) for k in chunk],
                     n,
@@ -132,6 +131,20 @@ class HFBackend:
         if self.prefix_store is not None:
             self.prefix_store.call_ended()
         return groups
+
+    def _next_batch(self, order, prefixes, n, budgets, stored) -> list[int]:
+        """The prefixes of the next decode batch: from the head of `order`, as many as keep to
+        `batch_size` rows (n per prefix) and, with kv_cache_bytes, whose KV cache (rows x (longest
+        prefix + largest budget) positions) fits in it; all resumed or all prefilled; at least one."""
+        chunk, longest, budget = [], 0, 0
+        for k in order:
+            if chunk and (stored[k] is None) != (stored[chunk[0]] is None):
+                break
+            longest, budget = max(longest, len(prefixes[k])), max(budget, budgets[k])
+            if chunk and (len(chunk) + 1) * n > self.rows_per_batch(longest + budget):
+                break
+            chunk.append(k)
+        return chunk
 
     def rows_per_batch(self, positions: int) -> int:
         """Rows of one decode batch: `batch_size`, or fewer where the KV cache of that many rows of

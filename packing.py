@@ -270,14 +270,20 @@ def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "toke
     trained leaves below it), each holding the prompt and that tree. Trees share only the prompt,
     so the losses of a forest's trees add up to the forest's loss; `TreeLayout` batches
     trees, not forests, to make rows of equal length."""
-    out = []
-    for group in forests_of(sequences):
-        trees: dict[int, list[int]] = {}
-        for k in group:
-            path = tree.ancestors(sequences[k].leaf)
-            trees.setdefault(id(path[1] if len(path) > 1 else path[0]), []).append(k)
-        out.append([pack_forest([sequences[k] for k in ks], aggregation) for ks in trees.values()])
-    return out
+    return [
+        [pack_forest([sequences[k] for k in ks], aggregation) for ks in trees_of(sequences, group)]
+        for group in forests_of(sequences)
+    ]
+
+
+def trees_of(sequences: Sequence[tree.TrainSequence], forest: Sequence[int]) -> list[list[int]]:
+    """The indices `forest` (of one forest's sequences) grouped by the tree (child of the prompt)
+    their leaf is in, in order of first appearance."""
+    trees: dict[int, list[int]] = {}
+    for k in forest:
+        path = tree.ancestors(sequences[k].leaf)
+        trees.setdefault(id(path[1] if len(path) > 1 else path[0]), []).append(k)
+    return list(trees.values())
 
 
 def token_ratio(sequences: Sequence[tree.TrainSequence]) -> float:
@@ -340,18 +346,34 @@ def attention_cost(config) -> float:
     return per_pair / per_token
 
 
-def shares_its_prompt(forest: Sequence[PackedForest], kappa: float) -> bool:
-    """Whether `forest` (its trees, each packed with the prompt) is cheaper as one row, the prompt
-    once, than as a row per tree, each with a copy of the prompt: the prompt copies saved, against
-    the attention of one long row instead of several short ones (the cost model of
+def shares_its_prompt(trees: Sequence[PackedForest], kappa: float) -> bool:
+    """Whether `trees` (of one forest, each packed with the prompt) are cheaper as one row, the
+    prompt once, than as a row per tree, each with a copy of the prompt: the prompt copies saved,
+    against the attention of one long row instead of several short ones (the cost model of
     `attention_cost`). Wide layers and short rows (a real model's forests) favour one row; narrow
-    layers (the default tiny model) a row per tree."""
-    if len(forest) < 2:
+    layers and long trees a row per tree."""
+    if len(trees) < 2:
         return False
-    prompt = len(forest[0].trees[0])
-    rows = [len(t) for t in forest]
+    prompt = len(trees[0].trees[0])
+    rows = [len(t) for t in trees]
     one = prompt + sum(n - prompt for n in rows)
     return one + kappa * one**2 < sum(n + kappa * n**2 for n in rows)
+
+
+def runs_of_trees(leaves: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of a forest's trees (their indices) holding at most `limit` leaves each (a
+    tree larger than that alone; no limit when 0): the trees that may share one row, so that a
+    shared row holds no more leaves than a micro-batch."""
+    runs: list[list[int]] = []
+    held = 0
+    for i, n in enumerate(leaves):
+        if runs and (not limit or held + n <= limit):
+            runs[-1].append(i)
+            held += n
+        else:
+            runs.append([i])
+            held = n
+    return runs
 
 
 def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.Tensor]]]:
@@ -534,10 +556,11 @@ class TreeLayout:
     micro_batch_size leaves, longest first: trees of about the same length share a forward, and
     the rows need little padding.
 
-    With `attention_cost` (kappa of the model, `attention_cost(model.config)`), a forest whose
-    prompt copies would cost more than one longer row (`shares_its_prompt`) is one unit instead,
-    laid out as one row with its prompt once; it takes a micro-batch of its own where it holds
-    more than micro_batch_size leaves. The loss is the same either way.
+    With `attention_cost` (kappa of the model, `attention_cost(model.config)`), trees of a forest
+    whose prompt copies would cost more than one longer row (`shares_its_prompt`) are one unit
+    instead, laid out as one row with the prompt once: runs of consecutive trees of at most
+    `row_leaves` leaves (train.py passes micro_batch_size, so that a shared row is no larger than
+    a micro-batch; 0: the whole forest). The loss is the same either way.
     """
 
     def __init__(
@@ -546,16 +569,24 @@ class TreeLayout:
         aggregation: str,
         pad_token_id: int,
         attention_cost: float | None = None,
+        row_leaves: int = 0,
     ):
-        self.trees: list[PackedForest] = []  # the units: trees, or whole forests laid out as one row
+        self.trees: list[PackedForest] = []  # the units: trees, or runs of trees laid out as one row
         self.groups: list[list[int]] = []
-        groups = forests_of(sequences)
-        for group, forest in zip(groups, pack_trees(sequences, aggregation)):
-            if attention_cost is not None and shares_its_prompt(forest, attention_cost):
-                whole = pack_forest([sequences[k] for k in group], aggregation)
-                forest = [dataclasses.replace(whole, one_row=True)]
-            self.groups.append(list(range(len(self.trees), len(self.trees) + len(forest))))
-            self.trees += forest
+        for forest in forests_of(sequences):
+            trees = trees_of(sequences, forest)
+            packed = [pack_forest([sequences[k] for k in t], aggregation) for t in trees]
+            units = packed
+            if attention_cost is not None:
+                units = []
+                for run in runs_of_trees([p.n_sequences for p in packed], row_leaves):
+                    if shares_its_prompt([packed[i] for i in run], attention_cost):
+                        shared = pack_forest([sequences[k] for i in run for k in trees[i]], aggregation)
+                        units.append(dataclasses.replace(shared, one_row=True))
+                    else:
+                        units += [packed[i] for i in run]
+            self.groups.append(list(range(len(self.trees), len(self.trees) + len(units))))
+            self.trees += units
         self.leaves = [t.n_sequences for t in self.trees]
         self.tokens = [t.n_tokens for t in self.trees]
         self.lengths = [len(t) for t in self.trees]

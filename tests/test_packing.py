@@ -296,7 +296,20 @@ PACKED_LAYOUTS = {
     "tree rows": packing.TreeLayout,
     "forest rows": functools.partial(packing.TreeLayout, attention_cost=0.0),
     "mixed": functools.partial(packing.TreeLayout, attention_cost=0.01),
+    "runs of trees": functools.partial(packing.TreeLayout, attention_cost=0.0, row_leaves=4),
 }
+
+
+def test_trees_share_a_row_in_runs_no_larger_than_a_micro_batch():
+    assert packing.runs_of_trees([2, 2, 1, 3, 5, 1], 4) == [[0, 1], [2, 3], [4], [5]]
+    assert packing.runs_of_trees([2, 2, 1], 0) == [[0, 1, 2]]  # no limit: the whole forest
+    sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
+    layout = packing.TreeLayout(sequences, "token", 0, attention_cost=0.0, row_leaves=4)
+    per_tree = packing.TreeLayout(sequences, "token", 0)
+    assert any(u.one_row for u in layout.trees) and len(layout.trees) < len(per_tree.trees)
+    for unit in layout.trees:
+        assert unit.n_sequences <= 4 or len(unit.trees[1]) == 1  # a tree larger than the limit alone
+    assert sum(layout.leaves) == sum(per_tree.leaves) == len(sequences)
 
 
 def test_the_rule_between_prompt_copies_and_longer_rows():
