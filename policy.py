@@ -48,6 +48,7 @@ class PolicyConfig:
     dtype: Literal["float32", "bfloat16"] = arg("float32", "parameter dtype")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "where the policy runs (auto: cuda if present)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update")
+    lean_heap: bool = arg(False, "hand freed memory back to the system at once (glibc): a lower peak, for time")
     warmup_steps: int = arg(600, "supervised steps on worked solutions (arith tasks) before RL (0: none)")
     warmup_batch_size: int = arg(48, "examples per supervised step")
     warmup_micro_batch_size: int = arg(0, "examples per forward/backward of a supervised step (0: all of them)")
@@ -221,7 +222,9 @@ def return_large_blocks_when_freed(threshold: int = 2**19) -> bool:
     of a micro-batch, freed and asked for again at every step in shifting sizes, then come from
     the heap, where freed blocks stay resident behind live ones: the resident size grows by
     hundreds of MiB that nothing uses. A fixed threshold of 512 KiB keeps the large tensors (a
-    few hundred tokens of a 576-wide model) out of the heap, and costs one mapping per large tensor.
+    few hundred tokens of a 576-wide model) out of the heap. The price is time: every large tensor
+    is a fresh mapping whose pages are faulted in again, which on some machines (virtual ones)
+    slows every phase; so train.py does this only with --lean_heap (the SmolLM2 preset).
     """
     global _LIBC
     if not sys.platform.startswith("linux"):
