@@ -220,8 +220,9 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
         run.backend.sleep()
-    # --pack_tree: the same loss with each token of a forest through the model once (packing.py),
-    # a forest's trees sharing one copy of the prompt where the model's shape makes that cheaper.
+    # --pack_tree: the same loss with each token of a forest through the model once (packing.py);
+    # trees of a forest, as many as a micro-batch holds, share one copy of the prompt where the
+    # model's shape makes one longer row cheaper than a row per tree.
     layout = treerl.FlatLayout
     if ucfg.pack_tree:
         kappa = packing.attention_cost(run.model.config)
