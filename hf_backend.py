@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from logprobs import entropy, tempered_log_softmax
+from logprobs import tempered_log_softmax
 from tree import Sample
 
 
@@ -62,29 +62,34 @@ class HFBackend:
         pad_token_id: int,
         batch_size: int = 256,
         reuse_prefixes: bool | None = None,
+        kv_cache_bytes: int = 0,
     ):
         self.model, self.eos, self.pad, self.batch_size = model, eos_token_id, pad_token_id, batch_size
+        self.kv_cache_bytes = kv_cache_bytes  # most memory the KV cache of one decode batch may take (0: any)
         self.stop_ids = stop_token_list(eos_token_id)
         if reuse_prefixes is None:  # see the class docstring
             reuse_prefixes = next(model.parameters()).device.type == "cpu"
         self.reuse_prefixes = reuse_prefixes
         self.prefix_store: _PrefixStore | None = None  # set inside reusing_prefixes()
-        # Prefix tokens asked for (once per prefix, not per continuation) and those whose KV
-        # states came from the store instead of a forward pass.
-        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        # Prefix tokens asked for (once per prefix, not per continuation), those whose KV states
+        # came from the store instead of a forward pass, and the forward passes run (one per
+        # decode step of a batch, and its start).
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "forward_passes": 0}
 
     def sync(self, model) -> None:
         self.model = model
 
     @contextlib.contextmanager
-    def reusing_prefixes(self, max_bytes: int = 4 * 2**30):
+    def reusing_prefixes(self, max_bytes: int = 4 * 2**30, calls: int | None = None):
         """Within the block, keep the KV states of every sampled row (up to `max_bytes` of them)
         and start later prefixes that extend one of them from those states. For one search: the
         weights must not change inside the block (the states would be stale), and the states are
         dropped when it ends. (A 1.5B model's states take 28 KiB per token: 4 GiB hold about 150k
-        tokens, the M chains of 16 prompts at 1.5k tokens each.) Does nothing when the backend was
-        made with reuse_prefixes=False."""
-        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0)
+        tokens, the M chains of 16 prompts at 1.5k tokens each.) With `calls`, only the first
+        `calls` sampling calls of the block keep theirs: the forks of an EPTree search of L rounds
+        start inside the chains and the first L - 1 rounds, never inside the last round. Does
+        nothing when the backend was made with reuse_prefixes=False."""
+        self.prefix_store = _PrefixStore(max_bytes if self.reuse_prefixes else 0, calls)
         try:
             yield self
         finally:
@@ -100,18 +105,17 @@ class HFBackend:
         self.stats["prompt_tokens"] += sum(map(len, prefixes))
         self.stats["cached_prompt_tokens"] += sum(s.count for s in stored if s is not None)
         # A batch is all resumed or all prefilled; prefixes with similar budgets share a batch
-        # (`batch_size` rows = prefixes x n).
+        # (`batch_size` rows = prefixes x n, fewer where their KV cache would pass kv_cache_bytes).
         order = sorted(range(len(prefixes)), key=lambda k: (stored[k] is None, -budgets[k]))
-        per_batch = max(1, self.batch_size // n)
         groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
         try:
             start = 0
             while start < len(order):
-                resumed = stored[order[start]] is not None
-                chunk = [k for k in order[start : start + per_batch] if (stored[k] is not None) == resumed]
+                chunk = self._next_batch(order[start:], prefixes, n, budgets, stored)
                 start += len(chunk)
+                resumed = stored[chunk[0]] is not None
                 samples = self._generate(
                     [list(prefixes[k]) for k in chunk],
                     n,
@@ -124,7 +128,31 @@ class HFBackend:
                     groups[k] = samples[j * n : (j + 1) * n]
         finally:
             self.model.train(was_training)
+        if self.prefix_store is not None:
+            self.prefix_store.call_ended()
         return groups
+
+    def _next_batch(self, order, prefixes, n, budgets, stored) -> list[int]:
+        """The prefixes of the next decode batch: from the head of `order`, as many as keep to
+        `batch_size` rows (n per prefix) and, with kv_cache_bytes, whose KV cache (rows x (longest
+        prefix + largest budget) positions) fits in it; all resumed or all prefilled; at least one."""
+        chunk, longest, budget = [], 0, 0
+        for k in order:
+            if chunk and (stored[k] is None) != (stored[chunk[0]] is None):
+                break
+            longest, budget = max(longest, len(prefixes[k])), max(budget, budgets[k])
+            if chunk and (len(chunk) + 1) * n > self.rows_per_batch(longest + budget):
+                break
+            chunk.append(k)
+        return chunk
+
+    def rows_per_batch(self, positions: int) -> int:
+        """Rows of one decode batch: `batch_size`, or fewer where the KV cache of that many rows of
+        `positions` tokens each would take more than `kv_cache_bytes` (with no limit set, or a
+        model as small as the default's, the rows and so the samples drawn are as without one)."""
+        if not self.kv_cache_bytes:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.kv_cache_bytes // (positions * kv_bytes_per_token(self.model))))
 
     def _start(self, prefixes, capacity: int, stored):
         """The KV cache after every prefix (rows left-padded to the longest), the next-token
@@ -141,9 +169,10 @@ class HFBackend:
         if stored is None:
             input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prefixes], device=device)
         else:
-            _load_states(cache, stored, width - 1)
+            _load_states(cache, stored, width - 1, capacity)
             input_ids = torch.tensor([[p[-1]] for p in prefixes], device=device)
             positions = positions[:, -1:]
+        self.stats["forward_passes"] += 1
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -194,18 +223,22 @@ class HFBackend:
         stops = torch.tensor(self.stop_ids, device=device)
         for step in range(steps):
             logp = tempered_log_softmax(logits, 1.0 if greedy else temperature)
-            token = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
+            probs = logp.exp()  # for the sampler and the entropy both
+            token = logp.argmax(-1) if greedy else sample_top_p(probs, top_p)[:, 0]
+            # Every batch row is written: a row that has stopped writes past its length, and what
+            # lies past a row's length is cut off at the end.
+            tokens[row, step] = token
+            logprobs[row, step] = logp.gather(-1, token[:, None]).squeeze(-1)
+            entropies[row, step] = -(probs * logp).sum(-1)  # as logprobs.entropy, from probs at hand
             live = ~stopped
-            tokens[row[live], step] = token[live]
-            logprobs[row[live], step] = logp[live].gather(-1, token[live, None]).squeeze(-1)
-            entropies[row[live], step] = entropy(logp[live])
-            lengths[row[live]] = step + 1
+            lengths[row] += live
             ended = live & torch.isin(token, stops)
-            finished[row[ended]] = True
+            finished[row] |= ended
             stopped |= ended | (step + 1 >= budget)
-            if bool(stopped.all()):
+            halted = int(stopped.sum())
+            if halted == len(stopped):
                 break
-            if stopped.float().mean() >= self.COMPACT_FRACTION:
+            if halted >= self.COMPACT_FRACTION * len(stopped):
                 store(stopped.nonzero().squeeze(-1))
                 keep = (~stopped).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
@@ -213,6 +246,7 @@ class HFBackend:
                 stopped = stopped[keep]
                 mask = _trim_left_padding(cache, mask)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            self.stats["forward_passes"] += 1
             out = self.model(
                 input_ids=token[:, None],
                 attention_mask=mask,
@@ -229,6 +263,14 @@ class HFBackend:
         ):
             samples.append(Sample(toks[:length], lps[:length], ents[:length], finished=done))
         return samples
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values that one token adds to a KV cache, from the model's shapes."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 def stop_token_list(eos_token_id: int | Sequence[int]) -> list[int]:
@@ -269,17 +311,22 @@ class _PrefixStore:
     row), with a token sequence and its place in a snapshot per row. `find(p)` gives the states of
     p from any sequence that starts with p: the sequences are kept sorted, and all those that start
     with p follow p directly in that order. Snapshots stop being taken once they hold `max_bytes`
-    (the first ones, the chains, are what the first forks need); prefixes found in none are run
-    through the model as usual.
+    (the first ones, the chains, are what the first forks need), or once `calls` sampling calls
+    have ended; prefixes found in none are run through the model as usual.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, calls: int | None = None):
         self.max_bytes, self.bytes = max_bytes, 0
+        self.calls_left = calls  # sampling calls whose states are still to be kept (None: all)
         self.entries: list[tuple[tuple[int, ...], torch.Tensor, int, int]] = []
         self.sorted = True
 
     def full(self) -> bool:
-        return self.bytes >= self.max_bytes
+        return self.bytes >= self.max_bytes or self.calls_left == 0
+
+    def call_ended(self) -> None:
+        if self.calls_left:
+            self.calls_left -= 1
 
     def add(self, snapshot: torch.Tensor, rows: Sequence[tuple[Sequence[int], int]]) -> None:
         """Keep a snapshot and, for each of its rows, the tokens whose states it holds and the
@@ -305,16 +352,18 @@ def _snapshot(cache, batch_rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([layer.keys[batch_rows], layer.values[batch_rows]]) for layer in cache.layers])
 
 
-def _load_states(cache, stored: Sequence[_Stored], width: int) -> None:
-    """Fill an empty buffered cache with stored states, one row per entry, right-aligned at
-    `width` columns (left padding before the shorter ones): one copy per row for all layers."""
+def _load_states(cache, stored: Sequence[_Stored], width: int, capacity: int) -> None:
+    """Fill an empty buffered cache of `capacity` positions with stored states, one row per entry,
+    right-aligned at `width` columns (zeros before the shorter ones: padding, masked out, but read
+    by the attention): one copy per row for all layers, straight into the layers' buffers."""
     first = stored[0].snapshot
     layers, _, _, heads, _, dim = first.shape
-    states = first.new_zeros(layers, 2, len(stored), heads, width, dim)
+    buffers = first.new_empty(layers, 2, len(stored), heads, capacity, dim)
     for b, s in enumerate(stored):
-        states[:, :, b, :, width - s.count :] = s.states()
+        buffers[:, :, b, :, : width - s.count] = 0
+        buffers[:, :, b, :, width - s.count : width] = s.states()
     for k, layer in enumerate(cache.layers):
-        layer.load(states[k, 0], states[k, 1])
+        layer.load(buffers[k, 0], buffers[k, 1], width)
 
 
 class _BufferedLayer(DynamicLayer):
@@ -324,7 +373,9 @@ class _BufferedLayer(DynamicLayer):
     the whole cache every step: decoding k tokens copies O(k^2) token states, and on a small model
     on a CPU that copy can cost as much as the model's matrix products (measured: docs/performance.md,
     section "Where the default run's time goes, on a slow CPU"). Here each step writes its new
-    states into place and the attention reads a view of the filled part.
+    states into place and the attention reads a view of the filled part. Positions past the filled
+    part are never read, so a new buffer is left uninitialised there and copies of it (a row's
+    continuations, the rows left after a compaction) copy the filled part only.
     """
 
     def __init__(self, capacity: int):
@@ -334,8 +385,8 @@ class _BufferedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
-        self.key_buffer = key_states.new_zeros(batch, heads, self.capacity, dim)
-        self.value_buffer = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -352,23 +403,27 @@ class _BufferedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start from given states [batch, heads, tokens, head_dim] instead of empty."""
-        self.lazy_initialization(keys, values)
-        self.update(keys, values)
+    def load(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Start from buffers [batch, heads, capacity, head_dim] whose first `length` positions
+        hold states, instead of empty ones."""
+        super().lazy_initialization(key_buffer, value_buffer)
+        self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
+        self._refresh()
 
     def _refresh(self) -> None:
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self.key_buffer, self.value_buffer = (_repeat_rows(b, self.length, repeats) for b in self.buffers())
         self._refresh()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.key_buffer, self.value_buffer = (_select_rows(b, self.length, indices) for b in self.buffers())
         self._refresh()
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_buffer, self.value_buffer
 
     def drop_first(self, columns: int) -> None:
         """Forget the first `columns` positions (padding that no row attends to any more)."""
@@ -376,6 +431,23 @@ class _BufferedLayer(DynamicLayer):
         self.value_buffer = self.value_buffer[:, :, columns:]
         self.length -= columns
         self._refresh()
+
+
+def _repeat_rows(buffer: torch.Tensor, length: int, repeats: int) -> torch.Tensor:
+    """A new buffer like `buffer` [B, H, capacity, D] with every row repeated `repeats` times
+    (row-major: a row's copies next to each other); only the first `length` positions copied."""
+    rows, heads, capacity, dim = buffer.shape
+    out = buffer.new_empty(rows, repeats, heads, capacity, dim)
+    out[:, :, :, :length] = buffer[:, None, :, :length]
+    return out.view(rows * repeats, heads, capacity, dim)
+
+
+def _select_rows(buffer: torch.Tensor, length: int, indices: torch.Tensor) -> torch.Tensor:
+    """A new buffer like `buffer` [B, H, capacity, D] with its rows `indices`; only the first
+    `length` positions copied."""
+    out = buffer.new_empty(len(indices), *buffer.shape[1:])
+    torch.index_select(buffer[:, :, :length], 0, indices, out=out[:, :, :length])
+    return out
 
 
 def preallocated_kv_cache(model, capacity: int) -> DynamicCache:
@@ -399,13 +471,39 @@ def _trim_left_padding(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     return mask[:, first:]
 
 
-def sample_top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """One token per row of log-probs [B, V], drawn from the smallest set of most likely tokens
-    whose probabilities add up to at least `top_p` (nucleus sampling), renormalised."""
-    probs = logp.exp()
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the tokens more likely than it hold less than top_p (the top one always).
-        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
+def sample_top_p(probs: torch.Tensor, top_p: float, samples: int = 1) -> torch.Tensor:
+    """Tokens drawn from each row of probabilities [B, V]: `samples` independent draws per row
+    ([B, samples]), each from the smallest set of most likely tokens whose probabilities add up
+    to at least `top_p` (nucleus sampling), renormalised."""
+    if top_p >= 1.0:
+        return draw(probs.cumsum(-1, dtype=torch.float64), samples)
+    # Most likely first; tied tokens in token order, so the nucleus is the same set every time.
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    cdf = sorted_probs.cumsum(-1, dtype=torch.float64)
+    # Keep a token if the tokens more likely than it hold less than top_p (the top one always):
+    # the kept tokens lead the sorted row, so the draw is among its first `kept`, renormalised
+    # by the mass they hold.
+    kept = ((cdf - sorted_probs) < top_p).sum(-1, keepdim=True)
+    return order.gather(-1, draw(cdf, samples, total=cdf.gather(-1, kept - 1)))
+
+
+def draw(cdf: torch.Tensor, samples: int = 1, total: torch.Tensor | None = None) -> torch.Tensor:
+    """`samples` independent indices per row [B, samples], index i with probability w_i / total,
+    from the running sums of non-negative weights w (`cdf` [B, V] float64: cdf[:, i] = w_0 + ... +
+    w_i). `total` [B, 1] defaults to each row's whole sum; a smaller one (a running sum of the
+    row) draws among the indices up to it.
+
+    Inverse transform sampling: one uniform number u per draw, and the first index whose running
+    sum exceeds u * total. torch.multinomial draws from the same distribution with one random
+    number per entry (an exponential race), which over a 49k-token vocabulary costs a real
+    model's decode step much more than a running sum does. The sums are float64, exact to far
+    below what any number of draws could tell apart. An index of zero weight is never drawn (its
+    running sum equals the one before it, which is already past any target it could have), and
+    the target stays strictly below the total, so the index never runs past the last weighted one.
+    """
+    total = cdf[:, -1:] if total is None else total
+    if not bool((total > 0).all()):  # NaN logits, or nothing to draw from
+        raise ValueError("sampling: a row of probabilities is all zero or not a number")
+    u = torch.rand(len(cdf), samples, dtype=torch.float64, device=cdf.device)
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)

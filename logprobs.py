@@ -5,7 +5,11 @@ with the modules below it, which use them without importing the algorithm:
 
 - `tempered_log_softmax`, `entropy` and `token_stats`: the log-probs of softmax(logits / T), the
   entropy of that distribution, and the log-prob of the token that was drawn: what a rollout
-  engine records for every sampled token (hf_backend.py), and what the loss differentiates;
+  engine records for every sampled token (hf_backend.py);
+- `hidden_states` and `target_logprobs`: the log-prob of given tokens alone, what the loss
+  differentiates, computed from the model's last hidden states in chunks of positions, so that
+  the full-vocabulary logits of the whole batch never exist at once and none is kept for the
+  backward (the flat layout below, the tree-packed one, the warm start);
 - `Batch` and `collate`: the flat layout, one right-padded row per training sequence, which
   `treerl.FlatLayout` hands to `treerl.policy_loss` and the supervised warm start
   (`policy.warm_start`) trains on;
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import tree
 
@@ -49,6 +54,52 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# The log-probs of given tokens under a model, without a batch's full-vocabulary logits
+# --------------------------------------------------------------------------------------------------
+
+# Positions per chunk times vocabulary size: how many logits `target_logprobs` holds at once (a
+# small vocabulary fits a whole batch in one chunk).
+CHUNK_ELEMENTS = 2**24
+
+
+def hidden_states(model, **inputs) -> torch.Tensor:
+    """The last hidden states of a causal LM (its decoder without the output layer): [..., H].
+    No KV cache is made (transformers would otherwise keep a copy of every layer's keys and values)."""
+    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+
+def output_layer(model) -> torch.nn.Module:
+    """The layer that maps a hidden state to logits (tied to the input embeddings in the tiny model
+    and SmolLM2). Models whose logits are more than that layer's output are refused."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise NotImplementedError(f"{config.model_type}: logits rescaled after the output layer are not supported")
+    return model.get_output_embeddings()
+
+
+def target_logprobs(model, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under softmax(logits / temperature), logits = output layer(hidden), for the
+    rows of hidden [N, H] and tokens [N]: [N], float32.
+
+    Only the target token's log-prob is needed, not the distribution: the logits are made chunk of
+    positions by chunk (at most CHUNK_ELEMENTS of them at a time), and when a gradient is needed
+    each chunk runs under torch.utils.checkpoint, which keeps only its inputs and makes its logits
+    again in the backward. (TRL's selective_log_softmax is the same idea without the output layer.)
+    """
+    head = output_layer(model)
+    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+
+    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tempered_log_softmax(head(h), temperature).gather(-1, t[:, None]).squeeze(-1)
+
+    parts = []
+    for start in range(0, len(tokens), rows):
+        h, t = hidden[start : start + rows], tokens[start : start + rows]
+        parts.append(checkpoint(chunk, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
 # A batch of sequences in the flat layout: one row per training sequence
 # --------------------------------------------------------------------------------------------------
 
@@ -60,6 +111,7 @@ class Batch:
     Every per-token tensor is aligned with the *targets* input_ids[:, 1:], so position t holds the
     quantities of the token predicted at step t; rows [B] and positions [W-1] are the same for the
     tensors the loss reads (`advantages`, `pairs`, `weight`) and the log-probs of `logprobs`.
+    Only response tokens are scored: prompt and padding positions carry no weight in any loss.
     """
 
     input_ids: torch.Tensor  # [B, W]
@@ -74,9 +126,12 @@ class Batch:
         return self.pairs[..., 0]
 
     def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
-        """log pi(target token) at every position, under softmax(logits / temperature): [B, W-1]."""
-        logits = model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits[:, :-1]
-        return token_stats(logits, self.input_ids[:, 1:], temperature)[0]
+        """log pi(target token) under softmax(logits / temperature) at every response position, 0
+        elsewhere: [B, W-1]."""
+        scored = self.mask.bool()
+        hidden = hidden_states(model, input_ids=self.input_ids, attention_mask=self.attention_mask)
+        logp = target_logprobs(model, hidden[:, :-1][scored], self.input_ids[:, 1:][scored], temperature)
+        return torch.zeros(scored.shape, device=logp.device).masked_scatter(scored, logp)
 
 
 def aggregation_weight(response_length: int, aggregation: str) -> float:

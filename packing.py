@@ -92,7 +92,7 @@ from functools import cached_property
 import torch
 
 import tree
-from logprobs import aggregation_weight, token_stats
+from logprobs import aggregation_weight, hidden_states, target_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Laying out a forest
@@ -120,6 +120,7 @@ class PackedForest:
     n_tokens: int  # response tokens of its sequences, flat (token denominator)
     n_sequences: int  # its training sequences (sequence denominator)
     aggregation: str  # "token" or "sequence": what the weights were made for
+    one_row: bool = False  # laid out as one row, its trees after a single copy of the prompt
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -269,14 +270,20 @@ def pack_trees(sequences: Sequence[tree.TrainSequence], aggregation: str = "toke
     trained leaves below it), each holding the prompt and that tree. Trees share only the prompt,
     so the losses of a forest's trees add up to the forest's loss; `TreeLayout` batches
     trees, not forests, to make rows of equal length."""
-    out = []
-    for group in forests_of(sequences):
-        trees: dict[int, list[int]] = {}
-        for k in group:
-            path = tree.ancestors(sequences[k].leaf)
-            trees.setdefault(id(path[1] if len(path) > 1 else path[0]), []).append(k)
-        out.append([pack_forest([sequences[k] for k in ks], aggregation) for ks in trees.values()])
-    return out
+    return [
+        [pack_forest([sequences[k] for k in ks], aggregation) for ks in trees_of(sequences, group)]
+        for group in forests_of(sequences)
+    ]
+
+
+def trees_of(sequences: Sequence[tree.TrainSequence], forest: Sequence[int]) -> list[list[int]]:
+    """The indices `forest` (of one forest's sequences) grouped by the tree (child of the prompt)
+    their leaf is in, in order of first appearance."""
+    trees: dict[int, list[int]] = {}
+    for k in forest:
+        path = tree.ancestors(sequences[k].leaf)
+        trees.setdefault(id(path[1] if len(path) > 1 else path[0]), []).append(k)
+    return list(trees.values())
 
 
 def token_ratio(sequences: Sequence[tree.TrainSequence]) -> float:
@@ -317,8 +324,56 @@ def group_by_length(
 
 
 # --------------------------------------------------------------------------------------------------
-# The model's rows: trees, not forests
+# The model's rows: trees, not forests (unless the prompt costs more than the attention)
 # --------------------------------------------------------------------------------------------------
+
+
+def attention_cost(config) -> float:
+    """kappa: the multiply-adds a row spends per (query, key) pair of its attention, over those it
+    spends per token on everything else of a layer, for a Llama-shaped `config` (q, k, v and o
+    projections, a gated MLP). A row of n tokens then costs about n + kappa * n^2 token-units.
+
+    The output layer is left out: `TreeLayout` weighs prompt tokens, which it never scores.
+    SmolLM2-135M gives about 3e-4 (a 576-wide layer, a 1,536-wide MLP); the default tiny model,
+    whose layers are narrow, about 1e-3.
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
+    per_pair = 2 * heads * head_dim  # q.k and the weighted sum of v
+    return per_pair / per_token
+
+
+def shares_its_prompt(trees: Sequence[PackedForest], kappa: float) -> bool:
+    """Whether `trees` (of one forest, each packed with the prompt) are cheaper as one row, the
+    prompt once, than as a row per tree, each with a copy of the prompt: the prompt copies saved,
+    against the attention of one long row instead of several short ones (the cost model of
+    `attention_cost`). Wide layers and short rows (a real model's forests) favour one row; narrow
+    layers and long trees a row per tree."""
+    if len(trees) < 2:
+        return False
+    prompt = len(trees[0].trees[0])
+    rows = [len(t) for t in trees]
+    one = prompt + sum(n - prompt for n in rows)
+    return one + kappa * one**2 < sum(n + kappa * n**2 for n in rows)
+
+
+def runs_of_trees(leaves: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of a forest's trees (their indices) holding at most `limit` leaves each (a
+    tree larger than that alone; no limit when 0): the trees that may share one row, so that a
+    shared row holds no more leaves than a micro-batch."""
+    runs: list[list[int]] = []
+    held = 0
+    for i, n in enumerate(leaves):
+        if runs and (not limit or held + n <= limit):
+            runs[-1].append(i)
+            held += n
+        else:
+            runs.append([i])
+            held = n
+    return runs
 
 
 def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.Tensor]]]:
@@ -326,14 +381,17 @@ def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.T
     the forest's order), a piece being a prompt and one or more of the trees below it.
 
     A row costs attention in proportion to its length squared, so a forest is not laid out as one
-    row: its trees are, longest first, each put in the first row it fits in (first-fit
-    decreasing), a row holding at most as many tokens as the longest prompt + tree. A tree that
-    joins a row holding its own prompt does not bring the prompt again. So a row is one tree, or a
-    few short ones.
+    row unless it asks to be (`one_row`, chosen by `TreeLayout`): its trees are, longest first,
+    each put in the first row it fits in (first-fit decreasing), a row holding at most as many
+    tokens as the longest prompt + tree. A tree that joins a row holding its own prompt does not
+    bring the prompt again. So a row is one tree, or a few short ones.
     """
+    whole = [[(b, torch.arange(len(f)))] for b, f in enumerate(forests) if f.one_row]
     prompts = [f.trees[0] for f in forests]
-    trees = [(b, t) for b, f in enumerate(forests) for t in f.trees[1]]
-    trees += [(b, prompts[b][:0]) for b, f in enumerate(forests) if not f.trees[1]]  # prompt only
+    trees = [(b, t) for b, f in enumerate(forests) if not f.one_row for t in f.trees[1]]
+    trees += [(b, prompts[b][:0]) for b, f in enumerate(forests) if not f.one_row and not f.trees[1]]
+    if not trees:
+        return whole
     capacity = max(len(prompts[b]) + len(t) for b, t in trees)
     rows: list[dict[int, list[torch.Tensor]]] = []  # per row: forest -> its trees there
     sizes: list[int] = []
@@ -346,7 +404,7 @@ def layout_rows(forests: Sequence[PackedForest]) -> list[list[tuple[int, torch.T
             cost.append(len(prompts[b]) + len(t))
         sizes[r] += cost[r]
         rows[r].setdefault(b, []).append(t)
-    return [[(b, torch.cat([prompts[b], *ts]).sort().values) for b, ts in row.items()] for row in rows]
+    return whole + [[(b, torch.cat([prompts[b], *ts]).sort().values) for b, ts in row.items()] for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,12 +447,13 @@ class PackedBatch:
     predictor: torch.Tensor  # [B, S] index into the R * W row positions: whose logits score token i
 
     def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
-        """log pi(token) for every token of packed forests, under softmax(logits / temperature): [B, S].
+        """log pi(token) under softmax(logits / temperature) for every token of packed forests that
+        some trained leaf's response holds, 0 elsewhere (prompt, padding): [B, S].
 
         One forward over the unique tokens, laid out in the model's rows (a tree per row, or a few
         short ones) with the tree mask and tree positions; token i of a forest is scored with the
-        logits at `predictor[i]`, the row position of the token before it on its own path. The
-        result is in the per-forest layout of `input_ids`.
+        hidden state at `predictor[i]`, the row position of the token before it on its own path
+        (logprobs.target_logprobs). The result is in the per-forest layout of `input_ids`.
 
         The mask goes to SDPA as it is, boolean (its fastest form on CPU); other attentions (eager
         adds the mask to its scores) get it additive, in the model's dtype.
@@ -403,8 +462,10 @@ class PackedBatch:
         if getattr(model.config, "_attn_implementation", None) != "sdpa":
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-        logits = model(input_ids=self.row_ids, attention_mask=mask, position_ids=self.row_positions).logits
-        return token_stats(logits.flatten(0, 1)[self.predictor], self.input_ids, temperature)[0]
+        hidden = hidden_states(model, input_ids=self.row_ids, attention_mask=mask, position_ids=self.row_positions)
+        scored = self.pairs.sum(-1) > 0
+        logp = target_logprobs(model, hidden.flatten(0, 1)[self.predictor[scored]], self.input_ids[scored], temperature)
+        return torch.zeros(scored.shape, device=logp.device).masked_scatter(scored, logp)
 
     def to(self, device) -> PackedBatch:
         return dataclasses.replace(
@@ -494,14 +555,38 @@ class TreeLayout:
     mini-batch (a forest's trees share only the prompt, so their losses add up), as many as fit in
     micro_batch_size leaves, longest first: trees of about the same length share a forward, and
     the rows need little padding.
+
+    With `attention_cost` (kappa of the model, `attention_cost(model.config)`), trees of a forest
+    whose prompt copies would cost more than one longer row (`shares_its_prompt`) are one unit
+    instead, laid out as one row with the prompt once: runs of consecutive trees of at most
+    `row_leaves` leaves (train.py passes micro_batch_size, so that a shared row is no larger than
+    a micro-batch; 0: the whole forest). The loss is the same either way.
     """
 
-    def __init__(self, sequences: Sequence[tree.TrainSequence], aggregation: str, pad_token_id: int):
-        self.trees: list[PackedForest] = []
+    def __init__(
+        self,
+        sequences: Sequence[tree.TrainSequence],
+        aggregation: str,
+        pad_token_id: int,
+        attention_cost: float | None = None,
+        row_leaves: int = 0,
+    ):
+        self.trees: list[PackedForest] = []  # the units: trees, or runs of trees laid out as one row
         self.groups: list[list[int]] = []
-        for forest in pack_trees(sequences, aggregation):
-            self.groups.append(list(range(len(self.trees), len(self.trees) + len(forest))))
-            self.trees += forest
+        for forest in forests_of(sequences):
+            trees = trees_of(sequences, forest)
+            packed = [pack_forest([sequences[k] for k in t], aggregation) for t in trees]
+            units = packed
+            if attention_cost is not None:
+                units = []
+                for run in runs_of_trees([p.n_sequences for p in packed], row_leaves):
+                    if shares_its_prompt([packed[i] for i in run], attention_cost):
+                        shared = pack_forest([sequences[k] for i in run for k in trees[i]], aggregation)
+                        units.append(dataclasses.replace(shared, one_row=True))
+                    else:
+                        units += [packed[i] for i in run]
+            self.groups.append(list(range(len(self.trees), len(self.trees) + len(units))))
+            self.trees += units
         self.leaves = [t.n_sequences for t in self.trees]
         self.tokens = [t.n_tokens for t in self.trees]
         self.lengths = [len(t) for t in self.trees]

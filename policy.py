@@ -14,6 +14,8 @@ tokenizer to train:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import json
 import math
@@ -21,6 +23,7 @@ import os
 import random
 import string
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,8 +48,10 @@ class PolicyConfig:
     dtype: Literal["float32", "bfloat16"] = arg("float32", "parameter dtype")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "where the policy runs (auto: cuda if present)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update")
+    lean_heap: bool = arg(False, "hand freed memory back to the system at once (glibc): a lower peak, for time")
     warmup_steps: int = arg(600, "supervised steps on worked solutions (arith tasks) before RL (0: none)")
     warmup_batch_size: int = arg(48, "examples per supervised step")
+    warmup_micro_batch_size: int = arg(0, "examples per forward/backward of a supervised step (0: all of them)")
     warmup_lr: float = arg(2e-3, "learning rate of the supervised stage")
 
     def validate(self) -> None:
@@ -54,8 +59,9 @@ class PolicyConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "warmup_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup_steps must be >= 0; got {self.warmup_steps}")
+        for name in ("warmup_steps", "warmup_micro_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size ({self.hidden_size}) must be divisible by --num_heads ({self.num_heads})")
 
@@ -203,6 +209,103 @@ class GpuPeak:
         return peak
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_large_blocks_when_freed(threshold: int = 2**19) -> bool:
+    """Have glibc's malloc hand every block of `threshold` bytes or more back to the system as soon
+    as it is freed, and what is left free in its heap at `release_free_heap`; returns whether it
+    applied (a Linux with glibc).
+
+    Torch takes its CPU tensors from malloc. glibc maps large blocks on their own, but it raises
+    the size it counts as large (up to 32 MiB) each time such a block is freed. The activations
+    of a micro-batch, freed and asked for again at every step in shifting sizes, then come from
+    the heap, where freed blocks stay resident behind live ones: the resident size grows by
+    hundreds of MiB that nothing uses. A fixed threshold of 512 KiB keeps the large tensors (a
+    few hundred tokens of a 576-wide model) out of the heap. The price is time: every large tensor
+    is a fresh mapping whose pages are faulted in again, which on some machines (virtual ones)
+    slows every phase; so train.py does this only with --lean_heap (the SmolLM2 preset).
+    """
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # another C library (musl has no mallopt)
+        return False
+    _LIBC = libc if applied else None
+    return applied
+
+
+_LIBC = None  # glibc, once return_large_blocks_when_freed applied
+
+
+def release_free_heap() -> None:
+    """Hand the free pages inside glibc's heap back to the system (malloc_trim), where
+    return_large_blocks_when_freed applied; `RssPeaks` does it as each phase starts, so that a
+    phase does not inherit what the one before left free."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+class RssPeaks:
+    """Peak resident memory (RSS) of this process, phase by phase: `with peaks.phase("update"):`
+    records the block's peak, in GiB, in `last["update"]`, and the largest over all such blocks in
+    `by_phase["update"]`.
+
+    The kernel keeps the process's peak (VmHWM in /proc/self/status). Writing "5" to
+    /proc/self/clear_refs would reset it per phase, but it would also reset the maximum RSS that
+    getrusage and `/usr/bin/time -v` report for the whole run, so it is left alone. Instead, a phase
+    that raises the peak peaked at the new one (exact), and a phase that stays below an earlier
+    one's peak is watched by a thread that reads the resident size (/proc/self/statm) every few
+    milliseconds, which can miss only shorter spikes. Without /proc (not Linux) nothing is recorded.
+    """
+
+    INTERVAL = 0.002  # seconds between two reads of the resident size
+
+    def __init__(self):
+        self.by_phase: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.available = os.path.exists("/proc/self/statm")
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.available:
+            yield
+            return
+        release_free_heap()
+        high_water, high, done = _vm_hwm(), [_rss()], threading.Event()
+
+        def watch():
+            while not done.wait(self.INTERVAL):
+                high[0] = max(high[0], _rss())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            new_high_water = _vm_hwm()
+            peak = new_high_water if new_high_water > high_water else max(high[0], _rss())
+            self.last[name] = peak / 2**30
+            self.by_phase[name] = max(self.by_phase.get(name, 0.0), self.last[name])
+
+
+def _rss() -> int:
+    """Resident size of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_hwm() -> int:
+    """Peak resident size of this process so far, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def progress_bar(iterable, **kwargs):
     """tqdm, refreshing less often when the output goes to a file rather than a terminal."""
     return tqdm(iterable, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15, **kwargs)
@@ -214,7 +317,9 @@ def progress_bar(iterable, **kwargs):
 
 
 def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: int = 0) -> None:
-    """Next-token cross-entropy on prompt + solution + EOS, the loss on the solution tokens only."""
+    """Next-token cross-entropy on prompt + solution + EOS, the loss on the solution tokens only:
+    their mean over the step's batch, whose gradient is accumulated over micro-batches of
+    `warmup_micro_batch_size` examples (the same step, with less memory for activations)."""
     examples = [e for e in task.train if e.solution]
     if not examples:
         raise ValueError(
@@ -238,15 +343,17 @@ def warm_start(model, tokenizer, task: Task, cfg: PolicyConfig, device, seed: in
         sequences = [
             tree.TrainSequence(p, a, [0.0] * len(a), [1.0] * len(a), 1.0, True, None) for p, a in zip(prompts, answers)
         ]
-        b = logprobs.collate(sequences, tokenizer.pad_token_id, device=device)
-        logp = b.logprobs(model)
-        loss = -(logp * b.mask).sum() / b.mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        tokens, micro, loss = sum(map(len, answers)), cfg.warmup_micro_batch_size or len(sequences), 0.0
+        for start in range(0, len(sequences), micro):
+            b = logprobs.collate(sequences[start : start + micro], tokenizer.pad_token_id, device=device)
+            part = -(b.logprobs(model) * b.mask).sum() / tokens
+            part.backward()  # the micro-batches' gradients add up to the batch's
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # not held until RL's first step
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
 
 # The settings a cached warm start depends on (the held-out set, excluded from its data, is drawn

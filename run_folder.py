@@ -29,7 +29,7 @@ import policy
 # treats the folder (--resume, --overwrite), and how often it checkpoints (saving changes nothing the
 # run computes). Every other setting, batch sizes and the device included, may change what a run
 # computes, and so defines it.
-NOT_DEFINING = ("run_name", "output_dir", "resume", "overwrite", "save_every")
+NOT_DEFINING = ("run_name", "output_dir", "resume", "overwrite", "save_every", "lean_heap")
 
 
 def open_run_dir(config) -> Path:

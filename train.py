@@ -23,6 +23,7 @@ configs/ and docs/gpu.md for the single-GPU presets).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -77,6 +78,7 @@ class Run:
     backend: treerl.Backend  # the rollout engine (--backend)
     ref_model: torch.nn.Module | None  # the KL reference (--kl_coef > 0)
     checkpoint: Path | None  # the checkpoint the policy came from (--resume), else None
+    memory: policy.RssPeaks  # peak memory (RSS) of each phase: warm start, rollout, update, evaluation
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -102,8 +104,14 @@ def load(config: Config) -> Run:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
     train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
+    if pcfg.lean_heap:  # resident memory is what is in use, not a fragmented heap
+        policy.return_large_blocks_when_freed()
+    memory = policy.RssPeaks()
     if checkpoint is None:
-        model, tokenizer, task = policy.warm_started_policy(pcfg, config.task, run.seed, warm_dir, device, train_size)
+        with memory.phase("warm_start"):
+            model, tokenizer, task = policy.warm_started_policy(
+                pcfg, config.task, run.seed, warm_dir, device, train_size
+            )
     else:
         model, tokenizer = policy.load_policy(str(checkpoint), pcfg, device)
         task = tasks.build_task(config.task, tokenizer, train_size)
@@ -122,7 +130,7 @@ def load(config: Config) -> Run:
         else:  # an untrained tiny model (--warmup_steps 0): rebuilt from the same seed
             ref_model = policy.build_tiny_model(pcfg, tokenizer, run.seed)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
-    return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint)
+    return Run(config, run_dir, device, model, tokenizer, task, backend, ref_model, checkpoint, memory)
 
 
 @dataclass
@@ -174,12 +182,14 @@ def loop(run: Run, state: State) -> None:
     steps = range(state.step + 1, last_step + 1)
     progress = policy.progress_bar(steps, desc=f"RL ({run.config.rollout.algo})", initial=state.step, total=cfg.steps)
     for step in progress:
+        run.memory.last.clear()  # the row below records this step's phases only
         row = rl_step(run, state, step)
         state.step, last = step, step == cfg.steps or state.generated >= budget
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             state.after = evaluate(run)
             save_tree_page(run, step)
             row.update(eval_greedy=state.after["greedy"], eval_sampled=state.after["sampled"])
+        row.update({f"peak_rss_gib_{phase}": gib for phase, gib in run.memory.last.items()})
         with (run.dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         progress.set_postfix(reward=f"{row['reward']:.2f}", eval=f"{state.after['sampled']:.2f}", refresh=False)
@@ -203,28 +213,35 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
-    result = treerl.rollout(
-        run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
-    )
+    with run.memory.phase("rollout"):
+        result = treerl.rollout(
+            run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
+        )
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
         run.backend.sleep()
-    # --pack_tree: the same loss with each token of a forest through the model once (packing.py).
-    layout = packing.TreeLayout if ucfg.pack_tree else treerl.FlatLayout
+    # --pack_tree: the same loss with each token of a forest through the model once (packing.py);
+    # trees of a forest, as many as a micro-batch holds, share one copy of the prompt where the
+    # model's shape makes one longer row cheaper than a row per tree.
+    layout = treerl.FlatLayout
+    if ucfg.pack_tree:
+        kappa = packing.attention_cost(run.model.config)
+        layout = functools.partial(packing.TreeLayout, attention_cost=kappa, row_leaves=ucfg.micro_batch_size)
     stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
     if result.sequences:
-        stats = treerl.update(
-            run.model,
-            state.optimizer,
-            state.scheduler,
-            result.sequences,
-            ucfg,
-            run.tokenizer.pad_token_id,
-            temperature,
-            run.ref_model,
-            seed=step,
-            layout=layout,
-        )
+        with run.memory.phase("update"):
+            stats = treerl.update(
+                run.model,
+                state.optimizer,
+                state.scheduler,
+                result.sequences,
+                ucfg,
+                run.tokenizer.pad_token_id,
+                temperature,
+                run.ref_model,
+                seed=step,
+                layout=layout,
+            )
     t1, update_peak = time.perf_counter(), gpu_peak.read()
     run.backend.sync(run.model)
     state.generated += result.stats["generated_tokens"]
@@ -251,6 +268,7 @@ def summarize(run: Run, state: State, started: float) -> dict:
         "generated_tokens": state.generated,
         "wall_seconds": wall,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_gib_by_phase": run.memory.by_phase,  # each phase's largest peak over the run
         "config": config.as_dict(),
     }
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -273,14 +291,17 @@ def make_backend(config: Config, model, tokenizer) -> treerl.Backend:
         return vllm_backend.VLLMBackend.from_config(model, tokenizer.eos_token_id, config.vllm, config.run.seed)
     from hf_backend import HFBackend
 
-    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    run = config.run
+    cap = int(run.gen_kv_cache_gib * 2**30)  # fewer rows per batch where their KV cache would pass it
+    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, run.gen_batch_size, kv_cache_bytes=cap)
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Held-out accuracy, greedy and avg@k at the training temperature (tasks.evaluate)."""
     k, rollout = run.config.task.eval_samples, run.config.rollout
     sampling = (k, rollout.max_new_tokens, rollout.temperature, rollout.top_p)
-    return tasks.evaluate(run.backend, run.tokenizer, run.task, *sampling, seed=run.config.run.seed)
+    with run.memory.phase("evaluation"):
+        return tasks.evaluate(run.backend, run.tokenizer, run.task, *sampling, seed=run.config.run.seed)
 
 
 def save_tree_page(run: Run, step: int) -> None:
@@ -330,6 +351,7 @@ class RunConfig:
     seed: int = arg(0, "seed of model init, data order and sampling")
     backend: Literal["hf", "vllm"] = arg("hf", "rollout engine: transformers (hf) or a colocated vLLM engine")
     gen_batch_size: int = arg(256, "sequences per generation batch (hf backend)")
+    gen_kv_cache_gib: float = arg(0.0, "most KV-cache memory (GiB) of one generation batch (hf backend; 0: no limit)")
     steps: int = arg(120, "RL steps")
     max_generated_tokens: int = arg(0, "stop RL after this many generated tokens (0: no limit)")
     prompts_per_step: int = arg(16, "prompts per RL step (each grows a forest)")
@@ -346,7 +368,7 @@ class RunConfig:
         for name in ("prompts_per_step", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("steps", "eval_every", "save_every", "max_generated_tokens"):
+        for name in ("steps", "eval_every", "save_every", "max_generated_tokens", "gen_kv_cache_gib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
 

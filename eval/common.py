@@ -80,12 +80,15 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The git commit a measurement ran from, with "+changes" when tracked files differed from it."""
+    """The git commit a measurement ran from, with "+changes" when tracked files other than results
+    (which a measurement writes as it goes) differed from it."""
     try:
         git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
         changed = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            capture_output=True,
+            text=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"

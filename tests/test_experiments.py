@@ -287,11 +287,13 @@ def test_bench_throughput_writes_every_ratio(tmp_path):
     )
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["gen_vs_limit"] == result["gen_vs_limit"] > 0
+    assert saved["sampler_share"] == saved["models"]["default"]["generation"]["sampler_share"] > 0
     assert saved["command"].startswith("python -m eval.bench throughput")
     default = saved["models"]["default"]
     (pair,) = default["tree_vs_chain"]
     assert pair["prompts"] == 2 and pair["forest_tokens"] == pair["forest_no_reuse_tokens"] > 0
     assert saved["tree_vs_chain"] == pair["tree_vs_chain"] > 0
+    assert pair["forest_forward_passes"] > pair["chain_forward_passes"] > 0
     assert [u["L"] for u in default["update"]] == [1, 2]  # train.py's L, and one round deeper
     assert all(0 < u["unique_over_flat"] < 1 and u["packed_speedup"] > 0 for u in default["update"])
 
@@ -413,3 +415,11 @@ def test_the_machine_line_names_the_cpu_and_the_kernels_torch_runs(monkeypatch):
     assert cpu_model() in line and torch.backends.cpu.get_cpu_capability() in line
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert "torch AVX2 kernels" in machine()  # what ATEN_CPU_CAPABILITY=avx2 shows
+
+
+def test_bench_test_time_reads_pytests_counts():
+    out = "....s.\n=== short test summary info ===\nSKIPPED [1] x\n534 passed, 3 skipped, 37 warnings in 277.35s (0:04:37)\n"
+    assert bench.pytest_counts(out) == {"passed": 534, "skipped": 3, "warnings": 37}
+    assert bench.pytest_counts("2 failed, 5 passed in 1.0s") == {"failed": 2, "passed": 5}
+    with pytest.raises(RuntimeError, match="no pytest summary"):
+        bench.pytest_counts("collected 0 items\n")

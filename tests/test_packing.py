@@ -1,7 +1,9 @@
 """Tests for packing.py: a packed forest gives the flat batch's log-probs, loss and gradients."""
 
 import copy
+import functools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -288,18 +290,74 @@ def test_packed_loss_and_gradients_equal_the_flat_ones(model, tokenizer, aggrega
     assert max(g.abs().max().item() for g in flat_grads) > 1e-3  # the comparison is not vacuous
 
 
+# The packed layouts: a row per tree; every forest one row, its prompt once (an attention that
+# costs nothing); and the rule in between, at a cost that leaves some forests each way.
+PACKED_LAYOUTS = {
+    "tree rows": packing.TreeLayout,
+    "forest rows": functools.partial(packing.TreeLayout, attention_cost=0.0),
+    "mixed": functools.partial(packing.TreeLayout, attention_cost=0.01),
+    "runs of trees": functools.partial(packing.TreeLayout, attention_cost=0.0, row_leaves=4),
+}
+
+
+def test_trees_share_a_row_in_runs_no_larger_than_a_micro_batch():
+    assert packing.runs_of_trees([2, 2, 1, 3, 5, 1], 4) == [[0, 1], [2, 3], [4], [5]]
+    assert packing.runs_of_trees([2, 2, 1], 0) == [[0, 1, 2]]  # no limit: the whole forest
+    sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
+    layout = packing.TreeLayout(sequences, "token", 0, attention_cost=0.0, row_leaves=4)
+    per_tree = packing.TreeLayout(sequences, "token", 0)
+    assert any(u.one_row for u in layout.trees) and len(layout.trees) < len(per_tree.trees)
+    for unit in layout.trees:
+        assert unit.n_sequences <= 4 or len(unit.trees[1]) == 1  # a tree larger than the limit alone
+    assert sum(layout.leaves) == sum(per_tree.leaves) == len(sequences)
+
+
+def test_the_rule_between_prompt_copies_and_longer_rows():
+    """attention_cost counts a Llama layer's multiply-adds (SmolLM2-135M's shapes here); a forest
+    shares its prompt when one row costs less than a row per tree, so with wide layers (small
+    kappa) and not with narrow ones. The "mixed" layout above does split the test forests."""
+    smollm2 = SimpleNamespace(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536
+    )
+    per_token = 576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536
+    assert packing.attention_cost(smollm2) == pytest.approx(2 * 9 * 64 / per_token)
+    forest = packing.pack_trees(random_sequences(0, forests=1))[0]
+    prompt, rows = len(forest[0].trees[0]), [len(t) for t in forest]
+    one = prompt + sum(n - prompt for n in rows)
+    even = (sum(rows) - one) / (one**2 - sum(n**2 for n in rows))  # kappa where the two cost the same
+    assert packing.shares_its_prompt(forest, 0.9 * even) and not packing.shares_its_prompt(forest, 1.1 * even)
+    assert not packing.shares_its_prompt(forest[:1], 0.0)  # a single tree has no copy to save
+    sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)  # those of the update test below
+    shared = [packing.shares_its_prompt(f, 0.01) for f in packing.pack_trees(sequences)]
+    assert any(shared) and not all(shared)
+
+
+def test_a_forest_that_shares_its_prompt_is_one_row_with_the_prompt_once():
+    sequences = random_sequences(seed=5, forests=3)
+    layout = packing.TreeLayout(sequences, "token", 0, attention_cost=0.0)
+    assert [len(g) for g in layout.groups] == [1, 1, 1] and all(u.one_row for u in layout.trees)
+    rows = packing.layout_rows(layout.trees)
+    assert [[(b, piece.tolist()) for b, piece in row] for row in rows] == [
+        [(b, list(range(len(u))))] for b, u in enumerate(layout.trees)
+    ]
+    for unit in layout.trees:  # the row: the prompt, then every tree of the forest
+        prompt, trees = unit.trees
+        assert prompt.tolist() == list(range(len(prompt))) and len(trees) > 1
+
+
+@pytest.mark.parametrize("packed", PACKED_LAYOUTS)
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation):
+def test_update_with_packing_takes_the_flat_step(model, tokenizer, aggregation, packed):
     """Two epochs of `treerl.update` in the flat and the packed layout (the second epoch with ratios
     away from 1), micro-batches of a few leaves, a KL to a perturbed reference: the packed layout
-    ends at the same weights."""
+    ends at the same weights, with a row per tree or a forest's trees after one copy of the prompt."""
     sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     results = []
-    for layout in (treerl.FlatLayout, packing.TreeLayout):
+    for layout in (treerl.FlatLayout, PACKED_LAYOUTS[packed]):
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
         cfg = UpdateConfig(aggregation=aggregation, micro_batch_size=4, ppo_epochs=2, kl_coef=0.05)

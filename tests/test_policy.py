@@ -49,3 +49,80 @@ def test_invalid_policy_settings_are_named():
         PolicyConfig(hidden_size=30, num_heads=4).validate()
     with pytest.raises(ValueError, match="--dtype"):
         PolicyConfig(dtype="float16").validate()
+
+
+def test_warm_start_in_micro_batches_takes_the_same_steps(tmp_path):
+    """Gradient accumulation over micro-batches (here 3 + 1 examples) gives the whole batch's
+    steps, up to float rounding."""
+    import dataclasses
+
+    import torch
+
+    task_cfg, cpu = TaskConfig(eval_size=8), torch.device("cpu")
+    whole, _, _ = warm_started_policy(TINY, task_cfg, 0, tmp_path / "whole", cpu, train_size=64)
+    micro_cfg = dataclasses.replace(TINY, warmup_micro_batch_size=3)
+    micro, _, _ = warm_started_policy(micro_cfg, task_cfg, 0, tmp_path / "micro", cpu, train_size=64)
+    for a, b in zip(whole.parameters(), micro.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert all(p.grad is None for p in micro.parameters())  # the last step's gradient is freed
+
+
+def test_rss_peaks_record_each_phase_and_keep_the_largest():
+    import time
+
+    import torch
+
+    from policy import RssPeaks
+
+    peaks = RssPeaks()
+    if not peaks.available:
+        pytest.skip("peak memory per phase is read from /proc (Linux)")
+    with peaks.phase("big"):
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.2)  # held long enough to be seen where the high-water mark is above it
+        del block
+    with peaks.phase("small"):
+        pass
+    assert peaks.last["big"] >= peaks.last["small"] + 0.05
+    with peaks.phase("big"):
+        pass
+    assert peaks.by_phase["big"] > peaks.last["big"]  # the largest over the run is kept
+
+
+FRAGMENT = """
+import sys, torch
+import policy
+if sys.argv[1] == "fixed":
+    assert policy.return_large_blocks_when_freed()
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+# One large block freed first: glibc then counts blocks up to its size as small (heap) ones.
+big = torch.ones(16 * 2**20 // 4)
+del big
+blocks, pins = [], []
+for _ in range(24):
+    blocks.append(torch.ones(2 * 2**20 // 4))  # 2 MiB, touched
+    pins.append(torch.ones(64))  # a small live block after each
+before = resident()
+del blocks[:-1]
+print((before - resident()) / 2**20)
+"""
+
+
+@pytest.mark.parametrize("mode", ["fixed", "glibc default"])
+def test_freed_large_blocks_leave_the_resident_memory(mode):
+    """With return_large_blocks_when_freed, 23 freed blocks of 2 MiB, each followed by a live small
+    one, leave the resident size at once; with glibc's default (after one larger block was freed)
+    they stay resident, which is what the call is for."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc and /proc")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True, cwd=root, check=True)
+    released = float(out.stdout.split()[-1])
+    if mode == "fixed":
+        assert released >= 40, released
+    else:
+        assert released < 10, released

@@ -123,6 +123,42 @@ def test_an_eptree_forest_of_the_real_model_never_forks_in_the_answer_and_splits
     assert any(len(tree.ancestors(leaf)) > 2 for f in forests for leaf in tree.leaves(f)), "nothing was forked"
 
 
+def test_forks_resumed_from_stored_states_have_the_log_probs_of_a_full_prefill(smollm2):
+    """Prefix re-use on the real model: forks sampled inside HFBackend.reusing_prefixes (each starts
+    from the KV states stored while its chain was sampled) and the same forks sampled with re-use
+    off (every prefix run through the model again) draw the same tokens with the same log-probs,
+    and both equal a fresh forward pass over prompt and response: within 1e-4 per token (float32
+    on a CPU, where the two ways only differ in the order of their sums)."""
+    model, tokenizer, task = smollm2
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in task.eval[:2]]
+    backend = HFBackend(model, eos, pad, reuse_prefixes=True)
+    with backend.reusing_prefixes():
+        torch.manual_seed(0)
+        chains = backend.sample(prompts, 2, 16)
+        forks = [
+            p + s.tokens[:k] for p, group in zip(prompts, chains) for s in group for k in (3, 9) if len(s.tokens) > k
+        ]
+        before = backend.stats["cached_prompt_tokens"]
+        torch.manual_seed(1)
+        resumed = backend.sample(forks, 2, 6)
+        assert backend.stats["cached_prompt_tokens"] - before == sum(len(f) - 1 for f in forks)
+    torch.manual_seed(1)
+    prefilled = HFBackend(model, eos, pad, reuse_prefixes=False).sample(forks, 2, 6)
+    sequences = []
+    for fork, got, want in zip(forks, resumed, prefilled):
+        for a, b in zip(got, want):
+            assert a.tokens == b.tokens
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            n = len(a.tokens)
+            sequences.append(tree.TrainSequence(fork, a.tokens, a.logprobs, [0.0] * n, 0.0, a.finished, None))
+    batch = logprobs.collate(sequences, pad)
+    with torch.no_grad():
+        fresh = batch.logprobs(model)
+    for row, seq in enumerate(sequences):
+        assert fresh[row][batch.mask[row].bool()].tolist() == pytest.approx(seq.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
 def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, advantage):
     model, tokenizer, task = smollm2
@@ -143,6 +179,41 @@ def test_one_update_moves_the_log_probs_in_the_advantage_direction(smollm2, adva
         treerl.update(model, optimizer, None, sequences, treerl.UpdateConfig(), tokenizer.pad_token_id)
         after = mean_logp()
     assert (after - before) * advantage > 1e-3, (before, after)
+
+
+def test_chunked_log_probs_and_gradients_equal_the_full_vocabulary_ones(smollm2, monkeypatch):
+    """On the 49k-token vocabulary with tied embeddings, in several chunks of positions, at
+    temperature 0.7: the flat and the tree-packed layout's log-probs and gradients equal those of
+    the full-vocabulary logits (tolerances of tests/test_logprobs.py)."""
+    from test_logprobs import assert_gradients_close, full_vocabulary_logprobs, logprobs_and_gradients
+
+    import packing
+
+    model, tokenizer, task = smollm2
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 16 * model.config.vocab_size)  # 16 positions per chunk
+    example = task.train[2]
+    root = tree.Node(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    solution = tokenizer(example.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    shared = root.add(solution[:8])
+    shared.add(solution[8:]).reward = 1.0
+    shared.add(tokenizer(" so the answer is \\boxed{0}.", add_special_tokens=False)["input_ids"]).reward = 0.0
+    sequences = tree.to_sequences(root, tree.process_rewards(root))
+
+    def check(batch):
+        scored = batch.pairs.sum(-1) > 0
+        assert scored.sum() > 2 * 16  # several chunks
+        new, new_grads = logprobs_and_gradients(model, batch, lambda: batch.logprobs(model, 0.7))
+        old, old_grads = logprobs_and_gradients(
+            model, batch, lambda: full_vocabulary_logprobs(batch, model, 0.7) * scored
+        )
+        torch.testing.assert_close(new[scored], old[scored], rtol=0, atol=1e-5)
+        assert_gradients_close(new_grads, old_grads)
+
+    try:
+        check(logprobs.collate(sequences, tokenizer.pad_token_id))
+        check(packing.collate_packed(packing.pack_trees(sequences)[0], tokenizer.pad_token_id))
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.skipif(

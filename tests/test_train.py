@@ -146,6 +146,27 @@ def test_the_default_update_runs_treerl_policy_loss(tmp_path, monkeypatch):
     assert updates and all(r["grad_norm"] == 0.0 and 0 < r["packed_token_ratio"] < 1 for r in updates)
 
 
+def test_peak_memory_of_each_phase_is_recorded(tmp_path, monkeypatch):
+    """summary.json holds each phase's largest peak resident memory over the run, and every row of
+    metrics.jsonl the peaks of its own step's phases (where /proc is, on Linux)."""
+    import os
+
+    import rewards
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("peak memory per phase is read from /proc (Linux)")
+    monkeypatch.setattr(rewards, "arith_reward", lambda response, gold: float(len(response) % 2 == 0))
+    summary = train.main(tiny_args(tmp_path, "--steps", "2", "--eval_every", "0", "--run_name", "memory"))
+    peaks = summary["peak_rss_gib_by_phase"]
+    assert set(peaks) == {"warm_start", "rollout", "update", "evaluation"}
+    assert all(0.05 < gib < 64 for gib in peaks.values())
+    rows = [json.loads(line) for line in (tmp_path / "memory" / "metrics.jsonl").read_text().splitlines()]
+    assert "peak_rss_gib_rollout" in rows[1] and "peak_rss_gib_evaluation" not in rows[1]
+    assert {"peak_rss_gib_rollout", "peak_rss_gib_update", "peak_rss_gib_evaluation"} <= set(rows[2])
+    for phase, gib in peaks.items():  # the run's peak of a phase is the largest of its steps'
+        assert gib >= max(r.get(f"peak_rss_gib_{phase}", 0) for r in rows)
+
+
 def test_cached_warm_start_is_reused_only_with_the_same_settings(tmp_path, capsys):
     train.main(tiny_args(tmp_path, "--steps", "0", "--run_name", "cache"))
     capsys.readouterr()
@@ -184,7 +205,7 @@ def test_token_budget_stops_training_early(tmp_path):
 
 def _comparable(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time_", "peak_rss_"))} for r in rows]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
