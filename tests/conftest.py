@@ -51,3 +51,20 @@ def no_bwrap(monkeypatch):
     sandbox._bwrap_problem.cache_clear()  # the probe's verdict is cached per process
     yield
     sandbox._bwrap_problem.cache_clear()
+
+
+# The tiny Llama of the default run's kind (character vocabulary, 2 layers of width 32): the model
+# of the log-prob and packing tests.
+@pytest.fixture(scope="module")
+def tokenizer():
+    import policy
+
+    return policy.build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    import policy
+
+    cfg = policy.PolicyConfig(hidden_size=32, num_layers=2, num_heads=2)
+    return policy.build_tiny_model(cfg, tokenizer, seed=0).float()

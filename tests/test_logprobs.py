@@ -14,23 +14,11 @@ from test_packing import pack_sequences, random_sequences
 
 import logprobs
 import packing
-import policy
 import treerl
 
 LOGP_ATOL = 1e-5
 GRAD_RTOL = 1e-4
 TEMPERATURE = 0.7
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return policy.build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    cfg = policy.PolicyConfig(hidden_size=32, num_layers=2, num_heads=2)
-    return policy.build_tiny_model(cfg, tokenizer, seed=0).float()
 
 
 def full_vocabulary_logprobs(batch, model, temperature: float) -> torch.Tensor:

@@ -10,23 +10,11 @@ import torch
 
 import logprobs
 import packing
-import policy
 import tree
 import treerl
 from treerl import UpdateConfig
 
 ATOL = 1e-5  # float32: packed and flat differ only by the order of floating-point sums
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return policy.build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    cfg = policy.PolicyConfig(hidden_size=32, num_layers=2, num_heads=2)
-    return policy.build_tiny_model(cfg, tokenizer, seed=0).float()
 
 
 def random_forest(rng: random.Random, trees: int = 3, depth: int = 3) -> tree.Node:
