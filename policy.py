@@ -210,21 +210,24 @@ class GpuPeak:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+LEAN_THRESHOLD = 2**19  # 512 KiB: the activations of a few hundred tokens of a 576-wide model
+ROOMY_THRESHOLD = 2**25  # 32 MiB, the most glibc's own sliding threshold reaches on 64 bits
+LEAN_PHASES = ("warm_start", "update")  # the phases whose freed activations fragment the heap
 
 
-def return_large_blocks_when_freed(threshold: int = 2**19) -> bool:
-    """Have glibc's malloc hand every block of `threshold` bytes or more back to the system as soon
-    as it is freed, and what is left free in its heap at `release_free_heap`; returns whether it
-    applied (a Linux with glibc).
+def set_mmap_threshold(threshold: int) -> bool:
+    """Have glibc's malloc map every block of `threshold` bytes or more on its own, so that it goes
+    back to the system as soon as it is freed; returns whether it applied (a Linux with glibc).
 
     Torch takes its CPU tensors from malloc. glibc maps large blocks on their own, but it raises
     the size it counts as large (up to 32 MiB) each time such a block is freed. The activations
     of a micro-batch, freed and asked for again at every step in shifting sizes, then come from
     the heap, where freed blocks stay resident behind live ones: the resident size grows by
-    hundreds of MiB that nothing uses. A fixed threshold of 512 KiB keeps the large tensors (a
-    few hundred tokens of a 576-wide model) out of the heap. The price is time: every large tensor
-    is a fresh mapping whose pages are faulted in again, which on some machines (virtual ones)
-    slows every phase; so train.py does this only with --lean_heap (the SmolLM2 preset).
+    hundreds of MiB that nothing uses. A low threshold keeps those tensors out of the heap. The
+    price is time: every large tensor is a fresh mapping whose pages are faulted in again, which
+    on some machines (virtual ones) is slow; so `RssPeaks(lean_heap=True)` (train.py's
+    --lean_heap, the SmolLM2 preset) sets it low only in the phases that train (LEAN_PHASES) and
+    lets decoding, whose buffers are few and long-lived, keep its tensors in the heap.
     """
     global _LIBC
     if not sys.platform.startswith("linux"):
@@ -238,12 +241,12 @@ def return_large_blocks_when_freed(threshold: int = 2**19) -> bool:
     return applied
 
 
-_LIBC = None  # glibc, once return_large_blocks_when_freed applied
+_LIBC = None  # glibc, once set_mmap_threshold applied
 
 
 def release_free_heap() -> None:
     """Hand the free pages inside glibc's heap back to the system (malloc_trim), where
-    return_large_blocks_when_freed applied; `RssPeaks` does it as each phase starts, so that a
+    set_mmap_threshold applied; `RssPeaks(lean_heap=True)` does it as each phase starts, so that a
     phase does not inherit what the one before left free."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
@@ -260,21 +263,28 @@ class RssPeaks:
     that raises the peak peaked at the new one (exact), and a phase that stays below an earlier
     one's peak is watched by a thread that reads the resident size (/proc/self/statm) every few
     milliseconds, which can miss only shorter spikes. Without /proc (not Linux) nothing is recorded.
+
+    With `lean_heap`, each phase also sets glibc's heap policy: it starts from a trimmed heap
+    (release_free_heap), and the phases of LEAN_PHASES map their large blocks on their own
+    (set_mmap_threshold) while the others use a 32 MiB threshold.
     """
 
     INTERVAL = 0.002  # seconds between two reads of the resident size
 
-    def __init__(self):
+    def __init__(self, lean_heap: bool = False):
         self.by_phase: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.available = os.path.exists("/proc/self/statm")
+        self.lean_heap = lean_heap
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        if self.lean_heap:
+            set_mmap_threshold(LEAN_THRESHOLD if name in LEAN_PHASES else ROOMY_THRESHOLD)
+            release_free_heap()
         if not self.available:
             yield
             return
-        release_free_heap()
         high_water, high, done = _vm_hwm(), [_rss()], threading.Event()
 
         def watch():

@@ -104,9 +104,7 @@ def load(config: Config) -> Run:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch", flush=True)
     warm_dir = run_dir / "warmstart"
     train_size = tasks.arith_train_size(pcfg.warmup_steps * pcfg.warmup_batch_size, run.steps * run.prompts_per_step)
-    if pcfg.lean_heap:  # resident memory is what is in use, not a fragmented heap
-        policy.return_large_blocks_when_freed()
-    memory = policy.RssPeaks()
+    memory = policy.RssPeaks(lean_heap=pcfg.lean_heap)  # with it, resident memory is what is in use
     if checkpoint is None:
         with memory.phase("warm_start"):
             model, tokenizer, task = policy.warm_started_policy(
