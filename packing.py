@@ -297,13 +297,19 @@ def token_ratio(sequences: Sequence[tree.TrainSequence]) -> float:
 
 
 def group_by_length(
-    items: Sequence[int], lengths: Sequence[int], sizes: Sequence[int], limit: int, overhead: int = 256
+    items: Sequence[int],
+    lengths: Sequence[int],
+    sizes: Sequence[int],
+    limit: int,
+    overhead: int = 256,
+    token_limit: int = 0,
 ) -> list[list[int]]:
     """Runs of `items` for micro-batches whose rows are padded to their longest: items sorted
-    longest first, then cut into consecutive runs of at most `limit` in `sizes` (an item larger
-    than the limit gets a run of its own) so as to minimise the padded tokens, sum over runs of
-    (items x longest length), plus `overhead` tokens per run (the fixed cost of one more forward).
-    Exact, by dynamic programming over the cut points."""
+    longest first, then cut into consecutive runs of at most `limit` in `sizes` and, with
+    `token_limit`, at most that many padded tokens (items x longest length; an item over either
+    limit gets a run of its own) so as to minimise the padded tokens, sum over runs of (items x
+    longest length), plus `overhead` tokens per run (the fixed cost of one more forward). Exact,
+    by dynamic programming over the cut points."""
     order = sorted(items, key=lambda i: -lengths[i])
     best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j items
     cut = [0] * (len(order) + 1)  # where the last run of that best starts
@@ -311,7 +317,8 @@ def group_by_length(
         total = 0
         for i in range(j - 1, -1, -1):  # the last run: order[i:j], longest order[i]
             total += sizes[order[i]]
-            if total > limit and i < j - 1:
+            too_long = token_limit and (j - i) * lengths[order[i]] > token_limit  # grows as i falls
+            if (total > limit or too_long) and i < j - 1:
                 break
             cost = best[i] + (j - i) * lengths[order[i]] + overhead
             if cost < best[j]:
@@ -360,19 +367,23 @@ def shares_its_prompt(trees: Sequence[PackedForest], kappa: float) -> bool:
     return one + kappa * one**2 < sum(n + kappa * n**2 for n in rows)
 
 
-def runs_of_trees(leaves: Sequence[int], limit: int) -> list[list[int]]:
-    """Consecutive runs of a forest's trees (their indices) holding at most `limit` leaves each (a
-    tree larger than that alone; no limit when 0): the trees that may share one row, so that a
-    shared row holds no more leaves than a micro-batch."""
+def runs_of_trees(
+    leaves: Sequence[int], limit: int, tokens: Sequence[int] = (), token_limit: int = 0
+) -> list[list[int]]:
+    """Consecutive runs of a forest's trees (their indices) holding at most `limit` leaves each and,
+    with `token_limit`, at most that many of the trees' `tokens` (a tree over either limit alone;
+    no limit when 0): the trees that may share one row, so that a shared row holds no more leaves,
+    nor positions, than a micro-batch."""
     runs: list[list[int]] = []
-    held = 0
+    held = length = 0
     for i, n in enumerate(leaves):
-        if runs and (not limit or held + n <= limit):
+        t = tokens[i] if token_limit else 0
+        if runs and (not limit or held + n <= limit) and (not token_limit or length + t <= token_limit):
             runs[-1].append(i)
-            held += n
+            held, length = held + n, length + t
         else:
             runs.append([i])
-            held = n
+            held, length = n, t
     return runs
 
 
@@ -559,8 +570,9 @@ class TreeLayout:
     With `attention_cost` (kappa of the model, `attention_cost(model.config)`), trees of a forest
     whose prompt copies would cost more than one longer row (`shares_its_prompt`) are one unit
     instead, laid out as one row with the prompt once: runs of consecutive trees of at most
-    `row_leaves` leaves (train.py passes micro_batch_size, so that a shared row is no larger than
-    a micro-batch; 0: the whole forest). The loss is the same either way.
+    `row_leaves` leaves and `row_tokens` positions (train.py passes micro_batch_size and
+    micro_batch_tokens, so that a shared row is no larger than a micro-batch; 0: no limit). The
+    loss is the same either way.
     """
 
     def __init__(
@@ -570,6 +582,7 @@ class TreeLayout:
         pad_token_id: int,
         attention_cost: float | None = None,
         row_leaves: int = 0,
+        row_tokens: int = 0,
     ):
         self.trees: list[PackedForest] = []  # the units: trees, or runs of trees laid out as one row
         self.groups: list[list[int]] = []
@@ -579,7 +592,10 @@ class TreeLayout:
             units = packed
             if attention_cost is not None:
                 units = []
-                for run in runs_of_trees([p.n_sequences for p in packed], row_leaves):
+                prompt = len(packed[0].trees[0])  # a shared row: the prompt once, then each tree's own tokens
+                own = [len(p) - prompt for p in packed]
+                row_budget = max(row_tokens - prompt, 1) if row_tokens else 0
+                for run in runs_of_trees([p.n_sequences for p in packed], row_leaves, own, row_budget):
                     if shares_its_prompt([packed[i] for i in run], attention_cost):
                         shared = pack_forest([sequences[k] for i in run for k in trees[i]], aggregation)
                         units.append(dataclasses.replace(shared, one_row=True))
@@ -595,8 +611,8 @@ class TreeLayout:
         # reference) log-probs and every epoch whose mini-batches match go through the same ones.
         self.built: dict[tuple[int, ...], PackedBatch] = {}
 
-    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
-        return group_by_length(sorted(units), self.lengths, self.leaves, size)
+    def micro_batches(self, units: list[int], size: int, tokens: int = 0) -> list[list[int]]:
+        return group_by_length(sorted(units), self.lengths, self.leaves, size, token_limit=tokens)
 
     def batch(self, units: list[int], device) -> PackedBatch:
         key = tuple(units)

@@ -212,7 +212,10 @@ class GpuPeak:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 LEAN_THRESHOLD = 2**19  # 512 KiB: the activations of a few hundred tokens of a 576-wide model
 ROOMY_THRESHOLD = 2**25  # 32 MiB, the most glibc's own sliding threshold reaches on 64 bits
-LEAN_PHASES = ("warm_start", "update")  # the phases whose freed activations fragment the heap
+# The phases whose freed blocks fragment the heap: activations of shifting sizes (warm start, update)
+# and the KV caches of evaluation's many decode batches, compacted as rows finish. The rollout decodes
+# a few batches per step and keeps a roomy heap, which its per-step temporaries reuse.
+LEAN_PHASES = ("warm_start", "update", "evaluation")
 
 
 def set_mmap_threshold(threshold: int) -> bool:
@@ -226,8 +229,8 @@ def set_mmap_threshold(threshold: int) -> bool:
     hundreds of MiB that nothing uses. A low threshold keeps those tensors out of the heap. The
     price is time: every large tensor is a fresh mapping whose pages are faulted in again, which
     on some machines (virtual ones) is slow; so `RssPeaks(lean_heap=True)` (train.py's
-    --lean_heap, the SmolLM2 preset) sets it low only in the phases that train (LEAN_PHASES) and
-    lets decoding, whose buffers are few and long-lived, keep its tensors in the heap.
+    --lean_heap, the SmolLM2 preset) sets it low only in the phases of LEAN_PHASES and lets the
+    rollout's decoding keep its per-step temporaries in the heap.
     """
     global _LIBC
     if not sys.platform.startswith("linux"):

@@ -227,7 +227,12 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     layout = treerl.FlatLayout
     if ucfg.pack_tree:
         kappa = packing.attention_cost(run.model.config)
-        layout = functools.partial(packing.TreeLayout, attention_cost=kappa, row_leaves=ucfg.micro_batch_size)
+        layout = functools.partial(
+            packing.TreeLayout,
+            attention_cost=kappa,
+            row_leaves=ucfg.micro_batch_size,
+            row_tokens=ucfg.micro_batch_tokens,
+        )
     stats, temperature = {}, ucfg.train_temperature or rcfg.temperature
     if result.sequences:
         with run.memory.phase("update"):

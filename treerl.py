@@ -376,6 +376,7 @@ class UpdateConfig:
     ppo_epochs: int = arg(1, "passes over each rollout")
     mini_batch_size: int = arg(0, "sequences per optimizer step (0: the whole rollout in one step)")
     micro_batch_size: int = arg(64, "sequences per forward/backward (gradient accumulation bounds memory)")
+    micro_batch_tokens: int = arg(0, "at most this many positions, padding included, per forward/backward (0: any)")
     max_grad_norm: float = arg(1.0, "gradient clipping by global norm")
     log_grad_parts: bool = arg(
         False, "log the policy-gradient and KL gradient norms apart (with a KL: a backward more)"
@@ -387,9 +388,11 @@ class UpdateConfig:
         for name in ("lr", "micro_batch_size", "ppo_epochs", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0; got {getattr(self, name)}")
-        for name in ("clip_low", "clip_high", "kl_coef", "mini_batch_size", "weight_decay", "train_temperature"):
+        for name in ("clip_low", "clip_high", "kl_coef", "mini_batch_size", "micro_batch_tokens", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if self.train_temperature < 0:
+            raise ValueError(f"--train_temperature must be >= 0; got {self.train_temperature}")
         if not (0 <= self.lr_warmup_ratio < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("--lr_warmup_ratio and --adam_beta2 must be in [0, 1)")
         if self.lr_warmup_steps < 0 or (self.lr_warmup_steps and self.lr_warmup_ratio):
@@ -496,8 +499,9 @@ class Layout(Protocol):
     lengths: list[int]  # positions per unit (its row's length in a micro-batch)
     groups: list[list[int]]  # units that go into the same mini-batch (a forest's trees)
 
-    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
-        """`units` cut into micro-batches of about `size` leaves."""
+    def micro_batches(self, units: list[int], size: int, tokens: int = 0) -> list[list[int]]:
+        """`units` cut into micro-batches of about `size` leaves and, with `tokens`, at most that
+        many positions, padding included (a unit longer than that alone)."""
 
     def batch(self, units: list[int], device) -> logprobs.Batch:
         """The micro-batch of `units` (row r is units[r]) with `logprobs(model, temperature)`."""
@@ -513,8 +517,16 @@ class FlatLayout:
         self.lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in sequences]
         self.groups = [[k] for k in range(len(sequences))]
 
-    def micro_batches(self, units: list[int], size: int) -> list[list[int]]:
-        return [units[i : i + size] for i in range(0, len(units), size)]
+    def micro_batches(self, units: list[int], size: int, tokens: int = 0) -> list[list[int]]:
+        runs: list[list[int]] = []
+        for k in units:  # in order, `size` at a time, fewer where their padded rows pass `tokens`
+            run = runs[-1] if runs else []
+            longest = max([self.lengths[j] for j in run] + [self.lengths[k]])
+            if run and len(run) < size and (not tokens or (len(run) + 1) * longest <= tokens):
+                run.append(k)
+            else:
+                runs.append([k])
+        return runs
 
     def batch(self, units: list[int], device) -> logprobs.Batch:
         return logprobs.collate([self.sequences[k] for k in units], self.pad_token_id, self.aggregation, device)
@@ -605,7 +617,7 @@ def update(
 
     def per_unit(m) -> list[torch.Tensor]:  # log-probs of every unit under model m, one tensor each
         out = [torch.empty(0)] * len(units.leaves)
-        for ids in units.micro_batches(list(range(len(out))), cfg.micro_batch_size):
+        for ids in units.micro_batches(list(range(len(out))), cfg.micro_batch_size, cfg.micro_batch_tokens):
             logp = units.batch(ids, device).logprobs(m, temperature)
             for row, k in enumerate(ids):
                 out[k] = logp[row, : units.lengths[k]]
@@ -635,7 +647,7 @@ def update(
             optimizer.zero_grad(set_to_none=True)
             sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
             kl_grad = None  # with --log_grad_parts and a KL: the KL term's own gradient
-            for ids in units.micro_batches(mini, cfg.micro_batch_size):
+            for ids in units.micro_batches(mini, cfg.micro_batch_size, cfg.micro_batch_tokens):
                 b = units.batch(ids, device)
                 logp = b.logprobs(model, temperature)
                 old = logp.detach() if old_logp is None else padded(old_logp, ids)

@@ -2,7 +2,7 @@
 few one-off studies. One subcommand per measurement; each prints a Markdown table and writes a JSON
 file into `--out` (default `results/`):
 
-    python -m eval.bench throughput   [--models default,30m] [--device cpu]   -> throughput.json
+    python -m eval.bench throughput   [--models default,30m] [--device cpu]   -> throughput.json (--file)
     python -m eval.bench backends     [--prompts 16] [--skip_vllm]            -> rollout_backends.json
     python -m eval.bench verifier     [--math_checks 500] [--code_runs 40]    -> verifier_throughput.json
     python -m eval.bench gpu-memory   [--config configs/qwen2.5-math-1.5b.yaml]  -> gpu_memory.json
@@ -569,6 +569,7 @@ def add_throughput(sub) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--file", default="throughput.json", help="name of the JSON file in --out")
     add_search_flags(parser)
     parser.set_defaults(run=run_throughput)
 
@@ -601,7 +602,7 @@ def run_throughput(parser, args, argv) -> dict:
         "models": {},
     }
     table = []
-    out = Path(args.out) / "throughput.json"
+    out = Path(args.out) / args.file
     for name in names:
         subject = build_subject(name, args.device)
         subject.update_prompts = args.update_prompts or subject.update_prompts

@@ -155,8 +155,30 @@ def test_group_by_size_fills_runs_up_to_the_limit():
     assert treerl.group_by_size([0, 1, 2, 3], [2, 2, 5, 1], 4) == [[0, 1], [2], [3]]
 
 
+def test_rows_and_micro_batches_keep_to_a_token_limit():
+    """--micro_batch_tokens: a shared row holds trees only while the prompt and their own tokens fit
+    (a tree over the limit alone), and a micro-batch only as many rows as fit, padded."""
+    assert packing.runs_of_trees([2, 2, 2], 0, [10, 10, 10], 25) == [[0, 1], [2]]
+    assert packing.runs_of_trees([2, 2, 2], 4, [10, 30, 10], 25) == [[0], [1], [2]]
+    sequences = random_sequences(3, keep=5, truncated_penalty=-1.0)
+    capped = packing.TreeLayout(sequences, "token", 0, attention_cost=0.0, row_leaves=8, row_tokens=40)
+    for unit in capped.trees:
+        assert len(unit) <= 40 or len(unit.trees[1]) == 1
+    units = list(range(len(capped.trees)))
+    for run in capped.micro_batches(units, 8, tokens=60):
+        assert len(run) * max(capped.lengths[k] for k in run) <= 60 or len(run) == 1
+    flat = treerl.FlatLayout(sequences, "token", 0)
+    everything = list(range(len(sequences)))
+    assert flat.micro_batches(everything, 4) == [everything[i : i + 4] for i in range(0, len(everything), 4)]
+    limit = 2 * max(flat.lengths)
+    runs = flat.micro_batches(everything, 4, tokens=limit)
+    assert [k for run in runs for k in run] == everything and runs != flat.micro_batches(everything, 4)
+    for run in runs:
+        assert len(run) * max(flat.lengths[k] for k in run) <= limit
+
+
 def test_group_by_length_finds_the_cheapest_cut():
-    """The runs cover every item once, longest first, keep to the limit, and cost what the best of
+    """The runs cover every item once, longest first, keep to the limits, and cost what the best of
     all cuts (tried one by one) costs."""
     import itertools
 
@@ -166,11 +188,17 @@ def test_group_by_length_finds_the_cheapest_cut():
         lengths = [rng.randint(1, 60) for _ in range(n)]
         sizes = [rng.randint(1, 4) for _ in range(n)]
         limit, overhead = rng.randint(4, 9), rng.choice([0, 10, 50])
-        runs = packing.group_by_length(range(n), lengths, sizes, limit, overhead)
+        token_limit = rng.choice([0, 80, 150])
+
+        def fits(run, lengths=lengths, sizes=sizes, limit=limit, token_limit=token_limit):
+            padded = len(run) * max(lengths[i] for i in run)
+            return len(run) == 1 or (sum(sizes[i] for i in run) <= limit and (not token_limit or padded <= token_limit))
+
+        runs = packing.group_by_length(range(n), lengths, sizes, limit, overhead, token_limit)
         order = [i for run in runs for i in run]
         assert sorted(order) == list(range(n))
         assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
-        assert all(sum(sizes[i] for i in run) <= limit or len(run) == 1 for run in runs)
+        assert all(fits(run) for run in runs)
 
         def cost(cut_runs, lengths=lengths, overhead=overhead):
             return sum(len(r) * max(lengths[i] for i in r) + overhead for r in cut_runs)
@@ -184,7 +212,7 @@ def test_group_by_length_finds_the_cheapest_cut():
                     run = []
                 run.append(i)
             split.append(run)
-            if all(sum(sizes[i] for i in r) <= limit or len(r) == 1 for r in split):
+            if all(fits(r) for r in split):
                 best = min(best, cost(split))
         assert cost(runs) == best
 
@@ -285,6 +313,7 @@ PACKED_LAYOUTS = {
     "forest rows": functools.partial(packing.TreeLayout, attention_cost=0.0),
     "mixed": functools.partial(packing.TreeLayout, attention_cost=0.01),
     "runs of trees": functools.partial(packing.TreeLayout, attention_cost=0.0, row_leaves=4),
+    "runs of trees, token cap": functools.partial(packing.TreeLayout, attention_cost=0.0, row_leaves=4, row_tokens=40),
 }
 
 

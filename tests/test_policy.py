@@ -120,10 +120,10 @@ with phase:
     ids=["fixed", "glibc default", "lean run, update", "lean run, rollout"],
 )
 def test_freed_large_blocks_leave_the_resident_memory(mode, given_back):
-    """With a 512 KiB mmap threshold (set_mmap_threshold, and the training phases of a --lean_heap
-    run), 23 freed blocks of 2 MiB, each followed by a live small one, leave the resident size at
-    once; with glibc's default (after one larger block was freed), and in a lean run's decoding
-    phases (a 32 MiB threshold), they stay resident, which is what the setting is for."""
+    """With a 512 KiB mmap threshold (set_mmap_threshold, and the lean phases of a --lean_heap run),
+    23 freed blocks of 2 MiB, each followed by a live small one, leave the resident size at once;
+    with glibc's default (after one larger block was freed), and in a lean run's rollout (a 32 MiB
+    threshold), they stay resident, which is what the setting is for."""
     import subprocess
     import sys
 
