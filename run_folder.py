@@ -26,10 +26,10 @@ import policy
 
 # Settings that do not define a run, left out when a folder's config.json is compared with a
 # command's: where the run lives (a moved or renamed folder holds the same run), how this command
-# treats the folder (--resume, --overwrite), and how often it checkpoints (saving changes nothing the
-# run computes). Every other setting, batch sizes and the device included, may change what a run
-# computes, and so defines it.
-NOT_DEFINING = ("run_name", "output_dir", "resume", "overwrite", "save_every", "lean_heap")
+# treats the folder (--resume, --overwrite), how often it checkpoints (saving changes nothing the
+# run computes), how it holds memory (--lean_heap) and what it logs (--log_grad_parts). Every other
+# setting, batch sizes and the device included, may change what a run computes, and so defines it.
+NOT_DEFINING = ("run_name", "output_dir", "resume", "overwrite", "save_every", "lean_heap", "log_grad_parts")
 
 
 def open_run_dir(config) -> Path:

@@ -92,6 +92,8 @@ class Task:
     answer_markers: tuple[str, ...]
     # Worked solution for the warm start, drawn afresh each time (a noisy teacher); None: e.solution.
     teacher: Callable[[Example, random.Random], str] | None = None
+    # Which line of a response goes wrong first (arith_step_truth), for --blame; None: not known.
+    step_truth: Callable[[str, list[int], Callable[[list[int]], str], bool], StepTruth] | None = None
 
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -160,6 +162,7 @@ def arith_task(cfg: TaskConfig, train_size: int) -> Task:
         score,
         rewards.ANSWER_MARKERS,
         teacher,
+        arith_step_truth,
     )
 
 
@@ -413,35 +416,42 @@ class StepTruth:
         return next((line for label, line in zip(self.labels, self.lines) if label == "first_wrong"), None)
 
 
-def line_labels(prompt: str, response: str) -> list[str]:
-    """The label of every line of `response` (split at newlines), by the rules above. The last line
-    of a response that was cut off is wrong only once it differs from the true step (a cut "11-2="
-    is not wrong yet); a response cut before its answer line has no answer line."""
+def line_labels(prompt: str, response: str, finished: bool = False) -> list[str]:
+    """The label of every line of `response` (split at newlines), by the rules above.
+
+    A response that was cut off (`finished` False) ends in a line it may not have completed, which
+    is judged as far as it goes: it is wrong only once it cannot grow into the true line. A cut
+    step "11-2=", a cut answer "Answer: 1" when the answer is 14, and the empty line after a final
+    newline are not wrong yet. A response cut before its answer line has no answer line. The last
+    line of a finished response is judged whole, like every other line."""
     solution, answer = _worked_solution(*_parse_arith_prompt(prompt))
-    truth = solution.split("\n")[:-1]  # the right steps; the answer line is checked by value
+    truth = solution.split("\n")  # the right steps, then the right answer line
+    steps = len(truth) - 1
     lines = response.split("\n")
     labels, wrong = [], False
     for i, line in enumerate(lines):
         if wrong:
             labels.append("after")
             continue
-        if line.startswith("Answer:"):
-            right = i == len(truth) and rewards.arith_reward(line, answer) == 1.0
+        if not finished and i == len(lines) - 1:  # possibly cut: right so far?
+            right = i < len(truth) and truth[i].startswith(line)
+            labels.append(("answer" if i == steps else "prefix") if right else "first_wrong")
+        elif line.startswith("Answer:"):  # the answer line is checked by value
+            right = i == steps and rewards.arith_reward(line, answer) == 1.0
             labels.append("answer" if right else "first_wrong")
         else:
-            expected = truth[i] if i < len(truth) else None
-            last = i == len(lines) - 1
-            right = expected is not None and (expected.startswith(line) if last else line == expected)
-            labels.append("prefix" if right else "first_wrong")
+            labels.append("prefix" if i < steps and line == truth[i] else "first_wrong")
         wrong = labels[-1] == "first_wrong"
     return labels
 
 
-def arith_step_truth(prompt: str, response_ids: list[int], decode: Callable[[list[int]], str]) -> StepTruth:
+def arith_step_truth(
+    prompt: str, response_ids: list[int], decode: Callable[[list[int]], str], finished: bool = False
+) -> StepTruth:
     """`line_labels` mapped onto tokens: a token belongs to the line of its first character (a
     newline ends its line); a token that decodes to nothing (EOS) to the line before it."""
     text = decode(response_ids)
-    labels = line_labels(prompt, text)
+    labels = line_labels(prompt, text, finished)
     line_of_char = [i for i, line in enumerate(text.split("\n")) for _ in range(len(line) + 1)]
     token_lines, last = [], 0
     for k in range(len(response_ids)):

@@ -209,11 +209,14 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     prompts = [run.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
     markers = run.task.answer_markers  # EPTree never forks inside the final answer
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
+    step_truth = None  # for the --blame experiment: the task's truth of each response's lines
+    if run.task.step_truth is not None:
+        step_truth = lambda p, r, finished: run.task.step_truth(run.decode(p), r, run.decode, finished)  # noqa: E731
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
     with run.memory.phase("rollout"):
         result = treerl.rollout(
-            run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed=seed, answer_start=answer_start
+            run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed, answer_start, step_truth
         )
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
@@ -413,6 +416,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
     for part in fields(config):
         getattr(config, part.name).validate()
+    if config.rollout.blame != "none" and config.task.task != "arith":
+        raise ValueError(f"--blame {config.rollout.blame} needs --task arith, whose steps' truth is known")
     return config
 
 

@@ -27,6 +27,7 @@ with the same two methods plugs in. `update` takes a batch layout: one row per l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -140,6 +141,9 @@ class RolloutConfig(TreeConfig):
     algo: Literal["treerl", "chainrl"] = arg("treerl", "EPTree + process rewards, or i.i.d. chains + outcome")
     advantage: Literal["grpo", "drgrpo", "rloo"] = arg("grpo", "ChainRL's outcome advantage")
     clamp_advantages: bool = arg(False, "ChainRL: negative advantages at least -max A (the release's RLOO)")
+    blame: Literal["none", "oracle", "placebo"] = arg(
+        "none", "experiment (--task arith): a wrong leaf's advantage mass on its first wrong line, or a random one"
+    )
     keep_leaves: int = arg(0, "train on this many leaves per prompt, one correct if any (0: all)")
     keep_zero_signal: bool = arg(False, "train on forests whose leaves all agree too (the release)")
     max_new_tokens: int = arg(64, "response length limit in tokens")
@@ -189,11 +193,15 @@ def rollout(
     cfg: RolloutConfig,
     seed: int = 0,
     answer_start: tree.AnswerStartFn | None = None,
+    step_truth: StepTruthFn | None = None,
 ) -> Rollout:
     """Sample forests (or chains) for a batch of prompts, score the leaves, compute advantages.
 
     score(responses, golds) -> rewards in [0, 1] (a batch call, so verifiers can run in parallel).
+    step_truth: where each response goes wrong, for `cfg.blame` (the experiment below `rollout`).
     """
+    if cfg.blame != "none" and step_truth is None:
+        raise ValueError(f"--blame {cfg.blame} needs a task that knows its steps' truth (--task arith)")
     t0 = time.perf_counter()
 
     def sample_fn(prefixes, n, budgets):  # budgets: what each branch may add to its response
@@ -227,6 +235,9 @@ def rollout(
             if not (penalised or cfg.keep_zero_signal):
                 continue
         sequences += forest_sequences(root, cfg, _rng(seed, k))
+    blamed = 0
+    if cfg.blame != "none":
+        sequences, blamed = relocate_blame(sequences, step_truth, cfg.blame, _rng(seed, len(forests)))
 
     leaf_rewards = [leaf.reward for _, leaf in all_leaves]
     n_leaves = len(all_leaves)
@@ -241,7 +252,11 @@ def rollout(
         "entropy": _mean([s for root in forests for n in tree.walk(root) if n is not root for s in n.entropies]),
         "time_rollout": t1 - t0,
         "time_verify": t2 - t1,
+        # The size of the update's policy-gradient term: balances a KL penalty across methods.
+        "mean_abs_advantage": _mean(abs(a) for seq in sequences for a in seq.advantages),
     }
+    if cfg.blame != "none":
+        stats["blamed_leaves"] = blamed
     return Rollout(sequences, forests, stats)
 
 
@@ -256,6 +271,46 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
     else:
         advantages = tree.chain_advantages(root, cfg.advantage, cfg.clamp_advantages)
     return tree.to_sequences(root, advantages, truncated_penalty=cfg.penalty, chosen=chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle blame: an experiment, not part of TreeRL (eval/compare_rl.py)
+# --------------------------------------------------------------------------------------------------
+# What would perfect credit assignment buy? The arithmetic task knows the first wrong line of a
+# wrong response (tasks.arith_step_truth). `--blame oracle` takes each wrong leaf that has one and
+# puts its whole advantage mass (its per-token advantages summed) on that line's tokens, 0 on every
+# other token; every other leaf (right, or cut off before anything went wrong) keeps its advantages.
+# The mass is the method's own, so the comparison with that method is one of *where* the push goes,
+# not how hard. `--blame placebo` puts the same mass on a line of the same leaf drawn at random: it
+# tells "the right place" from "concentrated in one place". Both apply to chains or forests alike.
+
+
+class StepTruthFn(Protocol):
+    """Per token of a response: the line it belongs to (`lines`), and the first wrong line
+    (`first_wrong_line`, None if nothing is wrong yet); tasks.Task.step_truth, its prompt's text
+    and the decoder bound."""
+
+    def __call__(self, prompt_ids: list[int], response_ids: list[int], finished: bool): ...
+
+
+def relocate_blame(
+    sequences: list[tree.TrainSequence], step_truth: StepTruthFn, kind: str, rng: random.Random
+) -> tuple[list[tree.TrainSequence], int]:
+    """The sequences with the advantage mass of every wrong leaf that has a wrong line moved onto
+    its first wrong line (kind "oracle") or one of its lines drawn with `rng` ("placebo"); and how
+    many leaves were moved."""
+    moved, count = [], 0
+    for seq in sequences:
+        truth = step_truth(seq.prompt_ids, seq.response_ids, seq.finished) if seq.reward == 0 else None
+        if truth is None or truth.first_wrong_line is None:
+            moved.append(seq)
+            continue
+        target = truth.first_wrong_line if kind == "oracle" else rng.choice(sorted(set(truth.lines)))
+        share = sum(seq.advantages) / truth.lines.count(target)
+        advantages = [share if line == target else 0.0 for line in truth.lines]
+        moved.append(dataclasses.replace(seq, advantages=advantages))
+        count += 1
+    return moved, count
 
 
 def chain_leaves(root: tree.Node) -> list[tree.Node]:
@@ -323,6 +378,9 @@ class UpdateConfig:
     micro_batch_size: int = arg(64, "sequences per forward/backward (gradient accumulation bounds memory)")
     micro_batch_tokens: int = arg(0, "at most this many positions, padding included, per forward/backward (0: any)")
     max_grad_norm: float = arg(1.0, "gradient clipping by global norm")
+    log_grad_parts: bool = arg(
+        False, "log the policy-gradient and KL gradient norms apart (with a KL: a backward more)"
+    )
     pack_tree: bool = arg(True, "each token of a forest through the model once (packing.TreeLayout)")
 
     def validate(self) -> None:
@@ -501,6 +559,28 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
+def add_kl_gradient(kl_grad, model, logp, ref_logp, batch, scale: float) -> list[torch.Tensor]:
+    """`kl_grad` (None at first) plus the gradient of this micro-batch's KL term alone, the one
+    policy_loss adds: scale * sum of w * k3(logp, ref); the graph is kept for the loss's backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    term = scale * (k3_kl(logp, ref_logp) * batch.weight).sum()
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return grads if kl_grad is None else [a + g for a, g in zip(kl_grad, grads)]
+
+
+def gradient_parts(model, kl_grad: list[torch.Tensor] | None) -> dict[str, float]:
+    """Norms of the accumulated gradient's two parts, before clipping: the policy gradient's
+    (pg_grad_norm) and the KL term's (kl_grad_norm, 0 without a KL)."""
+    total = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters() if p.requires_grad]
+    kl_grad = kl_grad or [torch.zeros_like(g) for g in total]
+
+    def norm(grads):
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    return {"pg_grad_norm": norm([t - k for t, k in zip(total, kl_grad)]), "kl_grad_norm": norm(kl_grad)}
+
+
 def one_step_per_rollout(cfg: UpdateConfig, leaves: int) -> bool:
     """Whether the update takes a single optimizer step on the rollout (one epoch, one mini-batch):
     then the policy that sampled is the one being differentiated, and the ratio is exactly 1."""
@@ -566,18 +646,23 @@ def update(
             denominator = tokens if cfg.aggregation == "token" else sum(units.leaves[k] for k in mini)
             optimizer.zero_grad(set_to_none=True)
             sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio": 0.0}
+            kl_grad = None  # with --log_grad_parts and a KL: the KL term's own gradient
             for ids in units.micro_batches(mini, cfg.micro_batch_size, cfg.micro_batch_tokens):
                 b = units.batch(ids, device)
                 logp = b.logprobs(model, temperature)
                 old = logp.detach() if old_logp is None else padded(old_logp, ids)
                 ref = None if ref_logp is None else padded(ref_logp, ids)
                 loss, stats = policy_loss(logp, old, b, denominator, cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
+                if cfg.log_grad_parts and ref is not None:
+                    kl_grad = add_kl_gradient(kl_grad, model, logp, ref, b, cfg.kl_coef / max(denominator, 1.0))
                 loss.backward()
                 # The micro-batch losses add up to the mini-batch's; its means weigh by its share of tokens.
                 share = sum(units.tokens[k] for k in ids) / max(tokens, 1)
                 sums["loss"] += loss.item()
                 for key in ("clip_frac", "kl", "ratio"):
                     sums[key] += stats[key] * share
+            if cfg.log_grad_parts:  # how hard each term pulls: the KL's pull against the policy gradient's
+                sums.update(gradient_parts(model, kl_grad))
             sums["grad_norm"] = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value

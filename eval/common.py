@@ -56,6 +56,41 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+# Student's t at 0.975 (a two-sided 95% interval) by degrees of freedom; past 30, 30's (a little wide).
+T95 = dict(
+    enumerate(
+        [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+        + [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042],
+        start=1,
+    )
+)
+
+
+def t95(df: float) -> float:
+    """t(0.975) at `df` degrees of freedom, rounded down to a whole number (a wider interval)."""
+    return T95[min(max(int(df), 1), 30)]
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% t-interval (the mean alone for a single value)."""
+    mean, sd = mean_std(values)
+    half = t95(len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its 95% Welch t-interval (unequal variances, Welch-Satterthwaite degrees
+    of freedom); both lists need two values or more."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ma - mb, ma - mb, ma - mb
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = t95(df) * se
+    return ma - mb, ma - mb - half, ma - mb + half
+
+
 def cpu_model() -> str:
     """The CPU's marketing name where the system tells it (Linux's /proc/cpuinfo), else what Python knows."""
     cpuinfo = Path("/proc/cpuinfo")

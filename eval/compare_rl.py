@@ -1,8 +1,9 @@
 """Experiment 2 of the paper: does TreeRL train better than ChainRL for the same generation cost?
 
     python -m eval.compare_rl --config configs/cpu_long.yaml --out results/long --runs_dir runs/long \
-        [--seeds 0,1,2,3,4] [--budget 600000] [--max_steps N] [--methods treerl,chainrl-grpo,chainrl-release,treerl-random]
-        [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seed 100] [--lrs treerl=3e-5,...] [--jobs 2] [--quick] [train.py flags]
+        [--seeds 0,1,2,3,4] [--budget 600000] [--max_steps N] [--methods treerl,chainrl-grpo,oracle,...]
+        [--lr_sweep 1e-5,3e-5,1e-4 --sweep_seeds 100,101] [--lrs treerl=3e-5,...] [--kl_coef 0]
+        [--jobs 2] [--quick] [train.py flags]
 
 Every method starts from the same warm-started policy (made and cached by train.py's warm start for
 the task of the flags) and trains until it has generated `--budget` tokens: generation is what a
@@ -17,26 +18,41 @@ tree search saves, so methods are compared at equal generated tokens, not equal 
   treerl-ga-only     ablation: global advantage V(s) - V(root) only (Eq. 2)
   treerl-la-only     ablation: local advantage V(s) - V(parent) only (Eq. 3)
   treerl-no-sqrt     ablation: no 1/sqrt(|L(s)|) re-weighting
+  oracle             chainrl-grpo with each wrong leaf's advantage mass on its first wrong line
+                     (--blame oracle, --task arith only): what perfect localisation buys at GRPO's
+                     magnitudes; not an upper bound on credit assignment in general
+  placebo            the same mass on a random line of the same leaf (--blame placebo)
 
-The learning rate is chosen, not inherited: `--lr_sweep` first trains every method once per rate on
-`--sweep_seed` (a seed the comparison does not use) and keeps, per method, the rate with the best
-final avg@k among those that do not lose greedy accuracy (final greedy >= start greedy - 2 points;
-if none, the rate that loses the least greedy accuracy). `--lrs method=rate,...` sets rates by
-hand; otherwise `--lr` is used (default: the preset's, else train.py's).
+The KL: the paper trains without one, and so does this comparison by default (--kl_coef 0; a
+preset's kl_coef is overridden). A KL term is weighed against the policy gradient, whose size
+differs by method (GRPO's advantages are divided by the group's spread, TreeRL's are not), so one
+coefficient for all would hold some methods harder to the start than others. With --kl_coef c > 0,
+each method's coefficient is c times its own mean |advantage| per (leaf, token) pair, measured on
+four rollouts of the warm start; the coefficients are recorded. Every run logs, per step, that mean
+|advantage|, the KL, and the norms of the policy-gradient and KL parts of its gradient
+(--log_grad_parts); each evaluation point carries their means over the steps before it.
+
+The learning rate is chosen, not inherited, by one rule for every method: `--lr_sweep` first trains
+every method once per rate on each of `--sweep_seeds` (seeds the comparison does not use) and keeps,
+per method, the rate with the best final avg@k, mean over the sweep's seeds, among those that do not
+lose greedy accuracy (final greedy >= start greedy - 2 points; if none, the rate that loses the
+least greedy accuracy). `--lrs method=rate,...` sets rates by hand; otherwise `--lr` is used
+(default: the preset's, else train.py's).
 
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
 and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
 the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
 Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out
 problems for every run. The summary gives, per method, start and final accuracy (mean ± sd over
-seeds), and the differences TreeRL - each other method of the final accuracies as a mean with a
-bootstrap 95% interval over seeds (each method's seeds resampled independently). Writes
-<out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens, accuracy,
-greedy_accuracy, run_seconds; run_seconds is also summed per experiment: the cost of the runs
-however many invocations they took, where wall_seconds is the last invocation's), a PNG of
-accuracy against generated tokens (mean over seeds, band = ± sd) and, after a sweep,
-<out>/compare_rl_sweep.png (final accuracy against the rate), and prints Markdown tables.
-Unknown flags go to every train.py run.
+seeds) and the balance fields above; the differences are TreeRL - each other method, and oracle or
+placebo - chainrl-grpo, of the final accuracies: the mean with a bootstrap 95% interval over seeds
+(each method's seeds resampled independently) and a Welch t 95% interval. A difference is resolved
+when its interval excludes 0. Writes <out>/compare_rl.json (one row per evaluation point: method,
+seed, generated_tokens, accuracy, greedy_accuracy, the balance fields, run_seconds; run_seconds is
+also summed per experiment: the cost of the runs however many invocations they took, where
+wall_seconds is the last invocation's), a PNG of accuracy against generated tokens (mean over
+seeds, band = ± sd) and, after a sweep, <out>/compare_rl_sweep.png (final accuracy against the
+rate), and prints Markdown tables. Unknown flags go to every train.py run.
 """
 
 from __future__ import annotations
@@ -51,7 +67,16 @@ from pathlib import Path
 
 import run_folder
 import train
-from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_started_policy, write_json
+from eval.common import (
+    machine,
+    markdown_table,
+    mean_std,
+    parse_seeds,
+    warm_start_pool,
+    warm_started_policy,
+    welch_interval,
+    write_json,
+)
 
 CHAINS = ["--algo", "chainrl", "--M", "12"]
 METHODS = {
@@ -63,8 +88,12 @@ METHODS = {
     "treerl-ga-only": ["--use_local", "false"],
     "treerl-la-only": ["--use_global", "false"],
     "treerl-no-sqrt": ["--reweight", "none"],
+    "oracle": [*CHAINS, "--advantage", "grpo", "--blame", "oracle"],
+    "placebo": [*CHAINS, "--advantage", "grpo", "--blame", "placebo"],
 }
 DEFAULT_METHODS = "treerl,chainrl-grpo,chainrl-release,treerl-random"
+BLAME_BASELINE = {"oracle": "chainrl-grpo", "placebo": "chainrl-grpo"}  # the advantages each one moves
+BALANCE = ("mean_abs_advantage", "kl", "pg_grad_norm", "kl_grad_norm")  # what a KL is weighed against
 GREEDY_TOLERANCE = 0.02  # the sweep keeps rates whose final greedy accuracy is within this of the start
 
 
@@ -135,6 +164,10 @@ def train_one(
         "false",
         "--resume",
         "true",
+        "--kl_coef",
+        str(args.kl_coefs.get(method, 0.0)),
+        "--log_grad_parts",
+        "true",
     ]
     made_with = run_dir / "compare_rl_argv.json"  # what the folder's run was started with
     if run_dir.exists() and (not made_with.exists() or json.loads(made_with.read_text()) != argv):
@@ -147,8 +180,13 @@ def train_one(
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
     run_seconds = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]  # summed over resumes
-    return [
-        {
+    points, since = [], []  # since: the steps after the evaluation before
+    for m in metrics:
+        if m["step"] > 0 and "time_rollout" in m:
+            since.append(m)
+        if "eval_sampled" not in m:
+            continue
+        point = {
             "method": method,
             "seed": seed,
             "lr": lr,
@@ -159,9 +197,49 @@ def train_one(
             "seconds_per_step": seconds / max(len(steps), 1),
             "run_seconds": run_seconds,
         }
-        for m in metrics
-        if "eval_sampled" in m
-    ]
+        # The balance of the update over the steps since the evaluation before (none at the start).
+        for key in BALANCE:
+            values = [x[key] for x in since if key in x]
+            point[key] = sum(values) / len(values) if values else None
+        points.append(point)
+        since = []
+    return points
+
+
+def advantage_scale(method: str, warm_dir: Path, train_args: list[str], seed: int, batches: int = 4) -> float:
+    """`method`'s mean |advantage| per (leaf, token) pair at the warm start, over `batches` rollouts
+    of a step's worth of training prompts drawn with `seed`."""
+    import torch
+
+    import policy
+    import tasks
+    import treerl
+    from hf_backend import HFBackend
+
+    config = train.parse_config([*train_args, *METHODS[method]])
+    device = policy.pick_device(config.policy)
+    model, tokenizer = policy.load_policy(str(warm_dir), config.policy, device)
+    task = tasks.build_task(config.task, tokenizer, warm_start_pool(config.policy))
+    backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
+    step_truth = None
+    if task.step_truth is not None:
+        step_truth = lambda p, r, finished: task.step_truth(decode(p), r, decode, finished)  # noqa: E731
+    total = pairs = 0.0
+    for step in range(1, batches + 1):
+        step_seed = seed * 1_000_003 + step
+        torch.manual_seed(step_seed)
+        drawn = random.Random(step_seed).sample(range(len(task.train)), config.run.prompts_per_step)
+        examples = [task.train[i] for i in drawn]
+        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+        result = treerl.rollout(
+            backend, prompts, [e.gold for e in examples], task.score, decode, config.rollout, step_seed,
+            answer_start, step_truth,
+        )  # fmt: skip
+        total += sum(abs(a) for seq in result.sequences for a in seq.advantages)
+        pairs += sum(len(seq.advantages) for seq in result.sequences)
+    return total / max(pairs, 1)
 
 
 def total_run_seconds(rows: list[dict]) -> float:
@@ -170,27 +248,35 @@ def total_run_seconds(rows: list[dict]) -> float:
     return sum({run_key(r): r["run_seconds"] for r in rows}.values())
 
 
-def runs_by_rate(sweep_rows: list[dict], method: str) -> dict[float, list[dict]]:
-    """`method`'s sweep runs: each rate's evaluation points, in step order."""
-    runs = {}
-    for r in sweep_rows:
+def sweep_finals(sweep_rows: list[dict], method: str) -> dict[float, dict[str, float]]:
+    """`method`'s sweep, rate by rate: the start and final avg@k and greedy accuracy, each a mean
+    over the sweep's seeds."""
+    runs: dict[float, dict[int, list[dict]]] = {}
+    for r in sweep_rows:  # in step order
         if r["method"] == method:
-            runs.setdefault(r["lr"], []).append(r)
-    return runs
+            runs.setdefault(r["lr"], {}).setdefault(r["seed"], []).append(r)
+    finals = {}
+    for lr, by_seed in runs.items():
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        finals[lr] = {
+            f"{when}_{key}": mean([points[k][key] for points in by_seed.values()])
+            for when, k in (("start", 0), ("final", -1))
+            for key in ("accuracy", "greedy_accuracy")
+        }
+    return finals
 
 
 def choose_lr(sweep_rows: list[dict], method: str) -> float:
-    """The sweep's choice for `method`: the best final avg@k among the rates that keep greedy
-    accuracy (final >= start - GREEDY_TOLERANCE); if no rate does, the one that loses least of it."""
-    runs = runs_by_rate(sweep_rows, method)
+    """The sweep's choice for `method`, one rule for every method, on means over the sweep's seeds:
+    the best final avg@k among the rates that keep greedy accuracy (final >= start -
+    GREEDY_TOLERANCE); if no rate does, the one that loses least of it."""
+    finals = sweep_finals(sweep_rows, method)
     keeps_greedy = [
-        lr
-        for lr, points in runs.items()
-        if points[-1]["greedy_accuracy"] >= points[0]["greedy_accuracy"] - GREEDY_TOLERANCE
+        lr for lr, f in finals.items() if f["final_greedy_accuracy"] >= f["start_greedy_accuracy"] - GREEDY_TOLERANCE
     ]
     if not keeps_greedy:
-        return max(runs, key=lambda lr: runs[lr][-1]["greedy_accuracy"])
-    return max(keeps_greedy, key=lambda lr: runs[lr][-1]["accuracy"])
+        return max(finals, key=lambda lr: finals[lr]["final_greedy_accuracy"])
+    return max(keeps_greedy, key=lambda lr: finals[lr]["final_accuracy"])
 
 
 def _one_thread() -> None:
@@ -248,13 +334,18 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
             entry[f"{name}_gain"], entry[f"{name}_gain_std"] = mean_std([b - a for a, b in zip(first, last)])
         for key in ("step", "generated_tokens", "seconds_per_step"):
             entry[key if key != "step" else "steps"] = mean_std([points[-1][key] for points in runs.values()])[0]
+        for key in BALANCE:  # over every step of every seed (each evaluation interval weighs alike)
+            values = [p[key] for points in runs.values() for p in points if p.get(key) is not None]
+            entry[key] = mean_std(values)[0] if values else None
         table.append(entry)
     return table
 
 
 def differences(rows: list[dict], methods: list[str]) -> list[dict]:
     """TreeRL (or, without it, the first TreeRL variant) - each other method (the ChainRL baselines,
-    then the ablations): final avg@k and greedy accuracy, mean and bootstrap 95% interval."""
+    then the ablations), and each blame experiment - the method whose advantages it moves (oracle -
+    chainrl-grpo): final avg@k and greedy accuracy, the mean difference with a bootstrap 95%
+    interval (each method's seeds resampled independently) and a Welch t 95% interval."""
 
     def finals(method, key):
         runs = {}
@@ -263,16 +354,20 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
                 runs[r["seed"]] = r[key]  # rows are in step order, so the last one stays
         return list(runs.values())
 
+    pairs = []
     base = "treerl" if "treerl" in methods else next((m for m in methods if m.startswith("treerl")), None)
-    if base is None:
-        return []
+    if base is not None:
+        others = sorted((m for m in methods if m != base), key=lambda m: not m.startswith("chainrl"))
+        pairs += [(base, other) for other in others]
+    pairs += [(m, BLAME_BASELINE[m]) for m in methods if BLAME_BASELINE.get(m) in methods]
     out = []
-    others = sorted((m for m in methods if m != base), key=lambda m: not m.startswith("chainrl"))
-    for other in others:
-        entry = {"comparison": f"{base} - {other}"}
+    for a_method, b_method in pairs:
+        entry = {"comparison": f"{a_method} - {b_method}"}
         for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
-            a, b = finals(base, key), finals(other, key)
+            a, b = finals(a_method, key), finals(b_method, key)
             entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_difference(a, b)
+            if min(len(a), len(b)) > 1:
+                _, entry[f"{name}_t_low"], entry[f"{name}_t_high"] = welch_interval(a, b)
         out.append(entry)
     return out
 
@@ -325,11 +420,12 @@ def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> No
         (axes[1], "greedy_accuracy", "final held-out greedy accuracy"),
     ):
         for method in methods:
-            runs = runs_by_rate(sweep_rows, method)
-            lrs = sorted(runs)
-            [line] = ax.plot(lrs, [runs[lr][-1][key] for lr in lrs], "o-", label=method)
-            if rates.get(method) in runs:
-                ax.plot(rates[method], runs[rates[method]][-1][key], "o", ms=14, mfc="none", color=line.get_color())
+            finals = sweep_finals(sweep_rows, method)
+            lrs = sorted(finals)
+            [line] = ax.plot(lrs, [finals[lr][f"final_{key}"] for lr in lrs], "o-", label=method)
+            if rates.get(method) in finals:
+                chosen = finals[rates[method]][f"final_{key}"]
+                ax.plot(rates[method], chosen, "o", ms=14, mfc="none", color=line.get_color())
         start = sweep_rows[0][key]  # every run starts from the same warm start
         ax.axhline(start, ls=":", color="gray", label="start")
         if key == "greedy_accuracy":
@@ -339,8 +435,8 @@ def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> No
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    seed = sweep_rows[0]["seed"]
-    fig.suptitle(f"Learning-rate sweep (seed {seed}); circled: the rate each method is compared at")
+    seeds = ", ".join(str(seed) for seed in sorted({r["seed"] for r in sweep_rows}))
+    fig.suptitle(f"Learning-rate sweep (mean over seeds {seeds}); circled: the rate each method is compared at")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -385,10 +481,18 @@ def parse_args(argv):
     )
     parser.add_argument("--lrs", default="", help="per-method rates, e.g. treerl=3e-5,chainrl-grpo=1e-5")
     parser.add_argument(
-        "--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seed"
+        "--lr_sweep", default="", help="comma-separated rates to choose from, per method, on --sweep_seeds"
     )
     parser.add_argument(
-        "--sweep_seed", type=int, default=100, help="the seed of the learning-rate sweep (not a comparison seed)"
+        "--sweep_seeds", default="100,101", help="the seeds of the learning-rate sweep (not comparison seeds)"
+    )
+    parser.add_argument(
+        "--kl_coef",
+        type=float,
+        default=0.0,
+        help="KL weight per unit of advantage: each method's k3 KL coefficient is this times its own mean "
+        "|advantage| per (leaf, token) pair at the warm start (0: no KL, the paper's setting; a preset's "
+        "kl_coef is overridden)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="train.py runs at once, each in its own process with one torch thread"
@@ -412,8 +516,11 @@ def parse_args(argv):
         args.lr_sweep = [float(x) for x in args.lr_sweep.split(",") if x]
     except ValueError:
         parser.error(f"--lr_sweep must be comma-separated numbers, got {args.lr_sweep!r}")
-    if args.sweep_seed in args.seeds and args.lr_sweep:
-        parser.error(f"--sweep_seed {args.sweep_seed} is also a comparison seed; choose one outside --seeds")
+    args.sweep_seeds = parse_seeds(parser, args.sweep_seeds)
+    if set(args.sweep_seeds) & set(args.seeds) and args.lr_sweep:
+        parser.error(f"--sweep_seeds {args.sweep_seeds} share a seed with --seeds; choose seeds outside them")
+    if args.kl_coef < 0:
+        parser.error(f"--kl_coef must be >= 0, got {args.kl_coef}")
     if args.quick:
         args.methods, args.seeds, args.budget = ["treerl", "chainrl-grpo"], args.seeds[:1], args.budget // 10
     if args.budget < 1:
@@ -426,6 +533,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, train_args = parse_args(argv)
+    train_args = [*train_args, "--kl_coef", "0"]  # a preset's KL is replaced by each run's own (train_one)
     started = time.perf_counter()
     config = train.parse_config(train_args)
     if config.update.lr_warmup_ratio > 0:  # a share of --steps, which a token budget leaves open-ended
@@ -434,6 +542,12 @@ def main(argv: list[str] | None = None) -> dict:
             "budget (use --lr_warmup_steps)"
         )
     warm_dir = warm_started_policy(args.runs_dir, config.policy, config.task, config.run.seed)
+    # A KL is weighed against the policy gradient, whose size differs by method: each method's
+    # coefficient is --kl_coef times its own mean |advantage| at the warm start (or 0: no KL).
+    args.start_scales = {}
+    if args.kl_coef > 0:
+        args.start_scales = {m: advantage_scale(m, warm_dir, train_args, args.sweep_seeds[0]) for m in args.methods}
+    args.kl_coefs = {m: args.kl_coef * args.start_scales.get(m, 0.0) for m in args.methods}
     out = Path(args.out)
     args.recorded = recorded_runs(out, args, train_args)
     sweep_rows, rows, rates = [], [], dict(args.lrs)
@@ -452,7 +566,12 @@ def main(argv: list[str] | None = None) -> dict:
             "settings": settings(train_args),
             "budget_tokens": args.budget,
             "learning_rates": {m: rates[m] for m in args.methods if m in rates},
-            "lr_sweep": {"rates": args.lr_sweep, "seed": args.sweep_seed, "rows": sweep_rows},
+            "kl": {
+                "per_unit_advantage": args.kl_coef,
+                "coefficients": {m: args.kl_coefs.get(m, 0.0) for m in args.methods},
+                "mean_abs_advantage_at_start": args.start_scales,
+            },
+            "lr_sweep": {"rates": args.lr_sweep, "seeds": args.sweep_seeds, "rows": sweep_rows},
             "seeds": sorted({r["seed"] for r in rows}),
             "summary": summarise(rows, methods),
             "differences": differences(rows, methods),
@@ -470,7 +589,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     to_sweep = [m for m in args.methods if m not in rates] if args.lr_sweep else []
     sweep_jobs = [
-        (m, args.sweep_seed, lr, f"sweep-{m}-lr{lr:g}-seed{args.sweep_seed}") for m in to_sweep for lr in args.lr_sweep
+        (m, seed, lr, f"sweep-{m}-lr{lr:g}-seed{seed}")
+        for seed in args.sweep_seeds
+        for m in to_sweep
+        for lr in args.lr_sweep
     ]
     for points in run_all(sweep_jobs, args, warm_dir, train_args):
         sweep_rows += points

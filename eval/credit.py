@@ -23,7 +23,9 @@ per-token advantages:
     -N1-T4, -L2-N1,  four, two rounds of one fork; no tail guard, a guard of 12 tokens), each at
     -skip0, -skip12  its own cost (tokens per prompt are reported beside every measure);
   * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
-    chains-rloo      tokens treerl-nll generated (per seed, from its mean response length).
+    chains-rloo      tokens treerl-nll generated (per seed, from its mean response length);
+  * chains-oracle,   chains-grpo with each wrong leaf's advantage mass moved onto its first wrong
+    chains-placebo   line, or onto a random line of it (`treerl.relocate_blame`, --blame).
 
 Four measures on the *trained* leaves (forests whose leaves all agree carry no signal and are
 skipped, as in training), each a mean over seeds with a 95% t-interval:
@@ -38,6 +40,12 @@ skipped, as in training), each a mean over seeds with a 95% t-interval:
   * fork_on_slip  trees only: the share of forks in a wrong response that re-sample its first wrong
                   step (the forked token in that step's line, or the newline just before it).
 
+And where the downward push on wrong leaves lands (blame_prefix, blame_slip, blame_after): every
+token of a wrong leaf with a negative advantage pushes its token down with weight -A * w (w the
+loss's aggregation weight, the update's denominator being common to all); the shares of that weight
+on the correct prefix (a cut answer line not yet wrong included), on the first wrong line, and on
+the lines after it (the answer included).
+
 Each (stage, source, seed) is appended to `<out>/credit_points.jsonl` when measured and skipped on a
 re-run. Writes `<out>/credit.json` (every stage measured so far) and `credit.png`; prints a table.
 """
@@ -47,7 +55,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -55,12 +62,22 @@ from pathlib import Path
 
 import torch
 
+import logprobs
 import policy
 import tasks
 import train
 import tree
 import treerl
-from eval.common import machine, markdown_table, mean_std, parse_seeds, warm_start_pool, warm_started_policy, write_json
+from eval.common import (
+    machine,
+    markdown_table,
+    mean_std,
+    parse_seeds,
+    t_interval,
+    warm_start_pool,
+    warm_started_policy,
+    write_json,
+)
 from hf_backend import HFBackend
 
 RELEASE = dict(
@@ -86,9 +103,12 @@ SOURCES = {
     "treerl-skip12": {"skip_last": 12},
     "chains-grpo": {"algo": "chainrl", "advantage": "grpo"},
     "chains-rloo": {"algo": "chainrl", "advantage": "rloo"},
+    "chains-oracle": {"algo": "chainrl", "advantage": "grpo", "blame": "oracle"},
+    "chains-placebo": {"algo": "chainrl", "advantage": "grpo", "blame": "placebo"},
 }
 METRICS = ("auroc", "localisation", "collateral", "fork_on_slip")
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, df)
+BLAME = ("blame_prefix", "blame_slip", "blame_after")  # shares of the downward push on wrong leaves
+PART = {"prefix": "blame_prefix", "answer": "blame_prefix", "first_wrong": "blame_slip", "after": "blame_after"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +149,7 @@ def leaf_truths(forests: list[tree.Node], prompts: list[str], decode) -> Callabl
     def truth(leaf: tree.Node) -> tasks.StepTruth:
         if leaf not in known:
             prompt = prompt_of[id(tree.ancestors(leaf)[0])]
-            known[leaf] = tasks.arith_step_truth(prompt, tree.response_tokens(leaf), decode)
+            known[leaf] = tasks.arith_step_truth(prompt, tree.response_tokens(leaf), decode, leaf.finished)
         return known[leaf]
 
     return truth
@@ -156,19 +176,25 @@ def forks_on_slip(forests: list[tree.Node], truth: Callable[[tree.Node], tasks.S
     return hits, total
 
 
-def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) -> dict[str, float]:
-    """The four measures of one rollout (see the module docstring), and what they were counted on."""
+def score(
+    rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool, aggregation: str = "token"
+) -> dict[str, float]:
+    """The measures of one rollout (see the module docstring), and what they were counted on."""
     aurocs, hits, prefix_tokens, penalised, wrong_leaves = [], [], 0, 0, 0
+    push = dict.fromkeys(BLAME, 0.0)  # the downward weight on wrong leaves, by part
     truth_of = leaf_truths(rollout.forests, prompts, decode)  # shared with forks_on_slip
     for seq in rollout.sequences:
         if seq.reward:
             continue
         wrong_leaves += 1
         truth = truth_of(seq.leaf)
+        weight = logprobs.aggregation_weight(len(seq.response_ids), aggregation)  # the loss's w
         for a, label in zip(seq.advantages, truth.labels):
             if label == "prefix":
                 prefix_tokens += 1
                 penalised += a < 0
+            if a < 0:
+                push[PART[label]] -= a * weight
         if (auroc := leaf_auroc(seq.advantages, truth.labels)) is not None:
             aurocs.append(auroc)
         if (hit := leaf_localisation(seq.advantages, truth)) is not None:
@@ -184,6 +210,8 @@ def score(rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool) ->
         "tokens_per_prompt": rollout.stats["generated_tokens"] / len(prompts),
         "reward": rollout.stats["reward"],
     }
+    total = sum(push.values())
+    result.update({part: weight / total if total else None for part, weight in push.items()})
     if is_tree:
         on, forks = forks_on_slip(rollout.forests, truth_of)
         result["fork_on_slip"] = on / forks if forks else None
@@ -226,11 +254,14 @@ def measure(config: train.Config, args) -> dict[str, list[dict]]:
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers)
+    step_truth = lambda p, r, finished: tasks.arith_step_truth(decode(p), r, decode, finished)  # noqa: E731
+    aggregation = config.update.aggregation
 
     results: dict[str, list[dict]] = {name: [] for name in args.sources}
     progress = policy.progress_bar(None, total=len(args.sources) * len(args.seeds), desc=f"credit ({args.stage})")
     for seed in args.seeds:
-        point = f"{args.stage}|{model_id}|{args.prompts}|{config.rollout.max_new_tokens}"
+        # "truth2": the step truth that judges a cut-off last line as far as it goes, and the blame shares
+        point = f"{args.stage}|{model_id}|{args.prompts}|{config.rollout.max_new_tokens}|truth2"
         keys = {name: f"{point}|{name}|{seed}" for name in [*SOURCES, "chains-equal-tokens"]}
         for name in args.sources:
             if keys[name] not in done:
@@ -246,8 +277,11 @@ def measure(config: train.Config, args) -> dict[str, list[dict]]:
                     cfg.M = done[keys["chains-equal-tokens"]]["M"]
                 cfg.validate()
                 torch.manual_seed(seed)
-                result = treerl.rollout(backend, prompts, golds, task.score, decode, cfg, seed, answer_start)
-                done[keys[name]] = {**score(result, texts, decode, cfg.algo == "treerl"), "M": cfg.M}
+                result = treerl.rollout(
+                    backend, prompts, golds, task.score, decode, cfg, seed, answer_start, step_truth
+                )
+                measured = score(result, texts, decode, cfg.algo == "treerl", aggregation)
+                done[keys[name]] = {**measured, "M": cfg.M}
                 if name == "treerl-nll":  # the same rollout the chains' count comes from
                     done[keys["chains-equal-tokens"]] = {"M": chain_count(result, len(prompts))}
                     fresh.append(keys["chains-equal-tokens"])
@@ -266,15 +300,14 @@ def interval(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "low": None, "high": None, "seeds": 0}
-    mean, sd = mean_std(values)
-    half = T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(values)}
+    mean, low, high = t_interval(values)
+    return {"mean": mean, "low": low, "high": high, "seeds": len(values)}
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {}
     for name, per_seed in results.items():
-        entry = {metric: interval([s[metric] for s in per_seed]) for metric in METRICS}
+        entry = {metric: interval([s[metric] for s in per_seed]) for metric in METRICS + BLAME}
         entry["tokens_per_prompt"] = mean_std([s["tokens_per_prompt"] for s in per_seed])[0]
         entry["M"] = per_seed[0]["M"]
         entry["wrong_leaves_per_seed"] = mean_std([s["wrong_leaves"] for s in per_seed])[0]
@@ -320,15 +353,18 @@ def plot(stages: dict[str, dict], out: Path) -> None:
 
 
 def print_table(stages: dict[str, dict]) -> None:
-    rows = []
-    for stage, summary in stages.items():
-        for name, entry in summary.items():
-            cells = []
-            for metric in METRICS:
-                e = entry[metric]
-                cells.append("n/a" if e["mean"] is None else f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]")
-            rows.append([stage, name, entry["M"], f"{entry['tokens_per_prompt']:.0f}", *cells])
-    print(markdown_table(["stage", "source", "M", "tokens/prompt", *METRICS], rows))
+    for measures in (METRICS, BLAME):
+        rows = []
+        for stage, summary in stages.items():
+            for name, entry in summary.items():
+                cells = []
+                for metric in measures:
+                    e = entry.get(metric)
+                    cells.append(
+                        "n/a" if not e or e["mean"] is None else f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+                    )
+                rows.append([stage, name, entry["M"], f"{entry['tokens_per_prompt']:.0f}", *cells])
+        print(markdown_table(["stage", "source", "M", "tokens/prompt", *measures], rows))
 
 
 def parse_args(argv):

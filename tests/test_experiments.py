@@ -127,6 +127,8 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
         "1",
         "--lr_sweep",
         "1e-5,1e-3",
+        "--sweep_seeds",
+        "100",
         "--jobs",
         "2",
         "--out",
@@ -167,16 +169,18 @@ def test_compare_rl_rejects_bad_flags():
         compare_rl.parse_args(["--lrs", "treerl=fast"])
     with pytest.raises(SystemExit, match="lr_warmup_ratio"):  # a share of steps the budget leaves open
         compare_rl.main(["--lr_warmup_ratio", "0.1"])
-    with pytest.raises(SystemExit):  # the sweep's seed must not be one of the compared seeds
-        compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seed", "1"])
+    with pytest.raises(SystemExit):  # the sweep's seeds must not be compared seeds
+        compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seeds", "100,1"])
+    with pytest.raises(SystemExit):
+        compare_rl.parse_args(["--kl_coef", "-1"])
 
 
 def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy():
     # start: 30% avg@k, 80% greedy. 1e-4 has the best avg@k but loses 10 greedy points; 3e-5 is
     # the best of the rates that keep greedy accuracy within 2 points.
-    def sweep(finals):
+    def sweep(finals, seed=100):
         return [
-            {"method": "treerl", "lr": lr, "accuracy": a, "greedy_accuracy": g}
+            {"method": "treerl", "lr": lr, "seed": seed, "accuracy": a, "greedy_accuracy": g}
             for lr, (avg, greedy) in finals.items()
             for a, g in ((0.30, 0.80), (avg, greedy))
         ]
@@ -184,6 +188,42 @@ def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy():
     assert compare_rl.choose_lr(sweep({1e-5: (0.33, 0.81), 3e-5: (0.36, 0.79), 1e-4: (0.40, 0.70)}), "treerl") == 3e-5
     # None keeps it: the rate that loses the least.
     assert compare_rl.choose_lr(sweep({1e-5: (0.33, 0.60), 3e-5: (0.36, 0.50)}), "treerl") == 1e-5
+    # Two sweep seeds: the choice is made on their means. 3e-5 wins seed 100 but loses on the mean.
+    two = sweep({1e-5: (0.34, 0.80), 3e-5: (0.36, 0.80)}) + sweep({1e-5: (0.36, 0.80), 3e-5: (0.32, 0.80)}, seed=101)
+    assert compare_rl.choose_lr(two, "treerl") == 1e-5
+
+
+def test_compare_rl_balances_a_kl_by_each_methods_advantage_and_logs_the_balance(tmp_path, coin_verifier):
+    """--kl_coef c: each method's coefficient is c times its own mean |advantage| at the warm start,
+    the one its runs train with; every evaluation point after the start carries the update's
+    balance, and oracle blame is compared with the GRPO chains it moves."""
+    argv = ["--methods", "chainrl-grpo,oracle", "--seeds", "0,1", "--budget", "150", "--eval_every", "1"]
+    argv += ["--kl_coef", "0.5", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")]
+    result = compare_rl.main([*argv, "--prompts_per_step", "3", *TINY])
+    kl = result["kl"]
+    assert kl["per_unit_advantage"] == 0.5 and result["settings"]["kl_coef"] == 0.0
+    for method in ("chainrl-grpo", "oracle"):
+        scale = kl["mean_abs_advantage_at_start"][method]
+        assert 0 < scale < 3 and kl["coefficients"][method] == pytest.approx(0.5 * scale)
+        run = json.loads((tmp_path / "runs" / f"{method}-seed0" / "config.json").read_text())
+        assert run["kl_coef"] == pytest.approx(kl["coefficients"][method])
+        points = [r for r in result["rows"] if r["method"] == method]
+        assert all(points[0][key] is None for key in compare_rl.BALANCE)  # the start: no step yet
+        assert all(p["mean_abs_advantage"] >= 0 for p in points[1:])
+        updated = [p for p in points[1:] if p["pg_grad_norm"] is not None]  # a step may have no signal
+        assert updated and all(p["pg_grad_norm"] > 0 and p["kl_grad_norm"] >= 0 for p in updated)
+    assert [d["comparison"] for d in result["differences"]] == ["oracle - chainrl-grpo"]
+    [difference] = result["differences"]
+    assert difference["accuracy_t_low"] <= difference["accuracy"] <= difference["accuracy_t_high"]
+
+
+def test_welch_interval():
+    from eval.common import welch_interval
+
+    mean, low, high = welch_interval([1.0, 2.0, 3.0, 4.0, 5.0], [0.0] * 5)
+    # se = sqrt(2.5 / 5); all the variance on one side gives 4 degrees of freedom: t = 2.776
+    assert mean == 3.0 and high - mean == pytest.approx(2.776 * (2.5 / 5) ** 0.5) and low == pytest.approx(6 - high)
+    assert welch_interval([0.5, 0.5], [0.4, 0.4]) == pytest.approx((0.1, 0.1, 0.1))
 
 
 def test_bootstrap_difference():
@@ -390,6 +430,29 @@ def test_forks_on_slip_count_the_forks_that_resample_the_first_wrong_step():
     assert credit.forks_on_slip([root], credit.leaf_truths([root], [prompt], decode)) == (1, 2)
 
 
+def test_blame_shares_split_the_downward_push_on_wrong_leaves_by_part():
+    """A right and a wrong chain with GRPO advantages: a chain pushes every token of its wrong leaf
+    down alike, so the shares are the parts' token counts; with oracle blame all of it is on the slip."""
+    import random
+
+    tokenizer = build_char_tokenizer()
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = "Compute 4+7-2.\n"  # 4+7=11, 11-2=9
+    root = tree.Node(encode(prompt))
+    root.add(encode("4+7=11\n11-2=9\nAnswer: 9"), finished=True).reward = 1.0
+    root.add(encode("4+7=11\n11-2=8\nAnswer: 8"), finished=True).reward = 0.0  # prefix 7, slip 7, after 9
+    sequences = tree.to_sequences(root, tree.chain_advantages(root, "grpo"))
+    stats = {"generated_tokens": 46, "reward": 0.5}
+    shares = credit.score(treerl.Rollout(sequences, [root], stats), [prompt], decode, is_tree=False)
+    assert shares["blame_prefix"] == pytest.approx(7 / 23) and shares["blame_slip"] == pytest.approx(7 / 23)
+    assert shares["blame_after"] == pytest.approx(9 / 23)
+    truth = lambda p, r, finished: tasks.arith_step_truth(decode(p), r, decode, finished)  # noqa: E731
+    moved, _ = treerl.relocate_blame(sequences, truth, "oracle", random.Random(0))
+    oracle = credit.score(treerl.Rollout(moved, [root], stats), [prompt], decode, is_tree=False)
+    assert (oracle["blame_prefix"], oracle["blame_slip"], oracle["blame_after"]) == (0.0, 1.0, 0.0)
+
+
 def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_verifier, monkeypatch):
     argv = ["--quick", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), *TINY]
     result = credit.main(argv)
@@ -397,7 +460,7 @@ def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_v
     assert set(sources) == set(credit.SOURCES)
     assert sources["chains-grpo"]["M"] >= 2 and sources["treerl-nll"]["M"] == 4
     for entry in sources.values():
-        for metric in ("localisation", "fork_on_slip"):
+        for metric in ("localisation", "fork_on_slip", *credit.BLAME):
             mean = entry[metric]["mean"]
             assert mean is None or 0.0 <= mean <= 1.0
     assert (tmp_path / "out" / "credit.png").stat().st_size > 0

@@ -410,3 +410,34 @@ def test_one_step_update_is_reinforce_on_the_token_advantages(model, tokenizer):
         assert stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
         for p, q in zip(trained.parameters(), expected.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", [treerl.FlatLayout, packing.TreeLayout])
+def test_gradient_parts_split_the_step_without_changing_it(model, tokenizer, layout):
+    """--log_grad_parts: the KL term's gradient norm grows with its coefficient, the policy
+    gradient's norm is the one of the same step without a KL, and the step itself is unchanged."""
+    sequences = random_sequences(4, keep=5, truncated_penalty=-1.0)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+
+    def step(kl_coef, parts):
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        cfg = UpdateConfig(micro_batch_size=4, kl_coef=kl_coef, log_grad_parts=parts)
+        pad = tokenizer.pad_token_id
+        stats = treerl.update(trained, optimizer, None, sequences, cfg, pad, ref_model=reference, layout=layout)
+        return stats, list(trained.parameters())
+
+    no_kl, _ = step(0.0, True)
+    assert no_kl["kl_grad_norm"] == 0.0 and no_kl["pg_grad_norm"] == pytest.approx(no_kl["grad_norm"], rel=1e-5)
+    logged, logged_params = step(0.05, True)
+    plain, plain_params = step(0.05, False)
+    assert "kl_grad_norm" not in plain
+    for p, q in zip(logged_params, plain_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert logged["pg_grad_norm"] == pytest.approx(no_kl["pg_grad_norm"], rel=1e-4)
+    doubled, _ = step(0.1, True)
+    assert logged["kl_grad_norm"] > 0
+    assert doubled["kl_grad_norm"] == pytest.approx(2 * logged["kl_grad_norm"], rel=1e-4)

@@ -242,10 +242,27 @@ STEP_PROMPT = "Compute 4+7-2+5.\n"  # 4+7=11, 11-2=9, 9+5=14
         ("4+7=11\n11-2=", ["prefix", "prefix"]),  # cut off mid-step: nothing wrong yet
         ("4+7=11\n11-2=8", ["prefix", "first_wrong"]),  # cut off after a slip
         ("4+7=11\n12-2=10", ["prefix", "first_wrong"]),  # built on a wrong left side
+        ("4+7=11\n11-2=9\n9+5=14\nAnswer: 1", ["prefix", "prefix", "prefix", "answer"]),  # cut in the answer
+        ("4+7=11\n11-2=9\n9+5=14\n", ["prefix", "prefix", "prefix", "answer"]),  # cut after a final newline
+        ("4+7=11\n", ["prefix", "prefix"]),  # cut after the first step's newline
+        ("4+7=11\n11-2=9\n9+5=14\n9+", ["prefix", "prefix", "prefix", "first_wrong"]),  # a step too many
     ],
 )
 def test_line_labels_find_the_first_wrong_step(response, expected):
     assert tasks.line_labels(STEP_PROMPT, response) == expected
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("4+7=11\n11-2=9\n9+5=14\nAnswer: 14", ["prefix", "prefix", "prefix", "answer"]),
+        ("4+7=11\n11-2=9\n9+5=14\nAnswer: 1", ["prefix", "prefix", "prefix", "first_wrong"]),  # ended short
+        ("4+7=11\n11-2=", ["prefix", "first_wrong"]),  # ended mid-step
+        ("4+7=11\n11-2=9\n9+5=14\n", ["prefix", "prefix", "prefix", "first_wrong"]),  # ended with no answer
+    ],
+)
+def test_the_last_line_of_a_finished_response_is_judged_whole(response, expected):
+    assert tasks.line_labels(STEP_PROMPT, response, finished=True) == expected
 
 
 def test_step_truth_labels_every_token_eos_included():

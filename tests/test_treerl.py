@@ -206,3 +206,74 @@ def test_optimizer_settings_and_warm_up():
         UpdateConfig(lr_warmup_steps=4, lr_warmup_ratio=0.05).validate()
     optimizer, _ = treerl.optimizer_for(model, UpdateConfig(lr=1.0), steps=100)
     assert optimizer.param_groups[0]["lr"] == 1.0 and optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle blame (--blame): an experiment on the arithmetic task
+# --------------------------------------------------------------------------------------------------
+
+BLAME_PROMPT = "Compute 4+7-2+5.\n"  # 4+7=11, 11-2=9, 9+5=14
+
+
+def blame_leaves():
+    """Hand-built leaves with GRPO-like advantages, and the task's step truth over a char tokenizer."""
+    import policy
+    import tasks
+
+    tokenizer = policy.build_char_tokenizer()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    prompt = encode(BLAME_PROMPT)
+
+    def leaf(text, reward, advantage, finished=True):
+        ids = encode(text) + ([tokenizer.eos_token_id] if finished else [])
+        return tree.TrainSequence(prompt, ids, [0.0] * len(ids), [advantage] * len(ids), reward, finished, None)
+
+    leaves = [
+        leaf("4+7=11\n11-2=9\n9+5=14\nAnswer: 14", 1.0, 0.9),  # right
+        leaf("4+7=11\n11-2=8\n8+5=13\nAnswer: 13", 0.0, -0.6),  # slips at line 1
+        leaf("4+7=11\n11-2=", 0.0, -0.6, finished=False),  # cut off before anything went wrong
+        leaf("4+7=12\n12-2=10\n10+5=15\nAnswer: 15", 0.0, -0.6),  # slips at line 0
+    ]
+    truth = lambda p, r, finished: tasks.arith_step_truth(decode(p), r, decode, finished)  # noqa: E731
+    return leaves, truth
+
+
+def test_oracle_blame_puts_a_wrong_leafs_mass_on_its_first_wrong_line_only():
+    import random
+
+    leaves, truth = blame_leaves()
+    moved, count = treerl.relocate_blame(leaves, truth, "oracle", random.Random(0))
+    assert count == 2
+    for before, after in zip(leaves, moved):
+        assert sum(after.advantages) == pytest.approx(sum(before.advantages))  # the mass is kept
+    # The right leaf and the cut-off one keep their advantages as they were.
+    assert moved[0].advantages == leaves[0].advantages and moved[2].advantages == leaves[2].advantages
+    for k, wrong_line in ((1, 1), (3, 0)):
+        lines = truth(leaves[k].prompt_ids, leaves[k].response_ids, True).lines
+        on = [a for a, line in zip(moved[k].advantages, lines) if line == wrong_line]
+        off = [a for a, line in zip(moved[k].advantages, lines) if line != wrong_line]
+        assert set(off) == {0.0} and len(set(on)) == 1
+        assert on[0] == pytest.approx(-0.6 * len(lines) / len(on))
+
+
+def test_placebo_blame_puts_the_same_mass_on_one_line_drawn_at_random():
+    import random
+
+    leaves, truth = blame_leaves()
+    lines = truth(leaves[1].prompt_ids, leaves[1].response_ids, True).lines
+    chosen = set()
+    for seed in range(40):
+        moved, count = treerl.relocate_blame(leaves, truth, "placebo", random.Random(seed))
+        assert count == 2 and moved[0].advantages == leaves[0].advantages
+        assert sum(moved[1].advantages) == pytest.approx(sum(leaves[1].advantages))
+        target = {line for a, line in zip(moved[1].advantages, lines) if a != 0.0}
+        assert len(target) == 1
+        chosen |= target
+    assert chosen == set(lines)  # every line of the leaf can take the blame
+
+
+def test_blame_needs_a_step_truth():
+    cfg = RolloutConfig(algo="chainrl", blame="oracle")
+    with pytest.raises(ValueError, match="--blame oracle needs a task"):
+        treerl.rollout(None, [[1]], [0], None, None, cfg)
