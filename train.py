@@ -215,9 +215,8 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
     with run.memory.phase("rollout"):
-        result = treerl.rollout(
-            run.backend, prompts, golds, run.task.score, run.decode, rcfg, seed, answer_start, step_truth
-        )
+        where = dict(seed=seed, answer_start=answer_start, step_truth=step_truth)
+        result = treerl.rollout(run.backend, prompts, golds, run.task.score, run.decode, rcfg, **where)
     rollout_peak, t0 = gpu_peak.read(), time.perf_counter()
     if hasattr(run.backend, "sleep"):  # vLLM on a GPU: hand the engine's memory to the update
         run.backend.sleep()

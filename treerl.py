@@ -27,7 +27,6 @@ with the same two methods plugs in. `update` takes a batch layout: one row per l
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import time
@@ -38,6 +37,7 @@ from typing import Literal, Protocol
 import torch
 
 import logprobs
+import probes
 import release
 import tree
 from settings import arg, check_choices
@@ -193,12 +193,12 @@ def rollout(
     cfg: RolloutConfig,
     seed: int = 0,
     answer_start: tree.AnswerStartFn | None = None,
-    step_truth: StepTruthFn | None = None,
+    step_truth: probes.StepTruthFn | None = None,
 ) -> Rollout:
     """Sample forests (or chains) for a batch of prompts, score the leaves, compute advantages.
 
     score(responses, golds) -> rewards in [0, 1] (a batch call, so verifiers can run in parallel).
-    step_truth: where each response goes wrong, for `cfg.blame` (the experiment below `rollout`).
+    step_truth: where each response goes wrong, for `cfg.blame` (an experiment: probes.py).
     """
     if cfg.blame != "none" and step_truth is None:
         raise ValueError(f"--blame {cfg.blame} needs a task that knows its steps' truth (--task arith)")
@@ -237,7 +237,7 @@ def rollout(
         sequences += forest_sequences(root, cfg, _rng(seed, k))
     blamed = 0
     if cfg.blame != "none":
-        sequences, blamed = relocate_blame(sequences, step_truth, cfg.blame, _rng(seed, len(forests)))
+        sequences, blamed = probes.relocate_blame(sequences, step_truth, cfg.blame, _rng(seed, len(forests)))
 
     leaf_rewards = [leaf.reward for _, leaf in all_leaves]
     n_leaves = len(all_leaves)
@@ -271,46 +271,6 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
     else:
         advantages = tree.chain_advantages(root, cfg.advantage, cfg.clamp_advantages)
     return tree.to_sequences(root, advantages, truncated_penalty=cfg.penalty, chosen=chosen)
-
-
-# --------------------------------------------------------------------------------------------------
-# Oracle blame: an experiment, not part of TreeRL (eval/compare_rl.py)
-# --------------------------------------------------------------------------------------------------
-# What would perfect credit assignment buy? The arithmetic task knows the first wrong line of a
-# wrong response (tasks.arith_step_truth). `--blame oracle` takes each wrong leaf that has one and
-# puts its whole advantage mass (its per-token advantages summed) on that line's tokens, 0 on every
-# other token; every other leaf (right, or cut off before anything went wrong) keeps its advantages.
-# The mass is the method's own, so the comparison with that method is one of *where* the push goes,
-# not how hard. `--blame placebo` puts the same mass on a line of the same leaf drawn at random: it
-# tells "the right place" from "concentrated in one place". Both apply to chains or forests alike.
-
-
-class StepTruthFn(Protocol):
-    """Per token of a response: the line it belongs to (`lines`), and the first wrong line
-    (`first_wrong_line`, None if nothing is wrong yet); tasks.Task.step_truth, its prompt's text
-    and the decoder bound."""
-
-    def __call__(self, prompt_ids: list[int], response_ids: list[int], finished: bool): ...
-
-
-def relocate_blame(
-    sequences: list[tree.TrainSequence], step_truth: StepTruthFn, kind: str, rng: random.Random
-) -> tuple[list[tree.TrainSequence], int]:
-    """The sequences with the advantage mass of every wrong leaf that has a wrong line moved onto
-    its first wrong line (kind "oracle") or one of its lines drawn with `rng` ("placebo"); and how
-    many leaves were moved."""
-    moved, count = [], 0
-    for seq in sequences:
-        truth = step_truth(seq.prompt_ids, seq.response_ids, seq.finished) if seq.reward == 0 else None
-        if truth is None or truth.first_wrong_line is None:
-            moved.append(seq)
-            continue
-        target = truth.first_wrong_line if kind == "oracle" else rng.choice(sorted(set(truth.lines)))
-        share = sum(seq.advantages) / truth.lines.count(target)
-        advantages = [share if line == target else 0.0 for line in truth.lines]
-        moved.append(dataclasses.replace(seq, advantages=advantages))
-        count += 1
-    return moved, count
 
 
 def chain_leaves(root: tree.Node) -> list[tree.Node]:
@@ -559,28 +519,6 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
-def add_kl_gradient(kl_grad, model, logp, ref_logp, batch, scale: float) -> list[torch.Tensor]:
-    """`kl_grad` (None at first) plus the gradient of this micro-batch's KL term alone, the one
-    policy_loss adds: scale * sum of w * k3(logp, ref); the graph is kept for the loss's backward."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    term = scale * (k3_kl(logp, ref_logp) * batch.weight).sum()
-    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return grads if kl_grad is None else [a + g for a, g in zip(kl_grad, grads)]
-
-
-def gradient_parts(model, kl_grad: list[torch.Tensor] | None) -> dict[str, float]:
-    """Norms of the accumulated gradient's two parts, before clipping: the policy gradient's
-    (pg_grad_norm) and the KL term's (kl_grad_norm, 0 without a KL)."""
-    total = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters() if p.requires_grad]
-    kl_grad = kl_grad or [torch.zeros_like(g) for g in total]
-
-    def norm(grads):
-        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-
-    return {"pg_grad_norm": norm([t - k for t, k in zip(total, kl_grad)]), "kl_grad_norm": norm(kl_grad)}
-
-
 def one_step_per_rollout(cfg: UpdateConfig, leaves: int) -> bool:
     """Whether the update takes a single optimizer step on the rollout (one epoch, one mini-batch):
     then the policy that sampled is the one being differentiated, and the ratio is exactly 1."""
@@ -654,7 +592,8 @@ def update(
                 ref = None if ref_logp is None else padded(ref_logp, ids)
                 loss, stats = policy_loss(logp, old, b, denominator, cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
                 if cfg.log_grad_parts and ref is not None:
-                    kl_grad = add_kl_gradient(kl_grad, model, logp, ref, b, cfg.kl_coef / max(denominator, 1.0))
+                    term = cfg.kl_coef * (k3_kl(logp, ref) * b.weight).sum() / max(denominator, 1.0)
+                    kl_grad = probes.add_kl_gradient(kl_grad, model, term)
                 loss.backward()
                 # The micro-batch losses add up to the mini-batch's; its means weigh by its share of tokens.
                 share = sum(units.tokens[k] for k in ids) / max(tokens, 1)
@@ -662,7 +601,7 @@ def update(
                 for key in ("clip_frac", "kl", "ratio"):
                     sums[key] += stats[key] * share
             if cfg.log_grad_parts:  # how hard each term pulls: the KL's pull against the policy gradient's
-                sums.update(gradient_parts(model, kl_grad))
+                sums.update(probes.gradient_parts(model, kl_grad))
             sums["grad_norm"] = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value

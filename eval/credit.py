@@ -25,7 +25,7 @@ per-token advantages:
   * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
     chains-rloo      tokens treerl-nll generated (per seed, from its mean response length);
   * chains-oracle,   chains-grpo with each wrong leaf's advantage mass moved onto its first wrong
-    chains-placebo   line, or onto a random line of it (`treerl.relocate_blame`, --blame).
+    chains-placebo   line, or onto a random line of it (`probes.relocate_blame`, --blame).
 
 Four measures on the *trained* leaves (forests whose leaves all agree carry no signal and are
 skipped, as in training), each a mean over seeds with a 95% t-interval:

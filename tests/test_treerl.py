@@ -10,6 +10,7 @@ from conftest import EOS, PAD  # the tiny_model fixture is there too
 
 import hf_backend
 import logprobs
+import probes
 import tree
 import treerl
 from hf_backend import HFBackend
@@ -243,7 +244,7 @@ def test_oracle_blame_puts_a_wrong_leafs_mass_on_its_first_wrong_line_only():
     import random
 
     leaves, truth = blame_leaves()
-    moved, count = treerl.relocate_blame(leaves, truth, "oracle", random.Random(0))
+    moved, count = probes.relocate_blame(leaves, truth, "oracle", random.Random(0))
     assert count == 2
     for before, after in zip(leaves, moved):
         assert sum(after.advantages) == pytest.approx(sum(before.advantages))  # the mass is kept
@@ -264,7 +265,7 @@ def test_placebo_blame_puts_the_same_mass_on_one_line_drawn_at_random():
     lines = truth(leaves[1].prompt_ids, leaves[1].response_ids, True).lines
     chosen = set()
     for seed in range(40):
-        moved, count = treerl.relocate_blame(leaves, truth, "placebo", random.Random(seed))
+        moved, count = probes.relocate_blame(leaves, truth, "placebo", random.Random(seed))
         assert count == 2 and moved[0].advantages == leaves[0].advantages
         assert sum(moved[1].advantages) == pytest.approx(sum(leaves[1].advantages))
         target = {line for a, line in zip(moved[1].advantages, lines) if a != 0.0}
