@@ -78,12 +78,12 @@ def test_rss_peaks_record_each_phase_and_keep_the_largest():
     if not peaks.available:
         pytest.skip("peak memory per phase is read from /proc (Linux)")
     with peaks.phase("big"):
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched: well above what other threads move
         time.sleep(0.2)  # held long enough to be seen where the high-water mark is above it
         del block
     with peaks.phase("small"):
         pass
-    assert peaks.last["big"] >= peaks.last["small"] + 0.05
+    assert peaks.last["big"] >= peaks.last["small"] + 0.2, peaks.last
     with peaks.phase("big"):
         pass
     assert peaks.by_phase["big"] > peaks.last["big"]  # the largest over the run is kept
