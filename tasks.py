@@ -445,6 +445,16 @@ def line_labels(prompt: str, response: str, finished: bool = False) -> list[str]
     return labels
 
 
+def step_truth_on_ids(task: Task, decode: Callable[[list[int]], str]):
+    """`task.step_truth` as treerl.rollout takes it (probes.StepTruthFn: prompt and response token
+    ids, and whether the response finished), or None for a task whose steps' truth is unknown."""
+    if task.step_truth is None:
+        return None
+    return lambda prompt_ids, response_ids, finished: task.step_truth(
+        decode(prompt_ids), response_ids, decode, finished
+    )
+
+
 def arith_step_truth(
     prompt: str, response_ids: list[int], decode: Callable[[list[int]], str], finished: bool = False
 ) -> StepTruth:

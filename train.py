@@ -209,9 +209,7 @@ def rl_step(run: Run, state: State, step: int) -> dict:
     prompts = [run.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
     markers = run.task.answer_markers  # EPTree never forks inside the final answer
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
-    step_truth = None  # for the --blame experiment: the task's truth of each response's lines
-    if run.task.step_truth is not None:
-        step_truth = lambda p, r, finished: run.task.step_truth(run.decode(p), r, run.decode, finished)  # noqa: E731
+    step_truth = tasks.step_truth_on_ids(run.task, run.decode)  # for the --blame experiment
     gpu_peak = policy.GpuPeak(run.device)
     golds = [e.gold for e in examples]
     with run.memory.phase("rollout"):

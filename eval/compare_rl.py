@@ -223,9 +223,7 @@ def advantage_scale(method: str, warm_dir: Path, train_args: list[str], seed: in
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers) if task.answer_markers else None
-    step_truth = None
-    if task.step_truth is not None:
-        step_truth = lambda p, r, finished: task.step_truth(decode(p), r, decode, finished)  # noqa: E731
+    step_truth = tasks.step_truth_on_ids(task, decode)
     total = pairs = 0.0
     for step in range(1, batches + 1):
         step_seed = seed * 1_000_003 + step

@@ -254,7 +254,7 @@ def measure(config: train.Config, args) -> dict[str, list[dict]]:
     backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, config.run.gen_batch_size)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     answer_start = treerl.answer_start_fn(decode, task.answer_markers)
-    step_truth = lambda p, r, finished: tasks.arith_step_truth(decode(p), r, decode, finished)  # noqa: E731
+    step_truth = tasks.step_truth_on_ids(task, decode)
     aggregation = config.update.aggregation
 
     results: dict[str, list[dict]] = {name: [] for name in args.sources}
