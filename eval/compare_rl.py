@@ -33,15 +33,15 @@ four rollouts of the warm start; the coefficients are recorded. Every run logs, 
 (--log_grad_parts); each evaluation point carries their means over the steps before it.
 
 The learning rate is chosen, not inherited, by one rule for every method: `--lr_sweep` first trains
-every method once per rate on each of `--sweep_seeds` (seeds the comparison does not use) and keeps,
-per method, the rate with the best final avg@k, mean over the sweep's seeds, among those that do not
-lose greedy accuracy (final greedy >= start greedy - 2 points; if none, the rate that loses the
-least greedy accuracy). `--lrs method=rate,...` sets rates by hand; otherwise `--lr` is used
-(default: the preset's, else train.py's).
+every method once per rate on each of `--sweep_seeds` (seeds the comparison does not use; these
+runs are evaluated only before and after training) and keeps, per method, the rate with the best
+final avg@k, mean over the sweep's seeds, among those that do not lose greedy accuracy (final
+greedy >= start greedy - 2 points; if none, the rate that loses the least greedy accuracy). `--lrs
+method=rate,...` sets rates by hand; otherwise `--lr` is used (default: the preset's, else train.py's).
 
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
-and checkpoints at every evaluation, so an interrupted run resumes from its last one); re-running
-the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
+and a checkpoint every --eval_every steps, so an interrupted run resumes from its last one);
+re-running the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
 Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out
 problems for every run. The summary gives, per method, start and final accuracy (mean ± sd over
 seeds) and the balance fields above; the differences are TreeRL - each other method, and oracle or
@@ -127,9 +127,17 @@ def recorded_runs(out: Path, args, train_args: list[str]) -> dict[tuple, list[di
 
 
 def train_one(
-    method: str, seed: int, lr: float, args, warm_dir: Path, train_args: list[str], run_name: str | None = None
+    method: str,
+    seed: int,
+    lr: float,
+    args,
+    warm_dir: Path,
+    train_args: list[str],
+    run_name: str | None = None,
+    eval_every: int | None = None,
 ) -> list[dict]:
-    """One train.py run from the warm start; returns its evaluation points. A run already recorded
+    """One train.py run from the warm start; returns its evaluation points (every `eval_every` steps,
+    default --eval_every; 0: only before and after training). A run already recorded
     in the results, or finished in its folder, with the same train.py command is read back
     instead of trained again; an unfinished one resumes from its last checkpoint, and one made with
     other settings is started afresh."""
@@ -157,7 +165,7 @@ def train_one(
         "--max_generated_tokens",
         str(args.budget),
         "--eval_every",
-        str(args.eval_every),
+        str(args.eval_every if eval_every is None else eval_every),
         "--save_every",
         str(args.eval_every),
         "--save_trees",
@@ -283,12 +291,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run_all(jobs: list[tuple], args, warm_dir: Path, train_args: list[str]):
+def run_all(jobs: list[tuple], args, warm_dir: Path, train_args: list[str], eval_every: int | None = None):
     """Yield each job's evaluation points, (method, seed, lr, run_name) per job, as runs finish:
     one after another, or `--jobs` at once in worker processes with one torch thread each."""
     if args.jobs == 1:
         for method, seed, lr, run_name in jobs:
-            yield train_one(method, seed, lr, args, warm_dir, train_args, run_name)
+            yield train_one(method, seed, lr, args, warm_dir, train_args, run_name, eval_every)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -297,7 +305,7 @@ def run_all(jobs: list[tuple], args, warm_dir: Path, train_args: list[str]):
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
     ) as pool:
         futures = [
-            pool.submit(train_one, method, seed, lr, args, warm_dir, train_args, run_name)
+            pool.submit(train_one, method, seed, lr, args, warm_dir, train_args, run_name, eval_every)
             for method, seed, lr, run_name in jobs
         ]
         for future in as_completed(futures):
@@ -592,7 +600,9 @@ def main(argv: list[str] | None = None) -> dict:
         for m in to_sweep
         for lr in args.lr_sweep
     ]
-    for points in run_all(sweep_jobs, args, warm_dir, train_args):
+    # The sweep's rule reads only the final accuracy: its runs evaluate before and after training
+    # (an evaluation of 500 problems x 4 samples costs several steps' worth of generation).
+    for points in run_all(sweep_jobs, args, warm_dir, train_args, eval_every=0):
         sweep_rows += points
         save()
     rates.update({m: choose_lr(sweep_rows, m) for m in to_sweep})

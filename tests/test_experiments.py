@@ -123,7 +123,7 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
         "--seeds",
         "0",
         "--budget",
-        "200",
+        "3000",
         "--eval_every",
         "1",
         "--lr_sweep",
@@ -148,6 +148,14 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
     assert result["learning_rates"] == {m: compare_rl.choose_lr(sweep, m) for m in ("treerl", "chainrl-grpo")}
     assert {t["method"]: t["lr"] for t in result["summary"]} == result["learning_rates"]
     assert (tmp_path / "out" / "compare_rl_sweep.png").stat().st_size > 0
+    # The sweep's rule reads final accuracies only: its runs are evaluated before and after training,
+    # the comparison's every --eval_every steps.
+    sweep_steps = {compare_rl.run_key(r): [] for r in sweep}
+    for r in sweep:
+        sweep_steps[compare_rl.run_key(r)].append(r["step"])
+    assert all(steps[0] == 0 and len(steps) == 2 for steps in sweep_steps.values())
+    assert max(steps[-1] for steps in sweep_steps.values()) > 1
+    assert [r["step"] for r in result["rows"] if r["method"] == "treerl"][:3] == [0, 1, 2]
     # The results file is the record: with the run folders gone, nothing is trained again.
     monkeypatch.setattr(compare_rl.train, "main", lambda argv: pytest.fail("trained again"))
     import shutil
