@@ -198,15 +198,20 @@ def loop(run: Run, state: State) -> None:
     progress.close()
 
 
+def step_prompts(task, tokenizer, run_seed: int, step: int, count: int) -> tuple[int, list, list[list[int]]]:
+    """Step `step`'s seed, its `count` training examples and their prompt token ids. They depend only
+    on (run seed, step), so a resumed run draws what the interrupted one would have drawn."""
+    seed = run_seed * 1_000_003 + step
+    examples = [task.train[i] for i in random.Random(seed).sample(range(len(task.train)), count)]
+    return seed, examples, [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+
+
 def rl_step(run: Run, state: State, step: int) -> dict:
     """One step: grow and score forests for a batch of prompts (treerl.rollout), update the policy
     (treerl.update) and give the rollout engine the new weights; returns the step's metrics."""
     cfg, rcfg, ucfg = run.config.run, run.config.rollout, run.config.update
-    # Each step's prompts and sampling noise depend only on (seed, step): resume-safe.
-    seed = cfg.seed * 1_000_003 + step
-    torch.manual_seed(seed)
-    examples = [run.task.train[i] for i in random.Random(seed).sample(range(len(run.task.train)), cfg.prompts_per_step)]
-    prompts = [run.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+    seed, examples, prompts = step_prompts(run.task, run.tokenizer, cfg.seed, step, cfg.prompts_per_step)
+    torch.manual_seed(seed)  # the step's sampling noise, like its prompts, depends only on (seed, step)
     markers = run.task.answer_markers  # EPTree never forks inside the final answer
     answer_start = treerl.answer_start_fn(run.decode, markers) if markers else None
     step_truth = tasks.step_truth_on_ids(run.task, run.decode)  # for the --blame experiment

@@ -234,11 +234,8 @@ def advantage_scale(method: str, warm_dir: Path, train_args: list[str], seed: in
     step_truth = tasks.step_truth_on_ids(task, decode)
     total = pairs = 0.0
     for step in range(1, batches + 1):
-        step_seed = seed * 1_000_003 + step
+        step_seed, examples, prompts = train.step_prompts(task, tokenizer, seed, step, config.run.prompts_per_step)
         torch.manual_seed(step_seed)
-        drawn = random.Random(step_seed).sample(range(len(task.train)), config.run.prompts_per_step)
-        examples = [task.train[i] for i in drawn]
-        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
         result = treerl.rollout(
             backend, prompts, [e.gold for e in examples], task.score, decode, config.rollout, step_seed,
             answer_start, step_truth,
