@@ -47,10 +47,14 @@ problems for every run. The summary gives, per method, start and final accuracy 
 seeds) and the balance fields above; the differences are TreeRL - each other method, and oracle or
 placebo - chainrl-grpo, of the final accuracies: the mean with a bootstrap 95% interval over seeds
 (each method's seeds resampled independently) and a Welch t 95% interval. A difference is resolved
-when its interval excludes 0. Writes <out>/compare_rl.json (one row per evaluation point: method,
-seed, generated_tokens, accuracy, greedy_accuracy, the balance fields, run_seconds; run_seconds is
-also summed per experiment: the cost of the runs however many invocations they took, where
-wall_seconds is the last invocation's), a PNG of accuracy against generated tokens (mean over
+when its interval excludes 0. The same comparison is read a second time at equal responses trained
+on (`at_equal_trained_sequences`: each run's accuracy where the run that trained on the fewest
+responses stopped, interpolated between evaluations), since a tree's leaves share their prefixes
+and so, at equal generated tokens, TreeRL trains on more responses than chains do. Writes
+<out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
+trained_sequences, accuracy, greedy_accuracy, the balance fields, run_seconds; run_seconds is also
+summed per experiment: the cost of the runs however many invocations they took, where wall_seconds
+is the last invocation's), a PNG of accuracy against generated tokens (mean over
 seeds, band = ± sd) and, after a sweep, <out>/compare_rl_sweep.png (final accuracy against the
 rate), and prints Markdown tables. Unknown flags go to every train.py run.
 """
@@ -64,6 +68,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import run_folder
 import train
@@ -189,9 +195,11 @@ def train_one(
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
     run_seconds = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]  # summed over resumes
     points, since = [], []  # since: the steps after the evaluation before
+    trained = 0  # responses trained on so far (a step's leaves, less those of groups without signal)
     for m in metrics:
         if m["step"] > 0 and "time_rollout" in m:
             since.append(m)
+            trained += m["sequences"]
         if "eval_sampled" not in m:
             continue
         point = {
@@ -200,6 +208,7 @@ def train_one(
             "lr": lr,
             "step": m["step"],
             "generated_tokens": m.get("generated_tokens_total", 0),
+            "trained_sequences": trained,
             "accuracy": m["eval_sampled"],
             "greedy_accuracy": m["eval_greedy"],
             "seconds_per_step": seconds / max(len(steps), 1),
@@ -375,12 +384,38 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def at_equal(rows: list[dict], methods: list[str], axis: str) -> dict | None:
+    """A second reading of the comparison at an equal amount of `axis` (e.g. "trained_sequences")
+    instead of equal generated tokens: every run's avg@k and greedy accuracy at the least final
+    `axis` of any run, interpolated linearly between its evaluations, then summarised and compared as
+    the final accuracies are. None where a row lacks the field (runs recorded before it was)."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["method"], r["seed"]), []).append(r)
+    if not runs or any(axis not in r for r in rows):
+        return None
+    at = min(points[-1][axis] for points in runs.values())
+    read = []
+    for (method, seed), points in runs.items():
+        xs = [p[axis] for p in points]
+        row = {"method": method, "seed": seed}
+        for key in ("accuracy", "greedy_accuracy"):
+            row[key] = float(np.interp(at, xs, [p[key] for p in points]))
+        read.append(row)
+    summary = []
+    for method in methods:
+        entry = {"method": method}
+        for key, name in (("accuracy", "accuracy"), ("greedy_accuracy", "greedy")):
+            entry[name], entry[f"{name}_std"] = mean_std([r[key] for r in read if r["method"] == method])
+        summary.append(entry)
+    return {"axis": axis, "at": at, "summary": summary, "differences": differences(read, methods)}
+
+
 def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     grid = np.linspace(0, budget, 21)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -578,6 +613,9 @@ def main(argv: list[str] | None = None) -> dict:
             "seeds": sorted({r["seed"] for r in rows}),
             "summary": summarise(rows, methods),
             "differences": differences(rows, methods),
+            # The same comparison read at equal responses trained on: a tree's leaves share prefixes,
+            # so at equal generated tokens TreeRL trains on more responses than chains do.
+            "at_equal_trained_sequences": at_equal(rows, methods, "trained_sequences"),
             "rows": rows,
             "wall_seconds": time.perf_counter() - started,
             "run_seconds": {"comparison": total_run_seconds(rows), "lr_sweep": total_run_seconds(sweep_rows)},
@@ -652,6 +690,22 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]",
                     ]
                     for d in result["differences"]
+                ],
+            )
+        )
+    reading = result["at_equal_trained_sequences"]
+    if reading and reading["differences"]:
+        print(f"\nRead at equal responses trained on ({reading['at']:,} per run, interpolated between evaluations):")
+        print(
+            markdown_table(
+                ["difference of accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
+                [
+                    [
+                        d["comparison"],
+                        f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
+                        f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]",
+                    ]
+                    for d in reading["differences"]
                 ],
             )
         )

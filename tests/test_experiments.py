@@ -101,6 +101,10 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
         assert tokens == sorted(tokens) and tokens[-1] >= result["budget_tokens"] == 300
         assert all(t < 300 for t in tokens[:-1])  # stops at the first step past the budget
         assert all(0 <= p["accuracy"] <= 1 for p in points)
+        # Responses trained on, counted up to each evaluation from the run's own step metrics.
+        log = (tmp_path / "runs" / f"{method}-seed0" / "metrics.jsonl").read_text().splitlines()
+        steps = [m for m in map(json.loads, log) if "time_rollout" in m]
+        assert points[-1]["trained_sequences"] == sum(m["sequences"] for m in steps) > 0
     # Both start from the same warm start and are evaluated on the same held-out problems.
     starts = {(r["accuracy"], r["greedy_accuracy"]) for r in saved["rows"] if r["step"] == 0}
     assert len(starts) == 1
@@ -169,6 +173,39 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
     assert {r["method"] for r in treerl_only["rows"] + treerl_only["lr_sweep"]["rows"]} == {"treerl"}
     assert {r["method"] for r in treerl_only["other_recorded_rows"]} == {"chainrl-grpo"}
     assert compare_rl.main(argv)["rows"] == result["rows"]
+
+
+def test_a_second_reading_at_equal_trained_responses_interpolates_each_run():
+    def run(method, seed, trained, accuracy):
+        return [
+            {"method": method, "seed": seed, "step": i, "trained_sequences": t, "accuracy": a, "greedy_accuracy": a / 2}
+            for i, (t, a) in enumerate(zip(trained, accuracy))
+        ]
+
+    rows = (
+        run("treerl", 0, [0, 100, 200], [0.2, 0.4, 0.8])
+        + run("treerl", 1, [0, 120, 240], [0.2, 0.5, 0.5])
+        + run("chainrl-grpo", 0, [0, 60, 150], [0.2, 0.3, 0.6])
+        + run("chainrl-grpo", 1, [0, 70, 160], [0.2, 0.4, 0.4])
+    )
+    reading = compare_rl.at_equal(rows, ["treerl", "chainrl-grpo"], "trained_sequences")
+    assert reading["at"] == 150  # where the run with the fewest trained responses stopped
+    treerl, grpo = reading["summary"]
+    # treerl seed 0: halfway from 0.4 to 0.8; seed 1: a third of the way from 0.5 to 0.5.
+    assert treerl["accuracy"] == pytest.approx((0.6 + 0.5) / 2)
+    assert grpo["accuracy"] == pytest.approx((0.6 + 0.4) / 2) and grpo["greedy"] == pytest.approx(0.25)
+    [difference] = reading["differences"]
+    assert difference["comparison"] == "treerl - chainrl-grpo"
+    assert difference["accuracy"] == pytest.approx(0.55 - 0.5)
+    # Runs recorded before the field existed give no reading rather than a wrong one.
+    assert (
+        compare_rl.at_equal(
+            [{k: v for k, v in r.items() if k != "trained_sequences"} for r in rows[:3]] + rows[3:],
+            ["treerl", "chainrl-grpo"],
+            "trained_sequences",
+        )
+        is None
+    )
 
 
 def test_compare_rl_rejects_bad_flags():
