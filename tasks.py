@@ -195,7 +195,7 @@ def as_chat_task(task: Task, tokenizer) -> Task:
     if task.teacher is not None:
         teacher = lambda e, rng: chat_arith_solution(task.teacher(Example(source[e.prompt], e.gold), rng))  # noqa: E731
     train, held_out = [render(e) for e in task.train], [render(e) for e in task.eval]
-    return Task("arith_chat", train, held_out, rewards.math_rewards, ("\\boxed{",), teacher)
+    return Task("arith_chat", train, held_out, rewards.math_rewards, ("\\boxed{",), teacher, chat_arith_step_truth)
 
 
 def load_rows(source: str) -> list[tuple[int, dict]]:
@@ -461,7 +461,42 @@ def arith_step_truth(
     """`line_labels` mapped onto tokens: a token belongs to the line of its first character (a
     newline ends its line); a token that decodes to nothing (EOS) to the line before it."""
     text = decode(response_ids)
-    labels = line_labels(prompt, text, finished)
+    return _on_tokens(line_labels(prompt, text, finished), text, response_ids, decode)
+
+
+_CHAT_ANSWER = "The answer is \\boxed{"
+_CHAT_QUESTION = re.compile(re.escape(CHAT_ARITH_QUESTION.split("{}")[0]) + r"([\d +-]+)\?")
+
+
+def plain_arith_line(line: str) -> str:
+    """A line of a chat-format arithmetic response (chat_arith_solution) in the plain task's format,
+    as far as it goes: "11 - 2 = 9" -> "11-2=9", "The answer is \\boxed{9}." -> "Answer: 9". A line
+    cut inside "The answer is \\boxed{" reads as the start of an answer line ("A"); any other line
+    is kept, spaces dropped, and so is judged as the step it spells."""
+    if line.startswith(_CHAT_ANSWER):
+        return "Answer: " + line.removeprefix(_CHAT_ANSWER).split("}")[0]
+    if line and _CHAT_ANSWER.startswith(line):
+        return "A"
+    return line.replace(" ", "")
+
+
+def chat_arith_step_truth(
+    prompt: str, response_ids: list[int], decode: Callable[[list[int]], str], finished: bool = False
+) -> StepTruth:
+    """arith_step_truth for the chat rendering of the task (as_chat_task): the expression is read
+    back from the chat prompt and every response line put into the plain format (plain_arith_line)
+    before it is judged, line for line, so the labels land on the chat response's own tokens."""
+    match = _CHAT_QUESTION.search(prompt)
+    if not match:
+        raise ValueError(f"not a chat arithmetic prompt: {prompt!r}")
+    text = decode(response_ids)
+    plain = "\n".join(plain_arith_line(line) for line in text.split("\n"))
+    labels = line_labels(f"Compute {match.group(1).replace(' ', '')}.\n", plain, finished)
+    return _on_tokens(labels, text, response_ids, decode)
+
+
+def _on_tokens(labels: list[str], text: str, response_ids: list[int], decode) -> StepTruth:
+    """Line labels of `text` (the decoded response) as a StepTruth over its tokens."""
     line_of_char = [i for i, line in enumerate(text.split("\n")) for _ in range(len(line) + 1)]
     token_lines, last = [], 0
     for k in range(len(response_ids)):

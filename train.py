@@ -418,8 +418,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     config = Config(*parser.parse_args_into_dataclasses(args=rest)[: len(CONFIG_CLASSES)])
     for part in fields(config):
         getattr(config, part.name).validate()
-    if config.rollout.blame != "none" and config.task.task != "arith":
-        raise ValueError(f"--blame {config.rollout.blame} needs --task arith, whose steps' truth is known")
+    if config.rollout.blame != "none" and config.task.task not in ("arith", "arith_chat"):
+        raise ValueError(f"--blame {config.rollout.blame} needs an arithmetic task (--task arith or arith_chat)")
     return config
 
 

@@ -201,7 +201,7 @@ def rollout(
     step_truth: where each response goes wrong, for `cfg.blame` (an experiment: probes.py).
     """
     if cfg.blame != "none" and step_truth is None:
-        raise ValueError(f"--blame {cfg.blame} needs a task that knows its steps' truth (--task arith)")
+        raise ValueError(f"--blame {cfg.blame} needs a task that knows its steps' truth (--task arith or arith_chat)")
     t0 = time.perf_counter()
 
     def sample_fn(prefixes, n, budgets):  # budgets: what each branch may add to its response

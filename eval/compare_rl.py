@@ -19,7 +19,7 @@ tree search saves, so methods are compared at equal generated tokens, not equal 
   treerl-la-only     ablation: local advantage V(s) - V(parent) only (Eq. 3)
   treerl-no-sqrt     ablation: no 1/sqrt(|L(s)|) re-weighting
   oracle             chainrl-grpo with each wrong leaf's advantage mass on its first wrong line
-                     (--blame oracle, --task arith only): what perfect localisation buys at GRPO's
+                     (--blame oracle; --task arith or arith_chat): what perfect localisation buys at GRPO's
                      magnitudes; not an upper bound on credit assignment in general
   placebo            the same mass on a random line of the same leaf (--blame placebo)
 

@@ -87,6 +87,23 @@ def test_chat_template_prompts_and_boxed_answer_grading(smollm2):
     assert set(task.score(solutions, [gold] * 20)) == {0.0, 1.0}
 
 
+def test_the_chat_step_truth_finds_the_slipped_line_on_the_real_tokenizer(smollm2):
+    _, tokenizer, task = smollm2
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    example = next(e for e in task.train if e.solution.count("\n") >= 2)  # two steps at least
+    steps = example.solution.split("\n")
+    slipped = "\n".join([steps[0], steps[1][:-1] + str((int(steps[1][-1]) + 1) % 10), *steps[2:]])
+    for response, first_wrong in ((example.solution, None), (slipped, 1)):
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        truth = task.step_truth(example.prompt, ids, decode, True)
+        assert len(truth.labels) == len(ids) and truth.first_wrong_line == first_wrong
+        labels = {line: label for label, line in zip(truth.labels, truth.lines)}
+        if first_wrong is None:
+            assert set(labels.values()) == {"prefix", "answer"}
+        else:
+            assert labels[0] == "prefix" and set(list(labels.values())[2:]) == {"after"}
+
+
 def test_an_eptree_forest_of_the_real_model_never_forks_in_the_answer_and_splits_cleanly(smollm2):
     model, tokenizer, task = smollm2
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

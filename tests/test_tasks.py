@@ -265,6 +265,50 @@ def test_the_last_line_of_a_finished_response_is_judged_whole(response, expected
     assert tasks.line_labels(STEP_PROMPT, response, finished=True) == expected
 
 
+CHAT_STEP_PROMPT = "<|user|>\nWhat is 4 + 7 - 2 + 5? Put the final answer in \\boxed{}.\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize(
+    "response,finished,expected",
+    [
+        ("4 + 7 = 11\n11 - 2 = 9\n9 + 5 = 14\nThe answer is \\boxed{14}.", True, ["prefix"] * 3 + ["answer"]),
+        (
+            "4 + 7 = 11\n11 - 2 = 8\n8 + 5 = 13\nThe answer is \\boxed{13}.",
+            True,
+            ["prefix", "first_wrong", "after", "after"],
+        ),
+        ("4 + 7 = 11\n11 - 2 = 9\n9 + 5 = 14\nThe answer is \\boxed{15}.", True, ["prefix"] * 3 + ["first_wrong"]),
+        ("4 + 7 = 11\n11 - 2 = 9\n9 + 5 = 14\nThe answer is \\bo", False, ["prefix"] * 3 + ["answer"]),  # cut
+        ("4 + 7 = 11\n11 - 2 = 9\n9 + 5 = 14\nThe answer is \\boxed{1", False, ["prefix"] * 3 + ["answer"]),
+        ("4 + 7 = 11\n11 - 2 = 9\n9 + 5 = 14\nThe answer is \\boxed{1}.", True, ["prefix"] * 3 + ["first_wrong"]),
+        ("4 + 7 = 11\n11 - ", False, ["prefix", "prefix"]),  # cut mid-step
+        ("4 + 7 = 11\n", False, ["prefix", "prefix"]),  # cut after a newline
+        ("4 + 7 = 11\nThe answer", False, ["prefix", "first_wrong"]),  # an answer before the steps are done
+        ("Let me compute.\n4 + 7 = 11", True, ["first_wrong", "after"]),  # a line that is no step
+    ],
+)
+def test_chat_step_truth_reads_the_chat_format_back_into_the_steps(response, finished, expected):
+    tokenizer = build_char_tokenizer()
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    truth = tasks.chat_arith_step_truth(CHAT_STEP_PROMPT, ids, decode, finished)
+    assert len(truth.labels) == len(ids)
+    labelled = {line: label for label, line in zip(truth.labels, truth.lines)}  # lines with tokens
+    assert labelled == {i: expected[i] for i in labelled} and max(labelled) < len(expected)
+    with pytest.raises(ValueError, match="not a chat arithmetic prompt"):
+        tasks.chat_arith_step_truth("Compute 4+7.\n", ids, decode, finished)
+
+
+def test_the_chat_task_carries_the_chat_step_truth():
+    task = tasks.build_task(tasks.TaskConfig(task="arith_chat", eval_size=4), build_char_tokenizer(), 100)
+    example = task.eval[0]
+    assert task.step_truth is tasks.chat_arith_step_truth
+    tokenizer = build_char_tokenizer()
+    ids = tokenizer(example.solution, add_special_tokens=False)["input_ids"]
+    truth = task.step_truth(example.prompt, ids, lambda t: tokenizer.decode(t, skip_special_tokens=True), True)
+    assert set(truth.labels) == {"prefix", "answer"}  # the gold solution is right throughout
+
+
 def test_step_truth_labels_every_token_eos_included():
     tokenizer = build_char_tokenizer()
     response = "4+7=11\n11-2=8\n8+5=13\nAnswer: 13"

@@ -40,7 +40,7 @@ def test_defaults_parse_and_flags_override():
         (["--arith_operands", "3"], "--arith_operands"),
         (["--hidden_size", "30", "--num_heads", "4"], "divisible"),
         (["--temperature", "0"], "--temperature"),
-        (["--task", "arith_chat", "--blame", "oracle"], "--blame oracle needs --task arith"),
+        (["--task", "math", "--data", "x.jsonl", "--blame", "oracle"], "--blame oracle needs an arithmetic task"),
     ],
 )
 def test_invalid_settings_fail_at_once_naming_the_field(argv, message):
