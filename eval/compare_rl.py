@@ -609,7 +609,22 @@ def main(argv: list[str] | None = None) -> dict:
                 "coefficients": {m: args.kl_coefs.get(m, 0.0) for m in args.methods},
                 "mean_abs_advantage_at_start": args.start_scales,
             },
-            "lr_sweep": {"rates": args.lr_sweep, "seeds": args.sweep_seeds, "rows": sweep_rows},
+            "lr_sweep": {
+                "rates": args.lr_sweep,
+                "seeds": args.sweep_seeds,
+                # per method and rate, means over the sweep's seeds: what the rule chose from
+                "finals": [
+                    {
+                        "method": m,
+                        "lr": lr,
+                        "seeds": len({r["seed"] for r in sweep_rows if (r["method"], r["lr"]) == (m, lr)}),
+                        **f,
+                    }
+                    for m in args.methods
+                    for lr, f in sorted(sweep_finals(sweep_rows, m).items())
+                ],
+                "rows": sweep_rows,
+            },
             "seeds": sorted({r["seed"] for r in rows}),
             "summary": summarise(rows, methods),
             "differences": differences(rows, methods),

@@ -150,6 +150,13 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
         (m, lr, 100) for m in ("treerl", "chainrl-grpo") for lr in (1e-5, 1e-3)
     }
     assert result["learning_rates"] == {m: compare_rl.choose_lr(sweep, m) for m in ("treerl", "chainrl-grpo")}
+    # What the rule chose from, per method and rate (means over the sweep's seeds), is recorded.
+    finals = {(f["method"], f["lr"]): f for f in result["lr_sweep"]["finals"]}
+    assert set(finals) == {(m, lr) for m in ("treerl", "chainrl-grpo") for lr in (1e-5, 1e-3)}
+    assert all(
+        f["seeds"] == 1 and f["final_accuracy"] == compare_rl.sweep_finals(sweep, m)[lr]["final_accuracy"]
+        for (m, lr), f in finals.items()
+    )
     assert {t["method"]: t["lr"] for t in result["summary"]} == result["learning_rates"]
     assert (tmp_path / "out" / "compare_rl_sweep.png").stat().st_size > 0
     # The sweep's rule reads final accuracies only: its runs are evaluated before and after training,
