@@ -1,13 +1,16 @@
-"""Instruments of the fair comparison (eval/compare_rl.py), not part of TreeRL: oracle and placebo
-blame (`--blame`), which move a wrong leaf's advantage onto one line of it, and the norms of the
-update's policy-gradient and KL parts (`--log_grad_parts`). treerl.py calls them where its settings
-ask for them; a first reading skips this file.
+"""Instruments of the fair comparison (eval/compare_rl.py), not part of the paper's TreeRL: oracle and
+placebo blame (`--blame`), which move a wrong leaf's advantage onto one line of it; two variants of
+TreeRL's credit that move a forked segment's reward onto its first line (`--fork_credit`); and the
+norms of the update's policy-gradient and KL parts (`--log_grad_parts`). treerl.py calls them where
+its settings ask for them; a first reading skips this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -52,6 +55,56 @@ def relocate_blame(
         moved.append(dataclasses.replace(seq, advantages=advantages))
         count += 1
     return moved, count
+
+
+# --------------------------------------------------------------------------------------------------
+# Fork-line credit: two variants of TreeRL's process rewards
+# --------------------------------------------------------------------------------------------------
+# Measured on the long-chain task (eval/credit.py), TreeRL spares a wrong response's correct prefix
+# but puts most of the downward push on the lines after the slip, not on the slip: every token of a
+# segment carries the segment's one reward R(s), and a segment that starts at a fork runs from the
+# forked token to the end of the response. Yet what a fork compares is the choice made at the
+# forked token: V(s) - V(parent) is the value of re-sampling from there. These variants put that
+# difference where the choice was made, on the segment's first line (from the forked token to the
+# end of its line), and keep the segment's mass (R(s) x its tokens), as the oracle does:
+#   fork_line        all of R(s) on the first line, 0 on the rest of the segment;
+#   fork_line_local  only the local part, LA(s) = (V(s) - V(parent)) [/ sqrt(|L(s)|)], on the
+#                    first line; the global part, V(s) - V(root), stays on every token.
+# A tree's first segment starts at no fork and keeps R(s) on every token.
+
+
+def first_line_length(tokens: list[int], decode: Callable[[list[int]], str]) -> int:
+    """How many of `tokens` make up their first line: up to and including the newline that ends the
+    first line with any text on it (a leading newline, e.g. a fork on the newline before a step,
+    belongs to the line after it); all of them if no such newline comes."""
+    text_seen = False
+    for i, token in enumerate(tokens):
+        piece = decode([token])
+        before, newline, _ = piece.partition("\n")
+        text_seen = text_seen or bool(before.strip())
+        if newline and text_seen:
+            return i + 1
+        text_seen = text_seen or bool(piece.strip())
+    return len(tokens)
+
+
+def on_fork_lines(
+    root: tree.Node, rewards: dict[tree.Node, float], cfg, decode: Callable[[list[int]], str]
+) -> dict[tree.Node, float | list[float]]:
+    """`rewards` (tree.process_rewards under `cfg`, a treerl.RolloutConfig) with every forked
+    segment's reward moved onto its first line by `cfg.fork_credit`: one number per token there."""
+    values, counts = tree.values(root), tree.leaf_counts(root)
+    credit: dict[tree.Node, float | list[float]] = dict(rewards)
+    for node in tree.walk(root):
+        if node is root or node.parent is root or not node.tokens:
+            continue  # the forest's root, or a tree's first segment
+        scale = 1 / math.sqrt(counts[node]) if cfg.reweight == "sqrt" else 1.0
+        local = cfg.use_local * (values[node] - values[node.parent]) * scale
+        moved = rewards[node] if cfg.fork_credit == "fork_line" else local
+        n, head = len(node.tokens), first_line_length(node.tokens, decode)
+        stays = rewards[node] - moved
+        credit[node] = [stays + moved * n / head] * head + [stays] * (n - head)
+    return credit
 
 
 # --------------------------------------------------------------------------------------------------

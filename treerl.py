@@ -144,6 +144,9 @@ class RolloutConfig(TreeConfig):
     blame: Literal["none", "oracle", "placebo"] = arg(
         "none", "experiment (--task arith): a wrong leaf's advantage mass on its first wrong line, or a random one"
     )
+    fork_credit: Literal["segment", "fork_line", "fork_line_local"] = arg(
+        "segment", "experiment: a forked segment's R(s) mass (or its local part) on its first line (probes.py)"
+    )
     keep_leaves: int = arg(0, "train on this many leaves per prompt, one correct if any (0: all)")
     keep_zero_signal: bool = arg(False, "train on forests whose leaves all agree too (the release)")
     max_new_tokens: int = arg(64, "response length limit in tokens")
@@ -161,6 +164,9 @@ class RolloutConfig(TreeConfig):
             raise ValueError(f"--temperature must be > 0 for RL sampling; got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1]; got {self.top_p}")
+        release_rewards = self.leave_one_out or self.fill_in_paths or self.reweight == "release"
+        if self.fork_credit != "segment" and (self.algo != "treerl" or release_rewards):
+            raise ValueError(f"--fork_credit {self.fork_credit} moves the paper's process rewards (--algo treerl)")
 
     @property
     def rounds(self) -> int:
@@ -234,7 +240,7 @@ def rollout(
             penalised = cfg.penalty is not None and not all(leaf.finished for leaf in found)
             if not (penalised or cfg.keep_zero_signal):
                 continue
-        sequences += forest_sequences(root, cfg, _rng(seed, k))
+        sequences += forest_sequences(root, cfg, _rng(seed, k), decode)
     blamed = 0
     if cfg.blame != "none":
         sequences, blamed = probes.relocate_blame(sequences, step_truth, cfg.blame, _rng(seed, len(forests)))
@@ -260,7 +266,9 @@ def rollout(
     return Rollout(sequences, forests, stats)
 
 
-def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) -> list[tree.TrainSequence]:
+def forest_sequences(
+    root: tree.Node, cfg: RolloutConfig, rng: random.Random, decode: Callable[[list[int]], str] | None = None
+) -> list[tree.TrainSequence]:
     """One scored forest as training sequences: the leaves to train on (all, or `keep_leaves` of
     them drawn with `rng`), the advantage of every segment, every token carrying its segment's.
     This is where advantages become per-token: a per-token credit maps a segment to a list of one
@@ -268,6 +276,8 @@ def forest_sequences(root: tree.Node, cfg: RolloutConfig, rng: random.Random) ->
     chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
     if cfg.algo == "treerl":
         advantages = cfg.process_rewards(root, chosen)
+        if cfg.fork_credit != "segment":  # an experiment: probes.py
+            advantages = probes.on_fork_lines(root, advantages, cfg, decode)
     else:
         advantages = tree.chain_advantages(root, cfg.advantage, cfg.clamp_advantages)
     return tree.to_sequences(root, advantages, truncated_penalty=cfg.penalty, chosen=chosen)

@@ -22,6 +22,10 @@ tree search saves, so methods are compared at equal generated tokens, not equal 
                      (--blame oracle; --task arith or arith_chat): what perfect localisation buys at GRPO's
                      magnitudes; not an upper bound on credit assignment in general
   placebo            the same mass on a random line of the same leaf (--blame placebo)
+  treerl-fork-line   TreeRL with each forked segment's reward on its first line (--fork_credit
+                     fork_line: where the fork's choice was made), its mass kept
+  treerl-fork-line-local  the same with only the local part V(s) - V(parent) moved (--fork_credit
+                     fork_line_local); the global part stays on every token
 
 The KL: the paper trains without one, and so does this comparison by default (--kl_coef 0; a
 preset's kl_coef is overridden). A KL term is weighed against the policy gradient, whose size
@@ -44,8 +48,8 @@ and a checkpoint every --eval_every steps, so an interrupted run resumes from it
 re-running the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
 Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out
 problems for every run. The summary gives, per method, start and final accuracy (mean ± sd over
-seeds) and the balance fields above; the differences are TreeRL - each other method, and oracle or
-placebo - chainrl-grpo, of the final accuracies: the mean with a bootstrap 95% interval over seeds
+seeds) and the balance fields above; the differences are TreeRL - each other method, and each of the
+oracle, the placebo and the fork-line variants - chainrl-grpo, of the final accuracies: the mean with a bootstrap 95% interval over seeds
 (each method's seeds resampled independently) and a Welch t 95% interval. A difference is resolved
 when its interval excludes 0. The same comparison is read a second time at equal responses trained
 on (`at_equal_trained_sequences`: each run's accuracy where the run that trained on the fewest
@@ -96,9 +100,13 @@ METHODS = {
     "treerl-no-sqrt": ["--reweight", "none"],
     "oracle": [*CHAINS, "--advantage", "grpo", "--blame", "oracle"],
     "placebo": [*CHAINS, "--advantage", "grpo", "--blame", "placebo"],
+    "treerl-fork-line": ["--fork_credit", "fork_line"],
+    "treerl-fork-line-local": ["--fork_credit", "fork_line_local"],
 }
 DEFAULT_METHODS = "treerl,chainrl-grpo,chainrl-release,treerl-random"
-BLAME_BASELINE = {"oracle": "chainrl-grpo", "placebo": "chainrl-grpo"}  # the advantages each one moves
+# Each experiment is also compared with ChainRL-GRPO: the oracle and placebo move its advantages, and
+# the fork-line variants are asked whether they beat it.
+VERSUS_GRPO = ("oracle", "placebo", "treerl-fork-line", "treerl-fork-line-local")
 BALANCE = ("mean_abs_advantage", "kl", "pg_grad_norm", "kl_grad_norm")  # what a KL is weighed against
 GREEDY_TOLERANCE = 0.02  # the sweep keeps rates whose final greedy accuracy is within this of the start
 
@@ -355,8 +363,7 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 
 def differences(rows: list[dict], methods: list[str]) -> list[dict]:
     """TreeRL (or, without it, the first TreeRL variant) - each other method (the ChainRL baselines,
-    then the ablations), and each blame experiment - the method whose advantages it moves (oracle -
-    chainrl-grpo): final avg@k and greedy accuracy, the mean difference with a bootstrap 95%
+    then the ablations), and each experiment of VERSUS_GRPO - chainrl-grpo: final avg@k and greedy accuracy, the mean difference with a bootstrap 95%
     interval (each method's seeds resampled independently) and a Welch t 95% interval."""
 
     def finals(method, key):
@@ -371,7 +378,8 @@ def differences(rows: list[dict], methods: list[str]) -> list[dict]:
     if base is not None:
         others = sorted((m for m in methods if m != base), key=lambda m: not m.startswith("chainrl"))
         pairs += [(base, other) for other in others]
-    pairs += [(m, BLAME_BASELINE[m]) for m in methods if BLAME_BASELINE.get(m) in methods]
+    if "chainrl-grpo" in methods:
+        pairs += [(m, "chainrl-grpo") for m in methods if m in VERSUS_GRPO]
     out = []
     for a_method, b_method in pairs:
         entry = {"comparison": f"{a_method} - {b_method}"}

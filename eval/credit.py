@@ -25,7 +25,9 @@ per-token advantages:
   * chains-grpo,     independent chains with outcome advantages, as many per prompt as cost the
     chains-rloo      tokens treerl-nll generated (per seed, from its mean response length);
   * chains-oracle,   chains-grpo with each wrong leaf's advantage mass moved onto its first wrong
-    chains-placebo   line, or onto a random line of it (`probes.relocate_blame`, --blame).
+    chains-placebo   line, or onto a random line of it (`probes.relocate_blame`, --blame);
+  * treerl-fork-line, the forests of treerl-nll with each forked segment's reward, or its local part,
+    -fork-line-local  moved onto the segment's first line (`probes.on_fork_lines`, --fork_credit).
 
 Four measures on the *trained* leaves (forests whose leaves all agree carry no signal and are
 skipped, as in training), each a mean over seeds with a 95% t-interval:
@@ -105,6 +107,8 @@ SOURCES = {
     "chains-rloo": {"algo": "chainrl", "advantage": "rloo"},
     "chains-oracle": {"algo": "chainrl", "advantage": "grpo", "blame": "oracle"},
     "chains-placebo": {"algo": "chainrl", "advantage": "grpo", "blame": "placebo"},
+    "treerl-fork-line": {"fork_credit": "fork_line"},
+    "treerl-fork-line-local": {"fork_credit": "fork_line_local"},
 }
 METRICS = ("auroc", "localisation", "collateral", "fork_on_slip")
 BLAME = ("blame_prefix", "blame_slip", "blame_after")  # shares of the downward push on wrong leaves

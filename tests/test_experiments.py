@@ -307,6 +307,19 @@ def test_differences_compare_treerl_with_every_other_method():
     assert [d["accuracy"] for d in diffs] == pytest.approx([0.1, 0.2, 0.05])
     assert all(d["greedy"] == 0 for d in diffs)
     assert compare_rl.differences(rows, ["chainrl-grpo", "chainrl-release"]) == []  # no TreeRL, nothing to compare
+    # The oracle, the placebo and the fork-line variants are each compared with ChainRL-GRPO too.
+    extra = {"oracle": 0.55, "placebo": 0.38, "treerl-fork-line": 0.46}
+    rows += [
+        {"method": m, "seed": seed, "step": step, "accuracy": acc if step else 0.2, "greedy_accuracy": 0.8}
+        for m, acc in extra.items()
+        for seed in (0, 1)
+        for step in (0, 10)
+    ]
+    diffs = {d["comparison"]: d["accuracy"] for d in compare_rl.differences(rows, methods + list(extra))}
+    assert diffs["oracle - chainrl-grpo"] == pytest.approx(0.15)
+    assert diffs["placebo - chainrl-grpo"] == pytest.approx(-0.02)
+    assert diffs["treerl-fork-line - chainrl-grpo"] == pytest.approx(0.06)
+    assert diffs["treerl - treerl-fork-line"] == pytest.approx(0.04)
 
 
 def test_greedy_flips_first_slip_and_counts():

@@ -2,6 +2,7 @@
 update."""
 
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -278,3 +279,57 @@ def test_blame_needs_a_step_truth():
     cfg = RolloutConfig(algo="chainrl", blame="oracle")
     with pytest.raises(ValueError, match="--blame oracle needs a task"):
         treerl.rollout(None, [[1]], [0], None, None, cfg)
+
+
+def test_first_line_length_ends_at_the_first_newline_after_some_text():
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    tokens = lambda text: [ord(c) for c in text]  # noqa: E731
+    assert probes.first_line_length(tokens("9\n9+5=14\n"), decode) == 2  # the rest of a slipped line
+    assert probes.first_line_length(tokens("\n12-2=10\nAnswer: 15"), decode) == 9  # a fork on the newline
+    assert probes.first_line_length(tokens("Answer: 15"), decode) == 10  # no newline: all of it
+    # Tokens of several characters: a newline inside a token ends the line there, one that starts a
+    # token after no text (a fork on the newline) does not.
+    pieces = {1: "\n5", 2: "+1", 3: ".\nA", 4: "x"}
+    assert probes.first_line_length([1, 2, 3, 4], lambda ids: "".join(pieces[i] for i in ids)) == 3
+
+
+def fork_credit_forest():
+    """One tree, forked once: a first segment "4+7=11\\n11-2=" (no fork above it), then the
+    original continuation "8\\n8+5=13\\n" (wrong) and a branch "9\\n9+5=14\\n" (right)."""
+    encode = lambda text: [ord(c) for c in text]  # noqa: E731
+    root = tree.Node(encode("Compute 4+7-2+5.\n"))
+    first = root.add(encode("4+7=11\n11-2="))
+    wrong = first.add(encode("8\n8+5=13\n"), finished=True)
+    right = first.add(encode("9\n9+5=14\n"), finished=True)
+    wrong.reward, right.reward = 0.0, 1.0
+    return root, first, wrong, right
+
+
+@pytest.mark.parametrize("kind", ["fork_line", "fork_line_local"])
+def test_fork_line_credit_moves_a_forked_segments_reward_onto_its_first_line(kind):
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    root, first, wrong, right = fork_credit_forest()
+    cfg = RolloutConfig(fork_credit=kind)
+    rewards = tree.process_rewards(root)
+    credit = probes.on_fork_lines(root, rewards, cfg, decode)
+    assert credit[first] == rewards[first]  # a tree's first segment starts at no fork: unchanged
+    v = tree.values(root)
+    for node in (wrong, right):
+        n, head = len(node.tokens), 2  # "8\n" / "9\n": the rest of the line the fork re-sampled
+        tokens = credit[node]
+        assert len(tokens) == n and sum(tokens) == pytest.approx(rewards[node] * n)  # the mass is kept
+        # GA + LA over sqrt(1 leaf); the local part is V(node) - V(first), the global V(node) - V(root).
+        local = v[node] - v[first]
+        moved = rewards[node] if kind == "fork_line" else local
+        assert tokens[:head] == pytest.approx([rewards[node] - moved + moved * n / head] * head)
+        assert tokens[head:] == pytest.approx([rewards[node] - moved] * (n - head))
+    # Through the rollout's own path, the sequences carry the moved credit token by token.
+    sequences = treerl.forest_sequences(root, cfg, random.Random(0), decode)
+    wrong_seq = next(s for s in sequences if s.leaf is wrong)
+    assert wrong_seq.advantages == [rewards[first]] * len(first.tokens) + credit[wrong]
+
+
+def test_fork_line_credit_is_for_the_papers_tree_rewards_only():
+    for bad in (dict(algo="chainrl"), dict(leave_one_out=True), dict(reweight="release")):
+        with pytest.raises(ValueError, match="--fork_credit fork_line"):
+            RolloutConfig(fork_credit="fork_line", **bad).validate()
