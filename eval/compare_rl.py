@@ -419,6 +419,24 @@ def at_equal(rows: list[dict], methods: list[str], axis: str) -> dict | None:
     return {"axis": axis, "at": at, "summary": summary, "differences": differences(read, methods)}
 
 
+def print_differences(diffs: list[dict], title: str) -> None:
+    """The differences as a Markdown table: the mean, and its bootstrap and Welch t 95% intervals."""
+    if not diffs:
+        return
+
+    def interval(d: dict, key: str) -> str:  # key: "accuracy" (bootstrap) or "accuracy_t" (Welch t)
+        low = d.get(f"{key}_low")
+        return "n/a" if low is None else f"[{low:+.3f}, {d[f'{key}_high']:+.3f}]"
+
+    rows = [
+        [f"{d['comparison']} ({label})", f"{d[name]:+.3f}", interval(d, name), interval(d, f"{name}_t")]
+        for d in diffs
+        for name, label in (("accuracy", "avg@k"), ("greedy", "greedy"))
+    ]
+    print(f"\n{title}")
+    print(markdown_table(["difference", "mean", "bootstrap 95%", "Welch t 95%"], rows))
+
+
 def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
     import matplotlib
 
@@ -702,36 +720,11 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
     )
-    if result["differences"]:
-        print(
-            markdown_table(
-                ["difference of final accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
-                [
-                    [
-                        d["comparison"],
-                        f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
-                        f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]",
-                    ]
-                    for d in result["differences"]
-                ],
-            )
-        )
+    print_differences(result["differences"], "Difference of final accuracy:")
     reading = result["at_equal_trained_sequences"]
-    if reading and reading["differences"]:
-        print(f"\nRead at equal responses trained on ({reading['at']:,} per run, interpolated between evaluations):")
-        print(
-            markdown_table(
-                ["difference of accuracy", "avg@k (95% interval)", "greedy (95% interval)"],
-                [
-                    [
-                        d["comparison"],
-                        f"{d['accuracy']:+.3f} [{d['accuracy_low']:+.3f}, {d['accuracy_high']:+.3f}]",
-                        f"{d['greedy']:+.3f} [{d['greedy_low']:+.3f}, {d['greedy_high']:+.3f}]",
-                    ]
-                    for d in reading["differences"]
-                ],
-            )
-        )
+    if reading:
+        at = f"{reading['at']:,} per run, interpolated between evaluations"
+        print_differences(reading["differences"], f"Read at equal responses trained on ({at}):")
     print(
         f"budget {args.budget} generated tokens per run; {result['wall_seconds']:.0f} s of wall time now, "
         f"{result['run_seconds']['comparison']:.0f} s in the comparison's runs; "
