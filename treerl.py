@@ -142,7 +142,7 @@ class RolloutConfig(TreeConfig):
     advantage: Literal["grpo", "drgrpo", "rloo"] = arg("grpo", "ChainRL's outcome advantage")
     clamp_advantages: bool = arg(False, "ChainRL: negative advantages at least -max A (the release's RLOO)")
     blame: Literal["none", "oracle", "placebo"] = arg(
-        "none", "experiment (--task arith): a wrong leaf's advantage mass on its first wrong line, or a random one"
+        "none", "experiment (arithmetic tasks): a wrong leaf's advantage mass on its first wrong line, or a random one"
     )
     fork_credit: Literal["segment", "fork_line", "fork_line_local"] = arg(
         "segment", "experiment: a forked segment's R(s) mass (or its local part) on its first line (probes.py)"
@@ -272,7 +272,8 @@ def forest_sequences(
     """One scored forest as training sequences: the leaves to train on (all, or `keep_leaves` of
     them drawn with `rng`), the advantage of every segment, every token carrying its segment's.
     This is where advantages become per-token: a per-token credit maps a segment to a list of one
-    advantage per token instead of one number, and tree.to_sequences passes it on as it is."""
+    advantage per token instead of one number, and tree.to_sequences passes it on as it is.
+    `decode` (token ids to text) is needed only where --fork_credit looks for line ends."""
     chosen = tree.pick_leaves(root, cfg.keep_leaves or None, rng)
     if cfg.algo == "treerl":
         advantages = cfg.process_rewards(root, chosen)
