@@ -490,7 +490,10 @@ def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> No
             if rates.get(method) in finals:
                 chosen = finals[rates[method]][f"final_{key}"]
                 ax.plot(rates[method], chosen, "o", ms=14, mfc="none", color=line.get_color())
-        start = sweep_rows[0][key]  # every run starts from the same warm start
+        # Every run starts from the same warm start; its accuracy differs by seed (the evaluation's
+        # samples), so the line is the mean over the sweep's seeds, as the finals are.
+        starts = {r["seed"]: r[key] for r in sweep_rows if r["step"] == 0}
+        start = sum(starts.values()) / len(starts)
         ax.axhline(start, ls=":", color="gray", label="start")
         if key == "greedy_accuracy":
             ax.axhline(start - GREEDY_TOLERANCE, ls="--", color="gray", lw=0.8, label="greedy floor of the choice")
