@@ -71,6 +71,7 @@ import train
 import tree
 import treerl
 from eval.common import (
+    commit,
     machine,
     markdown_table,
     mean_std,
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "M, N, L, T": [config.rollout.M, config.rollout.N, config.rollout.L, config.rollout.T],
         "sources": {**earlier, **summarise(results)},
         "machine": machine(),
+        "commit": commit(),  # the file's own commit is the first stage's; later stages name theirs
         "wall_seconds": time.perf_counter() - started,
         "command": "python -m eval.credit " + " ".join(argv),
     }
