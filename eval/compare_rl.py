@@ -44,7 +44,8 @@ greedy >= start greedy - 2 points; if none, the rate that loses the least greedy
 method=rate,...` sets rates by hand; otherwise `--lr` is used (default: the preset's, else train.py's).
 
 Each run is an ordinary train.py run (its folder holds metrics.jsonl, metrics.png, summary.json,
-and a checkpoint every --eval_every steps, so an interrupted run resumes from its last one);
+and a checkpoint every --save_every steps, so an interrupted run resumes from its last one;
+--drop_checkpoints deletes a finished run's checkpoints, which a real model's runs fill a disk with);
 re-running the script skips the runs already recorded in <out>/compare_rl.json or finished in --runs_dir.
 Held-out accuracy is avg@k at the rollout temperature and greedy accuracy, on the same held-out
 problems for every run. The summary gives, per method, start and final accuracy (mean ± sd over
@@ -181,7 +182,7 @@ def train_one(
         "--eval_every",
         str(args.eval_every if eval_every is None else eval_every),
         "--save_every",
-        str(args.eval_every),
+        str(args.save_every),
         "--save_trees",
         "false",
         "--resume",
@@ -198,6 +199,8 @@ def train_one(
         run_dir.mkdir(parents=True, exist_ok=True)
         made_with.write_text(json.dumps(argv))
         train.main(argv)
+    if args.drop_checkpoints:  # the run is finished: nothing will resume from them
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["step"] > 0]
     seconds = sum(m["time_rollout"] + m["time_verify"] + m["time_update"] + m["time_sync"] for m in steps)
@@ -565,7 +568,13 @@ def parse_args(argv):
         "--jobs", type=int, default=1, help="train.py runs at once, each in its own process with one torch thread"
     )
     parser.add_argument(
-        "--eval_every", type=int, default=10, help="held-out evaluation (and checkpoint) every this many steps"
+        "--eval_every", type=int, default=10, help="held-out evaluation every this many steps (0: before and after)"
+    )
+    parser.add_argument(
+        "--save_every", type=int, default=None, help="checkpoint every this many steps (default: --eval_every)"
+    )
+    parser.add_argument(
+        "--drop_checkpoints", action="store_true", help="delete a run's checkpoints once it has finished"
     )
     parser.add_argument("--out", default="results", help="folder for compare_rl.json/.png")
     parser.add_argument("--runs_dir", default="runs/experiments", help="folder of the warm start and the runs")
@@ -594,6 +603,10 @@ def parse_args(argv):
         parser.error(f"--budget must be >= 1, got {args.budget}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    for name in ("eval_every", "save_every"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    args.save_every = args.eval_every if args.save_every is None else args.save_every
     return args, train_args
 
 

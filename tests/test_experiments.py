@@ -82,6 +82,9 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
             "3000",
             "--eval_every",
             "1",
+            "--save_every",
+            "2",
+            "--drop_checkpoints",
             "--out",
             str(tmp_path / "out"),
             "--runs_dir",
@@ -92,6 +95,11 @@ def test_compare_rl_quick(tmp_path, coin_verifier):
         ]
     )
     saved = json.loads((tmp_path / "out" / "compare_rl.json").read_text())
+    # Checkpoints come every --save_every steps, and a finished run's are deleted on request.
+    for method in ("treerl", "chainrl-grpo"):
+        made_with = json.loads((tmp_path / "runs" / f"{method}-seed0" / "compare_rl_argv.json").read_text())
+        assert made_with[made_with.index("--save_every") + 1] == "2"
+        assert not (tmp_path / "runs" / f"{method}-seed0" / "checkpoints").exists()
     assert (tmp_path / "out" / "compare_rl.png").stat().st_size > 0
     assert {r["method"] for r in saved["rows"]} == {"treerl", "chainrl-grpo"}
     for method in ("treerl", "chainrl-grpo"):
@@ -167,6 +175,7 @@ def test_compare_rl_sweeps_rates_in_parallel_and_reuses_recorded_runs(tmp_path, 
     assert all(steps[0] == 0 and len(steps) == 2 for steps in sweep_steps.values())
     assert max(steps[-1] for steps in sweep_steps.values()) > 1
     assert [r["step"] for r in result["rows"] if r["method"] == "treerl"][:3] == [0, 1, 2]
+    assert (tmp_path / "runs" / "chainrl-grpo-seed0" / "checkpoints").is_dir()  # kept by default
     # The results file is the record: with the run folders gone, nothing is trained again.
     monkeypatch.setattr(compare_rl.train, "main", lambda argv: pytest.fail("trained again"))
     import shutil
@@ -226,6 +235,8 @@ def test_compare_rl_rejects_bad_flags():
         compare_rl.parse_args(["--seeds", "0,1", "--lr_sweep", "1e-5,3e-5", "--sweep_seeds", "100,1"])
     with pytest.raises(SystemExit):
         compare_rl.parse_args(["--kl_coef", "-1"])
+    with pytest.raises(SystemExit):
+        compare_rl.parse_args(["--save_every", "-1"])
 
 
 def test_compare_rl_learning_rate_choice_keeps_greedy_accuracy():
