@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from logprobs import tempered_log_softmax
@@ -110,10 +112,16 @@ class HFBackend:
         groups: list[list[Sample]] = [[] for _ in prefixes]
         was_training = self.model.training
         self.model.eval()
+        progress = None  # a bar for a call of several decode batches (a held-out evaluation), else none
         try:
             start = 0
             while start < len(order):
                 chunk = self._next_batch(order[start:], prefixes, n, budgets, stored)
+                if progress is None and len(chunk) < len(order) - start:
+                    mininterval = 0.1 if sys.stderr.isatty() else 15  # a log file gets a line now and then
+                    progress = tqdm(
+                        total=len(prefixes), desc="sampling", unit="prefix", leave=False, mininterval=mininterval
+                    )
                 start += len(chunk)
                 resumed = stored[chunk[0]] is not None
                 samples = self._generate(
@@ -126,8 +134,12 @@ class HFBackend:
                 )
                 for j, k in enumerate(chunk):
                     groups[k] = samples[j * n : (j + 1) * n]
+                if progress is not None:
+                    progress.update(len(chunk))
         finally:
             self.model.train(was_training)
+            if progress is not None:
+                progress.close()
         if self.prefix_store is not None:
             self.prefix_store.call_ended()
         return groups

@@ -365,3 +365,13 @@ def test_backend_draws_from_the_tempered_distribution_and_its_nucleus(tiny_model
             assert set(drawn.tolist()) == set(want.nonzero().flatten().tolist())
     untempered, critical = chi_square(drawn, nucleus(torch.softmax(logits, -1), 0.6), min_expected=10)
     assert untempered > critical
+
+
+def test_a_call_of_several_decode_batches_shows_a_progress_bar(tiny_model, capsys):
+    """A bar on stderr for a call that takes more than one decode batch, such as a held-out
+    evaluation; none for a call of one batch, such as most rollouts."""
+    prefixes = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [7, 7]]
+    groups = HFBackend(tiny_model, EOS, PAD, batch_size=8).sample(prefixes, 2, max_new_tokens=6)
+    assert [len(g) for g in groups] == [2, 2, 2, 2] and "sampling" not in capsys.readouterr().err
+    groups = HFBackend(tiny_model, EOS, PAD, batch_size=2).sample(prefixes, 2, max_new_tokens=6)
+    assert [len(g) for g in groups] == [2, 2, 2, 2] and "sampling" in capsys.readouterr().err
