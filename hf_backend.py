@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from logprobs import tempered_log_softmax
@@ -118,10 +116,9 @@ class HFBackend:
             while start < len(order):
                 chunk = self._next_batch(order[start:], prefixes, n, budgets, stored)
                 if progress is None and len(chunk) < len(order) - start:
-                    mininterval = 0.1 if sys.stderr.isatty() else 15  # a log file gets a line now and then
-                    progress = tqdm(
-                        total=len(prefixes), desc="sampling", unit="prefix", leave=False, mininterval=mininterval
-                    )
+                    from policy import progress_bar  # the project's bar; imported only where one is shown
+
+                    progress = progress_bar(None, total=len(prefixes), desc="sampling", unit="prefix", leave=False)
                 start += len(chunk)
                 resumed = stored[chunk[0]] is not None
                 samples = self._generate(

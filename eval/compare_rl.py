@@ -603,10 +603,10 @@ def parse_args(argv):
         parser.error(f"--budget must be >= 1, got {args.budget}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    for name in ("eval_every", "save_every"):
-        if (getattr(args, name) or 0) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     args.save_every = args.eval_every if args.save_every is None else args.save_every
+    for name in ("eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     return args, train_args
 
 
