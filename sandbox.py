@@ -90,7 +90,8 @@ logger = logging.getLogger(__name__)
 # `<stdin>`, that does not exist (the worker dies). With every worker dead at birth, pebble reports
 # BrokenProcessPool. The workers need nothing from `__main__` (the check and `_run_check` are
 # module-level functions they import by name), so `_WorkerPopen` starts them without it: the pool
-# works from any caller (script, `python -`, notebook, interactive interpreter, a trainer's thread).
+# works from any caller (script, `python -`, notebook, interactive interpreter, a trainer's thread,
+# a process forked from one of these).
 
 
 class _WorkerPopen(popen_forkserver.Popen):
@@ -108,13 +109,21 @@ class _WorkerPopen(popen_forkserver.Popen):
             mp_context.reduction.dump(process_obj, payload)
         finally:
             mp_context.set_spawning_popen(None)
-        self.sentinel, to_child = forkserver.connect_to_new_process(self._fds)
+        self.sentinel, to_child = _fork_server(os.getpid()).connect_to_new_process(self._fds)
         # The child notices our death when every copy of this pipe's write end is closed: keep one.
         kept = os.dup(to_child)
         self.finalizer = util.Finalize(self, util.close_fds, (kept, self.sentinel))
         with open(to_child, "wb", closefd=True) as pipe:
             pipe.write(payload.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
+
+
+@functools.cache
+def _fork_server(pid: int) -> forkserver.ForkServer:
+    """The fork server of process `pid`. multiprocessing keeps one per program, and a copy of the
+    program made by `fork` (a `multiprocessing.Pool` worker on Linux) inherits it but cannot use it:
+    it checks on the server as its own child, which it is not. So each process starts its own."""
+    return forkserver.ForkServer()
 
 
 class _WorkerProcess(mp_context.ForkServerProcess):
@@ -176,10 +185,11 @@ class MathVerifierPool:
             pickle.dumps(check)
         except Exception as error:  # a lambda, a nested function: a worker cannot import it
             raise ValueError(f"MathVerifierPool: check {name} cannot be sent to a worker ({error})") from None
-        self.check_function, self.size, self.owner_pid = check, workers, os.getpid()
+        self.check_function, self.size = check, workers
         self.lock = threading.Lock()
         self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close` or a failure
         self.last_error: BaseException | None = None  # the latest pool failure, for the warning
+        self._own()
 
     def check(self, pairs: list[tuple[str, str]], timeout: float) -> list[float]:
         if timeout <= 0:
@@ -239,7 +249,8 @@ class MathVerifierPool:
         """The running pool; a fresh one if there is none or it is no longer usable."""
         with self.lock:
             if os.getpid() != self.owner_pid:  # a forked copy: the pool it holds is its parent's, not to stop
-                self.pool, self.owner_pid = None, os.getpid()
+                self.pool = None
+                self._own()
             stale = self.pool if self.pool is not None and not _is_active(self.pool) else None
             if self.pool is None or stale is not None:
                 self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=_WorkerContext())
@@ -254,6 +265,17 @@ class MathVerifierPool:
             if self.pool is pool:
                 self.pool = None
         _stop(pool)
+
+    def _own(self) -> None:
+        """Make this process the owner of the pools started from now on, and stop them when it ends.
+
+        pebble stops its workers from an `atexit` hook, but a process that multiprocessing started (a
+        worker of compare_rl's ProcessPoolExecutor, say) ends without running `atexit` hooks: it
+        joins its live child processes instead, and would wait forever on these idle workers.
+        multiprocessing's finalizers run first at the end of every process, the main one included,
+        and only in the process that registered them."""
+        self.owner_pid = os.getpid()
+        util.Finalize(self, self.close, exitpriority=0)  # holds `self` until the process ends
 
     def close(self) -> None:
         """Stop the workers. Safe to call more than once; the pool starts again if used again."""

@@ -304,6 +304,33 @@ def test_worker_processes_are_stopped_by_close():
     pool.close()
 
 
+def score_then_exit(pool: sandbox.MathVerifierPool | None = None) -> None:
+    """A child process's job: check one right answer with `pool` (or the shared pool); exit 0 if it
+    scored 1.0, else 3."""
+    scores = (pool or rewards.math_pool()).check([("2", "2")], timeout=5.0)
+    sys.exit(0 if scores == [1.0] else 3)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_a_process_started_by_multiprocessing_scores_and_ends(start_method):
+    """pebble stops its workers from an `atexit` hook, which a process started by multiprocessing (a
+    ProcessPoolExecutor's worker, as in compare_rl) never runs: it joins its children instead, and
+    waited forever on the idle math workers. "spawn": a fresh process scores with its shared pool.
+    "fork": a copy of this process takes over a pool object that is running here; multiprocessing's
+    own fork server, inherited from here, could not start its workers (every check scored 0.0)."""
+    pool = rewards.math_pool(workers=1)
+    assert pool.check([("1", "1")], timeout=5.0) == [1.0]  # running here before the fork
+    args = (pool,) if start_method == "fork" else ()
+    child = multiprocessing.get_context(start_method).Process(target=score_then_exit, args=args)
+    child.start()
+    child.join(timeout=120)
+    ended = child.exitcode
+    if ended is None:  # it hangs: end it, so that the other tests go on
+        child.kill()
+    pool.close()
+    assert ended == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Any caller: an unguarded script, `python -`, a worker killed from outside, a pool that fails
 # --------------------------------------------------------------------------------------------------
