@@ -72,6 +72,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -441,35 +442,56 @@ def print_differences(diffs: list[dict], title: str) -> None:
 
 
 def plot(rows: list[dict], methods: list[str], budget: int, out: Path) -> None:
+    """Held-out avg@k and greedy accuracy per method: curves along the generated tokens (mean ± sd
+    over seeds), or, where runs were evaluated only before and after (--eval_every 0), where a curve
+    would be a straight line, each seed's final accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.linspace(0, budget, 21)
+    only_ends = max(Counter(map(run_key, rows)).values()) <= 2  # per run: the start and the final
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in (
         (axes[0], "accuracy", "held-out avg@k (rollout temperature)"),
         (axes[1], "greedy_accuracy", "held-out greedy accuracy"),
     ):
-        for method in methods:
-            curves = []
-            for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
-                points = [r for r in rows if r["method"] == method and r["seed"] == seed]
-                curves.append(np.interp(grid, [p["generated_tokens"] for p in points], [p[key] for p in points]))
-            curves = np.array(curves)
-            mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(grid))
-            style = "-" if method in ("treerl", "chainrl-grpo", "chainrl-release") else "--"
-            ax.plot(grid, mean, style, label=method)
-            ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
-        ax.set_xlabel("generated tokens (RL)")
+        (draw_finals if only_ends else draw_curves)(ax, rows, methods, key, budget)
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("TreeRL vs ChainRL at equal generated tokens (mean ± sd over seeds)")
+    axes[0].legend(fontsize=8, loc="lower right" if only_ends else "best")
+    what = "final accuracy, one dot per seed, bar: mean" if only_ends else "mean ± sd over seeds"
+    fig.suptitle(f"TreeRL vs ChainRL at equal generated tokens ({what})")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def draw_curves(ax, rows: list[dict], methods: list[str], key: str, budget: int) -> None:
+    grid = np.linspace(0, budget, 21)
+    for method in methods:
+        curves = []
+        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+            points = [r for r in rows if r["method"] == method and r["seed"] == seed]
+            curves.append(np.interp(grid, [p["generated_tokens"] for p in points], [p[key] for p in points]))
+        curves = np.array(curves)
+        mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(grid))
+        style = "-" if method in ("treerl", "chainrl-grpo", "chainrl-release") else "--"
+        ax.plot(grid, mean, style, label=method)
+        ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
+    ax.set_xlabel("generated tokens (RL)")
+
+
+def draw_finals(ax, rows: list[dict], methods: list[str], key: str, budget: int) -> None:
+    for i, method in enumerate(methods):
+        finals = [r[key] for r in rows if r["method"] == method and r["step"] > 0]
+        [dots] = ax.plot([i] * len(finals), finals, "o", alpha=0.6)  # named by the x axis
+        ax.hlines(np.mean(finals), i - 0.25, i + 0.25, color=dots.get_color(), lw=2)
+    # The start differs by seed only through the evaluation's samples: its mean over the runs.
+    ax.axhline(np.mean([r[key] for r in rows if r["step"] == 0]), ls=":", color="gray", label="start")
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xlabel(f"after {budget:,} generated tokens")
 
 
 def plot_sweep(sweep_rows: list[dict], rates: dict[str, float], out: Path) -> None:

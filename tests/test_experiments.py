@@ -74,6 +74,30 @@ def test_chains_at_interpolates_in_log_tokens():
     assert search_efficiency.chains_at(99.0, chains) is None and search_efficiency.chains_at(401.0, chains) is None
 
 
+def test_compare_rl_plots_curves_or_finals(tmp_path, monkeypatch):
+    """Runs evaluated along training are drawn as curves; runs evaluated only before and after
+    (--eval_every 0), where a curve would be a straight line, as each seed's final accuracy."""
+
+    def run(method, seed, steps):
+        return [
+            {"method": method, "seed": seed, "lr": 1e-5, "step": step, "generated_tokens": 100 * step,
+             "accuracy": 0.3 + 0.01 * step + 0.01 * seed, "greedy_accuracy": 0.5 + 0.005 * step}
+            for step in steps
+        ]  # fmt: skip
+
+    drawn = []
+    for name in ("draw_curves", "draw_finals"):
+        real = getattr(compare_rl, name)
+        monkeypatch.setattr(compare_rl, name, lambda *args, real=real, name=name: drawn.append(name) or real(*args))
+    methods = ["treerl", "chainrl-grpo"]
+    along = [row for m in methods for seed in (0, 1) for row in run(m, seed, [0, 5, 10])]
+    ends = [row for m in methods for seed in (0, 1) for row in run(m, seed, [0, 10 + seed])]
+    compare_rl.plot(along, methods, 1000, tmp_path / "along.png")
+    compare_rl.plot(ends, methods, 1000, tmp_path / "ends.png")
+    assert drawn == ["draw_curves"] * 2 + ["draw_finals"] * 2  # one per panel: avg@k, greedy
+    assert (tmp_path / "along.png").stat().st_size > 0 and (tmp_path / "ends.png").stat().st_size > 0
+
+
 def test_compare_rl_quick(tmp_path, coin_verifier):
     result = compare_rl.main(
         [
