@@ -362,8 +362,14 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
     """The worker pool that runs `_math_equal`: the process-wide one (2 workers, started on first
     use), or a fresh one of `workers` processes."""
     if workers is None:
-        return sandbox.shared_pool(_math_equal)
-    return sandbox.MathVerifierPool(_math_equal, workers)
+        return sandbox.shared_pool(_math_equal, _warm_up)
+    return sandbox.MathVerifierPool(_math_equal, workers, _warm_up)
+
+
+def _warm_up() -> None:
+    """Run by each new worker before its first check: importing math-verify and sympy and building
+    the LaTeX parser happen here, outside the checks' time limits."""
+    _math_equal("1", "1", 5)
 
 
 def math_rewards(responses: list[str], golds: list[str], timeout: float = DEFAULT_MATH_TIMEOUT) -> list[float]:

@@ -142,14 +142,19 @@ _MATH_WORKER_MEMORY = 4 << 30  # address space a math worker may add (bytes): `1
 _POOL_FAILURES = (RuntimeError, OSError, EOFError)  # scheduling on a pool that cannot start or broke
 
 
-def _start_math_worker() -> None:
-    """Runs once in each worker: killable at once, quiet, memory-capped."""
+def _start_math_worker(warm_up) -> None:
+    """Runs once in each worker: killable at once, quiet, memory-capped, then warmed up. `warm_up`
+    (imports, a parser's set-up) runs before the worker takes its first check, so that each check's
+    time limit counts the check alone: a fresh worker on a busy machine could spend it importing."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble's handler is Python: stuck in C, it never runs
     logging.disable(logging.CRITICAL)  # math-verify logs every unparsable answer
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stray prints from sympy and friends)
     with open("/proc/self/status") as status:  # the cap counts from what is mapped already
         mapped = int(re.search(r"VmSize:\s+(\d+)", status.read()).group(1)) << 10
     resource.setrlimit(resource.RLIMIT_AS, (mapped + _MATH_WORKER_MEMORY, resource.RLIM_INFINITY))
+    if warm_up is not None:
+        with contextlib.suppress(Exception):  # a failure shows again in the checks, which handle it
+            warm_up()
 
 
 def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) -> float:
@@ -172,20 +177,24 @@ class MathVerifierPool:
     A pool that cannot start or has broken (e.g. a worker killed from outside while idle) is stopped,
     a fresh one started, and its unfinished checks retried once; a check that still cannot run scores
     0.0 with a logged warning. A pool error never reaches the caller, which in training would end the
-    run. `check` must be a module-level function of an importable module: workers import it by name
-    (never from `__main__`, see above)."""
+    run. `check`, and `warm_up` (trusted and quick, called with no arguments once in each new worker
+    before its first check), must be module-level functions of an importable module: workers import
+    them by name (never from `__main__`, see above)."""
 
-    def __init__(self, check, workers: int = 2) -> None:
+    def __init__(self, check, workers: int = 2, warm_up=None) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
-        name = getattr(check, "__qualname__", repr(check))
-        if getattr(check, "__module__", None) == "__main__":
-            raise ValueError(f"MathVerifierPool: check {name} is defined in __main__; define it in a module")
-        try:
-            pickle.dumps(check)
-        except Exception as error:  # a lambda, a nested function: a worker cannot import it
-            raise ValueError(f"MathVerifierPool: check {name} cannot be sent to a worker ({error})") from None
-        self.check_function, self.size = check, workers
+        for role, function in (("check", check), ("warm_up", warm_up)):
+            if function is None and role == "warm_up":
+                continue
+            name = getattr(function, "__qualname__", repr(function))
+            if getattr(function, "__module__", None) == "__main__":
+                raise ValueError(f"MathVerifierPool: {role} {name} is defined in __main__; define it in a module")
+            try:
+                pickle.dumps(function)
+            except Exception as error:  # a lambda, a nested function: a worker cannot import it
+                raise ValueError(f"MathVerifierPool: {role} {name} cannot be sent to a worker ({error})") from None
+        self.check_function, self.warm_up, self.size = check, warm_up, workers
         self.lock = threading.Lock()
         self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close` or a failure
         self.last_error: BaseException | None = None  # the latest pool failure, for the warning
@@ -253,7 +262,9 @@ class MathVerifierPool:
                 self._own()
             stale = self.pool if self.pool is not None and not _is_active(self.pool) else None
             if self.pool is None or stale is not None:
-                self.pool = pebble.ProcessPool(self.size, initializer=_start_math_worker, context=_WorkerContext())
+                self.pool = pebble.ProcessPool(
+                    self.size, initializer=_start_math_worker, initargs=(self.warm_up,), context=_WorkerContext()
+                )
             pool = self.pool
         if stale is not None:
             _stop(stale)
@@ -301,14 +312,14 @@ def _stop(pool: pebble.ProcessPool) -> None:
         pool.join()
 
 
-def shared_pool(check) -> MathVerifierPool:
+def shared_pool(check, warm_up=None) -> MathVerifierPool:
     """The process-wide pool of 2 workers for this check function (after a fork: a fresh one)."""
-    return _pool_of(check, os.getpid())
+    return _pool_of(check, warm_up, os.getpid())
 
 
 @functools.cache  # two racing threads may both build one: harmless, a pool starts on its first check
-def _pool_of(check, pid: int) -> MathVerifierPool:
-    return MathVerifierPool(check, workers=2)
+def _pool_of(check, warm_up, pid: int) -> MathVerifierPool:
+    return MathVerifierPool(check, workers=2, warm_up=warm_up)
 
 
 # ==== 2. Code: running an untrusted program against tests, sandboxed ================================

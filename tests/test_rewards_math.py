@@ -438,6 +438,27 @@ def test_a_failed_pool_is_rebuilt_and_its_checks_retried_once_else_they_score_ze
         pool.close()
 
 
+WARMED = False  # in a worker: whether its warm-up ran
+
+
+def slow_warm_up() -> None:
+    time.sleep(3)  # longer than the checks' limit below
+    global WARMED
+    WARMED = True
+
+
+def was_warmed(answer: str, gold: str, seconds: int) -> bool:
+    return WARMED
+
+
+def test_a_worker_warms_up_before_its_first_check_outside_the_time_limit():
+    pool = sandbox.MathVerifierPool(was_warmed, workers=1, warm_up=slow_warm_up)
+    try:
+        assert pool.check([("1", "1"), ("2", "2")], timeout=1.0) == [1.0, 1.0]
+    finally:
+        pool.close()
+
+
 def test_check_functions_must_be_importable_by_the_workers():
     with pytest.raises(ValueError, match="cannot be sent to a worker"):
         sandbox.MathVerifierPool(lambda answer, gold, seconds: True)
@@ -448,6 +469,8 @@ def test_check_functions_must_be_importable_by_the_workers():
     in_main.__module__ = "__main__"  # as if defined in a script: workers do not import it
     with pytest.raises(ValueError, match="defined in __main__"):
         sandbox.MathVerifierPool(in_main)
+    with pytest.raises(ValueError, match="warm_up .* cannot be sent to a worker"):
+        sandbox.MathVerifierPool(was_warmed, warm_up=lambda: None)
 
 
 # --------------------------------------------------------------------------------------------------
