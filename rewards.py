@@ -367,8 +367,7 @@ def math_pool(workers: int | None = None) -> sandbox.MathVerifierPool:
 
 
 def _warm_up() -> None:
-    """Run by each new worker before its first check: importing math-verify and sympy and building
-    the LaTeX parser happen here, outside the checks' time limits."""
+    """Each new worker's first work: loads math-verify, sympy and the parser outside any time limit."""
     _math_equal("1", "1", 5)
 
 
