@@ -54,7 +54,8 @@ oracle, the placebo and the fork-line variants - chainrl-grpo, of the final accu
 (each method's seeds resampled independently) and a Welch t 95% interval. A difference is resolved
 when its interval excludes 0. The same comparison is read a second time at equal responses trained
 on (`at_equal_trained_sequences`: each run's accuracy where the run that trained on the fewest
-responses stopped, interpolated between evaluations), since a tree's leaves share their prefixes
+responses stopped, interpolated between evaluations; null when runs were evaluated only at their
+ends), since a tree's leaves share their prefixes
 and so, at equal generated tokens, TreeRL trains on more responses than chains do. Writes
 <out>/compare_rl.json (one row per evaluation point: method, seed, generated_tokens,
 trained_sequences, accuracy, greedy_accuracy, the balance fields, run_seconds; run_seconds is also
@@ -400,11 +401,13 @@ def at_equal(rows: list[dict], methods: list[str], axis: str) -> dict | None:
     """A second reading of the comparison at an equal amount of `axis` (e.g. "trained_sequences")
     instead of equal generated tokens: every run's avg@k and greedy accuracy at the least final
     `axis` of any run, interpolated linearly between its evaluations, then summarised and compared as
-    the final accuracies are. None where a row lacks the field (runs recorded before it was)."""
+    the final accuracies are. None where a row lacks the field (runs recorded before it was), and
+    where a run was evaluated only at its start and its end (`--eval_every 0`): a straight line
+    between those two is a guess, not a reading."""
     runs = {}
     for r in rows:
         runs.setdefault((r["method"], r["seed"]), []).append(r)
-    if not runs or any(axis not in r for r in rows):
+    if not runs or any(axis not in r for r in rows) or any(len(points) < 3 for points in runs.values()):
         return None
     at = min(points[-1][axis] for points in runs.values())
     read = []

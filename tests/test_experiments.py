@@ -246,6 +246,9 @@ def test_a_second_reading_at_equal_trained_responses_interpolates_each_run():
         )
         is None
     )
+    # Nor do runs evaluated only at their start and end: the line between those is not a reading.
+    ends_only = [r for r in rows if r["step"] != 1]
+    assert compare_rl.at_equal(ends_only, ["treerl", "chainrl-grpo"], "trained_sequences") is None
 
 
 def test_compare_rl_rejects_bad_flags():
