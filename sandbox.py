@@ -170,6 +170,17 @@ def _run_check(check, answer: str, gold: str, seconds: int, cpu_seconds: int) ->
         return 0.0
 
 
+def _require_importable(role: str, function) -> None:
+    """Raises ValueError unless a worker can import `function` by name (see MathVerifierPool)."""
+    name = getattr(function, "__qualname__", repr(function))
+    if getattr(function, "__module__", None) == "__main__":
+        raise ValueError(f"MathVerifierPool: {role} {name} is defined in __main__; define it in a module")
+    try:
+        pickle.dumps(function)
+    except Exception as error:  # a lambda, a nested function: a worker cannot import it
+        raise ValueError(f"MathVerifierPool: {role} {name} cannot be sent to a worker ({error})") from None
+
+
 class MathVerifierPool:
     """Workers for `check(answer, gold, seconds) -> bool`; `.check(pairs, timeout)` scores each pair
     1.0 (equivalent) or 0.0 (not, failed, or over its hard limit of `timeout` s). Thread-safe.
@@ -184,16 +195,9 @@ class MathVerifierPool:
     def __init__(self, check, workers: int = 2, warm_up=None) -> None:
         if workers < 1:
             raise ValueError(f"MathVerifierPool needs at least 1 worker, got {workers}")
-        for role, function in (("check", check), ("warm_up", warm_up)):
-            if function is None and role == "warm_up":
-                continue
-            name = getattr(function, "__qualname__", repr(function))
-            if getattr(function, "__module__", None) == "__main__":
-                raise ValueError(f"MathVerifierPool: {role} {name} is defined in __main__; define it in a module")
-            try:
-                pickle.dumps(function)
-            except Exception as error:  # a lambda, a nested function: a worker cannot import it
-                raise ValueError(f"MathVerifierPool: {role} {name} cannot be sent to a worker ({error})") from None
+        _require_importable("check", check)
+        if warm_up is not None:
+            _require_importable("warm_up", warm_up)
         self.check_function, self.warm_up, self.size = check, warm_up, workers
         self.lock = threading.Lock()
         self.pool: pebble.ProcessPool | None = None  # started on first use, again after `close` or a failure
