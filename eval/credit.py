@@ -7,8 +7,8 @@ own step truth.
 TreeRL's case for process rewards is credit assignment: in a wrong response the step that slipped
 should be pushed down, and the right steps before it should not. The arithmetic task knows the
 truth of every step (`tasks.arith_step_truth`: each token is in the correct prefix, the first wrong
-step, after it, or the answer line), so the advantages each method would train with can be scored
-exactly. From one policy (the warm start, or a checkpoint with --model), for the same held-out
+step, after it, or the answer line; the chat rendering's, `tasks.chat_arith_step_truth`, reads each
+line in the plain format), so the advantages each method would train with can be scored exactly. From one policy (the warm start, or a checkpoint with --model), for the same held-out
 prompts and seeds, every source grows its rollout as `treerl.rollout` does and computes its
 per-token advantages:
 
@@ -146,15 +146,18 @@ def leaf_localisation(advantages: list[float], truth: tasks.StepTruth) -> float 
     return 1 / len(tied) if first in tied else 0.0
 
 
-def leaf_truths(forests: list[tree.Node], prompts: list[str], decode) -> Callable[[tree.Node], tasks.StepTruth]:
-    """The step truth of a leaf's response (`tasks.arith_step_truth`), computed once per leaf."""
+def leaf_truths(
+    forests: list[tree.Node], prompts: list[str], decode, step_truth=tasks.arith_step_truth
+) -> Callable[[tree.Node], tasks.StepTruth]:
+    """The step truth of a leaf's response (the task's: `tasks.arith_step_truth`, or
+    `tasks.chat_arith_step_truth` for the chat rendering), computed once per leaf."""
     prompt_of = {id(root): prompt for root, prompt in zip(forests, prompts)}
     known: dict[tree.Node, tasks.StepTruth] = {}
 
     def truth(leaf: tree.Node) -> tasks.StepTruth:
         if leaf not in known:
             prompt = prompt_of[id(tree.ancestors(leaf)[0])]
-            known[leaf] = tasks.arith_step_truth(prompt, tree.response_tokens(leaf), decode, leaf.finished)
+            known[leaf] = step_truth(prompt, tree.response_tokens(leaf), decode, leaf.finished)
         return known[leaf]
 
     return truth
@@ -182,12 +185,17 @@ def forks_on_slip(forests: list[tree.Node], truth: Callable[[tree.Node], tasks.S
 
 
 def score(
-    rollout: treerl.Rollout, prompts: list[str], decode, is_tree: bool, aggregation: str = "token"
+    rollout: treerl.Rollout,
+    prompts: list[str],
+    decode,
+    is_tree: bool,
+    aggregation: str = "token",
+    step_truth=tasks.arith_step_truth,
 ) -> dict[str, float]:
     """The measures of one rollout (see the module docstring), and what they were counted on."""
     aurocs, hits, prefix_tokens, penalised, wrong_leaves = [], [], 0, 0, 0
     push = dict.fromkeys(BLAME, 0.0)  # the downward weight on wrong leaves, by part
-    truth_of = leaf_truths(rollout.forests, prompts, decode)  # shared with forks_on_slip
+    truth_of = leaf_truths(rollout.forests, prompts, decode, step_truth)  # shared with forks_on_slip
     for seq in rollout.sequences:
         if seq.reward:
             continue
@@ -285,7 +293,7 @@ def measure(config: train.Config, args) -> dict[str, list[dict]]:
                 result = treerl.rollout(
                     backend, prompts, golds, task.score, decode, cfg, seed, answer_start, step_truth
                 )
-                measured = score(result, texts, decode, cfg.algo == "treerl", aggregation)
+                measured = score(result, texts, decode, cfg.algo == "treerl", aggregation, task.step_truth)
                 done[keys[name]] = {**measured, "M": cfg.M}
                 if name == "treerl-nll":  # the same rollout the chains' count comes from
                     done[keys["chains-equal-tokens"]] = {"M": chain_count(result, len(prompts))}
@@ -401,8 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, train_args = parse_args(argv)
     config = train.parse_config(train_args)
-    if config.task.task != "arith":
-        raise SystemExit("eval.credit: the step truth exists for the arithmetic task only (--task arith)")
+    if config.task.task not in ("arith", "arith_chat"):
+        raise SystemExit("eval.credit: the step truth exists for the arithmetic task only (--task arith or arith_chat)")
     started = time.perf_counter()
     out = Path(args.out)
     results = measure(config, args)

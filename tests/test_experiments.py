@@ -558,6 +558,26 @@ def test_blame_shares_split_the_downward_push_on_wrong_leaves_by_part():
     assert (oracle["blame_prefix"], oracle["blame_slip"], oracle["blame_after"]) == (0.0, 1.0, 0.0)
 
 
+def test_blame_shares_read_a_chat_response_with_the_chat_step_truth():
+    """The chat rendering of the task (--task arith_chat) is scored with its own step truth: the
+    same split as the plain test above, on "11 - 2 = 8" and the boxed answer."""
+    tokenizer = build_char_tokenizer()
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = "<|user|>\nWhat is 4 + 7 - 2? Put the final answer in \\boxed{}.\n<|assistant|>\n"
+    prefix, slip, after = "4 + 7 = 11\n", "11 - 2 = 8\n", "The answer is \\boxed{8}."
+    root = tree.Node(encode(prompt))
+    root.add(encode("4 + 7 = 11\n11 - 2 = 9\nThe answer is \\boxed{9}."), finished=True).reward = 1.0
+    root.add(encode(prefix + slip + after), finished=True).reward = 0.0
+    sequences = tree.to_sequences(root, tree.chain_advantages(root, "grpo"))
+    rollout = treerl.Rollout(sequences, [root], {"generated_tokens": 2 * len(prefix + slip + after), "reward": 0.5})
+    shares = credit.score(rollout, [prompt], decode, False, "token", tasks.chat_arith_step_truth)
+    total = len(prefix + slip + after)
+    assert shares["blame_prefix"] == pytest.approx(len(prefix) / total)
+    assert shares["blame_slip"] == pytest.approx(len(slip) / total)
+    assert shares["blame_after"] == pytest.approx(len(after) / total)
+
+
 def test_credit_quick_writes_every_source_and_reuses_its_points(tmp_path, coin_verifier, monkeypatch):
     argv = ["--quick", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), *TINY]
     result = credit.main(argv)
