@@ -335,8 +335,8 @@ def plot(stages: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.4))
-    names = list(SOURCES)
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4.2 * (len(METRICS) + 1), 4.4))
+    names = [name for name in SOURCES if any(name in summary for summary in stages.values())]  # measured ones
     width = 0.8 / max(len(stages), 1)
     for s, (stage, summary) in enumerate(stages.items()):
         for ax, metric in zip(axes, METRICS):
@@ -353,6 +353,7 @@ def plot(stages: dict[str, dict], out: Path) -> None:
             ax.set_title(metric)
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    plot_blame(axes[-1], stages, names, width)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")  # AUROC of no separation
     handles, labels = next(
         (ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]), ([], [])
@@ -363,6 +364,30 @@ def plot(stages: dict[str, dict], out: Path) -> None:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_blame(ax, stages: dict[str, dict], names: list[str], width: float) -> None:
+    """Where the downward push on wrong leaves lands: one stacked bar per source and stage, the
+    shares on the correct prefix, the slip and the lines after it (stages side by side, as in the
+    other panels; each part keeps its colour)."""
+    colours = {"blame_prefix": "tab:green", "blame_slip": "tab:red", "blame_after": "tab:grey"}
+    for s, summary in enumerate(stages.values()):
+        for i, name in enumerate(names):
+            entry = summary.get(name, {})
+            if not all(entry.get(part, {}).get("mean") is not None for part in BLAME):
+                continue
+            x, bottom = i + (s - (len(stages) - 1) / 2) * width, 0.0
+            for part in BLAME:
+                ax.bar(
+                    x, entry[part]["mean"], width, bottom=bottom, color=colours[part], label=part.removeprefix("blame_")
+                )
+                bottom += entry[part]["mean"]
+    ax.set_title("where the push on wrong leaves lands")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one entry per part
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
 
 
 def print_table(stages: dict[str, dict]) -> None:
