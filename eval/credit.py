@@ -8,8 +8,9 @@ TreeRL's case for process rewards is credit assignment: in a wrong response the 
 should be pushed down, and the right steps before it should not. The arithmetic task knows the
 truth of every step (`tasks.arith_step_truth`: each token is in the correct prefix, the first wrong
 step, after it, or the answer line; the chat rendering's, `tasks.chat_arith_step_truth`, reads each
-line in the plain format), so the advantages each method would train with can be scored exactly. From one policy (the warm start, or a checkpoint with --model), for the same held-out
-prompts and seeds, every source grows its rollout as `treerl.rollout` does and computes its
+line in the plain format), so the advantages each method would train with can be scored exactly.
+From one policy (the warm start, or a checkpoint with --model), for the same held-out prompts and
+seeds, every source grows its rollout as `treerl.rollout` does and computes its
 per-token advantages:
 
   * treerl-nll       EPTree (M, N, L, T) of the preset, forks at the highest -log pi (the paper);
@@ -338,22 +339,27 @@ def plot(stages: dict[str, dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4.2 * (len(METRICS) + 1), 4.4))
     names = [name for name in SOURCES if any(name in summary for summary in stages.values())]  # measured ones
     width = 0.8 / max(len(stages), 1)
+
+    def x_of(i: int, s: int) -> float:  # source i's bar for stage s: the stages side by side
+        return i + (s - (len(stages) - 1) / 2) * width
+
     for s, (stage, summary) in enumerate(stages.items()):
         for ax, metric in zip(axes, METRICS):
             xs, ys, errs = [], [], []
             for i, name in enumerate(names):
                 entry = summary.get(name, {}).get(metric)
                 if entry and entry["mean"] is not None:
-                    xs.append(i + (s - (len(stages) - 1) / 2) * width)
+                    xs.append(x_of(i, s))
                     ys.append(entry["mean"])
                     errs.append([[entry["mean"] - entry["low"]], [entry["high"] - entry["mean"]]])
             if xs:
                 yerr = [[e[0][0] for e in errs], [e[1][0] for e in errs]]
                 ax.bar(xs, ys, width, yerr=yerr, capsize=3, label=stage)
-            ax.set_title(metric)
-            ax.set_xticks(range(len(names)))
-            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    plot_blame(axes[-1], stages, names, width)
+    plot_blame(axes[-1], stages, names, x_of, width)
+    for ax, title in zip(axes, [*METRICS, "where the push on wrong leaves lands"]):
+        ax.set_title(title)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")  # AUROC of no separation
     handles, labels = next(
         (ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]), ([], [])
@@ -366,7 +372,7 @@ def plot(stages: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_blame(ax, stages: dict[str, dict], names: list[str], width: float) -> None:
+def plot_blame(ax, stages: dict[str, dict], names: list[str], x_of, width: float) -> None:
     """Where the downward push on wrong leaves lands: one stacked bar per source and stage, the
     shares on the correct prefix, the slip and the lines after it (stages side by side, as in the
     other panels; each part keeps its colour)."""
@@ -376,15 +382,11 @@ def plot_blame(ax, stages: dict[str, dict], names: list[str], width: float) -> N
             entry = summary.get(name, {})
             if not all(entry.get(part, {}).get("mean") is not None for part in BLAME):
                 continue
-            x, bottom = i + (s - (len(stages) - 1) / 2) * width, 0.0
+            bottom = 0.0
             for part in BLAME:
-                ax.bar(
-                    x, entry[part]["mean"], width, bottom=bottom, color=colours[part], label=part.removeprefix("blame_")
-                )
+                label = part.removeprefix("blame_")
+                ax.bar(x_of(i, s), entry[part]["mean"], width, bottom=bottom, color=colours[part], label=label)
                 bottom += entry[part]["mean"]
-    ax.set_title("where the push on wrong leaves lands")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one entry per part
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
